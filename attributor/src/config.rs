@@ -1,0 +1,142 @@
+//! Attributor configuration (see `deploy/config/attributor.toml`, embedded as the default).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rust_decimal::Decimal;
+use s2s_common::kafka::KafkaConfig;
+use s2s_common::topics::TopicsConfig;
+use serde::Deserialize;
+
+use crate::join::{OfferRules, Rules};
+
+pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/attributor.toml");
+pub const ENV_PREFIX: &str = "S2S_ATTRIBUTOR__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributorConfig {
+    pub admin_listen: SocketAddr,
+    pub group_id: String,
+    pub state_dir: PathBuf,
+    pub commit_interval_ms: u64,
+    pub max_batch: usize,
+    pub grace_period_ms: u64,
+    pub default_window_seconds: u64,
+    pub default_currency: String,
+    pub rocksdb: RocksConfig,
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    #[serde(default)]
+    pub offers: BTreeMap<String, OfferConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RocksConfig {
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferConfig {
+    pub currency: Option<String>,
+    pub window_seconds: Option<u64>,
+    #[serde(default)]
+    pub payouts: BTreeMap<String, Decimal>,
+}
+
+impl AttributorConfig {
+    pub fn load(file: Option<&Path>) -> Result<Self, s2s_common::config::ConfigError> {
+        let mut c: Self = s2s_common::config::load(DEFAULT_TOML, file, ENV_PREFIX)?;
+        c.kafka.apply_env_properties(std::env::vars());
+        Ok(c)
+    }
+
+    /// Checks the config and builds the join rules; the error names the key to fix.
+    pub fn validate(&self) -> Result<Rules, String> {
+        self.kafka.validate().map_err(|e| e.to_string())?;
+        self.topics.validate()?;
+        if self.group_id.trim().is_empty() {
+            return Err("group_id must not be empty".into());
+        }
+        if self.commit_interval_ms == 0 || self.max_batch == 0 {
+            return Err("commit_interval_ms and max_batch must be > 0".into());
+        }
+        if self.default_window_seconds == 0 {
+            return Err("default_window_seconds must be > 0".into());
+        }
+        if self.rocksdb.block_cache_bytes < 1 << 20 || self.rocksdb.write_buffer_bytes < 1 << 20 {
+            return Err(
+                "rocksdb.block_cache_bytes and rocksdb.write_buffer_bytes must be >= 1 MiB".into(),
+            );
+        }
+        let currency_ok = |c: &str| c.len() == 3 && c.chars().all(|ch| ch.is_ascii_uppercase());
+        if !currency_ok(&self.default_currency) {
+            return Err(format!(
+                "default_currency '{}' must be a three-letter upper-case ISO 4217 code",
+                self.default_currency
+            ));
+        }
+        let mut offers = BTreeMap::new();
+        for (id, o) in &self.offers {
+            let currency = o
+                .currency
+                .clone()
+                .unwrap_or_else(|| self.default_currency.clone());
+            if !currency_ok(&currency) {
+                return Err(format!(
+                    "offers.{id}.currency '{currency}' is not an ISO 4217 code"
+                ));
+            }
+            if o.window_seconds == Some(0) {
+                return Err(format!("offers.{id}.window_seconds must be > 0"));
+            }
+            if let Some((event, p)) = o.payouts.iter().find(|(_, p)| p.is_sign_negative()) {
+                return Err(format!(
+                    "offers.{id}.payouts.{event} = {p} must not be negative"
+                ));
+            }
+            offers.insert(
+                id.clone(),
+                OfferRules {
+                    currency,
+                    window_ms: o.window_seconds.map(secs_to_ms),
+                    payouts: o.payouts.clone(),
+                },
+            );
+        }
+        Ok(Rules {
+            default_window_ms: secs_to_ms(self.default_window_seconds),
+            default_currency: self.default_currency.clone(),
+            offers,
+        })
+    }
+}
+
+fn secs_to_ms(s: u64) -> i64 {
+    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let c: AttributorConfig =
+            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        let rules = c.validate().expect("valid");
+        assert_eq!(rules.default_window_ms, 30 * 24 * 3600 * 1000);
+        assert_eq!(
+            rules
+                .offers
+                .get("1")
+                .and_then(|o| o.payouts.get("ftd"))
+                .copied(),
+            Some(Decimal::new(5000, 2))
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! Kafka client settings and topic provisioning.
+//!
+//! The pipeline's guarantees depend on a few client properties (idempotence, `acks=all`,
+//! manual offset commits, the partitioner, the range assignor). They are set here, in one
+//! place, and a user's pass-through property that would weaken them is refused at start-up
+//! rather than silently applied or silently ignored.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+use serde::{Deserialize, Serialize};
+
+use crate::topics::{TopicConfig, TopicsConfig};
+
+/// Environment variables with this prefix become librdkafka properties in every service:
+/// `S2S_KAFKA_PROP_SASL_PASSWORD=…` sets `sasl.password`. Meant for secrets.
+pub const ENV_PROPERTY_PREFIX: &str = "S2S_KAFKA_PROP_";
+
+/// Properties the pipeline owns, with the value it sets and why.
+const OWNED: [(&str, &str, &str); 5] = [
+    (
+        "enable.idempotence",
+        "true",
+        "producers must not duplicate or reorder on retry",
+    ),
+    (
+        "acks",
+        "all",
+        "a record is acknowledged only once all in-sync replicas have it",
+    ),
+    (
+        "partitioner",
+        "murmur2_random",
+        "co-partitioning with Java producers",
+    ),
+    (
+        "enable.auto.commit",
+        "false",
+        "offsets are committed only after the work is durable",
+    ),
+    (
+        "isolation.level",
+        "read_committed",
+        "consumers never see aborted records",
+    ),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    /// librdkafka properties passed through unchanged (`security.protocol`, `linger.ms`, …).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("kafka.bootstrap_servers is empty: set it to host:port of your brokers")]
+    NoBootstrap,
+    #[error(
+        "kafka.properties.\"{key}\" = \"{value}\" is not allowed: the pipeline sets it to \
+         \"{owned}\" because {why}; remove it from the config"
+    )]
+    Owned {
+        key: String,
+        value: String,
+        owned: &'static str,
+        why: &'static str,
+    },
+    #[error("kafka client: {0}")]
+    Client(#[from] KafkaError),
+    #[error("metadata task failed: {0}")]
+    Task(String),
+    #[error("creating topic '{topic}' failed: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("topic '{topic}' did not appear in the broker's metadata within {waited:?}")]
+    TopicMissing { topic: String, waited: Duration },
+    #[error(
+        "topics '{clicks}' ({clicks_n} partitions) and '{postbacks}' ({postbacks_n} partitions) \
+         are not co-partitioned: the attributor joins a click and its postbacks only if both \
+         land on the same partition number. Give both the same partition count (add partitions \
+         to the smaller one with kafka-topics.sh --alter, knowing existing click IDs may then \
+         map elsewhere, or recreate both) and set topics.*.partitions to match"
+    )]
+    NotCopartitioned {
+        clicks: String,
+        clicks_n: i32,
+        postbacks: String,
+        postbacks_n: i32,
+    },
+}
+
+impl KafkaConfig {
+    /// Refuses an empty bootstrap list and pass-through properties that would weaken a
+    /// guarantee.
+    pub fn validate(&self) -> Result<(), KafkaSetupError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(KafkaSetupError::NoBootstrap);
+        }
+        for (key, value) in &self.properties {
+            if let Some((_, owned, why)) = OWNED.iter().find(|(k, _, _)| *k == key.as_str()) {
+                if value != owned {
+                    return Err(KafkaSetupError::Owned {
+                        key: key.clone(),
+                        value: value.clone(),
+                        owned,
+                        why,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds properties from `S2S_KAFKA_PROP_*` variables (`_` becomes `.`, lower case).
+    pub fn apply_env_properties(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
+        for (name, value) in vars {
+            if let Some(rest) = name.strip_prefix(ENV_PROPERTY_PREFIX) {
+                let key = rest.to_ascii_lowercase().replace('_', ".");
+                if !key.is_empty() {
+                    self.properties.insert(key, value);
+                }
+            }
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Idempotent producer with `acks=all` and the Java-compatible partitioner.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random");
+        c
+    }
+
+    /// Consumer with manual commits, `read_committed`, starting from the earliest record.
+    ///
+    /// The assignor is `range`: with co-partitioned input topics it gives partition N of
+    /// every subscribed topic to the same member, which the attributor's join relies on.
+    pub fn consumer_config(&self, group_id: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("partition.assignment.strategy", "range");
+        if !self.properties.contains_key("auto.offset.reset") {
+            c.set("auto.offset.reset", "earliest");
+        }
+        c
+    }
+
+    pub fn admin_config(&self) -> ClientConfig {
+        self.base()
+    }
+}
+
+/// Publishes one record and waits for its acknowledgement. When the producer queue is
+/// full it waits for room (backpressure) rather than failing.
+pub async fn send_and_wait(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+) -> Result<(), KafkaError> {
+    let record = FutureRecord::to(topic).key(key).payload(payload);
+    producer
+        .send(record, Timeout::Never)
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
+}
+
+/// Creates the pipeline's topics if missing (an existing topic is left as it is), waits
+/// until the broker reports them, and checks that clicks and postbacks are co-partitioned.
+/// Returns the partition count of each topic, by name.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &TopicsConfig,
+    timeout: Duration,
+) -> Result<BTreeMap<String, i32>, KafkaSetupError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
+    let wanted: Vec<&TopicConfig> = topics.all().to_vec();
+    let new: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|t| {
+            t.config.iter().fold(
+                NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(t.replication_factor),
+                ),
+                |nt, (k, v)| nt.set(k, v),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(timeout));
+    for result in admin.create_topics(new.iter(), &opts).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaSetupError::CreateTopic { topic, code }),
+        }
+    }
+
+    let names: Vec<String> = wanted.iter().map(|t| t.name.clone()).collect();
+    let counts = tokio::task::spawn_blocking(move || partition_counts(&admin, &names, timeout))
+        .await
+        .map_err(|e| KafkaSetupError::Task(e.to_string()))??;
+
+    for t in &wanted {
+        let actual = counts.get(&t.name).copied().unwrap_or_default();
+        if actual != t.partitions {
+            tracing::warn!(
+                topic = %t.name, configured = t.partitions, actual,
+                "topic exists with another partition count than configured; using the broker's"
+            );
+        }
+    }
+    let clicks_n = counts.get(&topics.clicks.name).copied().unwrap_or_default();
+    let postbacks_n = counts
+        .get(&topics.postbacks.name)
+        .copied()
+        .unwrap_or_default();
+    if clicks_n != postbacks_n {
+        return Err(KafkaSetupError::NotCopartitioned {
+            clicks: topics.clicks.name.clone(),
+            clicks_n,
+            postbacks: topics.postbacks.name.clone(),
+            postbacks_n,
+        });
+    }
+    Ok(counts)
+}
+
+/// Polls metadata (blocking) until every topic shows at least one partition.
+fn partition_counts(
+    admin: &AdminClient<DefaultClientContext>,
+    names: &[String],
+    timeout: Duration,
+) -> Result<BTreeMap<String, i32>, KafkaSetupError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut counts = BTreeMap::new();
+    for name in names {
+        loop {
+            let md = admin.inner().fetch_metadata(Some(name), timeout)?;
+            let n = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map_or(0, |t| t.partitions().len());
+            if n > 0 {
+                counts.insert(name.clone(), i32::try_from(n).unwrap_or(i32::MAX));
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(KafkaSetupError::TopicMissing {
+                    topic: name.clone(),
+                    waited: timeout,
+                });
+            }
+            // poll: metadata propagation after CreateTopics; bounded by the deadline above.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> KafkaConfig {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn refuses_properties_that_weaken_guarantees() {
+        let mut c = cfg();
+        c.properties.insert("acks".into(), "1".into());
+        let msg = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("acks") && msg.contains("all"), "{msg}");
+
+        let mut ok = cfg();
+        ok.properties.insert("acks".into(), "all".into());
+        ok.properties.insert("linger.ms".into(), "5".into());
+        assert!(ok.validate().is_ok());
+
+        let empty = KafkaConfig {
+            bootstrap_servers: " ".into(),
+            properties: BTreeMap::new(),
+        };
+        assert!(matches!(
+            empty.validate(),
+            Err(KafkaSetupError::NoBootstrap)
+        ));
+    }
+
+    #[test]
+    fn env_properties_map_to_dotted_names() {
+        let mut c = cfg();
+        c.apply_env_properties([
+            (
+                "S2S_KAFKA_PROP_SASL_PASSWORD".to_string(),
+                "s3cret".to_string(),
+            ),
+            (
+                "S2S_KAFKA_PROP_SECURITY_PROTOCOL".to_string(),
+                "SASL_SSL".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ]);
+        assert_eq!(
+            c.properties.get("sasl.password").map(String::as_str),
+            Some("s3cret")
+        );
+        assert_eq!(
+            c.properties.get("security.protocol").map(String::as_str),
+            Some("SASL_SSL")
+        );
+        assert_eq!(c.properties.len(), 2);
+    }
+
+    #[test]
+    fn owned_properties_win_over_pass_through() {
+        let c = cfg();
+        let p = c.producer_config();
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("partitioner"), Some("murmur2_random"));
+        let k = c.consumer_config("g");
+        assert_eq!(k.get("enable.auto.commit"), Some("false"));
+        assert_eq!(k.get("partition.assignment.strategy"), Some("range"));
+        assert_eq!(k.get("auto.offset.reset"), Some("earliest"));
+    }
+}

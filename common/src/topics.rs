@@ -1,0 +1,85 @@
+//! Topic names, partition counts and the partition key.
+//!
+//! Every record about a click (the click, its postbacks, their outcomes, delivery attempts)
+//! is keyed by the click ID. With the same partition count on `clicks` and `postbacks`
+//! (checked at start-up, see [`crate::kafka::ensure_topics`]) and the same partitioner on
+//! every producer (`murmur2_random`, the Java client's default, set by
+//! [`crate::kafka::KafkaConfig::producer_config`]), a click and all its postbacks land on
+//! the same partition number, so one attributor instance sees both sides of the join.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One topic as the pipeline wants it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Topic-level configs applied at creation (`retention.ms`, `min.insync.replicas`, …).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// All the pipeline's topics. Every service knows all of them and provisions them
+/// idempotently at start-up, so services can start in any order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    pub clicks: TopicConfig,
+    pub postbacks: TopicConfig,
+    pub conversions: TopicConfig,
+    pub rejections: TopicConfig,
+    pub delivery_log: TopicConfig,
+    pub dead_letter: TopicConfig,
+}
+
+impl TopicsConfig {
+    pub fn all(&self) -> [&TopicConfig; 6] {
+        [
+            &self.clicks,
+            &self.postbacks,
+            &self.conversions,
+            &self.rejections,
+            &self.delivery_log,
+            &self.dead_letter,
+        ]
+    }
+
+    /// Checks what can be checked without a broker.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for t in self.all() {
+            if t.name.trim().is_empty() {
+                return Err("topics: every topic needs a non-empty name".into());
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(format!(
+                    "topics: name '{}' is used twice; each topic needs its own",
+                    t.name
+                ));
+            }
+            if t.partitions < 1 || t.replication_factor < 1 {
+                return Err(format!(
+                    "topics: '{}' needs partitions >= 1 and replication_factor >= 1",
+                    t.name
+                ));
+            }
+        }
+        if self.clicks.partitions != self.postbacks.partitions {
+            return Err(format!(
+                "topics: clicks ({}) and postbacks ({}) must have the same partition count \
+                 so that a click and its postbacks are joined on the same partition",
+                self.clicks.partitions, self.postbacks.partitions
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The Kafka message key of every record about a click.
+pub fn partition_key(click_id: &str) -> &[u8] {
+    click_id.as_bytes()
+}

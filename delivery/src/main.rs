@@ -1,0 +1,20 @@
+//! `delivery` binary (sends conversions to affiliate postback URLs): parse flags and config, start logging, run until
+//! SIGINT/SIGTERM.
+
+use anyhow::Context;
+use s2s_common::config::ServiceArgs;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = ServiceArgs::from_command_line();
+    if args.print_default_config {
+        print!("{}", s2s_delivery::config::DEFAULT_TOML);
+        return Ok(());
+    }
+    s2s_common::telemetry::init();
+    let config =
+        s2s_delivery::DeliveryConfig::load(args.config.as_deref()).context("loading config")?;
+    s2s_delivery::run(config, s2s_common::shutdown::on_signals())
+        .await
+        .context("delivery failed")
+}

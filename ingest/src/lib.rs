@@ -1,0 +1,133 @@
+//! Ingest: the HTTP edge of the pipeline.
+//!
+//! It gives each click a unique ID and redirects to the offer, accepts operators'
+//! postbacks, and publishes both to Kafka keyed by click ID. A request gets its 2xx (or
+//! 302) only after the broker acknowledged the record; a broker that is down or a full
+//! producer queue gets a 503 with `Retry-After`, never a silent drop.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod params;
+pub mod publish;
+pub mod records;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use s2s_common::kafka::{ensure_topics, KafkaSetupError};
+use s2s_common::ops::{self, Admin};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::IngestConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
+    #[error(transparent)]
+    Bind(#[from] ops::BindError),
+    #[error("server: {0}")]
+    Serve(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A started ingest: topics provisioned, producer connected, listeners bound.
+#[derive(Debug)]
+pub struct Ingest {
+    app: Arc<App>,
+    max_body_bytes: usize,
+    produce_timeout: Duration,
+    listener: TcpListener,
+    admin: Admin,
+}
+
+use api::App;
+
+impl Ingest {
+    /// Validates the config, provisions topics, creates the producer and binds both
+    /// listeners (port 0 picks a free port; see [`Ingest::local_addr`]).
+    pub async fn bind(config: IngestConfig) -> Result<Self, IngestError> {
+        let offers = config.validate().map_err(IngestError::Config)?;
+        let produce_timeout = Duration::from_millis(config.produce_timeout_ms);
+        ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
+
+        let producer: FutureProducer = config
+            .kafka
+            .producer_config()
+            .set("message.timeout.ms", config.produce_timeout_ms.to_string())
+            .create()
+            .map_err(KafkaSetupError::from)?;
+
+        let admin = Admin::bind(config.admin_listen).await?;
+        let metrics = metrics::Metrics::new(&admin.registry)?;
+        let app = Arc::new(App {
+            publisher: publish::Publisher::new(producer, metrics.produce_seconds.clone()),
+            offers,
+            rules: config.postback.clone(),
+            clicks_topic: config.topics.clicks.name.clone(),
+            postbacks_topic: config.topics.postbacks.name.clone(),
+            metrics,
+        });
+        admin.health.set_ready(true);
+        Ok(Ingest {
+            app,
+            max_body_bytes: config.max_body_bytes,
+            produce_timeout,
+            listener: ops::bind(config.listen).await?,
+            admin,
+        })
+    }
+
+    /// The public listener's address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The admin listener's address (`/metrics`, `/healthz`, `/readyz`).
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serves until `shutdown`: then stops accepting, finishes requests in flight and
+    /// flushes the producer.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), IngestError> {
+        let addr = self.local_addr()?;
+        tracing::info!(%addr, admin = %self.admin_addr()?, "ingest listening");
+        let health = self.admin.health.clone();
+        let admin = self.admin.spawn(shutdown.clone());
+        let public = api::router(self.app.clone(), self.max_body_bytes)
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(self.listener, public)
+            .with_graceful_shutdown({
+                let health = health.clone();
+                let s = shutdown.clone();
+                async move {
+                    s.cancelled().await;
+                    health.set_ready(false);
+                }
+            })
+            .await;
+        if let Err(e) = self.app.publisher.flush(self.produce_timeout) {
+            tracing::warn!(error = %e, "producer flush at shutdown incomplete");
+        }
+        shutdown.cancel();
+        if let Ok(Err(e)) = admin.await {
+            tracing::warn!(error = %e, "admin server error");
+        }
+        tracing::info!("ingest stopped");
+        Ok(served?)
+    }
+}
+
+/// Binds and serves until `shutdown`.
+pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<(), IngestError> {
+    Ingest::bind(config).await?.run(shutdown).await
+}

@@ -1,0 +1,60 @@
+//! Ingest's Prometheus metrics, registered on the service's own registry.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// `ingest_http_requests_total{route, status}`.
+    pub requests: IntCounterVec,
+    /// `ingest_http_request_duration_seconds{route}`.
+    pub request_seconds: HistogramVec,
+    /// `ingest_produce_duration_seconds{kind}`: send to broker acknowledgement.
+    pub produce_seconds: HistogramVec,
+    /// `ingest_records_total{kind, outcome}`: accepted, invalid, unavailable.
+    pub records: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let m = Metrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "ingest_http_requests_total",
+                    "HTTP requests by route and status.",
+                ),
+                &["route", "status"],
+            )?,
+            request_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "ingest_http_request_duration_seconds",
+                    "HTTP request latency, including the wait for the Kafka acknowledgement.",
+                )
+                .buckets(buckets.clone()),
+                &["route"],
+            )?,
+            produce_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "ingest_produce_duration_seconds",
+                    "Time from handing a record to the producer to the broker's acknowledgement.",
+                )
+                .buckets(buckets),
+                &["kind"],
+            )?,
+            records: IntCounterVec::new(
+                Opts::new(
+                    "ingest_records_total",
+                    "Clicks and postbacks by outcome: accepted, invalid, unavailable.",
+                ),
+                &["kind", "outcome"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.request_seconds.clone()))?;
+        registry.register(Box::new(m.produce_seconds.clone()))?;
+        registry.register(Box::new(m.records.clone()))?;
+        Ok(m)
+    }
+}

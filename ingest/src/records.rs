@@ -1,0 +1,302 @@
+//! Turning validated request parameters into wire records: pure functions, no I/O, so
+//! every rule (required fields, allowed values, money and currency formats, sub IDs,
+//! redirect macros) is unit-tested here.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use axum::http::StatusCode;
+use rust_decimal::Decimal;
+use s2s_common::contract::{Click, Params, Postback, SCHEMA_VERSION, SUB_ID_KEYS};
+use s2s_common::template::{Encoding, Template};
+
+use crate::config::PostbackRules;
+use crate::error::ApiError;
+use crate::params::{take_non_empty, Pairs};
+
+/// What the HTTP layer knows about the caller.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub referrer: Option<String>,
+}
+
+/// Longest click ID accepted (operators may send IDs minted by other trackers).
+pub const MAX_CLICK_ID_LEN: usize = 128;
+
+/// A click from `/click` parameters, and the offer URL to redirect to.
+pub fn build_click(
+    mut pairs: Pairs,
+    offers: &BTreeMap<String, Template>,
+    meta: RequestMeta,
+    click_id: String,
+    now_ms: i64,
+) -> Result<(Click, String), ApiError> {
+    let offer_id = take_non_empty(&mut pairs, "offer_id").ok_or(ApiError::missing("offer_id"))?;
+    let template = offers.get(&offer_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_offer",
+            format!("offer '{offer_id}' is not configured"),
+        )
+        .field("offer_id")
+    })?;
+    let aff_id = take_non_empty(&mut pairs, "aff_id").ok_or(ApiError::missing("aff_id"))?;
+    if aff_id.len() > 64
+        || !aff_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "aff_id must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
+        )
+        .field("aff_id"));
+    }
+    let mut subs = Params::new();
+    for key in SUB_ID_KEYS {
+        if let Some(v) = take_non_empty(&mut pairs, key) {
+            subs.insert(key.to_string(), v);
+        }
+    }
+    let params: Params = pairs.into_iter().collect();
+    let click = Click {
+        schema_version: SCHEMA_VERSION,
+        click_id,
+        offer_id,
+        aff_id,
+        subs,
+        params,
+        ip: meta.ip,
+        user_agent: meta.user_agent,
+        referrer: meta.referrer,
+        ts_ms: now_ms,
+    };
+    let location = template.render(|m| click_macro(&click, m), Encoding::UrlComponent);
+    Ok((click, location))
+}
+
+fn click_macro<'a>(click: &'a Click, name: &str) -> Option<Cow<'a, str>> {
+    let v = match name {
+        "click_id" => &click.click_id,
+        "aff_id" => &click.aff_id,
+        "offer_id" => &click.offer_id,
+        sub => click.subs.get(sub)?,
+    };
+    Some(Cow::Borrowed(v.as_str()))
+}
+
+/// A postback from its parameters (query string, form or JSON body).
+pub fn build_postback(
+    mut pairs: Pairs,
+    rules: &PostbackRules,
+    meta: RequestMeta,
+    postback_id: String,
+    now_ms: i64,
+) -> Result<Postback, ApiError> {
+    let click_id = take_non_empty(&mut pairs, "click_id").ok_or(ApiError::missing("click_id"))?;
+    if click_id.len() > MAX_CLICK_ID_LEN
+        || click_id
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            format!("click_id must be 1 to {MAX_CLICK_ID_LEN} characters without spaces"),
+        )
+        .field("click_id"));
+    }
+    let event = take_non_empty(&mut pairs, "event").ok_or(ApiError::missing("event"))?;
+    let event = one_of("event", event, &rules.events)?;
+    let status = match take_non_empty(&mut pairs, "status") {
+        Some(s) => one_of("status", s, &rules.statuses)?,
+        None => rules.default_status.clone(),
+    };
+    let txn_id = take_non_empty(&mut pairs, "txn_id");
+    let amount = take_non_empty(&mut pairs, "amount")
+        .map(|a| parse_amount(&a))
+        .transpose()?;
+    let currency = take_non_empty(&mut pairs, "currency")
+        .map(|c| parse_currency(&c))
+        .transpose()?;
+    Ok(Postback {
+        schema_version: SCHEMA_VERSION,
+        postback_id,
+        click_id,
+        event,
+        txn_id,
+        amount,
+        currency,
+        status,
+        source: None,
+        params: pairs.into_iter().collect(),
+        ip: meta.ip,
+        ts_ms: now_ms,
+    })
+}
+
+fn one_of(field: &str, value: String, allowed: &[String]) -> Result<String, ApiError> {
+    let lower = value.to_ascii_lowercase();
+    if allowed.contains(&lower) {
+        Ok(lower)
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_value",
+            format!(
+                "{field} '{value}' is not allowed; allowed: {}",
+                allowed.join(", ")
+            ),
+        )
+        .field(field))
+    }
+}
+
+/// A non-negative decimal with at most 8 fractional digits. Floats are never involved.
+pub fn parse_amount(raw: &str) -> Result<Decimal, ApiError> {
+    let bad = |msg: &str| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_amount", msg.to_string()).field("amount")
+    };
+    let d = Decimal::from_str(raw.trim()).map_err(|_| bad("amount must be a decimal number"))?;
+    if d.is_sign_negative() && !d.is_zero() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_amount",
+            "amount must not be negative",
+        )
+        .field("amount"));
+    }
+    if d.scale() > 8 {
+        return Err(bad("amount has more than 8 decimal places"));
+    }
+    Ok(d.normalize())
+}
+
+/// A three-letter ISO 4217 code, returned upper case.
+pub fn parse_currency(raw: &str) -> Result<String, ApiError> {
+    let c = raw.trim().to_ascii_uppercase();
+    if c.len() == 3 && c.chars().all(|ch| ch.is_ascii_uppercase()) {
+        Ok(c)
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_currency",
+            "currency must be a three-letter ISO 4217 code such as EUR",
+        )
+        .field("currency"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::offer_macros;
+    use crate::params::parse_urlencoded;
+
+    fn offers() -> BTreeMap<String, Template> {
+        let t = Template::parse(
+            "https://op.example/land?cid={click_id}&a={aff_id}&s={sub2}",
+            &offer_macros(),
+        )
+        .expect("valid");
+        [("7".to_string(), t)].into()
+    }
+
+    fn rules() -> PostbackRules {
+        PostbackRules {
+            events: vec!["registration".into(), "ftd".into()],
+            statuses: vec!["pending".into(), "approved".into()],
+            default_status: "approved".into(),
+        }
+    }
+
+    fn q(s: &str) -> Pairs {
+        parse_urlencoded(s.as_bytes()).expect("valid query")
+    }
+
+    #[test]
+    fn click_keeps_subs_and_extras_and_renders_location() {
+        let (c, loc) = build_click(
+            q("offer_id=7&aff_id=42&sub2=a b&utm_source=x"),
+            &offers(),
+            RequestMeta::default(),
+            "01CLICK".into(),
+            5,
+        )
+        .expect("valid click");
+        assert_eq!(loc, "https://op.example/land?cid=01CLICK&a=42&s=a%20b");
+        assert_eq!(c.subs.get("sub2").map(String::as_str), Some("a b"));
+        assert_eq!(c.params.get("utm_source").map(String::as_str), Some("x"));
+        assert_eq!(c.ts_ms, 5);
+    }
+
+    #[test]
+    fn click_errors() {
+        let e = |s: &str| {
+            build_click(q(s), &offers(), RequestMeta::default(), "c".into(), 0).expect_err("error")
+        };
+        assert_eq!(e("aff_id=1").code, "missing_field");
+        let unknown = e("offer_id=8&aff_id=1");
+        assert_eq!(
+            (unknown.status, unknown.code),
+            (StatusCode::NOT_FOUND, "unknown_offer")
+        );
+        assert_eq!(e("offer_id=7").field.as_deref(), Some("aff_id"));
+        assert_eq!(e("offer_id=7&aff_id=a%20b").code, "invalid_value");
+    }
+
+    #[test]
+    fn postback_normalises_and_defaults() {
+        let pb = build_postback(
+            q("click_id=c1&event=FTD&amount=12.50&currency=eur&txn_id=t1&foo=bar"),
+            &rules(),
+            RequestMeta::default(),
+            "p1".into(),
+            9,
+        )
+        .expect("valid");
+        assert_eq!(pb.event, "ftd");
+        assert_eq!(pb.status, "approved");
+        assert_eq!(pb.amount, Some(Decimal::new(125, 1)));
+        assert_eq!(pb.currency.as_deref(), Some("EUR"));
+        assert_eq!(pb.params.get("foo").map(String::as_str), Some("bar"));
+    }
+
+    #[test]
+    fn postback_errors_name_field_and_allowed_values() {
+        let e = |s: &str| {
+            build_postback(q(s), &rules(), RequestMeta::default(), "p".into(), 0)
+                .expect_err("error")
+        };
+        let unknown = e("click_id=c&event=sale");
+        assert_eq!(unknown.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            unknown.message.contains("registration, ftd"),
+            "{}",
+            unknown.message
+        );
+        assert_eq!(
+            e("click_id=c&event=ftd&status=paid").field.as_deref(),
+            Some("status")
+        );
+        assert_eq!(e("event=ftd").code, "missing_field");
+        assert_eq!(e("click_id=c&event=ftd&amount=abc").code, "invalid_amount");
+        assert_eq!(e("click_id=c&event=ftd&amount=NaN").code, "invalid_amount");
+        assert_eq!(
+            e("click_id=c&event=ftd&amount=-1").status,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            e("click_id=c&event=ftd&currency=EURO").code,
+            "invalid_currency"
+        );
+        assert_eq!(
+            e("click_id=a%20b&event=ftd").field.as_deref(),
+            Some("click_id")
+        );
+    }
+}

@@ -1,0 +1,89 @@
+# Shared by scripts/test, scripts/run-local and scripts/bench: installs what a fresh
+# machine lacks and starts/stops the test broker. Source it; do not run it.
+
+# Caches live outside the clone so that a new clone (CI) reuses them; both are safe to
+# delete (they are rebuilt, which takes minutes).
+S2S_CACHE="${S2S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/s2s-postback}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$S2S_CACHE/target}"
+TANSU_VERSION=0.6.0
+TANSU_ROOT="$S2S_CACHE/tansu-$TANSU_VERSION"
+TANSU_BIN="$TANSU_ROOT/bin/tansu"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages the build needs: libclang for RocksDB's bindgen, OpenSSL headers for
+# librdkafka's TLS and the HTTP client, a C/C++ toolchain and zlib for the bundled C
+# libraries, python3 for picking free ports.
+ensure_system_deps() {
+  local missing=() pkg
+  for pkg in libclang-dev libssl-dev pkg-config make gcc g++ zlib1g-dev python3; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+ensure_rust_tools() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
+  if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    log "adding rustfmt and clippy"
+    rustup component add rustfmt clippy
+  fi
+}
+
+# Tansu, a Kafka-API-compatible broker, built once into the cache (about 8 minutes).
+ensure_tansu() {
+  if [ -x "$TANSU_BIN" ] && "$TANSU_BIN" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    return 0
+  fi
+  log "building Tansu $TANSU_VERSION into $TANSU_ROOT (once; about 8 minutes on 2 cores)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+    --root "$TANSU_ROOT" --quiet
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Polls until something listens on 127.0.0.1:$1, for at most $2 seconds.
+wait_for_port() {
+  local port=$1 deadline=$((SECONDS + $2))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.1 # poll
+  done
+}
+
+# start_broker STORAGE_URL WORKDIR: starts Tansu on a free loopback port; sets
+# BROKER_ADDR and BROKER_PID. WORKDIR holds its log (and sqlite file, if any).
+start_broker() {
+  local storage=$1 workdir=$2 port
+  mkdir -p "$workdir"
+  port=$(free_port)
+  # The broker reads a .env file from its working directory: run it in WORKDIR, which
+  # holds none.
+  (cd "$workdir" && exec "$TANSU_BIN" broker \
+      --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine "$storage" >"$workdir/broker.log" 2>&1) &
+  BROKER_PID=$!
+  BROKER_ADDR="127.0.0.1:$port"
+  if ! wait_for_port "$port" 30; then
+    tail -20 "$workdir/broker.log" >&2 || true
+    die "broker did not listen on $BROKER_ADDR within 30 s (log above)"
+  fi
+  log "broker (Tansu $TANSU_VERSION, $storage) on $BROKER_ADDR, pid $BROKER_PID"
+}
+
+stop_broker() {
+  if [ -n "${BROKER_PID:-}" ] && kill -0 "$BROKER_PID" 2>/dev/null; then
+    kill "$BROKER_PID" 2>/dev/null || true
+    wait "$BROKER_PID" 2>/dev/null || true
+  fi
+  BROKER_PID=""
+}

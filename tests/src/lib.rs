@@ -1,0 +1,450 @@
+//! Harness for the cross-service tests: the broker address, unique topic names, the
+//! whole pipeline started in-process on port 0, a recording HTTP endpoint (also the demo
+//! affiliate of the local run), topic readers, and polling with a deadline.
+//!
+//! The broker is a real one: `S2S_TEST_BROKERS` names it (`scripts/test` starts Tansu and
+//! sets it). Every test uses its own topics and consumer groups, so tests run in parallel.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use s2s_common::kafka::KafkaConfig;
+use s2s_common::topics::{TopicConfig, TopicsConfig};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The broker under test, from `S2S_TEST_BROKERS`.
+pub fn brokers() -> String {
+    std::env::var("S2S_TEST_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "S2S_TEST_BROKERS is not set: run the tests with scripts/test, which starts a broker"
+        )
+    })
+}
+
+pub fn kafka() -> KafkaConfig {
+    KafkaConfig {
+        bootstrap_servers: brokers(),
+        properties: Default::default(),
+    }
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    )
+}
+
+/// A fresh set of topics, `partitions` each.
+pub fn topics(partitions: i32) -> TopicsConfig {
+    let run = unique("t");
+    let t = |name: &str| TopicConfig {
+        name: format!("{run}.{name}"),
+        partitions,
+        replication_factor: 1,
+        config: Default::default(),
+    };
+    TopicsConfig {
+        clicks: t("clicks"),
+        postbacks: t("postbacks"),
+        conversions: t("conversions"),
+        rejections: t("rejections"),
+        delivery_log: t("delivery-log"),
+        dead_letter: t("dead-letter"),
+    }
+}
+
+/// Calls `probe` every 50 ms until it returns `Some`, or panics naming `what` once
+/// `timeout` has passed.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll
+    }
+}
+
+/// One request an endpoint received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Received {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Default)]
+struct EndpointState {
+    received: Mutex<Vec<Received>>,
+    /// Statuses to answer with, in order; 200 once used up.
+    script: Mutex<std::collections::VecDeque<u16>>,
+    echo: bool,
+}
+
+/// An HTTP server that records every request on any path and answers from a script.
+#[derive(Debug)]
+pub struct TestEndpoint {
+    addr: SocketAddr,
+    state: Arc<EndpointState>,
+    shutdown: CancellationToken,
+}
+
+impl TestEndpoint {
+    /// Binds `127.0.0.1:0` and answers `script` statuses in order, then 200.
+    pub async fn start(script: &[u16]) -> Self {
+        Self::bind("127.0.0.1:0".parse().expect("addr"), script, false)
+            .await
+            .expect("bind test endpoint")
+    }
+
+    /// Binds `addr`; with `echo`, prints each request to stdout (the demo affiliate).
+    pub async fn bind(addr: SocketAddr, script: &[u16], echo: bool) -> std::io::Result<Self> {
+        let state = Arc::new(EndpointState {
+            script: Mutex::new(script.iter().copied().collect()),
+            echo,
+            ..Default::default()
+        });
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(state.clone());
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await;
+        });
+        Ok(TestEndpoint {
+            addr,
+            state,
+            shutdown,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` followed by `path_and_query`.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state
+            .received
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestEndpoint {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn record(
+    State(state): State<Arc<EndpointState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, &'static str) {
+    let r = Received {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        query: form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    if state.echo {
+        println!("demo-affiliate received: {} {}", r.method, uri);
+    }
+    if let Ok(mut v) = state.received.lock() {
+        v.push(r);
+    }
+    let status = state
+        .script
+        .lock()
+        .ok()
+        .and_then(|mut s| s.pop_front())
+        .unwrap_or(200);
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        "ok\n",
+    )
+}
+
+/// Reads a topic from the beginning of every partition, outside any consumer group.
+pub struct TopicReader {
+    consumer: StreamConsumer,
+}
+
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TopicReader")
+    }
+}
+
+impl TopicReader {
+    pub fn new(topic: &TopicConfig) -> Self {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .expect("reader consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..topic.partitions {
+            tpl.add_partition_offset(&topic.name, p, Offset::Beginning)
+                .expect("partition offset");
+        }
+        consumer.assign(&tpl).expect("assign");
+        TopicReader { consumer }
+    }
+
+    /// Decodes records until `done` accepts what was read so far; panics after `timeout`
+    /// naming `what`.
+    pub async fn read_until<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[T]) -> bool,
+    ) -> Vec<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while !done(&seen) {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {what}; read {} records",
+                    seen.len()
+                ),
+                Ok(Err(e)) => panic!("reading {what}: {e}"),
+                Ok(Ok(m)) => {
+                    let payload = m.payload().unwrap_or_default();
+                    let v = serde_json::from_slice(payload).unwrap_or_else(|e| {
+                        panic!("record on {} is not the expected type: {e}", m.topic())
+                    });
+                    seen.push(v);
+                }
+            }
+        }
+        seen
+    }
+}
+
+/// Creates a topic directly (for tests that need a topic the services did not create).
+pub async fn create_topic(name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = kafka().admin_config().create().expect("admin");
+    let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let r = admin
+        .create_topics([&t], &AdminOptions::new())
+        .await
+        .expect("create topics");
+    assert!(r.iter().all(|x| x.is_ok()), "create {name}: {r:?}");
+}
+
+/// What a test may change about the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub partitions: i32,
+    pub grace_period_ms: u64,
+    pub retry_schedule_ms: Vec<u64>,
+    /// `(name, url template)` of each global postback.
+    pub postbacks: Vec<(String, String)>,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            partitions: 3,
+            grace_period_ms: 500,
+            retry_schedule_ms: vec![50, 50],
+            postbacks: vec![],
+        }
+    }
+}
+
+/// Ingest, attributor and delivery running in this process against the test broker,
+/// each on its own port 0 listeners, with their own topics and groups.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub topics: TopicsConfig,
+    pub ingest: SocketAddr,
+    pub ingest_admin: SocketAddr,
+    pub attributor_admin: SocketAddr,
+    pub delivery_admin: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<Result<(), String>>>,
+    _state: tempfile::TempDir,
+}
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+impl Pipeline {
+    pub async fn start(opts: PipelineOptions) -> Self {
+        let topics = topics(opts.partitions);
+        let state = tempfile::tempdir().expect("state dir");
+
+        let mut ic: s2s_ingest::IngestConfig =
+            s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
+                .expect("ingest defaults");
+        ic.listen = any_port();
+        ic.admin_listen = any_port();
+        ic.kafka = kafka();
+        ic.topics = topics.clone();
+        ic.offers.insert(
+            "1".into(),
+            s2s_ingest::config::OfferConfig {
+                url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
+            },
+        );
+
+        let mut ac: s2s_attributor::AttributorConfig = s2s_common::config::load(
+            s2s_attributor::config::DEFAULT_TOML,
+            None,
+            "S2S_TEST_NONE__",
+        )
+        .expect("attributor defaults");
+        ac.admin_listen = any_port();
+        ac.kafka = kafka();
+        ac.topics = topics.clone();
+        ac.group_id = unique("attributor");
+        ac.state_dir = state.path().join("attributor");
+        ac.grace_period_ms = opts.grace_period_ms;
+        ac.rocksdb.block_cache_bytes = 16 << 20;
+        ac.rocksdb.write_buffer_bytes = 8 << 20;
+
+        let mut dc: s2s_delivery::DeliveryConfig =
+            s2s_common::config::load(s2s_delivery::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
+                .expect("delivery defaults");
+        dc.admin_listen = any_port();
+        dc.kafka = kafka();
+        dc.topics = topics.clone();
+        dc.group_id = unique("delivery");
+        dc.request_timeout_ms = 2000;
+        dc.retry_schedule_ms = opts.retry_schedule_ms.clone();
+        dc.postbacks = opts
+            .postbacks
+            .iter()
+            .map(|(name, url)| s2s_delivery::config::PostbackConfig {
+                name: name.clone(),
+                url: url.clone(),
+                aff_id: None,
+                offer_id: None,
+                events: vec![],
+                statuses: vec![],
+            })
+            .collect();
+
+        let ingest = s2s_ingest::Ingest::bind(ic).await.expect("ingest starts");
+        let attributor = s2s_attributor::Attributor::bind(ac)
+            .await
+            .expect("attributor starts");
+        let delivery = s2s_delivery::Delivery::bind(dc)
+            .await
+            .expect("delivery starts");
+        let shutdown = CancellationToken::new();
+        Pipeline {
+            topics,
+            ingest: ingest.local_addr().expect("addr"),
+            ingest_admin: ingest.admin_addr().expect("addr"),
+            attributor_admin: attributor.admin_addr().expect("addr"),
+            delivery_admin: delivery.admin_addr().expect("addr"),
+            tasks: vec![
+                tokio::spawn(map_err(ingest.run(shutdown.clone()))),
+                tokio::spawn(map_err(attributor.run(shutdown.clone()))),
+                tokio::spawn(map_err(delivery.run(shutdown.clone()))),
+            ],
+            shutdown,
+            _state: state,
+        }
+    }
+
+    pub fn ingest_url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.ingest, path_and_query)
+    }
+
+    /// Stops every service and checks that each stopped cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let r = tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("service stops within 30 s")
+                .expect("service task");
+            assert_eq!(r, Ok(()), "service stopped with an error");
+        }
+    }
+}
+
+async fn map_err<E: std::fmt::Display>(
+    f: impl Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    f.await.map_err(|e| e.to_string())
+}
+
+/// An HTTP client that does not follow redirects (to see the 302).
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
