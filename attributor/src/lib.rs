@@ -161,10 +161,11 @@ impl Worker<'_> {
         loop {
             let (batch, stopping) = self.gather(shutdown, interval).await;
             let started = Instant::now();
-            self.cycle(batch).await?;
-            self.metrics
-                .cycle_seconds
-                .observe(started.elapsed().as_secs_f64());
+            if self.cycle(batch).await? {
+                self.metrics
+                    .cycle_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
             if stopping {
                 return Ok(());
             }
@@ -196,7 +197,8 @@ impl Worker<'_> {
         (batch, false)
     }
 
-    async fn cycle(&self, batch: Vec<OwnedMessage>) -> Result<(), AttributorError> {
+    /// One cycle over `batch` and the due timers; `false` when there was nothing to do.
+    async fn cycle(&self, batch: Vec<OwnedMessage>) -> Result<bool, AttributorError> {
         let topics = &self.config.topics;
         let now = s2s_common::now_ms();
         let mut st = self.store.stage();
@@ -237,7 +239,7 @@ impl Worker<'_> {
         outcomes.extend(self.joiner.on_timer(&mut st, now, TIMER_BATCH)?);
 
         if st.is_empty() && offsets.is_empty() {
-            return Ok(()); // an idle cycle: nothing consumed, nothing due
+            return Ok(false);
         }
         self.publish(&outcomes).await?;
         self.store.commit(st, &offsets)?;
@@ -274,7 +276,7 @@ impl Worker<'_> {
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Publishes every outcome and waits for all acknowledgements. A full producer queue
