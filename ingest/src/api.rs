@@ -1,66 +1,118 @@
-//! The public HTTP routes: `GET /click`, `GET|POST /postback`.
+//! The public HTTP routes.
 //!
-//! Each handler decodes parameters, builds the record (see [`crate::records`]), publishes
-//! it and answers only after the broker acknowledged it. Every request ends in exactly
-//! one place, [`App::finish`], which counts and logs its outcome.
+//! | route | what |
+//! |---|---|
+//! | `GET /click` | issue a click ID, publish the click, 302 to the offer |
+//! | `GET, POST /postback[/{source}]` | one postback: query string, form or JSON body |
+//! | `POST /v1/postbacks[/{source}]` | a batch of postbacks: JSON object, array or NDJSON |
+//! | `POST /v1/clicks[/{source}]` | a batch of clicks whose IDs the operator minted |
+//!
+//! Every request is answered only after its records were acknowledged by the broker.
+//! Batches answer 200 when every record was accepted, 207 when some were rejected (each
+//! result says why), and 503 with `Retry-After` when any could not be stored — the
+//! results then say which, so the client resends only those. Every record's outcome is
+//! counted in one place, [`App::count`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, MatchedPath, RawQuery, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use s2s_common::contract::encode;
+use futures::future::join_all;
+use s2s_common::contract::{encode, Click, Postback};
 use s2s_common::ids::new_ulid;
+use s2s_common::now_ms;
 use s2s_common::template::Template;
 use s2s_common::topics::partition_key;
-use s2s_common::{contract, now_ms};
-use tower_http::limit::RequestBodyLimitLayer;
+use serde::Serialize;
 
+use crate::batch::parse_batch;
 use crate::config::PostbackRules;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::params::{parse_json_object, parse_urlencoded, Pairs};
+use crate::params::{parse_json_object, parse_urlencoded, take, Pairs};
 use crate::publish::{PublishError, Publisher};
-use crate::records::{build_click, build_postback, RequestMeta};
+use crate::records::{build_click, build_operator_click, build_postback, RequestMeta};
+use crate::source::{Auth, ProxyTrust, Source};
+
+/// Largest total size of request headers accepted (431 above).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct App {
     pub publisher: Publisher,
     pub offers: BTreeMap<String, Template>,
     pub rules: PostbackRules,
+    pub sources: BTreeMap<String, Source>,
+    pub proxies: ProxyTrust,
     pub clicks_topic: String,
     pub postbacks_topic: String,
+    pub max_body_bytes: usize,
     pub metrics: Metrics,
 }
 
-pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+/// Every route with its methods: the single list the router and the OpenAPI check use.
+pub const ROUTES: [(&str, &[&str]); 7] = [
+    ("/click", &["GET"]),
+    ("/postback", &["GET", "POST"]),
+    ("/postback/{source}", &["GET", "POST"]),
+    ("/v1/postbacks", &["POST"]),
+    ("/v1/postbacks/{source}", &["POST"]),
+    ("/v1/clicks", &["POST"]),
+    ("/v1/clicks/{source}", &["POST"]),
+];
+
+pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/click", get(click))
-        .route("/postback", get(postback_get).post(postback_post))
+        .route(ROUTES[0].0, get(click))
+        .route(ROUTES[1].0, get(postback).post(postback))
+        .route(ROUTES[2].0, get(postback).post(postback))
+        .route(ROUTES[3].0, post(postback_batch))
+        .route(ROUTES[4].0, post(postback_batch))
+        .route(ROUTES[5].0, post(click_batch))
+        .route(ROUTES[6].0, post(click_batch))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
-        .layer(RequestBodyLimitLayer::new(max_body_bytes))
         .with_state(app)
 }
 
-/// Counts every request by route and status and times it.
+/// Bounds header size, then counts every request by route and status and times it.
 async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched", |p| match p.as_str() {
-            "/click" => "/click",
-            "/postback" => "/postback",
-            _ => "other",
-        });
+        .and_then(|p| ROUTES.iter().find(|(r, _)| *r == p.as_str()))
+        .map_or("unmatched", |(r, _)| *r);
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    let resp = if header_bytes > MAX_HEADER_BYTES {
+        ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("request headers exceed {MAX_HEADER_BYTES} bytes"),
+        )
+        .into_response()
+    } else {
+        next.run(req).await
+    };
     app.metrics
         .request_seconds
         .with_label_values(&[route])
@@ -72,17 +124,70 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// A record ingest publishes.
+trait Record: Serialize {
+    const KIND: &'static str;
+    fn click_id(&self) -> &str;
+    /// The ID reported back to the caller.
+    fn id(&self) -> &str;
+}
+
+impl Record for Click {
+    const KIND: &'static str = "click";
+    fn click_id(&self) -> &str {
+        &self.click_id
+    }
+    fn id(&self) -> &str {
+        &self.click_id
+    }
+}
+
+impl Record for Postback {
+    const KIND: &'static str = "postback";
+    fn click_id(&self) -> &str {
+        &self.click_id
+    }
+    fn id(&self) -> &str {
+        &self.postback_id
+    }
+}
+
+/// The default integration when `[sources.default]` is not configured: anyone, no aliases.
+fn open_source() -> Source {
+    Source {
+        name: "default".into(),
+        auth: Auth::None,
+        aliases: BTreeMap::new(),
+        allow: Vec::new(),
+    }
+}
+
+/// What an admitted request carries on.
+struct Admitted {
+    source: Source,
+    meta: RequestMeta,
+    pairs: Pairs,
+    body: Bytes,
+}
+
 impl App {
-    /// Publishes `payload` keyed by click ID and maps a failure to 503.
-    async fn publish(
-        &self,
-        kind: &str,
-        topic: &str,
-        click_id: &str,
-        payload: &[u8],
-    ) -> Result<(), ApiError> {
+    fn topic<R: Record>(&self) -> &str {
+        if R::KIND == "click" {
+            &self.clicks_topic
+        } else {
+            &self.postbacks_topic
+        }
+    }
+
+    /// Publishes a record keyed by click ID; a failure is a 503.
+    async fn publish<R: Record>(&self, record: &R) -> Result<(), ApiError> {
         self.publisher
-            .send(kind, topic, partition_key(click_id), payload)
+            .send(
+                R::KIND,
+                self.topic::<R>(),
+                partition_key(record.click_id()),
+                &encode(record),
+            )
             .await
             .map_err(|e| match e {
                 PublishError::QueueFull => {
@@ -92,16 +197,16 @@ impl App {
             })
     }
 
-    /// The one place a request's outcome is counted and logged.
-    fn finish<T>(&self, kind: &'static str, result: Result<T, ApiError>) -> Result<T, ApiError> {
-        let outcome = match &result {
+    /// The one place a record's outcome is counted and logged.
+    fn count<T>(&self, kind: &'static str, result: &Result<T, ApiError>) {
+        let outcome = match result {
             Ok(_) => "accepted",
             Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
                 tracing::warn!(kind, error = %e.message, "record not stored");
                 "unavailable"
             }
             Err(e) => {
-                tracing::debug!(kind, code = e.code, error = %e.message, "request rejected");
+                tracing::debug!(kind, code = e.code, error = %e.message, "record rejected");
                 "invalid"
             }
         };
@@ -109,11 +214,65 @@ impl App {
             .records
             .with_label_values(&[kind, outcome])
             .inc();
-        result
+    }
+
+    /// Source lookup (404), IP allow-list (403), body size (413), query parsing, and
+    /// authentication (401) over the body (POST) or the raw query (GET).
+    async fn admit(
+        &self,
+        source: Option<String>,
+        peer: SocketAddr,
+        method: &Method,
+        headers: &HeaderMap,
+        query: Option<String>,
+        body: Body,
+    ) -> Result<Admitted, ApiError> {
+        let source = match source {
+            Some(name) => self.sources.get(&name).cloned().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_source",
+                    format!("source '{name}' is not configured"),
+                )
+            })?,
+            None => self
+                .sources
+                .get("default")
+                .cloned()
+                .unwrap_or_else(open_source),
+        };
+        let ip = self.proxies.client_ip(peer.ip(), headers);
+        source.check_ip(ip)?;
+        let body = axum::body::to_bytes(body, self.max_body_bytes)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("request body exceeds {} bytes", self.max_body_bytes),
+                )
+            })?;
+        let query = query.unwrap_or_default();
+        let mut pairs = parse_urlencoded(query.as_bytes())?;
+        // `token` is reserved for authentication and never stored.
+        let token = take(&mut pairs, "token");
+        let payload = if *method == Method::POST {
+            &body[..]
+        } else {
+            query.as_bytes()
+        };
+        source.authenticate(headers, token.as_deref(), payload, now_ms() / 1000)?;
+        Ok(Admitted {
+            source,
+            meta: request_meta(ip, headers),
+            pairs,
+            body,
+        })
     }
 }
 
-fn meta(peer: SocketAddr, headers: &HeaderMap) -> RequestMeta {
+/// Who sent a request: client address, user agent and referrer (each bounded).
+fn request_meta(ip: std::net::IpAddr, headers: &HeaderMap) -> RequestMeta {
     let h = |name: header::HeaderName| {
         headers
             .get(name)
@@ -121,10 +280,30 @@ fn meta(peer: SocketAddr, headers: &HeaderMap) -> RequestMeta {
             .map(|s| s.chars().take(1024).collect::<String>())
     };
     RequestMeta {
-        ip: Some(peer.ip().to_string()),
+        ip: Some(ip.to_string()),
         user_agent: h(header::USER_AGENT),
         referrer: h(header::REFERER),
     }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn unsupported(ct: &str, supported: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("Content-Type '{ct}' is not supported; use {supported}"),
+    )
 }
 
 async fn click(
@@ -135,91 +314,220 @@ async fn click(
 ) -> Result<Response, ApiError> {
     let result = async {
         let pairs = parse_urlencoded(query.unwrap_or_default().as_bytes())?;
-        let (click, location) = build_click(
-            pairs,
-            &app.offers,
-            meta(peer, &headers),
-            new_ulid(),
-            now_ms(),
-        )?;
-        app.publish("click", &app.clicks_topic, &click.click_id, &encode(&click))
-            .await?;
+        let meta = request_meta(app.proxies.client_ip(peer.ip(), &headers), &headers);
+        let (click, location) = build_click(pairs, &app.offers, meta, new_ulid(), now_ms())?;
+        app.publish(&click).await?;
         Ok(location)
     }
     .await;
-    let location = app.finish("click", result)?;
-    Ok((StatusCode::FOUND, [(header::LOCATION, location)]).into_response())
+    app.count("click", &result);
+    Ok((StatusCode::FOUND, [(header::LOCATION, result?)]).into_response())
 }
 
-async fn postback_get(
+async fn postback(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    source: Option<Path<String>>,
+    method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let pairs = parse_urlencoded(query.unwrap_or_default().as_bytes());
-    accept_postback(&app, pairs, meta(peer, &headers)).await
-}
-
-async fn postback_post(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let pairs = (|| {
-        let mut pairs = parse_urlencoded(query.unwrap_or_default().as_bytes())?;
-        let body_pairs = match content_type.as_str() {
-            _ if body.is_empty() => Pairs::new(),
-            "application/json" => parse_json_object(&body)?,
-            "application/x-www-form-urlencoded" | "" => parse_urlencoded(&body)?,
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    format!(
-                        "Content-Type '{other}' is not supported; use \
-                         application/x-www-form-urlencoded or application/json"
-                    ),
-                ))
-            }
-        };
-        // Body fields win over query parameters of the same name.
-        pairs.retain(|(n, _)| !body_pairs.iter().any(|(b, _)| b == n));
-        pairs.extend(body_pairs);
-        Ok(pairs)
-    })();
-    accept_postback(&app, pairs, meta(peer, &headers)).await
-}
-
-async fn accept_postback(
-    app: &App,
-    pairs: Result<Pairs, ApiError>,
-    meta: RequestMeta,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let result = async {
-        let pb: contract::Postback =
-            build_postback(pairs?, &app.rules, meta, new_ulid(), now_ms())?;
-        app.publish("postback", &app.postbacks_topic, &pb.click_id, &encode(&pb))
+        let a = app
+            .admit(source.map(|p| p.0), peer, &method, &headers, query, body)
             .await?;
+        let mut pairs = a.pairs;
+        if method == Method::POST && !a.body.is_empty() {
+            let ct = content_type(&headers);
+            let body_pairs = match ct.as_str() {
+                "application/json" => parse_json_object(&a.body)?,
+                "application/x-www-form-urlencoded" | "" => parse_urlencoded(&a.body)?,
+                other => {
+                    return Err(unsupported(
+                        other,
+                        "application/x-www-form-urlencoded or application/json",
+                    ))
+                }
+            };
+            // Body fields win over query parameters of the same name.
+            pairs.retain(|(n, _)| !body_pairs.iter().any(|(b, _)| b == n));
+            pairs.extend(body_pairs);
+        }
+        a.source.apply_aliases(&mut pairs);
+        let pb = build_postback(
+            pairs,
+            &app.rules,
+            Some(&a.source.name),
+            a.meta,
+            new_ulid(),
+            now_ms(),
+        )?;
+        app.publish(&pb).await?;
         Ok(pb)
     }
     .await;
-    let pb = app.finish("postback", result)?;
+    app.count("postback", &result);
+    let pb = result?;
     Ok(Json(serde_json::json!({
         "status": "accepted",
         "postback_id": pb.postback_id,
         "click_id": pb.click_id,
     }))
     .into_response())
+}
+
+async fn postback_batch(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    source: Option<Path<String>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let a = admit_batch(&app, source, peer, &headers, query, body).await?;
+    let (rules, source) = (&app.rules, &a.source);
+    let build = |mut pairs: Pairs| {
+        source.apply_aliases(&mut pairs);
+        build_postback(
+            pairs,
+            rules,
+            Some(&source.name),
+            a.meta.clone(),
+            new_ulid(),
+            now_ms(),
+        )
+    };
+    run_batch::<Postback>(&app, &headers, &a.body, build).await
+}
+
+async fn click_batch(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    source: Option<Path<String>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let a = admit_batch(&app, source, peer, &headers, query, body).await?;
+    run_batch::<Click>(&app, &headers, &a.body, |pairs| {
+        build_operator_click(pairs, now_ms())
+    })
+    .await
+}
+
+/// Admission of a batch request; a refused request counts as one invalid record.
+async fn admit_batch(
+    app: &App,
+    source: Option<Path<String>>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    query: Option<String>,
+    body: Body,
+) -> Result<Admitted, ApiError> {
+    let r = app
+        .admit(
+            source.map(|p| p.0),
+            peer,
+            &Method::POST,
+            headers,
+            query,
+            body,
+        )
+        .await;
+    if let Err(e) = &r {
+        tracing::debug!(code = e.code, error = %e.message, "batch refused");
+    }
+    r
+}
+
+#[derive(Serialize)]
+struct ItemResult {
+    index: usize,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<serde_json::Value>,
+}
+
+/// Validates every record, publishes the valid ones concurrently, and reports each.
+async fn run_batch<R: Record>(
+    app: &App,
+    headers: &HeaderMap,
+    body: &[u8],
+    build: impl Fn(Pairs) -> Result<R, ApiError>,
+) -> Result<Response, ApiError> {
+    let ct = content_type(headers);
+    if !matches!(
+        ct.as_str(),
+        "application/json" | "application/x-ndjson" | ""
+    ) {
+        return Err(unsupported(&ct, "application/json or application/x-ndjson"));
+    }
+    let built: Vec<Result<R, ApiError>> = parse_batch(&ct, body)?
+        .into_iter()
+        .map(|r| r.and_then(&build))
+        .collect();
+    let published = join_all(built.iter().map(|r| async move {
+        match r {
+            Ok(record) => app.publish(record).await.map(|()| record.id().to_string()),
+            Err(e) => Err(e.clone()),
+        }
+    }))
+    .await;
+    let (mut rejected, mut unavailable) = (0, 0);
+    let results: Vec<ItemResult> = published
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| {
+            app.count(R::KIND, &r);
+            match r {
+                Ok(id) => ItemResult {
+                    index,
+                    status: "accepted",
+                    id: Some(id),
+                    error: None,
+                },
+                Err(e) => {
+                    let status = if e.status == StatusCode::SERVICE_UNAVAILABLE {
+                        unavailable += 1;
+                        "unavailable"
+                    } else {
+                        rejected += 1;
+                        "rejected"
+                    };
+                    ItemResult {
+                        index,
+                        status,
+                        id: None,
+                        error: Some(e.body()),
+                    }
+                }
+            }
+        })
+        .collect();
+    let status = if unavailable > 0 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if rejected > 0 {
+        StatusCode::MULTI_STATUS
+    } else {
+        StatusCode::OK
+    };
+    let accepted = results.len() - rejected - unavailable;
+    let mut resp = (
+        status,
+        Json(serde_json::json!({
+            "accepted": accepted,
+            "rejected": rejected,
+            "unavailable": unavailable,
+            "results": results,
+        })),
+    )
+        .into_response();
+    if unavailable > 0 {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(1));
+    }
+    Ok(resp)
 }

@@ -9,6 +9,9 @@ use s2s_common::contract::SUB_ID_KEYS;
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::template::Template;
 use s2s_common::topics::TopicsConfig;
+
+use crate::source::{Auth, ProxyTrust, Secret, Source};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 /// The built-in default, also the documented reference.
@@ -28,6 +31,83 @@ pub struct IngestConfig {
     pub postback: PostbackRules,
     #[serde(default)]
     pub offers: BTreeMap<String, OfferConfig>,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default)]
+    pub trusted_proxies: TrustedProxiesConfig,
+}
+
+/// How an operator integration authenticates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthKind {
+    #[default]
+    None,
+    Token,
+    Hmac,
+}
+
+/// One operator integration (see `ingest/src/source.rs`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(default)]
+    pub auth: AuthKind,
+    /// For `auth = "token"`.
+    pub token: Option<String>,
+    /// For `auth = "hmac"`.
+    pub hmac_secret: Option<String>,
+    #[serde(default = "default_skew")]
+    pub max_skew_seconds: i64,
+    /// Their parameter name = our canonical name.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+    /// Addresses or CIDRs allowed to call; empty = any.
+    #[serde(default)]
+    pub allow_ips: Vec<String>,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("auth", &self.auth)
+            .field("aliases", &self.aliases)
+            .field("allow_ips", &self.allow_ips)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_skew() -> i64 {
+    300
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedProxiesConfig {
+    /// Header carrying the client address, e.g. `X-Forwarded-For`.
+    pub header: Option<String>,
+    /// Peers whose header is believed (addresses or CIDRs).
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+}
+
+/// Canonical postback fields an alias may map to.
+pub const CANONICAL_FIELDS: [&str; 6] = [
+    "click_id", "event", "txn_id", "amount", "currency", "status",
+];
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// The validated, ready-to-use parts of the config.
+#[derive(Debug)]
+pub struct Compiled {
+    pub offers: BTreeMap<String, Template>,
+    pub sources: BTreeMap<String, Source>,
+    pub proxies: ProxyTrust,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,8 +141,8 @@ impl IngestConfig {
     }
 
     /// Checks everything that can be checked before touching the network and compiles
-    /// the offer templates. The error says which key to fix.
-    pub fn validate(&self) -> Result<BTreeMap<String, Template>, String> {
+    /// templates, sources and proxy settings. The error says which key to fix.
+    pub fn validate(&self) -> Result<Compiled, String> {
         self.kafka.validate().map_err(|e| e.to_string())?;
         self.topics.validate()?;
         if self.produce_timeout_ms == 0 {
@@ -82,15 +162,103 @@ impl IngestConfig {
             ));
         }
         let known = offer_macros();
-        self.offers
+        let offers = self
+            .offers
             .iter()
             .map(|(id, o)| {
                 Template::parse(&o.url, &known)
                     .map(|t| (id.clone(), t))
                     .map_err(|e| format!("offers.{id}.url: {e}"))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let sources = self
+            .sources
+            .iter()
+            .map(|(name, c)| compile_source(name, c).map(|s| (name.clone(), s)))
+            .collect::<Result<_, _>>()?;
+        let tp = &self.trusted_proxies;
+        let header = tp
+            .header
+            .as_deref()
+            .map(|h| {
+                axum::http::HeaderName::try_from(h)
+                    .map_err(|_| format!("trusted_proxies.header '{h}' is not a header name"))
+            })
+            .transpose()?;
+        let proxies = tp
+            .cidrs
+            .iter()
+            .map(|c| {
+                parse_net(c).ok_or_else(|| {
+                    format!("trusted_proxies.cidrs: '{c}' is not an address or CIDR")
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Compiled {
+            offers,
+            sources,
+            proxies: ProxyTrust { header, proxies },
+        })
     }
+}
+
+fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
+    let key = format!("sources.{name}");
+    if !name
+        .chars()
+        .all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch))
+    {
+        return Err(format!(
+            "{key}: source names use A-Z, a-z, 0-9, '-' and '_' (they appear in URLs)"
+        ));
+    }
+    let secret = |v: &Option<String>, field: &str| match v.as_deref() {
+        Some(s) if s.len() >= 16 => Ok(Secret::new(s)),
+        _ => Err(format!(
+            "{key}.{field} must be set to at least 16 characters for auth = \"{}\" \
+             (env S2S_INGEST__SOURCES__{}__{})",
+            match c.auth {
+                AuthKind::Token => "token",
+                _ => "hmac",
+            },
+            name.to_ascii_uppercase(),
+            field.to_ascii_uppercase()
+        )),
+    };
+    let auth = match c.auth {
+        AuthKind::None => Auth::None,
+        AuthKind::Token => Auth::Token(secret(&c.token, "token")?),
+        AuthKind::Hmac => {
+            if c.max_skew_seconds <= 0 {
+                return Err(format!("{key}.max_skew_seconds must be > 0"));
+            }
+            Auth::Hmac {
+                secret: secret(&c.hmac_secret, "hmac_secret")?,
+                max_skew_seconds: c.max_skew_seconds,
+            }
+        }
+    };
+    for (alias, target) in &c.aliases {
+        if !CANONICAL_FIELDS.contains(&target.as_str()) {
+            return Err(format!(
+                "{key}.aliases.{alias} = '{target}': the target must be one of {}",
+                CANONICAL_FIELDS.join(", ")
+            ));
+        }
+    }
+    let allow = c
+        .allow_ips
+        .iter()
+        .map(|a| {
+            parse_net(a).ok_or_else(|| format!("{key}.allow_ips: '{a}' is not an address or CIDR"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Source {
+        name: name.to_string(),
+        auth,
+        aliases: c.aliases.clone(),
+        allow,
+    })
 }
 
 #[cfg(test)]
@@ -101,8 +269,12 @@ mod tests {
     fn default_config_is_valid() {
         let c: IngestConfig =
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
-        let offers = c.validate().expect("valid");
-        assert!(offers.contains_key("1"));
+        let compiled = c.validate().expect("valid");
+        assert!(compiled.offers.contains_key("1"));
+        assert!(
+            compiled.sources.is_empty(),
+            "no integration is open by default"
+        );
     }
 
     #[test]
@@ -115,10 +287,57 @@ mod tests {
                 url: "https://o/?c={clickid}".into(),
             },
         );
-        let err = c.validate().err().unwrap_or_default();
+        let err = c.validate().expect_err("invalid");
         assert!(
             err.starts_with("offers.9.url") && err.contains("{clickid}"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn source_errors_name_the_key() {
+        let mut base: IngestConfig =
+            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        base.sources.insert(
+            "example".into(),
+            SourceConfig {
+                auth: AuthKind::Token,
+                token: Some("0123456789abcdef".into()),
+                hmac_secret: None,
+                max_skew_seconds: 300,
+                aliases: [("clickid".to_string(), "click_id".to_string())].into(),
+                allow_ips: vec!["192.0.2.0/24".into(), "198.51.100.7".into()],
+            },
+        );
+        assert_eq!(
+            base.validate().expect("valid").sources["example"]
+                .allow
+                .len(),
+            2
+        );
+        let with = |f: &dyn Fn(&mut SourceConfig)| {
+            let mut c = base.clone();
+            if let Some(s) = c.sources.get_mut("example") {
+                f(s);
+            }
+            c.validate().expect_err("invalid")
+        };
+        let e = with(&|s| s.token = Some("short".into()));
+        assert!(
+            e.contains("sources.example.token")
+                && e.contains("S2S_INGEST__SOURCES__EXAMPLE__TOKEN"),
+            "{e}"
+        );
+        let e = with(&|s| {
+            s.aliases.insert("foo".into(), "bar".into());
+        });
+        assert!(e.contains("sources.example.aliases.foo"), "{e}");
+        let e = with(&|s| s.allow_ips.push("300.1.1.1".into()));
+        assert!(e.contains("allow_ips"), "{e}");
+        let e = with(&|s| {
+            s.auth = AuthKind::Hmac;
+            s.hmac_secret = None;
+        });
+        assert!(e.contains("sources.example.hmac_secret"), "{e}");
     }
 }

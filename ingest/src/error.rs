@@ -48,11 +48,16 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The `{"code","message","field"}` object.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "code": self.code, "message": self.message, "field": self.field })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": { "code": self.code, "message": self.message, "field": self.field }
-        });
+        let body = serde_json::json!({ "error": self.body() });
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after_s {
             resp.headers_mut()

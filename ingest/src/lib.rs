@@ -6,12 +6,14 @@
 //! producer queue gets a 503 with `Retry-After`, never a silent drop.
 
 pub mod api;
+pub mod batch;
 pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod params;
 pub mod publish;
 pub mod records;
+pub mod source;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,7 +45,6 @@ pub enum IngestError {
 #[derive(Debug)]
 pub struct Ingest {
     app: Arc<App>,
-    max_body_bytes: usize,
     produce_timeout: Duration,
     listener: TcpListener,
     admin: Admin,
@@ -55,7 +56,7 @@ impl Ingest {
     /// Validates the config, provisions topics, creates the producer and binds both
     /// listeners (port 0 picks a free port; see [`Ingest::local_addr`]).
     pub async fn bind(config: IngestConfig) -> Result<Self, IngestError> {
-        let offers = config.validate().map_err(IngestError::Config)?;
+        let compiled = config.validate().map_err(IngestError::Config)?;
         let produce_timeout = Duration::from_millis(config.produce_timeout_ms);
         ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
 
@@ -70,7 +71,10 @@ impl Ingest {
         let metrics = metrics::Metrics::new(&admin.registry)?;
         let app = Arc::new(App {
             publisher: publish::Publisher::new(producer, metrics.produce_seconds.clone()),
-            offers,
+            offers: compiled.offers,
+            sources: compiled.sources,
+            proxies: compiled.proxies,
+            max_body_bytes: config.max_body_bytes,
             rules: config.postback.clone(),
             clicks_topic: config.topics.clicks.name.clone(),
             postbacks_topic: config.topics.postbacks.name.clone(),
@@ -79,7 +83,6 @@ impl Ingest {
         admin.health.set_ready(true);
         Ok(Ingest {
             app,
-            max_body_bytes: config.max_body_bytes,
             produce_timeout,
             listener: ops::bind(config.listen).await?,
             admin,
@@ -103,8 +106,8 @@ impl Ingest {
         tracing::info!(%addr, admin = %self.admin_addr()?, "ingest listening");
         let health = self.admin.health.clone();
         let admin = self.admin.spawn(shutdown.clone());
-        let public = api::router(self.app.clone(), self.max_body_bytes)
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let public =
+            api::router(self.app.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(self.listener, public)
             .with_graceful_shutdown({
                 let health = health.clone();

@@ -40,11 +40,16 @@ pub fn parse_json_object(body: &[u8]) -> Result<Pairs, ApiError> {
             format!("body is not valid JSON: {e}"),
         )
     })?;
+    flatten_json_object(value)
+}
+
+/// The pairs of one flat JSON object.
+pub fn flatten_json_object(value: serde_json::Value) -> Result<Pairs, ApiError> {
     let serde_json::Value::Object(map) = value else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
-            "body must be a JSON object",
+            "each record must be a JSON object",
         ));
     };
     let mut pairs = Vec::new();

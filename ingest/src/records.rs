@@ -43,6 +43,46 @@ pub fn build_click(
         )
         .field("offer_id")
     })?;
+    let click = click_record(pairs, offer_id, click_id, meta, now_ms)?;
+    let location = template.render(|m| click_macro(&click, m), Encoding::UrlComponent);
+    Ok((click, location))
+}
+
+/// A click whose ID the operator minted (`POST /v1/clicks`). Optional fields `ip`,
+/// `user_agent`, `referrer` describe the visitor; `ts_ms` is when the click happened
+/// (default: now; at most 5 minutes in the future).
+pub fn build_operator_click(mut pairs: Pairs, now_ms: i64) -> Result<Click, ApiError> {
+    let click_id = valid_click_id(take_non_empty(&mut pairs, "click_id"))?;
+    let offer_id = take_non_empty(&mut pairs, "offer_id").ok_or(ApiError::missing("offer_id"))?;
+    let meta = RequestMeta {
+        ip: take_non_empty(&mut pairs, "ip"),
+        user_agent: take_non_empty(&mut pairs, "user_agent"),
+        referrer: take_non_empty(&mut pairs, "referrer"),
+    };
+    let ts = match take_non_empty(&mut pairs, "ts_ms") {
+        None => now_ms,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(ts) if ts > 0 && ts <= now_ms + 300_000 => ts,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_value",
+                    "ts_ms must be milliseconds since the Unix epoch, not in the future",
+                )
+                .field("ts_ms"))
+            }
+        },
+    };
+    click_record(pairs, offer_id, click_id, meta, ts)
+}
+
+fn click_record(
+    mut pairs: Pairs,
+    offer_id: String,
+    click_id: String,
+    meta: RequestMeta,
+    ts_ms: i64,
+) -> Result<Click, ApiError> {
     let aff_id = take_non_empty(&mut pairs, "aff_id").ok_or(ApiError::missing("aff_id"))?;
     if aff_id.len() > 64
         || !aff_id
@@ -62,21 +102,36 @@ pub fn build_click(
             subs.insert(key.to_string(), v);
         }
     }
-    let params: Params = pairs.into_iter().collect();
-    let click = Click {
+    Ok(Click {
         schema_version: SCHEMA_VERSION,
         click_id,
         offer_id,
         aff_id,
         subs,
-        params,
+        params: pairs.into_iter().collect(),
         ip: meta.ip,
         user_agent: meta.user_agent,
         referrer: meta.referrer,
-        ts_ms: now_ms,
-    };
-    let location = template.render(|m| click_macro(&click, m), Encoding::UrlComponent);
-    Ok((click, location))
+        ts_ms,
+    })
+}
+
+/// A click ID: 1 to [`MAX_CLICK_ID_LEN`] characters, no spaces or control characters.
+fn valid_click_id(raw: Option<String>) -> Result<String, ApiError> {
+    let click_id = raw.ok_or(ApiError::missing("click_id"))?;
+    if click_id.len() > MAX_CLICK_ID_LEN
+        || click_id
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            format!("click_id must be 1 to {MAX_CLICK_ID_LEN} characters without spaces"),
+        )
+        .field("click_id"));
+    }
+    Ok(click_id)
 }
 
 fn click_macro<'a>(click: &'a Click, name: &str) -> Option<Cow<'a, str>> {
@@ -93,23 +148,12 @@ fn click_macro<'a>(click: &'a Click, name: &str) -> Option<Cow<'a, str>> {
 pub fn build_postback(
     mut pairs: Pairs,
     rules: &PostbackRules,
+    source: Option<&str>,
     meta: RequestMeta,
     postback_id: String,
     now_ms: i64,
 ) -> Result<Postback, ApiError> {
-    let click_id = take_non_empty(&mut pairs, "click_id").ok_or(ApiError::missing("click_id"))?;
-    if click_id.len() > MAX_CLICK_ID_LEN
-        || click_id
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_value",
-            format!("click_id must be 1 to {MAX_CLICK_ID_LEN} characters without spaces"),
-        )
-        .field("click_id"));
-    }
+    let click_id = valid_click_id(take_non_empty(&mut pairs, "click_id"))?;
     let event = take_non_empty(&mut pairs, "event").ok_or(ApiError::missing("event"))?;
     let event = one_of("event", event, &rules.events)?;
     let status = match take_non_empty(&mut pairs, "status") {
@@ -132,7 +176,7 @@ pub fn build_postback(
         amount,
         currency,
         status,
-        source: None,
+        source: source.map(str::to_string),
         params: pairs.into_iter().collect(),
         ip: meta.ip,
         ts_ms: now_ms,
@@ -254,6 +298,7 @@ mod tests {
         let pb = build_postback(
             q("click_id=c1&event=FTD&amount=12.50&currency=eur&txn_id=t1&foo=bar"),
             &rules(),
+            Some("acme"),
             RequestMeta::default(),
             "p1".into(),
             9,
@@ -264,12 +309,42 @@ mod tests {
         assert_eq!(pb.amount, Some(Decimal::new(125, 1)));
         assert_eq!(pb.currency.as_deref(), Some("EUR"));
         assert_eq!(pb.params.get("foo").map(String::as_str), Some("bar"));
+        assert_eq!(pb.source.as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn operator_clicks_need_their_id_and_a_sane_time() {
+        let c = build_operator_click(
+            q("click_id=op-1&offer_id=9&aff_id=3&ts_ms=1000&ip=192.0.2.1&x=y"),
+            5_000,
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.click_id.as_str(), c.ts_ms, c.ip.as_deref()),
+            ("op-1", 1000, Some("192.0.2.1"))
+        );
+        assert_eq!(c.params.get("x").map(String::as_str), Some("y"));
+        let e = |s: &str| build_operator_click(q(s), 5_000).expect_err("error");
+        assert_eq!(e("offer_id=9&aff_id=3").field.as_deref(), Some("click_id"));
+        assert_eq!(e("click_id=a&aff_id=3").field.as_deref(), Some("offer_id"));
+        assert_eq!(
+            e("click_id=a&offer_id=9&aff_id=3&ts_ms=999999999")
+                .field
+                .as_deref(),
+            Some("ts_ms")
+        );
+        assert_eq!(
+            e("click_id=a&offer_id=9&aff_id=3&ts_ms=-1")
+                .field
+                .as_deref(),
+            Some("ts_ms")
+        );
     }
 
     #[test]
     fn postback_errors_name_field_and_allowed_values() {
         let e = |s: &str| {
-            build_postback(q(s), &rules(), RequestMeta::default(), "p".into(), 0)
+            build_postback(q(s), &rules(), None, RequestMeta::default(), "p".into(), 0)
                 .expect_err("error")
         };
         let unknown = e("click_id=c&event=sale");

@@ -319,6 +319,79 @@ impl Default for PipelineOptions {
     }
 }
 
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+/// Ingest's defaults pointed at the test broker and `topics`, on port 0, with offer 1
+/// redirecting to `https://offer.example/land?cid={click_id}&aff={aff_id}`.
+pub fn ingest_config(topics: &TopicsConfig) -> s2s_ingest::IngestConfig {
+    let mut c: s2s_ingest::IngestConfig =
+        s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
+            .expect("ingest defaults");
+    c.listen = any_port();
+    c.admin_listen = any_port();
+    c.kafka = kafka();
+    c.topics = topics.clone();
+    c.offers.insert(
+        "1".into(),
+        s2s_ingest::config::OfferConfig {
+            url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
+        },
+    );
+    c
+}
+
+/// Ingest running in this process until dropped or stopped.
+#[derive(Debug)]
+pub struct IngestHandle {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl IngestHandle {
+    pub async fn start(config: s2s_ingest::IngestConfig) -> Self {
+        let ingest = s2s_ingest::Ingest::bind(config)
+            .await
+            .expect("ingest starts");
+        let shutdown = CancellationToken::new();
+        IngestHandle {
+            addr: ingest.local_addr().expect("addr"),
+            admin: ingest.admin_addr().expect("addr"),
+            task: Some(tokio::spawn(map_err(ingest.run(shutdown.clone())))),
+            shutdown,
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// Stops ingest and checks it stopped cleanly.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            stopped_cleanly(t).await;
+        }
+    }
+}
+
+impl Drop for IngestHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn stopped_cleanly(t: JoinHandle<Result<(), String>>) {
+    let r = tokio::time::timeout(Duration::from_secs(30), t)
+        .await
+        .expect("service stops within 30 s")
+        .expect("service task");
+    assert_eq!(r, Ok(()), "service stopped with an error");
+}
+
 /// Ingest, attributor and delivery running in this process against the test broker,
 /// each on its own port 0 listeners, with their own topics and groups.
 #[derive(Debug)]
@@ -333,28 +406,10 @@ pub struct Pipeline {
     _state: tempfile::TempDir,
 }
 
-fn any_port() -> SocketAddr {
-    "127.0.0.1:0".parse().expect("addr")
-}
-
 impl Pipeline {
     pub async fn start(opts: PipelineOptions) -> Self {
         let topics = topics(opts.partitions);
         let state = tempfile::tempdir().expect("state dir");
-
-        let mut ic: s2s_ingest::IngestConfig =
-            s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
-                .expect("ingest defaults");
-        ic.listen = any_port();
-        ic.admin_listen = any_port();
-        ic.kafka = kafka();
-        ic.topics = topics.clone();
-        ic.offers.insert(
-            "1".into(),
-            s2s_ingest::config::OfferConfig {
-                url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
-            },
-        );
 
         let mut ac: s2s_attributor::AttributorConfig = s2s_common::config::load(
             s2s_attributor::config::DEFAULT_TOML,
@@ -393,7 +448,9 @@ impl Pipeline {
             })
             .collect();
 
-        let ingest = s2s_ingest::Ingest::bind(ic).await.expect("ingest starts");
+        let ingest = s2s_ingest::Ingest::bind(ingest_config(&topics))
+            .await
+            .expect("ingest starts");
         let attributor = s2s_attributor::Attributor::bind(ac)
             .await
             .expect("attributor starts");
@@ -425,11 +482,7 @@ impl Pipeline {
     pub async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks {
-            let r = tokio::time::timeout(Duration::from_secs(30), t)
-                .await
-                .expect("service stops within 30 s")
-                .expect("service task");
-            assert_eq!(r, Ok(()), "service stopped with an error");
+            stopped_cleanly(t).await;
         }
     }
 }

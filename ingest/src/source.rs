@@ -1,0 +1,336 @@
+//! Operator integrations ("sources"): who may send postbacks, how they prove it, and how
+//! their parameter names map to ours.
+//!
+//! A request to `/postback/<source>` (or `/v1/postbacks/<source>`) is checked against
+//! `[sources.<source>]`; plain `/postback` uses `[sources.default]` when configured.
+//! Checks, in order: client IP against the allow-list (403), then authentication (401):
+//! - `token`: the shared token in `Authorization: Bearer …`, `X-Postback-Token`, or the
+//!   `token` query parameter (for operators that can only configure a URL; the parameter
+//!   is removed before anything is stored);
+//! - `hmac`: `X-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<payload>")>`
+//!   with `X-Timestamp: <unix seconds>`, where payload is the body (POST) or the raw query
+//!   string without `token` (GET); a timestamp further than `max_skew_seconds` from now is
+//!   rejected, so a captured request cannot be replayed later.
+//!
+//! Secrets never appear in logs or `Debug` output, and are compared in constant time.
+//! The client IP is the TCP peer, unless the peer is a configured trusted proxy: then it is
+//! the right-most address in the client-IP header that is not itself a trusted proxy.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{Hmac, Mac};
+use ipnet::IpNet;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::params::Pairs;
+
+/// A secret: `Debug` shows only that it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(s: &str) -> Self {
+        Secret(s.as_bytes().to_vec())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    Token(Secret),
+    Hmac {
+        secret: Secret,
+        max_skew_seconds: i64,
+    },
+}
+
+/// One operator integration, validated.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub auth: Auth,
+    /// Their parameter name → ours (`clickid` → `click_id`).
+    pub aliases: BTreeMap<String, String>,
+    /// Empty: any address.
+    pub allow: Vec<IpNet>,
+}
+
+/// Which peers are proxies whose client-IP header is believed.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyTrust {
+    pub header: Option<axum::http::HeaderName>,
+    pub proxies: Vec<IpNet>,
+}
+
+impl ProxyTrust {
+    /// The client's address: the peer, or what trusted proxies say it is.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.proxies.iter().any(|n| n.contains(ip));
+        let Some(header) = &self.header else {
+            return peer;
+        };
+        if !trusted(&peer) {
+            return peer;
+        }
+        let mut client = peer;
+        // Right to left: each hop appended the address it saw.
+        for value in headers.get_all(header).iter().rev() {
+            let Ok(s) = value.to_str() else { return client };
+            for part in s.rsplit(',') {
+                match part.trim().parse::<IpAddr>() {
+                    Ok(ip) if trusted(&ip) => client = ip,
+                    Ok(ip) => return ip,
+                    Err(_) => return client,
+                }
+            }
+        }
+        client
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+impl Source {
+    /// 403 unless `ip` is allowed.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), ApiError> {
+        if self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("address {ip} is not allowed for source '{}'", self.name),
+            ))
+        }
+    }
+
+    /// 401 unless the request proves it comes from this source. `query_token` is the
+    /// `token` query parameter (already removed from the parameters); `payload` is what an
+    /// HMAC signature covers.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+        payload: &[u8],
+        now_s: i64,
+    ) -> Result<(), ApiError> {
+        match &self.auth {
+            Auth::None => Ok(()),
+            Auth::Token(secret) => {
+                let given = header(headers, "authorization")
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .or_else(|| header(headers, "x-postback-token"))
+                    .or(query_token)
+                    .ok_or_else(|| unauthorized("a token is required for this source"))?;
+                if bool::from(given.as_bytes().ct_eq(&secret.0)) {
+                    Ok(())
+                } else {
+                    Err(unauthorized("invalid token"))
+                }
+            }
+            Auth::Hmac {
+                secret,
+                max_skew_seconds,
+            } => {
+                let ts_raw = header(headers, "x-timestamp")
+                    .ok_or_else(|| unauthorized("X-Timestamp header is required"))?;
+                let ts: i64 = ts_raw
+                    .parse()
+                    .map_err(|_| unauthorized("X-Timestamp must be Unix seconds"))?;
+                if (now_s - ts).abs() > *max_skew_seconds {
+                    return Err(unauthorized(
+                        "X-Timestamp is too far from the current time (replay or clock skew)",
+                    ));
+                }
+                let sig = header(headers, "x-signature")
+                    .and_then(|v| v.strip_prefix("sha256="))
+                    .and_then(|h| hex::decode(h).ok())
+                    .ok_or_else(|| unauthorized("X-Signature: sha256=<hex> is required"))?;
+                let mut mac = HmacSha256::new_from_slice(&secret.0)
+                    .map_err(|_| unauthorized("source secret unusable"))?;
+                mac.update(ts_raw.as_bytes());
+                mac.update(b".");
+                mac.update(payload);
+                mac.verify_slice(&sig)
+                    .map_err(|_| unauthorized("signature does not match"))
+            }
+        }
+    }
+
+    /// Renames aliased parameters to their canonical names. When both an alias and the
+    /// canonical name are present, the canonical one wins.
+    pub fn apply_aliases(&self, pairs: &mut Pairs) {
+        let mut tagged: Vec<(bool, (String, String))> = pairs
+            .drain(..)
+            .map(|(name, value)| match self.aliases.get(&name) {
+                Some(canonical) => (true, (canonical.clone(), value)),
+                None => (false, (name, value)),
+            })
+            .collect();
+        // Stable: originals before renamed ones, so `take` finds the canonical first.
+        tagged.sort_by_key(|(renamed, _)| *renamed);
+        pairs.extend(tagged.into_iter().map(|(_, pair)| pair));
+    }
+}
+
+/// Signs like an operator would: `sha256=<hex>` over `"<timestamp>.<payload>"`.
+pub fn sign(secret: &str, timestamp: i64, payload: &[u8]) -> String {
+    let mut mac = match HmacSha256::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(payload);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn source(auth: Auth) -> Source {
+        Source {
+            name: "acme".into(),
+            auth,
+            aliases: [("clickid", "click_id"), ("payout", "amount")]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            allow: vec!["203.0.113.0/24".parse().expect("cidr")],
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn allow_list() {
+        let s = source(Auth::None);
+        assert!(s.check_ip("203.0.113.7".parse().expect("ip")).is_ok());
+        let e = s
+            .check_ip("198.51.100.1".parse().expect("ip"))
+            .expect_err("denied");
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn token_from_header_or_query_compared_exactly() {
+        let s = source(Auth::Token(Secret::new("s3cret")));
+        let h = HeaderMap::new();
+        assert!(s
+            .authenticate(
+                &headers(&[("authorization", "Bearer s3cret")]),
+                None,
+                b"",
+                0
+            )
+            .is_ok());
+        assert!(s
+            .authenticate(&headers(&[("x-postback-token", "s3cret")]), None, b"", 0)
+            .is_ok());
+        assert!(s.authenticate(&h, Some("s3cret"), b"", 0).is_ok());
+        for wrong in ["s3cre", "s3cret!", ""] {
+            let e = s
+                .authenticate(&h, Some(wrong), b"", 0)
+                .expect_err("wrong token");
+            assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(
+            s.authenticate(&h, None, b"", 0)
+                .expect_err("missing")
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(
+            !format!("{s:?}").contains("s3cret"),
+            "secrets stay out of Debug"
+        );
+    }
+
+    #[test]
+    fn hmac_signature_and_skew() {
+        let s = source(Auth::Hmac {
+            secret: Secret::new("k"),
+            max_skew_seconds: 300,
+        });
+        let body = br#"{"click_id":"c"}"#;
+        let sig = sign("k", 1_000, body);
+        let ok = headers(&[("x-timestamp", "1000"), ("x-signature", &sig)]);
+        assert!(s.authenticate(&ok, None, body, 1_200).is_ok());
+        assert!(
+            s.authenticate(&ok, None, body, 1_301).is_err(),
+            "replay outside the skew"
+        );
+        assert!(s.authenticate(&ok, None, b"tampered", 1_000).is_err());
+        let bad_ts = headers(&[("x-timestamp", "1001"), ("x-signature", &sig)]);
+        assert!(
+            s.authenticate(&bad_ts, None, body, 1_000).is_err(),
+            "timestamp is signed"
+        );
+        assert!(s
+            .authenticate(&headers(&[("x-timestamp", "1000")]), None, body, 1_000)
+            .is_err());
+    }
+
+    #[test]
+    fn aliases_rename_and_canonical_wins() {
+        let s = source(Auth::None);
+        let mut p: Pairs = vec![
+            ("clickid".into(), "from-alias".into()),
+            ("payout".into(), "5".into()),
+            ("click_id".into(), "canonical".into()),
+        ];
+        s.apply_aliases(&mut p);
+        assert_eq!(
+            crate::params::take(&mut p, "click_id").as_deref(),
+            Some("canonical")
+        );
+        assert_eq!(crate::params::take(&mut p, "amount").as_deref(), Some("5"));
+    }
+
+    #[test]
+    fn client_ip_trusts_only_configured_proxies() {
+        let trust = ProxyTrust {
+            header: Some(axum::http::HeaderName::from_static("x-forwarded-for")),
+            proxies: vec!["10.0.0.0/8".parse().expect("cidr")],
+        };
+        let h = headers(&[("x-forwarded-for", "198.51.100.9, 203.0.113.5, 10.1.1.1")]);
+        let proxy: IpAddr = "10.0.0.2".parse().expect("ip");
+        let stranger: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert_eq!(
+            trust.client_ip(proxy, &h),
+            "203.0.113.5".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            trust.client_ip(stranger, &h),
+            stranger,
+            "spoofed header ignored"
+        );
+        assert_eq!(ProxyTrust::default().client_ip(proxy, &h), proxy);
+    }
+}

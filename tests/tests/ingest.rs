@@ -1,0 +1,355 @@
+//! Ingest over real HTTP on the real broker: every route, every error class, sources
+//! (aliases, token, HMAC, allow-list) and batches. Topics have one partition here, so a
+//! marker record sent last proves that nothing else was published before it.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use s2s_common::contract::{Click, Postback};
+use s2s_ingest::config::{AuthKind, SourceConfig};
+use s2s_ingest::source::sign;
+use s2s_tests::{http, ingest_config, topics, IngestHandle, TopicReader};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "tok-0123456789abcdef";
+const HMAC_KEY: &str = "hmac-0123456789abcdef";
+
+fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
+    SourceConfig {
+        auth,
+        token: Some(TOKEN.into()),
+        hmac_secret: Some(HMAC_KEY.into()),
+        max_skew_seconds: 300,
+        aliases: [
+            ("clickid", "click_id"),
+            ("goal", "event"),
+            ("payout", "amount"),
+            ("txid", "txn_id"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect(),
+        allow_ips: allow.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+async fn start() -> (IngestHandle, s2s_common::topics::TopicsConfig) {
+    let topics = topics(1);
+    let mut c = ingest_config(&topics);
+    c.max_body_bytes = 4096;
+    c.sources
+        .insert("acme".into(), source(AuthKind::Token, &[]));
+    c.sources
+        .insert("signed".into(), source(AuthKind::Hmac, &[]));
+    c.sources
+        .insert("walled".into(), source(AuthKind::None, &["192.0.2.0/24"]));
+    (IngestHandle::start(c).await, topics)
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("a JSON error body");
+    (status, body["error"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_class_is_json_and_publishes_nothing() {
+    let (ingest, topics) = start().await;
+    let c = http();
+    let get = |p: &str| c.get(ingest.url(p)).send();
+    let cases: Vec<(reqwest::Response, u16, &str)> = vec![
+        (get("/nope").await.expect("req"), 404, "not_found"),
+        (
+            c.delete(ingest.url("/postback")).send().await.expect("req"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            get("/click?offer_id=1").await.expect("req"),
+            400,
+            "missing_field",
+        ),
+        (
+            get("/click?offer_id=2&aff_id=1").await.expect("req"),
+            404,
+            "unknown_offer",
+        ),
+        (
+            get("/postback?click_id=c&event=ftd&amount=1e999")
+                .await
+                .expect("req"),
+            400,
+            "invalid_amount",
+        ),
+        (
+            get("/postback?click_id=c&event=ftd&currency=EURO")
+                .await
+                .expect("req"),
+            400,
+            "invalid_currency",
+        ),
+        (
+            get("/postback?click_id=c&event=refund").await.expect("req"),
+            422,
+            "unknown_value",
+        ),
+        (
+            get("/postback/ghost?click_id=c&event=ftd")
+                .await
+                .expect("req"),
+            404,
+            "unknown_source",
+        ),
+        (
+            get("/postback/acme?clickid=c&goal=ftd").await.expect("req"),
+            401,
+            "unauthorized",
+        ),
+        (
+            get("/postback/acme?clickid=c&goal=ftd&token=wrong-token-xxxxxxx")
+                .await
+                .expect("req"),
+            401,
+            "unauthorized",
+        ),
+        (
+            get("/postback/walled?click_id=c&event=ftd")
+                .await
+                .expect("req"),
+            403,
+            "forbidden",
+        ),
+        (
+            c.post(ingest.url("/postback"))
+                .header("content-type", "text/csv")
+                .body("a,b")
+                .send()
+                .await
+                .expect("req"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            c.post(ingest.url("/postback"))
+                .header("content-type", "application/json")
+                .body(vec![b' '; 5000])
+                .send()
+                .await
+                .expect("req"),
+            413,
+            "body_too_large",
+        ),
+        (
+            c.get(ingest.url("/postback?click_id=c&event=ftd"))
+                .header("x-big", "x".repeat(17 * 1024))
+                .send()
+                .await
+                .expect("req"),
+            431,
+            "headers_too_large",
+        ),
+        (
+            c.post(ingest.url("/v1/postbacks"))
+                .header("content-type", "application/json")
+                .body("[]")
+                .send()
+                .await
+                .expect("req"),
+            400,
+            "empty_batch",
+        ),
+    ];
+    for (resp, status, code) in cases {
+        let (got_status, err) = error_of(resp).await;
+        assert_eq!(
+            (got_status, err["code"].as_str()),
+            (status, Some(code)),
+            "{err}"
+        );
+        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // The marker goes last; with one partition, anything a rejected request had published
+    // would come before it.
+    let marker = c
+        .get(ingest.url("/postback?click_id=marker&event=ftd"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(marker.status(), StatusCode::OK);
+    let seen = TopicReader::new(&topics.postbacks)
+        .read_until::<Postback>("the marker", WAIT, |p| {
+            p.iter().any(|p| p.click_id == "marker")
+        })
+        .await;
+    assert_eq!(
+        seen.len(),
+        1,
+        "rejected requests published nothing: {seen:?}"
+    );
+    let clicks = TopicReader::new(&topics.clicks);
+    let ok = c
+        .get(ingest.url("/click?offer_id=1&aff_id=m"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(ok.status(), StatusCode::FOUND);
+    assert_eq!(
+        clicks
+            .read_until::<Click>("the marker click", WAIT, |c| !c.is_empty())
+            .await
+            .len(),
+        1
+    );
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_map_aliases_and_authenticate() {
+    let (ingest, topics) = start().await;
+    let c = http();
+    // Token in the query: aliases applied, the token is not stored.
+    let r = c
+        .get(ingest.url(&format!(
+            "/postback/acme?clickid=C1&goal=ftd&payout=25.5&txid=T9&token={TOKEN}&extra=x"
+        )))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
+    // Token in a header.
+    let r = c
+        .get(ingest.url("/postback/acme?clickid=C2&goal=registration"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
+    // HMAC over the body, and a replay from an hour ago.
+    let body = r#"{"clickid":"C3","goal":"deposit","amount":"10"}"#;
+    let now = s2s_common::now_ms() / 1000;
+    for (ts, expect) in [
+        (now, StatusCode::OK),
+        (now - 3600, StatusCode::UNAUTHORIZED),
+    ] {
+        let r = c
+            .post(ingest.url("/postback/signed"))
+            .header("content-type", "application/json")
+            .header("x-timestamp", ts.to_string())
+            .header("x-signature", sign(HMAC_KEY, ts, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(r.status(), expect);
+    }
+    // A forged signature.
+    let r = c
+        .post(ingest.url("/postback/signed"))
+        .header("content-type", "application/json")
+        .header("x-timestamp", now.to_string())
+        .header(
+            "x-signature",
+            sign("another-key-0123456", now, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let seen = TopicReader::new(&topics.postbacks)
+        .read_until::<Postback>("three postbacks", WAIT, |p| p.len() >= 3)
+        .await;
+    let by = |id: &str| {
+        seen.iter()
+            .find(|p| p.click_id == id)
+            .unwrap_or_else(|| panic!("{id}"))
+    };
+    let c1 = by("C1");
+    assert_eq!(
+        (c1.event.as_str(), c1.txn_id.as_deref()),
+        ("ftd", Some("T9"))
+    );
+    assert_eq!(c1.amount.map(|a| a.to_string()).as_deref(), Some("25.5"));
+    assert_eq!(c1.source.as_deref(), Some("acme"));
+    assert_eq!(c1.params.get("extra").map(String::as_str), Some("x"));
+    assert!(
+        !c1.params.contains_key("token"),
+        "the token is never stored"
+    );
+    assert_eq!(by("C2").event, "registration");
+    assert_eq!(
+        (by("C3").event.as_str(), by("C3").source.as_deref()),
+        ("deposit", Some("signed"))
+    );
+    assert_eq!(
+        seen.len(),
+        3,
+        "the replayed and forged requests published nothing"
+    );
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_report_each_record() {
+    let (ingest, topics) = start().await;
+    let c = http();
+    let body = r#"[{"click_id":"B1","event":"ftd","amount":5},
+                   {"click_id":"B2","event":"nope"},
+                   {"click_id":"B3","event":"deposit","currency":"usd"}]"#;
+    let r = c
+        .post(ingest.url("/v1/postbacks"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status().as_u16(), 207, "some records were rejected");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        (v["accepted"].as_u64(), v["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(v["results"][1]["status"], "rejected");
+    assert_eq!(v["results"][1]["error"]["field"], "event");
+    let ids: Vec<String> = [0, 2]
+        .iter()
+        .map(|i| {
+            v["results"][*i]["id"]
+                .as_str()
+                .expect("accepted id")
+                .to_string()
+        })
+        .collect();
+
+    let ndjson = "{\"click_id\":\"OP-1\",\"offer_id\":\"9\",\"aff_id\":\"a1\",\"sub1\":\"s\"}\n\
+                  {\"click_id\":\"OP-2\",\"offer_id\":\"9\",\"aff_id\":\"a2\",\"ts_ms\":1700000000000}\n";
+    let r = c
+        .post(ingest.url("/v1/clicks"))
+        .header("content-type", "application/x-ndjson")
+        .body(ndjson)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["results"][0]["id"], "OP-1");
+
+    let pbs = TopicReader::new(&topics.postbacks)
+        .read_until::<Postback>("two postbacks", WAIT, |p| p.len() >= 2)
+        .await;
+    let got: Vec<&str> = pbs.iter().map(|p| p.postback_id.as_str()).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(pbs[1].currency.as_deref(), Some("USD"));
+    let clicks = TopicReader::new(&topics.clicks)
+        .read_until::<Click>("two clicks", WAIT, |c| c.len() >= 2)
+        .await;
+    assert_eq!(clicks[0].subs.get("sub1").map(String::as_str), Some("s"));
+    assert_eq!(
+        (clicks[1].click_id.as_str(), clicks[1].ts_ms),
+        ("OP-2", 1_700_000_000_000)
+    );
+    ingest.stop().await;
+}
