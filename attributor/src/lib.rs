@@ -34,6 +34,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use s2s_common::contract::{self, Click, Postback};
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
+use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{Admin, BindError};
 use s2s_common::topics::partition_key;
 use tokio_util::sync::CancellationToken;
@@ -69,7 +70,7 @@ pub struct Attributor {
     joiner: Joiner,
     store: Store,
     consumer: StreamConsumer,
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaStats>,
     admin: Admin,
     metrics: metrics::Metrics,
 }
@@ -98,9 +99,11 @@ impl Attributor {
         )?;
         let consumer: StreamConsumer = config.kafka.consumer_config(&config.group_id).create()?;
         consumer.subscribe(&[&config.topics.clicks.name, &config.topics.postbacks.name])?;
-        let producer: FutureProducer = config.kafka.producer_config().create()?;
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
+        let stats = KafkaStats::new(&admin.registry, "attributor", admin.health.clone())?;
+        let producer: FutureProducer<KafkaStats> =
+            config.kafka.producer_config().create_with_context(stats)?;
         Ok(Attributor {
             joiner: Joiner {
                 rules,
@@ -133,9 +136,8 @@ impl Attributor {
             producer: &self.producer,
             metrics: &self.metrics,
         };
-        health.set_ready(true);
         let result = worker.run(&shutdown).await;
-        health.set_ready(false);
+        health.drain();
         if let Err(e) = &result {
             tracing::error!(error = %e, "attributor stopped on error");
         }
@@ -151,7 +153,7 @@ struct Worker<'a> {
     joiner: &'a Joiner,
     store: &'a Store,
     consumer: &'a StreamConsumer,
-    producer: &'a FutureProducer,
+    producer: &'a FutureProducer<KafkaStats>,
     metrics: &'a metrics::Metrics,
 }
 

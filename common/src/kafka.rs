@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -76,6 +76,11 @@ pub enum KafkaSetupError {
         owned: &'static str,
         why: &'static str,
     },
+    #[error(
+        "kafka.properties.\"statistics.interval.ms\" = \"0\" turns off the statistics that \
+         drive /readyz and the kafka metrics; use a positive interval (default 1000)"
+    )]
+    StatsOff,
     #[error("kafka client: {0}")]
     Client(#[from] KafkaError),
     #[error("metadata task failed: {0}")]
@@ -109,6 +114,14 @@ impl KafkaConfig {
         if self.bootstrap_servers.trim().is_empty() {
             return Err(KafkaSetupError::NoBootstrap);
         }
+        if self
+            .properties
+            .get("statistics.interval.ms")
+            .map(String::as_str)
+            == Some("0")
+        {
+            return Err(KafkaSetupError::StatsOff);
+        }
         for (key, value) in &self.properties {
             if let Some((_, owned, why)) = OWNED.iter().find(|(k, _, _)| *k == key.as_str()) {
                 if value != owned {
@@ -139,6 +152,8 @@ impl KafkaConfig {
     fn base(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers);
+        // Feeds crate::kafka_stats (metrics, readiness); a property may override it.
+        c.set("statistics.interval.ms", "1000");
         for (k, v) in &self.properties {
             c.set(k, v);
         }
@@ -178,8 +193,8 @@ impl KafkaConfig {
 
 /// Publishes one record and waits for its acknowledgement. When the producer queue is
 /// full it waits for room (backpressure) rather than failing.
-pub async fn send_and_wait(
-    producer: &FutureProducer,
+pub async fn send_and_wait<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
     topic: &str,
     key: &[u8],
     payload: &[u8],
@@ -192,8 +207,8 @@ pub async fn send_and_wait(
         .map_err(|(e, _)| e)
 }
 
-/// Creates the pipeline's topics if missing (an existing topic is left as it is), waits
-/// until the broker reports them, and checks that clicks and postbacks are co-partitioned.
+/// Creates the pipeline's topics if missing and `topics.create` is on (an existing topic
+/// is left as it is), waits until the broker reports them, and checks that clicks and postbacks are co-partitioned.
 /// Returns the partition count of each topic, by name.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
@@ -215,12 +230,14 @@ pub async fn ensure_topics(
             )
         })
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(timeout));
-    for result in admin.create_topics(new.iter(), &opts).await? {
-        match result {
-            Ok(name) => tracing::info!(topic = %name, "created topic"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(KafkaSetupError::CreateTopic { topic, code }),
+    if topics.create {
+        let opts = AdminOptions::new().operation_timeout(Some(timeout));
+        for result in admin.create_topics(new.iter(), &opts).await? {
+            match result {
+                Ok(name) => tracing::info!(topic = %name, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(KafkaSetupError::CreateTopic { topic, code }),
+            }
         }
     }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod contract;
 pub mod ids;
 pub mod kafka;
+pub mod kafka_stats;
 pub mod ops;
 pub mod shutdown;
 pub mod telemetry;

@@ -18,10 +18,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Readiness flag, set by the service (for example once its Kafka clients are connected).
+/// Readiness: set by the service (for example while a broker connection is up), and
+/// switched off for good by [`Health::drain`] when shutdown begins, so that load balancers
+/// stop sending traffic while requests in flight finish.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Health {
@@ -29,8 +32,13 @@ impl Health {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Not ready from now on, whatever `set_ready` says later.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
     }
 }
 

@@ -28,6 +28,11 @@ pub struct TopicConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicsConfig {
+    /// Create missing topics at start-up. Set to false where topics are managed elsewhere
+    /// (and the service lacks the CreateTopics permission): the services then only check
+    /// that the topics exist and that clicks and postbacks are co-partitioned.
+    #[serde(default = "yes")]
+    pub create: bool,
     pub clicks: TopicConfig,
     pub postbacks: TopicConfig,
     pub conversions: TopicConfig,
@@ -77,6 +82,10 @@ impl TopicsConfig {
         }
         Ok(())
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The Kafka message key of every record about a click.

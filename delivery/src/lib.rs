@@ -28,6 +28,7 @@ use s2s_common::contract::{
     self, AttemptOutcome, Conversion, DeadLetter, DeliveryAttempt, SCHEMA_VERSION,
 };
 use s2s_common::kafka::{ensure_topics, send_and_wait, KafkaSetupError};
+use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{Admin, BindError};
 use s2s_common::topics::partition_key;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +62,7 @@ pub struct Delivery {
     config: DeliveryConfig,
     endpoints: Vec<Endpoint>,
     consumer: StreamConsumer,
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaStats>,
     client: reqwest::Client,
     admin: Admin,
     metrics: metrics::Metrics,
@@ -81,7 +82,6 @@ impl Delivery {
         ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
         let consumer: StreamConsumer = config.kafka.consumer_config(&config.group_id).create()?;
         consumer.subscribe(&[&config.topics.conversions.name])?;
-        let producer: FutureProducer = config.kafka.producer_config().create()?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.request_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
@@ -89,6 +89,9 @@ impl Delivery {
             .build()?;
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
+        let stats = KafkaStats::new(&admin.registry, "delivery", admin.health.clone())?;
+        let producer: FutureProducer<KafkaStats> =
+            config.kafka.producer_config().create_with_context(stats)?;
         Ok(Delivery {
             config,
             endpoints,
@@ -118,7 +121,6 @@ impl Delivery {
             metrics: &self.metrics,
             shutdown: &shutdown,
         };
-        health.set_ready(true);
         let result = loop {
             let msg = tokio::select! {
                 biased;
@@ -148,7 +150,7 @@ impl Delivery {
                 tracing::warn!(error = %e, "offset commit failed; the conversion may be delivered again");
             }
         };
-        health.set_ready(false);
+        health.drain();
         shutdown.cancel();
         let _ = admin_task.await;
         tracing::info!("delivery stopped");
@@ -159,7 +161,7 @@ impl Delivery {
 struct Worker<'a> {
     config: &'a DeliveryConfig,
     endpoints: &'a [Endpoint],
-    producer: &'a FutureProducer,
+    producer: &'a FutureProducer<KafkaStats>,
     client: &'a reqwest::Client,
     metrics: &'a metrics::Metrics,
     shutdown: &'a CancellationToken,

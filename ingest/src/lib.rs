@@ -3,7 +3,8 @@
 //! It gives each click a unique ID and redirects to the offer, accepts operators'
 //! postbacks, and publishes both to Kafka keyed by click ID. A request gets its 2xx (or
 //! 302) only after the broker acknowledged the record; a broker that is down or a full
-//! producer queue gets a 503 with `Retry-After`, never a silent drop.
+//! producer queue gets a 503 with `Retry-After`, never a silent drop. `/readyz` is ready
+//! only while the producer has a broker connection (see `s2s_common::kafka_stats`).
 
 pub mod api;
 pub mod batch;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
+use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{self, Admin};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -60,15 +62,15 @@ impl Ingest {
         let produce_timeout = Duration::from_millis(config.produce_timeout_ms);
         ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
 
-        let producer: FutureProducer = config
+        let admin = Admin::bind(config.admin_listen).await?;
+        let metrics = metrics::Metrics::new(&admin.registry)?;
+        let stats = KafkaStats::new(&admin.registry, "ingest", admin.health.clone())?;
+        let producer: FutureProducer<KafkaStats> = config
             .kafka
             .producer_config()
             .set("message.timeout.ms", config.produce_timeout_ms.to_string())
-            .create()
+            .create_with_context(stats)
             .map_err(KafkaSetupError::from)?;
-
-        let admin = Admin::bind(config.admin_listen).await?;
-        let metrics = metrics::Metrics::new(&admin.registry)?;
         let app = Arc::new(App {
             publisher: publish::Publisher::new(producer, metrics.produce_seconds.clone()),
             offers: compiled.offers,
@@ -80,7 +82,6 @@ impl Ingest {
             postbacks_topic: config.topics.postbacks.name.clone(),
             metrics,
         });
-        admin.health.set_ready(true);
         Ok(Ingest {
             app,
             produce_timeout,
@@ -114,7 +115,7 @@ impl Ingest {
                 let s = shutdown.clone();
                 async move {
                     s.cancelled().await;
-                    health.set_ready(false);
+                    health.drain();
                 }
             })
             .await;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use prometheus::HistogramVec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use s2s_common::kafka_stats::KafkaStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -23,7 +24,7 @@ pub enum PublishError {
 
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaStats>,
     produce_seconds: HistogramVec,
 }
 
@@ -34,7 +35,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(producer: FutureProducer, produce_seconds: HistogramVec) -> Self {
+    pub fn new(producer: FutureProducer<KafkaStats>, produce_seconds: HistogramVec) -> Self {
         Publisher {
             producer,
             produce_seconds,

@@ -56,6 +56,7 @@ pub fn topics(partitions: i32) -> TopicsConfig {
         config: Default::default(),
     };
     TopicsConfig {
+        create: true,
         clicks: t("clicks"),
         postbacks: t("postbacks"),
         conversions: t("conversions"),
@@ -239,9 +240,15 @@ impl std::fmt::Debug for TopicReader {
 }
 
 impl TopicReader {
+    /// Reads `topic` on the test broker.
     pub fn new(topic: &TopicConfig) -> Self {
+        Self::on(&brokers(), topic)
+    }
+
+    /// Reads `topic` on the brokers at `bootstrap` (a MockCluster, say).
+    pub fn on(bootstrap: &str, topic: &TopicConfig) -> Self {
         let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", bootstrap)
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")

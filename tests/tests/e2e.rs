@@ -117,6 +117,7 @@ async fn click_postback_conversion_delivery() {
     // Every service exports its metrics and health.
     for (admin, metric) in [
         (p.ingest_admin, "ingest_records_total{kind=\"postback\",outcome=\"accepted\"} 1"),
+        (p.ingest_admin, "ingest_kafka_producer_queue_messages"),
         (p.attributor_admin, "attributor_outcomes_total{outcome=\"attributed\",reason=\"none\"} 1"),
         (p.delivery_admin, "delivery_attempts_total{endpoint=\"aff\",outcome=\"delivered\",status_class=\"2xx\"} 1"),
     ] {
@@ -124,7 +125,11 @@ async fn click_postback_conversion_delivery() {
         assert_eq!(status, 200);
         assert!(body.contains(metric), "{metric} missing from:\n{body}");
         assert_eq!(get_text(format!("http://{admin}/healthz")).await.0, 200);
-        assert_eq!(get_text(format!("http://{admin}/readyz")).await.0, 200);
+        // Ready once librdkafka's statistics report a broker connection (every second).
+        poll_until("ready", WAIT, || async {
+            (get_text(format!("http://{admin}/readyz")).await.0 == 200).then_some(())
+        })
+        .await;
     }
     p.stop().await;
 }
