@@ -6,6 +6,7 @@
 //! | `GET, POST /postback[/{source}]` | one postback: query string, form or JSON body |
 //! | `POST /v1/postbacks[/{source}]` | a batch of postbacks: JSON object, array or NDJSON |
 //! | `POST /v1/clicks[/{source}]` | a batch of clicks whose IDs the operator minted |
+//! | `GET /openapi.json` | the OpenAPI document of all this (`ingest/openapi.json`) |
 //!
 //! Every request is answered only after its records were acknowledged by the broker.
 //! Batches answer 200 when every record was accepted, 207 when some were rejected (each
@@ -58,8 +59,11 @@ pub struct App {
     pub metrics: Metrics,
 }
 
+/// The OpenAPI document of these routes, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 /// Every route with its methods: the single list the router and the OpenAPI check use.
-pub const ROUTES: [(&str, &[&str]); 7] = [
+pub const ROUTES: [(&str, &[&str]); 8] = [
     ("/click", &["GET"]),
     ("/postback", &["GET", "POST"]),
     ("/postback/{source}", &["GET", "POST"]),
@@ -67,6 +71,7 @@ pub const ROUTES: [(&str, &[&str]); 7] = [
     ("/v1/postbacks/{source}", &["POST"]),
     ("/v1/clicks", &["POST"]),
     ("/v1/clicks/{source}", &["POST"]),
+    ("/openapi.json", &["GET"]),
 ];
 
 pub fn router(app: Arc<App>) -> Router {
@@ -78,6 +83,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route(ROUTES[4].0, post(postback_batch))
         .route(ROUTES[5].0, post(click_batch))
         .route(ROUTES[6].0, post(click_batch))
+        .route(
+            ROUTES[7].0,
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -159,6 +168,7 @@ fn open_source() -> Source {
         auth: Auth::None,
         aliases: BTreeMap::new(),
         allow: Vec::new(),
+        rate_limit: None,
     }
 }
 
@@ -216,8 +226,8 @@ impl App {
             .inc();
     }
 
-    /// Source lookup (404), IP allow-list (403), body size (413), query parsing, and
-    /// authentication (401) over the body (POST) or the raw query (GET).
+    /// Source lookup (404), IP allow-list (403), rate limit (429), body size (413), query
+    /// parsing, and authentication (401) over the body (POST) or the raw query (GET).
     async fn admit(
         &self,
         source: Option<String>,
@@ -243,6 +253,7 @@ impl App {
         };
         let ip = self.proxies.client_ip(peer.ip(), headers);
         source.check_ip(ip)?;
+        source.check_rate()?;
         let body = axum::body::to_bytes(body, self.max_body_bytes)
             .await
             .map_err(|_| {

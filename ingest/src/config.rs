@@ -65,6 +65,8 @@ pub struct SourceConfig {
     /// Addresses or CIDRs allowed to call; empty = any.
     #[serde(default)]
     pub allow_ips: Vec<String>,
+    /// Requests per second this source may send (429 above); absent = unlimited.
+    pub rate_limit_per_second: Option<u32>,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -253,11 +255,19 @@ fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
             parse_net(a).ok_or_else(|| format!("{key}.allow_ips: '{a}' is not an address or CIDR"))
         })
         .collect::<Result<_, _>>()?;
+    let rate_limit = match c.rate_limit_per_second {
+        None => None,
+        Some(n) => Some(crate::source::limiter(
+            std::num::NonZeroU32::new(n)
+                .ok_or_else(|| format!("{key}.rate_limit_per_second must be > 0"))?,
+        )),
+    };
     Ok(Source {
         name: name.to_string(),
         auth,
         aliases: c.aliases.clone(),
         allow,
+        rate_limit,
     })
 }
 
@@ -307,6 +317,7 @@ mod tests {
                 max_skew_seconds: 300,
                 aliases: [("clickid".to_string(), "click_id".to_string())].into(),
                 allow_ips: vec!["192.0.2.0/24".into(), "198.51.100.7".into()],
+                rate_limit_per_second: Some(100),
             },
         );
         assert_eq!(
@@ -339,5 +350,7 @@ mod tests {
             s.hmac_secret = None;
         });
         assert!(e.contains("sources.example.hmac_secret"), "{e}");
+        let e = with(&|s| s.rate_limit_per_second = Some(0));
+        assert!(e.contains("sources.example.rate_limit_per_second"), "{e}");
     }
 }

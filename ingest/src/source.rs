@@ -18,8 +18,11 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use axum::http::{HeaderMap, StatusCode};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hmac::{Hmac, Mac};
 use ipnet::IpNet;
 use sha2::Sha256;
@@ -54,6 +57,14 @@ pub enum Auth {
     },
 }
 
+/// Requests per second a source may send (token bucket, burst of one second's worth).
+pub type Limiter = Arc<DefaultDirectRateLimiter>;
+
+/// A limiter allowing `per_second` requests per second on average.
+pub fn limiter(per_second: NonZeroU32) -> Limiter {
+    Arc::new(RateLimiter::direct(Quota::per_second(per_second)))
+}
+
 /// One operator integration, validated.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -63,6 +74,8 @@ pub struct Source {
     pub aliases: BTreeMap<String, String>,
     /// Empty: any address.
     pub allow: Vec<IpNet>,
+    /// None: unlimited.
+    pub rate_limit: Option<Limiter>,
 }
 
 /// Which peers are proxies whose client-IP header is believed.
@@ -109,6 +122,21 @@ fn unauthorized(message: &str) -> ApiError {
 }
 
 impl Source {
+    /// 429 when the source is over its rate limit.
+    pub fn check_rate(&self) -> Result<(), ApiError> {
+        match &self.rate_limit {
+            Some(l) if l.check().is_err() => Err(ApiError {
+                retry_after_s: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("source '{}' is over its rate limit; retry later", self.name),
+                )
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// 403 unless `ip` is allowed.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), ApiError> {
         if self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)) {
@@ -217,7 +245,26 @@ mod tests {
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
             allow: vec!["203.0.113.0/24".parse().expect("cidr")],
+            rate_limit: None,
         }
+    }
+
+    #[test]
+    fn rate_limit_refuses_the_excess_with_429() {
+        let mut s = source(Auth::None);
+        assert!(s.check_rate().is_ok(), "no limit configured");
+        s.rate_limit = Some(limiter(NonZeroU32::new(3).expect("non-zero")));
+        let results: Vec<bool> = (0..10).map(|_| s.check_rate().is_ok()).collect();
+        let allowed = results.iter().filter(|ok| **ok).count();
+        assert!(
+            (3..=4).contains(&allowed),
+            "burst of about one second: {results:?}"
+        );
+        let e = s.check_rate().expect_err("over the limit");
+        assert_eq!(
+            (e.status, e.retry_after_s),
+            (StatusCode::TOO_MANY_REQUESTS, Some(1))
+        );
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

@@ -31,6 +31,7 @@ fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect(),
         allow_ips: allow.iter().map(|s| s.to_string()).collect(),
+        rate_limit_per_second: None,
     }
 }
 
