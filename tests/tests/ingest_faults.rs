@@ -108,3 +108,47 @@ async fn broker_outage_gives_503_and_recovery_gives_200() {
     assert!(seen.len() >= accepted.len());
     ingest.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let mut topics = topics(1);
+    topics.create = false;
+    for t in topics.all() {
+        mock.create_topic(&t.name, t.partitions, 1).expect("topic");
+    }
+    let mut c = ingest_config(&topics);
+    c.kafka.bootstrap_servers = mock.bootstrap_servers();
+    c.produce_timeout_ms = 20_000;
+    let ingest = IngestHandle::start(c).await;
+    let readyz = format!("http://{}/readyz", ingest.admin);
+    poll_until("ready", WAIT, || async {
+        (status(&readyz).await == 200).then_some(())
+    })
+    .await;
+
+    // With the broker down the request waits for its acknowledgement...
+    mock.broker_down(-1).expect("broker down");
+    let url = ingest.url("/postback?click_id=inflight&event=ftd");
+    let in_flight = tokio::spawn(async move { http().get(url).send().await });
+    let metrics = format!("http://{}/metrics", ingest.admin);
+    poll_until("the request to reach the producer", WAIT, || async {
+        let body = http().get(&metrics).send().await.ok()?.text().await.ok()?;
+        body.contains("ingest_kafka_producer_queue_messages 1")
+            .then_some(())
+    })
+    .await;
+    // ...shutdown starts while it waits; then the broker comes back.
+    let stopping = tokio::spawn(ingest.stop());
+    mock.broker_up(-1).expect("broker up");
+    let resp = in_flight
+        .await
+        .expect("task")
+        .expect("the in-flight request is answered");
+    assert_eq!(resp.status(), 200, "answered after its record was stored");
+    stopping.await.expect("ingest stopped cleanly");
+    let seen = TopicReader::on(&mock.bootstrap_servers(), &topics.postbacks)
+        .read_until::<Postback>("the in-flight postback", WAIT, |p| !p.is_empty())
+        .await;
+    assert_eq!(seen[0].click_id, "inflight");
+}

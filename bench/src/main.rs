@@ -1,0 +1,283 @@
+//! Benchmark tools, run by `scripts/bench`:
+//! - `noop`: a hyper HTTP/1.1 server that answers every request with a small JSON body and
+//!   does nothing else — the ceiling any HTTP service on this machine can reach;
+//! - `compare`: drives the same requests at a baseline and at a subject with the same load
+//!   generator in one run, prints both and their ratio, then measures the subject's latency
+//!   at half its maximum rate.
+//!
+//! The load generator keeps `--connections` HTTP/1.1 keep-alive connections busy (closed
+//! loop) for the throughput figure. For latency it sends at a fixed rate (open loop) and
+//! measures from each request's scheduled send time, so a stall counts against the
+//! server instead of silently lowering the rate (no coordinated omission).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark tools of the S2S postback pipeline")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve 200 with a small JSON body on every request.
+    Noop {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Compare a subject with a baseline under the same load.
+    Compare {
+        /// Name printed in the final line (`NAME: ...`).
+        #[arg(long)]
+        name: String,
+        /// Base URL of the baseline (e.g. the no-op server).
+        #[arg(long)]
+        baseline: String,
+        /// Base URL of the subject (e.g. ingest).
+        #[arg(long)]
+        subject: String,
+        /// Path and query; `{n}` becomes a unique number per request.
+        #[arg(
+            long,
+            default_value = "/postback?click_id=bench-{n}&event=ftd&amount=10"
+        )]
+        path: String,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Seconds of each closed-loop run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Goal for subject/baseline.
+        #[arg(long, default_value_t = 0.5)]
+        goal: f64,
+        /// Goal for p99 at half the maximum rate, milliseconds.
+        #[arg(long, default_value_t = 10.0)]
+        p99_goal_ms: f64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().cmd {
+        Cmd::Noop { listen } => noop(listen).await,
+        Cmd::Compare {
+            name,
+            baseline,
+            subject,
+            path,
+            connections,
+            seconds,
+            goal,
+            p99_goal_ms,
+        } => {
+            let d = Duration::from_secs(seconds);
+            // Warm both up (connections, caches, the broker's first batches).
+            closed_loop(&baseline, &path, connections, Duration::from_secs(2)).await?;
+            closed_loop(&subject, &path, connections, Duration::from_secs(2)).await?;
+            let base = closed_loop(&baseline, &path, connections, d).await?;
+            println!("{name} baseline (no-op hyper): {}", base.describe());
+            let subj = closed_loop(&subject, &path, connections, d).await?;
+            println!("{name} subject: {}", subj.describe());
+            let half = subj.rate() / 2.0;
+            let lat = open_loop(&subject, &path, half, d).await?;
+            println!(
+                "{name} subject at {half:.0} req/s (half its maximum): {}",
+                lat.describe()
+            );
+            let ratio = subj.rate() / base.rate();
+            let verdict = if ratio >= goal && lat.p99_ms() <= p99_goal_ms {
+                "met"
+            } else {
+                "NOT met"
+            };
+            println!(
+                "{name}: {:.0} accepted/s (no-op hyper {:.0} req/s), p50 {:.2} ms p99 {:.2} ms at {:.0}/s, errors {} ratio {:.2} (goal >= {goal}, p99 <= {p99_goal_ms} ms: {verdict})",
+                subj.rate(), base.rate(), lat.p50_ms(), lat.p99_ms(), half, subj.errors + lat.errors, ratio
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn noop(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("noop listening on http://{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from_static(br#"{"status":"accepted"}"#)))
+                        .unwrap_or_default(),
+                )
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+struct Run {
+    ok: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+    fn p50_ms(&self) -> f64 {
+        self.latency_us.value_at_quantile(0.50) as f64 / 1000.0
+    }
+    fn p99_ms(&self) -> f64 {
+        self.latency_us.value_at_quantile(0.99) as f64 / 1000.0
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{:.0} ok/s over {:.1} s, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.rate(),
+            self.elapsed.as_secs_f64(),
+            self.errors,
+            self.p50_ms(),
+            self.p99_ms(),
+            self.latency_us.max() as f64 / 1000.0
+        )
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+fn client(connections: usize) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(connections)
+        .build_http()
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+async fn one(client: &HttpClient, base: &str, path: &str) -> anyhow::Result<bool> {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let uri = format!("{base}{}", path.replace("{n}", &n.to_string()));
+    let resp = client
+        .request(Request::get(uri).body(Empty::new()).context("request")?)
+        .await
+        .context("send")?;
+    let ok = resp.status().is_success();
+    resp.into_body().collect().await.context("body")?;
+    Ok(ok)
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+/// `connections` workers, each sending the next request as soon as the last answered.
+async fn closed_loop(
+    base: &str,
+    path: &str,
+    connections: usize,
+    d: Duration,
+) -> anyhow::Result<Run> {
+    let client = client(connections);
+    let start = Instant::now();
+    let deadline = start + d;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, base, path) = (client.clone(), base.to_string(), path.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram()?;
+            let (mut ok, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match one(&client, &base, &path).await {
+                    Ok(true) => {
+                        ok += 1;
+                        h.saturating_record(t.elapsed().as_micros() as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            anyhow::Ok((ok, errors, h))
+        }));
+    }
+    let mut run = Run {
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: histogram()?,
+    };
+    for t in tasks {
+        let (ok, errors, h) = t.await??;
+        run.ok += ok;
+        run.errors += errors;
+        run.latency_us.add(h)?;
+    }
+    run.elapsed = start.elapsed();
+    if run.ok == 0 {
+        bail!("no request to {base} succeeded");
+    }
+    Ok(run)
+}
+
+/// Sends at `rate` per second for `d`, measuring from each scheduled send time.
+async fn open_loop(base: &str, path: &str, rate: f64, d: Duration) -> anyhow::Result<Run> {
+    let client = client(256);
+    let hist = Arc::new(std::sync::Mutex::new(histogram()?));
+    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let start = Instant::now();
+    let total = (d.as_secs_f64() * rate) as u64;
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let scheduled = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let (client, base, path) = (client.clone(), base.to_string(), path.to_string());
+        let (hist, ok, errors) = (hist.clone(), ok.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            match one(&client, &base, &path).await {
+                Ok(true) => {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut h) = hist.lock() {
+                        h.saturating_record(scheduled.elapsed().as_micros() as u64);
+                    }
+                }
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let latency_us = hist
+        .lock()
+        .map(|h| h.clone())
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    Ok(Run {
+        ok: ok.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+        latency_us,
+    })
+}
