@@ -57,7 +57,7 @@ enum Cmd {
             default_value = "/postback?click_id=bench-{n}&event=ftd&amount=10"
         )]
         path: String,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 256)]
         connections: usize,
         /// Seconds of each closed-loop run.
         #[arg(long, default_value_t = 10)]
