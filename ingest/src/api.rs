@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::params::{parse_json_object, parse_urlencoded, take, Pairs};
 use crate::publish::{PublishError, Publisher};
 use crate::records::{build_click, build_operator_click, build_postback, RequestMeta};
-use crate::source::{Auth, ProxyTrust, Source};
+use crate::source::{ProxyTrust, Source};
 
 /// Largest total size of request headers accepted (431 above).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -51,7 +51,8 @@ pub struct App {
     pub publisher: Publisher,
     pub offers: BTreeMap<String, Template>,
     pub rules: PostbackRules,
-    pub sources: BTreeMap<String, Source>,
+    /// By name; always holds `default` (see [`crate::config::Compiled`]).
+    pub sources: BTreeMap<String, Arc<Source>>,
     pub proxies: ProxyTrust,
     pub clicks_topic: String,
     pub postbacks_topic: String,
@@ -161,20 +162,9 @@ impl Record for Postback {
     }
 }
 
-/// The default integration when `[sources.default]` is not configured: anyone, no aliases.
-fn open_source() -> Source {
-    Source {
-        name: "default".into(),
-        auth: Auth::None,
-        aliases: BTreeMap::new(),
-        allow: Vec::new(),
-        rate_limit: None,
-    }
-}
-
 /// What an admitted request carries on.
 struct Admitted {
-    source: Source,
+    source: Arc<Source>,
     meta: RequestMeta,
     pairs: Pairs,
     body: Bytes,
@@ -237,20 +227,14 @@ impl App {
         query: Option<String>,
         body: Body,
     ) -> Result<Admitted, ApiError> {
-        let source = match source {
-            Some(name) => self.sources.get(&name).cloned().ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown_source",
-                    format!("source '{name}' is not configured"),
-                )
-            })?,
-            None => self
-                .sources
-                .get("default")
-                .cloned()
-                .unwrap_or_else(open_source),
-        };
+        let name = source.as_deref().unwrap_or("default");
+        let source = self.sources.get(name).cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_source",
+                format!("source '{name}' is not configured"),
+            )
+        })?;
         let ip = self.proxies.client_ip(peer.ip(), headers);
         source.check_ip(ip)?;
         source.check_rate()?;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use s2s_common::contract::SUB_ID_KEYS;
 use s2s_common::kafka::KafkaConfig;
@@ -108,7 +109,8 @@ fn parse_net(s: &str) -> Option<IpNet> {
 #[derive(Debug)]
 pub struct Compiled {
     pub offers: BTreeMap<String, Template>,
-    pub sources: BTreeMap<String, Source>,
+    /// Always holds `default`: the configured one, else one open to anyone.
+    pub sources: BTreeMap<String, Arc<Source>>,
     pub proxies: ProxyTrust,
 }
 
@@ -173,11 +175,14 @@ impl IngestConfig {
                     .map_err(|e| format!("offers.{id}.url: {e}"))
             })
             .collect::<Result<_, _>>()?;
-        let sources = self
+        let mut sources: BTreeMap<String, Arc<Source>> = self
             .sources
             .iter()
-            .map(|(name, c)| compile_source(name, c).map(|s| (name.clone(), s)))
+            .map(|(name, c)| compile_source(name, c).map(|s| (name.clone(), Arc::new(s))))
             .collect::<Result<_, _>>()?;
+        sources
+            .entry("default".to_string())
+            .or_insert_with(|| Arc::new(Source::open("default")));
         let tp = &self.trusted_proxies;
         let header = tp
             .header
@@ -281,10 +286,9 @@ mod tests {
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
         let compiled = c.validate().expect("valid");
         assert!(compiled.offers.contains_key("1"));
-        assert!(
-            compiled.sources.is_empty(),
-            "no integration is open by default"
-        );
+        let names: Vec<&String> = compiled.sources.keys().collect();
+        assert_eq!(names, ["default"], "only the implicit default integration");
+        assert_eq!(compiled.sources["default"].auth, crate::source::Auth::None);
     }
 
     #[test]

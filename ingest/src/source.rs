@@ -122,6 +122,17 @@ fn unauthorized(message: &str) -> ApiError {
 }
 
 impl Source {
+    /// A source open to anyone: no authentication, aliases, allow-list or limit.
+    pub fn open(name: &str) -> Self {
+        Source {
+            name: name.to_string(),
+            auth: Auth::None,
+            aliases: BTreeMap::new(),
+            allow: Vec::new(),
+            rate_limit: None,
+        }
+    }
+
     /// 429 when the source is over its rate limit.
     pub fn check_rate(&self) -> Result<(), ApiError> {
         match &self.rate_limit {

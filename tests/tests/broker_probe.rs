@@ -24,7 +24,10 @@ fn config() -> ClientConfig {
 
 async fn create(name: &str, partitions: i32, cfg: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = config().create().expect("admin");
-    let t = cfg.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v));
+    let t = cfg.iter().fold(
+        NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+        |t, (k, v)| t.set(k, v),
+    );
     let r = admin.create_topics([&t], &AdminOptions::new()).await;
     println!("create {name}: {r:?}");
 }
@@ -53,10 +56,17 @@ async fn probe_broker_features() {
     create(&compacted, 1, &[("cleanup.policy", "compact")]).await;
     let admin: AdminClient<DefaultClientContext> = config().create().expect("admin");
     let described = admin
-        .describe_configs([&ResourceSpecifier::Topic(&compacted)], &AdminOptions::new())
+        .describe_configs(
+            [&ResourceSpecifier::Topic(&compacted)],
+            &AdminOptions::new(),
+        )
         .await;
     let policy = described.ok().and_then(|v| {
-        v.into_iter().next()?.ok()?.get("cleanup.policy").and_then(|e| e.value.clone())
+        v.into_iter()
+            .next()?
+            .ok()?
+            .get("cleanup.policy")
+            .and_then(|e| e.value.clone())
     });
     println!("compaction: cleanup.policy as described back: {policy:?}");
 
@@ -68,8 +78,14 @@ async fn probe_broker_features() {
         let _ = prod.send(BaseRecord::to(&wm_topic).key(&format!("{i}")).payload("x"));
     }
     let _ = prod.flush(t);
-    let c: BaseConsumer = config().set("group.id", unique("probe")).create().expect("consumer");
-    println!("list offsets: fetch_watermarks after 100 records -> {:?}", c.fetch_watermarks(&wm_topic, 0, t));
+    let c: BaseConsumer = config()
+        .set("group.id", unique("probe"))
+        .create()
+        .expect("consumer");
+    println!(
+        "list offsets: fetch_watermarks after 100 records -> {:?}",
+        c.fetch_watermarks(&wm_topic, 0, t)
+    );
 
     // Group hand-over: two members, one leaves; how long until the other owns everything?
     let g_topic = unique("probe-group");
@@ -92,11 +108,20 @@ async fn probe_broker_features() {
         a.poll(Duration::from_millis(50));
         b.poll(Duration::from_millis(50));
     }
-    println!("group: after {:?}, member a owns {}, member b owns {}", start.elapsed(), owned(&a), owned(&b));
+    println!(
+        "group: after {:?}, member a owns {}, member b owns {}",
+        start.elapsed(),
+        owned(&a),
+        owned(&b)
+    );
     drop(b);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) && owned(&a) < 4 {
         a.poll(Duration::from_millis(50));
     }
-    println!("group: {:?} after b left, a owns {} of 4 partitions", start.elapsed(), owned(&a));
+    println!(
+        "group: {:?} after b left, a owns {} of 4 partitions",
+        start.elapsed(),
+        owned(&a)
+    );
 }
