@@ -8,9 +8,10 @@
 //!   `token` query parameter (for operators that can only configure a URL; the parameter
 //!   is removed before anything is stored);
 //! - `hmac`: `X-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<payload>")>`
-//!   with `X-Timestamp: <unix seconds>`, where payload is the body (POST) or the raw query
-//!   string without `token` (GET); a timestamp further than `max_skew_seconds` from now is
-//!   rejected, so a captured request cannot be replayed later.
+//!   with `X-Timestamp: <unix seconds>`, where payload is the body (POST) or the query
+//!   string exactly as sent, without the `?` (GET); a timestamp further than
+//!   `max_skew_seconds` from now is rejected, so a captured request cannot be replayed
+//!   later.
 //!
 //! Secrets never appear in logs or `Debug` output, and are compared in constant time.
 //! The client IP is the TCP peer, unless the peer is a configured trusted proxy: then it is

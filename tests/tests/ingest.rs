@@ -260,6 +260,16 @@ async fn sources_map_aliases_and_authenticate() {
         .expect("req");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
+    // HMAC on a GET covers the query string exactly as sent.
+    let query = "clickid=C5&goal=ftd";
+    let r = c
+        .get(ingest.url(&format!("/postback/signed?{query}")))
+        .header("x-timestamp", now.to_string())
+        .header("x-signature", sign(HMAC_KEY, now, query.as_bytes()))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
     // A signed batch to a source, and a token-authenticated click batch to a source.
     let batch = r#"[{"clickid":"C4","goal":"purchase"}]"#;
     let r = c
@@ -304,7 +314,7 @@ async fn sources_map_aliases_and_authenticate() {
     assert_eq!(doc["openapi"], "3.1.0");
 
     let seen = TopicReader::new(&topics.postbacks)
-        .read_until::<Postback>("four postbacks", WAIT, |p| p.len() >= 4)
+        .read_until::<Postback>("five postbacks", WAIT, |p| p.len() >= 5)
         .await;
     let clicks = TopicReader::new(&topics.clicks)
         .read_until::<Click>("the click batch", WAIT, |c| !c.is_empty())
@@ -336,11 +346,12 @@ async fn sources_map_aliases_and_authenticate() {
         (by("C4").event.as_str(), by("C4").source.as_deref()),
         ("purchase", Some("signed"))
     );
-    // One partition: a record from the replayed or forged requests (sent before C4) would
-    // have taken one of these four places.
+    assert_eq!(by("C5").source.as_deref(), Some("signed"));
+    // One partition: a record from the replayed or forged requests (sent before C4 and C5)
+    // would have taken one of these five places.
     assert_eq!(
         seen.len(),
-        4,
+        5,
         "the replayed and forged requests published nothing"
     );
     ingest.stop().await;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use s2s_common::contract::Postback;
+use s2s_common::topics::TopicsConfig;
 use s2s_tests::{http, ingest_config, poll_until, topics, IngestHandle, TopicReader};
 use serde_json::Value;
 
@@ -20,11 +22,15 @@ async fn status(url: &str) -> u16 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_outage_gives_503_and_recovery_gives_200() {
+type Mock = MockCluster<'static, DefaultProducerContext>;
+
+/// Ingest on a one-broker MockCluster, once ready. The mock answers no CreateTopics, so
+/// the topics are created on it here, as an operator managing topics elsewhere would.
+async fn start_on_mock(
+    produce_timeout_ms: u64,
+    queue_max_messages: Option<u32>,
+) -> (Mock, TopicsConfig, IngestHandle) {
     let mock = MockCluster::new(1).expect("mock cluster");
-    // The mock answers no CreateTopics: create them here, as an operator managing topics
-    // outside the services would.
     let mut topics = topics(1);
     topics.create = false;
     for t in topics.all() {
@@ -32,16 +38,25 @@ async fn broker_outage_gives_503_and_recovery_gives_200() {
     }
     let mut c = ingest_config(&topics);
     c.kafka.bootstrap_servers = mock.bootstrap_servers();
-    c.produce_timeout_ms = 1500;
-    c.kafka
-        .properties
-        .insert("queue.buffering.max.messages".into(), "2".into());
+    c.produce_timeout_ms = produce_timeout_ms;
+    if let Some(n) = queue_max_messages {
+        c.kafka
+            .properties
+            .insert("queue.buffering.max.messages".into(), n.to_string());
+    }
     let ingest = IngestHandle::start(c).await;
     let readyz = format!("http://{}/readyz", ingest.admin);
     poll_until("ready while the broker is up", WAIT, || async {
         (status(&readyz).await == 200).then_some(())
     })
     .await;
+    (mock, topics, ingest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_gives_503_and_recovery_gives_200() {
+    let (mock, topics, ingest) = start_on_mock(1500, Some(2)).await;
+    let readyz = format!("http://{}/readyz", ingest.admin);
 
     let mut accepted = Vec::new();
     let post = |n: usize| {
@@ -111,21 +126,7 @@ async fn broker_outage_gives_503_and_recovery_gives_200() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_requests_in_flight() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let mut topics = topics(1);
-    topics.create = false;
-    for t in topics.all() {
-        mock.create_topic(&t.name, t.partitions, 1).expect("topic");
-    }
-    let mut c = ingest_config(&topics);
-    c.kafka.bootstrap_servers = mock.bootstrap_servers();
-    c.produce_timeout_ms = 20_000;
-    let ingest = IngestHandle::start(c).await;
-    let readyz = format!("http://{}/readyz", ingest.admin);
-    poll_until("ready", WAIT, || async {
-        (status(&readyz).await == 200).then_some(())
-    })
-    .await;
+    let (mock, topics, ingest) = start_on_mock(20_000, None).await;
 
     // With the broker down the request waits for its acknowledgement...
     mock.broker_down(-1).expect("broker down");
