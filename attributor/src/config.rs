@@ -130,6 +130,18 @@ mod tests {
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
         let rules = c.validate().expect("valid");
         assert_eq!(rules.default_window_ms, 30 * 24 * 3600 * 1000);
+        assert!(
+            rules.offers.is_empty(),
+            "no demo offer in production defaults"
+        );
+
+        let local: AttributorConfig = s2s_common::config::load(
+            DEFAULT_TOML,
+            Some(Path::new("../deploy/local/attributor.toml")),
+            "S2S_TEST_UNUSED__",
+        )
+        .expect("the local-run overlay parses");
+        let rules = local.validate().expect("valid");
         assert_eq!(
             rules
                 .offers

@@ -98,14 +98,31 @@ mod tests {
     fn default_config_is_valid() {
         let c: DeliveryConfig =
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
-        assert_eq!(c.validate().expect("valid").len(), 1);
+        assert!(
+            c.validate().expect("valid").is_empty(),
+            "no demo postback in defaults"
+        );
+        let local: DeliveryConfig = s2s_common::config::load(
+            DEFAULT_TOML,
+            Some(Path::new("../deploy/local/delivery.toml")),
+            "S2S_TEST_UNUSED__",
+        )
+        .expect("the local-run overlay parses");
+        assert_eq!(local.validate().expect("valid").len(), 1);
     }
 
     #[test]
     fn unknown_macro_fails_at_start_up() {
         let mut c: DeliveryConfig =
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
-        c.postbacks[0].url = "https://aff/pb?c={clickid}".into();
+        c.postbacks.push(PostbackConfig {
+            name: "a".into(),
+            url: "https://aff/pb?c={clickid}".into(),
+            aff_id: None,
+            offer_id: None,
+            events: vec![],
+            statuses: vec![],
+        });
         let e = c.validate().err().unwrap_or_default();
         assert!(
             e.contains("postbacks[0].url") && e.contains("{clickid}"),

@@ -79,6 +79,12 @@ impl std::fmt::Debug for Delivery {
 impl Delivery {
     pub async fn bind(config: DeliveryConfig) -> Result<Self, DeliveryError> {
         let endpoints = config.validate().map_err(DeliveryError::Config)?;
+        if endpoints.is_empty() {
+            tracing::warn!(
+                "no [[postbacks]] configured: conversions will be consumed and committed \
+                 without notifying anyone"
+            );
+        }
         ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
         let consumer: StreamConsumer = config.kafka.consumer_config(&config.group_id).create()?;
         consumer.subscribe(&[&config.topics.conversions.name])?;

@@ -285,7 +285,18 @@ mod tests {
         let c: IngestConfig =
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
         let compiled = c.validate().expect("valid");
-        assert!(compiled.offers.contains_key("1"));
+        assert!(
+            compiled.offers.is_empty(),
+            "no demo offer in production defaults"
+        );
+
+        let local: IngestConfig = s2s_common::config::load(
+            DEFAULT_TOML,
+            Some(Path::new("../deploy/local/ingest.toml")),
+            "S2S_TEST_UNUSED__",
+        )
+        .expect("the local-run overlay parses");
+        assert!(local.validate().expect("valid").offers.contains_key("1"));
         let names: Vec<&String> = compiled.sources.keys().collect();
         assert_eq!(names, ["default"], "only the implicit default integration");
         assert_eq!(compiled.sources["default"].auth, crate::source::Auth::None);

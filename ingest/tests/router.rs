@@ -29,6 +29,12 @@ fn app_on(bootstrap: &str) -> Arc<App> {
             .expect("defaults");
     config.kafka.bootstrap_servers = bootstrap.to_string();
     config.max_body_bytes = 2048;
+    config.offers.insert(
+        "1".into(),
+        s2s_ingest::config::OfferConfig {
+            url: "https://offer.example/?c={click_id}".into(),
+        },
+    );
     config.sources.insert(
         "acme".into(),
         SourceConfig {

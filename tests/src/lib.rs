@@ -430,6 +430,17 @@ impl Pipeline {
         ac.group_id = unique("attributor");
         ac.state_dir = state.path().join("attributor");
         ac.grace_period_ms = opts.grace_period_ms;
+        ac.offers.insert(
+            "1".into(),
+            s2s_attributor::config::OfferConfig {
+                currency: Some("USD".into()),
+                window_seconds: None,
+                payouts: [("ftd", 5000), ("registration", 200)]
+                    .into_iter()
+                    .map(|(e, cents)| (e.to_string(), rust_decimal::Decimal::new(cents, 2)))
+                    .collect(),
+            },
+        );
         ac.rocksdb.block_cache_bytes = 16 << 20;
         ac.rocksdb.write_buffer_bytes = 8 << 20;
 
