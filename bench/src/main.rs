@@ -140,6 +140,9 @@ struct Run {
     errors: u64,
     elapsed: Duration,
     latency_us: Histogram<u64>,
+    /// Open loop only: from a request's scheduled send time to when the generator actually
+    /// started it. Large values mean the generator, not the server, was late.
+    lag_us: Option<Histogram<u64>>,
 }
 
 impl Run {
@@ -153,8 +156,15 @@ impl Run {
         self.latency_us.value_at_quantile(0.99) as f64 / 1000.0
     }
     fn describe(&self) -> String {
+        let lag = self.lag_us.as_ref().map_or(String::new(), |l| {
+            format!(
+                "; generator lag p99 {:.2} ms, max {:.2} ms",
+                l.value_at_quantile(0.99) as f64 / 1000.0,
+                l.max() as f64 / 1000.0
+            )
+        });
         format!(
-            "{:.0} ok/s over {:.1} s, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "{:.0} ok/s over {:.1} s, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{lag}",
             self.rate(),
             self.elapsed.as_secs_f64(),
             self.errors,
@@ -225,6 +235,7 @@ async fn closed_loop(
         errors: 0,
         elapsed: Duration::ZERO,
         latency_us: histogram()?,
+        lag_us: None,
     };
     for t in tasks {
         let (ok, errors, h) = t.await??;
@@ -243,6 +254,7 @@ async fn closed_loop(
 async fn open_loop(base: &str, path: &str, rate: f64, d: Duration) -> anyhow::Result<Run> {
     let client = client(256);
     let hist = Arc::new(std::sync::Mutex::new(histogram()?));
+    let lag = Arc::new(std::sync::Mutex::new(histogram()?));
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let start = Instant::now();
@@ -252,8 +264,11 @@ async fn open_loop(base: &str, path: &str, rate: f64, d: Duration) -> anyhow::Re
         let scheduled = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(scheduled.into()).await;
         let (client, base, path) = (client.clone(), base.to_string(), path.to_string());
-        let (hist, ok, errors) = (hist.clone(), ok.clone(), errors.clone());
+        let (hist, lag, ok, errors) = (hist.clone(), lag.clone(), ok.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
+            if let Ok(mut l) = lag.lock() {
+                l.saturating_record(scheduled.elapsed().as_micros() as u64);
+            }
             match one(&client, &base, &path).await {
                 Ok(true) => {
                     ok.fetch_add(1, Ordering::Relaxed);
@@ -274,10 +289,15 @@ async fn open_loop(base: &str, path: &str, rate: f64, d: Duration) -> anyhow::Re
         .lock()
         .map(|h| h.clone())
         .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let lag_us = lag
+        .lock()
+        .map(|h| h.clone())
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
     Ok(Run {
         ok: ok.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
         elapsed: start.elapsed(),
         latency_us,
+        lag_us: Some(lag_us),
     })
 }
