@@ -9,6 +9,8 @@ use s2s_common::topics::TopicsConfig;
 use serde::Deserialize;
 
 use crate::endpoint::{Endpoint, MACROS};
+use crate::policy::RetryPolicy;
+use std::time::Duration;
 
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/delivery.toml");
 pub const ENV_PREFIX: &str = "S2S_DELIVERY__";
@@ -20,6 +22,10 @@ pub struct DeliveryConfig {
     pub group_id: String,
     pub request_timeout_ms: u64,
     pub retry_schedule_ms: Vec<u64>,
+    /// Spread of each retry wait, a fraction in [0, 1).
+    pub retry_jitter: f64,
+    /// Longest wait an endpoint's `Retry-After` may ask for.
+    pub retry_after_cap_ms: u64,
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
     #[serde(default)]
@@ -52,6 +58,19 @@ impl DeliveryConfig {
         Ok(c)
     }
 
+    /// The retry policy this config describes.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            schedule: self
+                .retry_schedule_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            jitter: self.retry_jitter,
+            retry_after_cap: Duration::from_millis(self.retry_after_cap_ms),
+        }
+    }
+
     /// Checks the config and compiles the endpoints; the error names the key to fix.
     pub fn validate(&self) -> Result<Vec<Endpoint>, String> {
         self.kafka.validate().map_err(|e| e.to_string())?;
@@ -61,6 +80,12 @@ impl DeliveryConfig {
         }
         if self.request_timeout_ms == 0 {
             return Err("request_timeout_ms must be > 0".into());
+        }
+        if !(0.0..1.0).contains(&self.retry_jitter) {
+            return Err(format!(
+                "retry_jitter = {} must be in [0, 1)",
+                self.retry_jitter
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         self.postbacks

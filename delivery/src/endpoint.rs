@@ -95,12 +95,6 @@ pub fn classify(status: Option<u16>) -> AttemptOutcome {
     }
 }
 
-/// The wait before attempt `next_attempt` (2-based), or `None` when attempts are exhausted.
-pub fn retry_delay_ms(schedule: &[u64], next_attempt: u32) -> Option<u64> {
-    let i = usize::try_from(next_attempt.checked_sub(2)?).ok()?;
-    schedule.get(i).copied()
-}
-
 /// `2xx`, `4xx`, … or `error` for no response: a bounded metric label.
 pub fn status_class(status: Option<u16>) -> &'static str {
     match status {
@@ -185,11 +179,6 @@ mod tests {
         for s in [Some(301), Some(302), Some(400), Some(404)] {
             assert_eq!(classify(s), AttemptOutcome::Permanent, "{s:?}");
         }
-        let sched = [10, 20];
-        assert_eq!(retry_delay_ms(&sched, 1), None);
-        assert_eq!(retry_delay_ms(&sched, 2), Some(10));
-        assert_eq!(retry_delay_ms(&sched, 3), Some(20));
-        assert_eq!(retry_delay_ms(&sched, 4), None);
         assert_eq!(
             (status_class(Some(302)), status_class(None)),
             ("3xx", "error")

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod endpoint;
 pub mod metrics;
+pub mod policy;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -34,7 +35,8 @@ use s2s_common::topics::partition_key;
 use tokio_util::sync::CancellationToken;
 
 pub use config::DeliveryConfig;
-use endpoint::{classify, retry_delay_ms, status_class, Endpoint};
+use endpoint::{classify, status_class, Endpoint};
+use policy::{parse_retry_after, RetryPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -119,8 +121,10 @@ impl Delivery {
         tracing::info!(admin = ?self.admin_addr().ok(), endpoints = self.endpoints.len(), "delivery running");
         let health = self.admin.health.clone();
         let admin_task = self.admin.spawn(shutdown.clone());
+        let policy = self.config.retry_policy();
         let worker = Worker {
             config: &self.config,
+            policy: &policy,
             endpoints: &self.endpoints,
             producer: &self.producer,
             client: &self.client,
@@ -166,6 +170,7 @@ impl Delivery {
 
 struct Worker<'a> {
     config: &'a DeliveryConfig,
+    policy: &'a RetryPolicy,
     endpoints: &'a [Endpoint],
     producer: &'a FutureProducer<KafkaStats>,
     client: &'a reqwest::Client,
@@ -187,7 +192,7 @@ impl Worker<'_> {
         let url = ep.url_for(c);
         let mut attempt = 1;
         loop {
-            let a = self.attempt(ep, c, &delivery_id, &url, attempt).await;
+            let (a, retry_after) = self.attempt(ep, c, &delivery_id, &url, attempt).await;
             self.publish(
                 &self.config.topics.delivery_log.name,
                 &c.click_id,
@@ -202,7 +207,7 @@ impl Worker<'_> {
                 }
                 AttemptOutcome::Permanent => None,
                 AttemptOutcome::Retryable => {
-                    retry_delay_ms(&self.config.retry_schedule_ms, attempt + 1)
+                    self.policy.delay(attempt + 1, retry_after, fastrand::f64())
                 }
             };
             let Some(delay) = next_delay else {
@@ -232,13 +237,13 @@ impl Worker<'_> {
             self.metrics.retries.with_label_values(&[&ep.name]).inc();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(Interrupted::Shutdown),
-                _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
             attempt += 1;
         }
     }
 
-    /// One HTTP attempt, counted and logged here.
+    /// One HTTP attempt, counted and logged here, with the endpoint's `Retry-After`.
     async fn attempt(
         &self,
         ep: &Endpoint,
@@ -246,7 +251,7 @@ impl Worker<'_> {
         delivery_id: &str,
         url: &str,
         attempt: u32,
-    ) -> DeliveryAttempt {
+    ) -> (DeliveryAttempt, Option<Duration>) {
         let started = Instant::now();
         let result = self
             .client
@@ -255,9 +260,16 @@ impl Worker<'_> {
             .send()
             .await;
         let latency = started.elapsed();
-        let (status, error) = match result {
-            Ok(resp) => (Some(resp.status().as_u16()), None),
-            Err(e) => (None, Some(error_chain(&e))),
+        let (status, error, retry_after) = match result {
+            Ok(resp) => {
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+                (Some(resp.status().as_u16()), None, retry_after)
+            }
+            Err(e) => (None, Some(error_chain(&e)), None),
         };
         let outcome = classify(status);
         self.metrics
@@ -268,8 +280,8 @@ impl Worker<'_> {
             .attempts
             .with_label_values(&[&ep.name, outcome.as_str(), status_class(status)])
             .inc();
-        tracing::debug!(endpoint = %ep.name, conversion_id = %c.conversion_id, attempt, ?status, ?error, "delivery attempt");
-        DeliveryAttempt {
+        tracing::debug!(endpoint = %ep.name, conversion_id = %c.conversion_id, attempt, ?status, ?error, ?retry_after, "delivery attempt");
+        let record = DeliveryAttempt {
             schema_version: SCHEMA_VERSION,
             delivery_id: delivery_id.to_string(),
             conversion_id: c.conversion_id.clone(),
@@ -283,7 +295,8 @@ impl Worker<'_> {
             outcome,
             error,
             ts_ms: s2s_common::now_ms(),
-        }
+        };
+        (record, retry_after)
     }
 
     async fn publish(

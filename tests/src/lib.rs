@@ -118,6 +118,8 @@ struct EndpointState {
     /// Statuses to answer with, in order; 200 once used up.
     script: Mutex<std::collections::VecDeque<u16>>,
     echo: bool,
+    /// Sent as `Retry-After` with every scripted non-2xx answer.
+    retry_after: Option<String>,
 }
 
 /// An HTTP server that records every request on any path and answers from a script.
@@ -131,16 +133,34 @@ pub struct TestEndpoint {
 impl TestEndpoint {
     /// Binds `127.0.0.1:0` and answers `script` statuses in order, then 200.
     pub async fn start(script: &[u16]) -> Self {
-        Self::bind("127.0.0.1:0".parse().expect("addr"), script, false)
+        Self::bind("127.0.0.1:0".parse().expect("addr"), script, false, None)
             .await
             .expect("bind test endpoint")
     }
 
+    /// Like [`TestEndpoint::start`], with `Retry-After: <value>` on the scripted errors.
+    pub async fn start_with_retry_after(script: &[u16], retry_after: &str) -> Self {
+        Self::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            script,
+            false,
+            Some(retry_after.to_string()),
+        )
+        .await
+        .expect("bind test endpoint")
+    }
+
     /// Binds `addr`; with `echo`, prints each request to stdout (the demo affiliate).
-    pub async fn bind(addr: SocketAddr, script: &[u16], echo: bool) -> std::io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        script: &[u16],
+        echo: bool,
+        retry_after: Option<String>,
+    ) -> std::io::Result<Self> {
         let state = Arc::new(EndpointState {
             script: Mutex::new(script.iter().copied().collect()),
             echo,
+            retry_after,
             ..Default::default()
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -192,7 +212,7 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, &'static str) {
+) -> (StatusCode, HeaderMap, &'static str) {
     let r = Received {
         method: method.to_string(),
         path: uri.path().to_string(),
@@ -222,10 +242,14 @@ async fn record(
         .ok()
         .and_then(|mut s| s.pop_front())
         .unwrap_or(200);
-    (
-        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
-        "ok\n",
-    )
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let mut headers = HeaderMap::new();
+    if let (false, Some(ra)) = (status.is_success(), &state.retry_after) {
+        if let Ok(v) = ra.parse() {
+            headers.insert("retry-after", v);
+        }
+    }
+    (status, headers, "ok\n")
 }
 
 /// Reads a topic from the beginning of every partition, outside any consumer group.

@@ -370,3 +370,35 @@ async fn start_up_refuses_topics_that_are_not_co_partitioned() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    // The schedule alone would retry after ~50 ms; the endpoint asks for 2 s.
+    let busy = TestEndpoint::start_with_retry_after(&[429], "2").await;
+    let p = Pipeline::start(PipelineOptions {
+        retry_schedule_ms: vec![50],
+        postbacks: vec![("busy".into(), busy.url("/pb?c={click_id}"))],
+        ..Default::default()
+    })
+    .await;
+    let click_id = click(&p, "offer_id=1&aff_id=5").await;
+    postback(&p, &format!("click_id={click_id}&event=ftd")).await;
+    let log = TopicReader::new(&p.topics.delivery_log)
+        .read_until::<DeliveryAttempt>("two attempts", WAIT, |a| a.len() >= 2)
+        .await;
+    assert_eq!(
+        (log[0].status_code, log[0].outcome),
+        (Some(429), AttemptOutcome::Retryable)
+    );
+    assert_eq!(
+        (log[1].attempt, log[1].outcome),
+        (2, AttemptOutcome::Delivered)
+    );
+    let gap_ms = log[1].ts_ms - log[0].ts_ms;
+    assert!(
+        gap_ms >= 2000,
+        "second attempt only {gap_ms} ms after the first"
+    );
+    assert!(gap_ms < 10_000, "waited far longer than asked: {gap_ms} ms");
+    p.stop().await;
+}

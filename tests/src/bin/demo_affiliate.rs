@@ -13,7 +13,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let endpoint = s2s_tests::TestEndpoint::bind(args.listen, &[], true).await?;
+    let endpoint = s2s_tests::TestEndpoint::bind(args.listen, &[], true, None).await?;
     println!("demo-affiliate listening on http://{}", endpoint.addr());
     s2s_common::shutdown::on_signals().cancelled().await;
     Ok(())
