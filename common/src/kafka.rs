@@ -208,8 +208,8 @@ pub async fn send_and_wait<C: ClientContext + 'static>(
 }
 
 /// Creates the pipeline's topics if missing and `topics.create` is on (an existing topic
-/// is left as it is), waits until the broker reports them, and checks that clicks and postbacks are co-partitioned.
-/// Returns the partition count of each topic, by name.
+/// is left as it is), waits until the broker reports them, and checks that clicks and
+/// postbacks are co-partitioned. Returns the partition count of each topic, by name.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &TopicsConfig,
@@ -217,20 +217,20 @@ pub async fn ensure_topics(
 ) -> Result<BTreeMap<String, i32>, KafkaSetupError> {
     let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
     let wanted: Vec<&TopicConfig> = topics.all().to_vec();
-    let new: Vec<NewTopic<'_>> = wanted
-        .iter()
-        .map(|t| {
-            t.config.iter().fold(
-                NewTopic::new(
-                    &t.name,
-                    t.partitions,
-                    TopicReplication::Fixed(t.replication_factor),
-                ),
-                |nt, (k, v)| nt.set(k, v),
-            )
-        })
-        .collect();
     if topics.create {
+        let new: Vec<NewTopic<'_>> = wanted
+            .iter()
+            .map(|t| {
+                t.config.iter().fold(
+                    NewTopic::new(
+                        &t.name,
+                        t.partitions,
+                        TopicReplication::Fixed(t.replication_factor),
+                    ),
+                    |nt, (k, v)| nt.set(k, v),
+                )
+            })
+            .collect();
         let opts = AdminOptions::new().operation_timeout(Some(timeout));
         for result in admin.create_topics(new.iter(), &opts).await? {
             match result {

@@ -59,8 +59,8 @@ impl KafkaStats {
         Ok(KafkaStats(Arc::new(inner)))
     }
 
-    /// Applies one statistics report (also called directly by tests).
-    pub fn apply(&self, s: &Statistics) {
+    /// Applies one statistics report.
+    fn apply(&self, s: &Statistics) {
         let i = &self.0;
         i.queue_messages
             .set(i64::try_from(s.msg_cnt).unwrap_or(i64::MAX));

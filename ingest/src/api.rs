@@ -137,6 +137,8 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
 /// A record ingest publishes.
 trait Record: Serialize {
     const KIND: &'static str;
+    /// The topic this kind of record goes to.
+    fn topic(app: &App) -> &str;
     fn click_id(&self) -> &str;
     /// The ID reported back to the caller.
     fn id(&self) -> &str;
@@ -144,6 +146,9 @@ trait Record: Serialize {
 
 impl Record for Click {
     const KIND: &'static str = "click";
+    fn topic(app: &App) -> &str {
+        &app.clicks_topic
+    }
     fn click_id(&self) -> &str {
         &self.click_id
     }
@@ -154,6 +159,9 @@ impl Record for Click {
 
 impl Record for Postback {
     const KIND: &'static str = "postback";
+    fn topic(app: &App) -> &str {
+        &app.postbacks_topic
+    }
     fn click_id(&self) -> &str {
         &self.click_id
     }
@@ -171,20 +179,12 @@ struct Admitted {
 }
 
 impl App {
-    fn topic<R: Record>(&self) -> &str {
-        if R::KIND == "click" {
-            &self.clicks_topic
-        } else {
-            &self.postbacks_topic
-        }
-    }
-
     /// Publishes a record keyed by click ID; a failure is a 503.
     async fn publish<R: Record>(&self, record: &R) -> Result<(), ApiError> {
         self.publisher
             .send(
                 R::KIND,
-                self.topic::<R>(),
+                R::topic(self),
                 partition_key(record.click_id()),
                 &encode(record),
             )
@@ -380,20 +380,19 @@ async fn postback_batch(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let a = admit_batch(&app, source, peer, &headers, query, body).await?;
-    let (rules, source) = (&app.rules, &a.source);
-    let build = |mut pairs: Pairs| {
-        source.apply_aliases(&mut pairs);
+    let request = (source.map(|p| p.0), peer, query, body);
+    run_batch::<Postback>(&app, &headers, request, |a, mut pairs| {
+        a.source.apply_aliases(&mut pairs);
         build_postback(
             pairs,
-            rules,
-            Some(&source.name),
+            &app.rules,
+            Some(&a.source.name),
             a.meta.clone(),
             new_ulid(),
             now_ms(),
         )
-    };
-    run_batch::<Postback>(&app, &headers, &a.body, build).await
+    })
+    .await
 }
 
 async fn click_batch(
@@ -404,36 +403,11 @@ async fn click_batch(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let a = admit_batch(&app, source, peer, &headers, query, body).await?;
-    run_batch::<Click>(&app, &headers, &a.body, |pairs| {
+    let request = (source.map(|p| p.0), peer, query, body);
+    run_batch::<Click>(&app, &headers, request, |_, pairs| {
         build_operator_click(pairs, now_ms())
     })
     .await
-}
-
-/// Admission of a batch request; a refused request counts as one invalid record.
-async fn admit_batch(
-    app: &App,
-    source: Option<Path<String>>,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    query: Option<String>,
-    body: Body,
-) -> Result<Admitted, ApiError> {
-    let r = app
-        .admit(
-            source.map(|p| p.0),
-            peer,
-            &Method::POST,
-            headers,
-            query,
-            body,
-        )
-        .await;
-    if let Err(e) = &r {
-        tracing::debug!(code = e.code, error = %e.message, "batch refused");
-    }
-    r
 }
 
 #[derive(Serialize)]
@@ -446,23 +420,37 @@ struct ItemResult {
     error: Option<serde_json::Value>,
 }
 
-/// Validates every record, publishes the valid ones concurrently, and reports each.
+/// Admits a batch request, validates every record, publishes the valid ones
+/// concurrently, and reports each. A refused request (source, address, limit, auth, body,
+/// content type, unparseable batch) counts as one invalid record.
 async fn run_batch<R: Record>(
     app: &App,
     headers: &HeaderMap,
-    body: &[u8],
-    build: impl Fn(Pairs) -> Result<R, ApiError>,
+    (source, peer, query, body): (Option<String>, SocketAddr, Option<String>, Body),
+    build: impl Fn(&Admitted, Pairs) -> Result<R, ApiError>,
 ) -> Result<Response, ApiError> {
-    let ct = content_type(headers);
-    if !matches!(
-        ct.as_str(),
-        "application/json" | "application/x-ndjson" | ""
-    ) {
-        return Err(unsupported(&ct, "application/json or application/x-ndjson"));
+    let admitted = async {
+        let a = app
+            .admit(source, peer, &Method::POST, headers, query, body)
+            .await?;
+        let ct = content_type(headers);
+        if !matches!(
+            ct.as_str(),
+            "application/json" | "application/x-ndjson" | ""
+        ) {
+            return Err(unsupported(&ct, "application/json or application/x-ndjson"));
+        }
+        let records = parse_batch(&ct, &a.body)?;
+        Ok((a, records))
     }
-    let built: Vec<Result<R, ApiError>> = parse_batch(&ct, body)?
+    .await;
+    if admitted.is_err() {
+        app.count(R::KIND, &admitted);
+    }
+    let (a, records) = admitted?;
+    let built: Vec<Result<R, ApiError>> = records
         .into_iter()
-        .map(|r| r.and_then(&build))
+        .map(|r| r.and_then(|pairs| build(&a, pairs)))
         .collect();
     let published = join_all(built.iter().map(|r| async move {
         match r {

@@ -45,6 +45,9 @@ async fn start() -> (IngestHandle, s2s_common::topics::TopicsConfig) {
         .insert("signed".into(), source(AuthKind::Hmac, &[]));
     c.sources
         .insert("walled".into(), source(AuthKind::None, &["192.0.2.0/24"]));
+    let mut throttled = source(AuthKind::None, &[]);
+    throttled.rate_limit_per_second = Some(1);
+    c.sources.insert("throttled".into(), throttled);
     (IngestHandle::start(c).await, topics)
 }
 
@@ -121,6 +124,22 @@ async fn every_error_class_is_json_and_publishes_nothing() {
             403,
             "forbidden",
         ),
+        // The first request to "throttled" uses its one-per-second allowance (and is
+        // refused for its unknown event, publishing nothing); the second gets 429.
+        (
+            get("/postback/throttled?click_id=c&event=refund")
+                .await
+                .expect("req"),
+            422,
+            "unknown_value",
+        ),
+        (
+            get("/postback/throttled?click_id=c&event=refund")
+                .await
+                .expect("req"),
+            429,
+            "rate_limited",
+        ),
         (
             c.post(ingest.url("/postback"))
                 .header("content-type", "text/csv")
@@ -169,6 +188,23 @@ async fn every_error_class_is_json_and_publishes_nothing() {
             "{err}"
         );
         assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // Every refused record is counted once, batches included; the 431 is refused before
+    // any handler and the unrouted requests (404, 405) carry no record.
+    let metrics = c
+        .get(format!("http://{}/metrics", ingest.admin))
+        .send()
+        .await
+        .expect("req")
+        .text()
+        .await
+        .expect("text");
+    for line in [
+        "ingest_records_total{kind=\"postback\",outcome=\"invalid\"} 12",
+        "ingest_records_total{kind=\"click\",outcome=\"invalid\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
 
     // The marker goes last; with one partition, anything a rejected request had published
