@@ -24,6 +24,13 @@ pub struct AttributorConfig {
     pub max_batch: usize,
     pub grace_period_ms: u64,
     pub default_window_seconds: u64,
+    /// Windows per event type, for offers that do not set their own.
+    #[serde(default)]
+    pub event_window_seconds: BTreeMap<String, u64>,
+    /// Events that count at most once per click.
+    pub once_per_click_events: Vec<String>,
+    /// How long a conversion is kept for dedup and status updates after its last change.
+    pub conversion_retention_seconds: u64,
     pub default_currency: String,
     pub rocksdb: RocksConfig,
     pub kafka: KafkaConfig,
@@ -44,8 +51,13 @@ pub struct RocksConfig {
 pub struct OfferConfig {
     pub currency: Option<String>,
     pub window_seconds: Option<u64>,
+    /// The offer's windows per event type.
+    #[serde(default)]
+    pub event_window_seconds: BTreeMap<String, u64>,
     #[serde(default)]
     pub payouts: BTreeMap<String, Decimal>,
+    /// Conversions sooner than this after their click are flagged `suspicious`.
+    pub min_click_to_conversion_seconds: Option<u64>,
 }
 
 impl AttributorConfig {
@@ -67,6 +79,16 @@ impl AttributorConfig {
         }
         if self.default_window_seconds == 0 {
             return Err("default_window_seconds must be > 0".into());
+        }
+        if let Some((event, _)) = self.event_window_seconds.iter().find(|(_, w)| **w == 0) {
+            return Err(format!("event_window_seconds.{event} must be > 0"));
+        }
+        if self.conversion_retention_seconds < self.default_window_seconds {
+            return Err(format!(
+                "conversion_retention_seconds ({}) must be at least default_window_seconds ({}): \
+                 conversions must outlive the window in which duplicates can arrive",
+                self.conversion_retention_seconds, self.default_window_seconds
+            ));
         }
         if self.rocksdb.block_cache_bytes < 1 << 20 || self.rocksdb.write_buffer_bytes < 1 << 20 {
             return Err(
@@ -94,6 +116,11 @@ impl AttributorConfig {
             if o.window_seconds == Some(0) {
                 return Err(format!("offers.{id}.window_seconds must be > 0"));
             }
+            if let Some((event, _)) = o.event_window_seconds.iter().find(|(_, w)| **w == 0) {
+                return Err(format!(
+                    "offers.{id}.event_window_seconds.{event} must be > 0"
+                ));
+            }
             if let Some((event, p)) = o.payouts.iter().find(|(_, p)| p.is_sign_negative()) {
                 return Err(format!(
                     "offers.{id}.payouts.{event} = {p} must not be negative"
@@ -104,16 +131,29 @@ impl AttributorConfig {
                 OfferRules {
                     currency,
                     window_ms: o.window_seconds.map(secs_to_ms),
+                    event_windows_ms: windows_ms(&o.event_window_seconds),
                     payouts: o.payouts.clone(),
+                    min_click_to_conversion_ms: o.min_click_to_conversion_seconds.map(secs_to_ms),
                 },
             );
         }
         Ok(Rules {
             default_window_ms: secs_to_ms(self.default_window_seconds),
+            event_windows_ms: windows_ms(&self.event_window_seconds),
             default_currency: self.default_currency.clone(),
             offers,
+            once_per_click: self.once_per_click_events.iter().cloned().collect(),
         })
     }
+
+    /// How long conversions are kept after their last change.
+    pub fn conversion_retention_ms(&self) -> i64 {
+        secs_to_ms(self.conversion_retention_seconds)
+    }
+}
+
+fn windows_ms(w: &BTreeMap<String, u64>) -> BTreeMap<String, i64> {
+    w.iter().map(|(e, s)| (e.clone(), secs_to_ms(*s))).collect()
 }
 
 fn secs_to_ms(s: u64) -> i64 {

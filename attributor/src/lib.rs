@@ -1,35 +1,47 @@
-//! Attributor: the stateful core. It joins postbacks to clicks by click ID in a windowed
-//! RocksDB store and publishes attributed conversions and reason-coded rejections.
+//! Attributor: the stateful core. It joins postbacks to clicks by click ID in windowed
+//! RocksDB stores (one per input partition) and publishes attributed conversions, status
+//! updates and reason-coded rejections.
 //!
-//! Processing cycle (at-least-once in this version):
+//! Processing cycle (at-least-once):
 //! 1. consume up to `max_batch` records from clicks and postbacks, or for
-//!    `commit_interval_ms`;
-//! 2. apply them to a staged overlay of the store, collecting outcomes; release postbacks
-//!    whose grace period ended (a wall-clock timer, so an idle partition still emits);
-//! 3. publish the outcomes and wait until the broker acknowledged every one;
-//! 4. write the staged state and the next input offsets in one atomic RocksDB batch;
-//! 5. commit the offsets to the consumer group.
+//!    `commit_interval_ms`; records of partitions no longer owned are dropped, records
+//!    already reflected by a partition's state are skipped;
+//! 2. per partition, apply them to a staged overlay of its store, collecting outcomes; then
+//!    release postbacks whose grace period ended (a wall-clock timer, so an idle partition
+//!    still emits) — but only once the partition's clicks are caught up, so that a backlog
+//!    after downtime is read before anything is declared `unknown_click`;
+//! 3. write the partition's journal (its input range, `now`, whether timers ran);
+//! 4. publish the outcomes and wait until the broker acknowledged every one;
+//! 5. write each partition's staged state and its next input offsets in one atomic RocksDB
+//!    batch, which also closes the journal;
+//! 6. commit the offsets to the consumer group (asynchronously: they only serve monitoring
+//!    and instances without state; an owner starts at the offsets in its store).
 //!
-//! A crash before 4 leaves state and offsets as of the previous cycle: the batch is
-//! consumed again and yields the same outcomes with the same deterministic IDs. A crash
-//! between 4 and 5 replays the batch over state that already holds it; the outcomes are
-//! again the same IDs (clicks are idempotent puts, an attributed postback re-attributes
-//! identically). Consumers deduplicate by `outcome_id`. A produce failure that outlasts
-//! librdkafka's own retries stops the service with an error instead of committing.
+//! A crash before 5 leaves state and offsets as of the previous cycle. On restart the
+//! journal makes the partition's first cycle replay exactly the crashed one — the same
+//! records, the same `now`, the same timer decision — so the outcomes it may already have
+//! published are reproduced with the same IDs, decisions and fields. Consumers deduplicate
+//! by `outcome_id`. A produce failure that outlasts librdkafka's own retries stops the
+//! service with an error instead of committing.
+//!
+//! Undecodable input (bad JSON, unknown schema version) is copied byte for byte to the
+//! poison topic, with the reason and its origin in headers; it never stops the stream.
 
 pub mod config;
 pub mod join;
 pub mod metrics;
+pub mod ownership;
 pub mod process;
 pub mod store;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use s2s_common::contract::{self, Click, Postback};
@@ -40,8 +52,9 @@ use s2s_common::topics::partition_key;
 use tokio_util::sync::CancellationToken;
 
 pub use config::AttributorConfig;
+use ownership::{Ownership, OwnershipContext};
 use process::{Joiner, Outcome};
-use store::{Cf, Store, StoreError, StoreLimits};
+use store::{Cf, Journal, Staged, Store, StoreError, StoreLimits, StoreSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttributorError {
@@ -59,17 +72,25 @@ pub enum AttributorError {
     Metrics(#[from] prometheus::Error),
     #[error("publishing outcomes failed, nothing committed: {0}")]
     Publish(String),
+    #[error("{0}")]
+    Ownership(String),
 }
 
-/// Upper bound of grace-period expiries handled per cycle, to keep cycles short.
+/// Upper bound of grace-period expiries handled per partition and cycle, to keep cycles
+/// short.
 const TIMER_BATCH: usize = 10_000;
 
-/// A started attributor: store open, topics provisioned, clients created, admin bound.
+/// How often the state-size gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+type Consumer_ = StreamConsumer<OwnershipContext>;
+
+/// A started attributor: topics provisioned, clients created, admin bound.
 pub struct Attributor {
     config: AttributorConfig,
     joiner: Joiner,
-    store: Store,
-    consumer: StreamConsumer,
+    ownership: Arc<Ownership>,
+    consumer: Consumer_,
     producer: FutureProducer<KafkaStats>,
     admin: Admin,
     metrics: metrics::Metrics,
@@ -87,17 +108,33 @@ impl Attributor {
     pub async fn bind(config: AttributorConfig) -> Result<Self, AttributorError> {
         let rules = config.validate().map_err(AttributorError::Config)?;
         ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
-        let store = Store::open(
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            AttributorError::Config(format!(
+                "state_dir {}: {e}; point it at a writable persistent directory",
+                config.state_dir.display()
+            ))
+        })?;
+        let grace_ms = i64::try_from(config.grace_period_ms).unwrap_or(i64::MAX);
+        let stores = StoreSet::new(
             &config.state_dir,
             StoreLimits {
                 block_cache_bytes: config.rocksdb.block_cache_bytes,
                 write_buffer_bytes: config.rocksdb.write_buffer_bytes,
-                click_retention_ms: rules
-                    .max_window_ms()
-                    .saturating_add(i64::try_from(config.grace_period_ms).unwrap_or(i64::MAX)),
+                click_retention_ms: rules.max_window_ms().saturating_add(grace_ms),
+                conversion_retention_ms: config.conversion_retention_ms(),
             },
-        )?;
-        let consumer: StreamConsumer = config.kafka.consumer_config(&config.group_id).create()?;
+        );
+        let ownership = Arc::new(Ownership::new(
+            stores,
+            [
+                config.topics.clicks.name.clone(),
+                config.topics.postbacks.name.clone(),
+            ],
+        ));
+        let consumer: Consumer_ = config
+            .kafka
+            .consumer_config(&config.group_id)
+            .create_with_context(OwnershipContext(Arc::clone(&ownership)))?;
         consumer.subscribe(&[&config.topics.clicks.name, &config.topics.postbacks.name])?;
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
@@ -105,12 +142,9 @@ impl Attributor {
         let producer: FutureProducer<KafkaStats> =
             config.kafka.producer_config().create_with_context(stats)?;
         Ok(Attributor {
-            joiner: Joiner {
-                rules,
-                grace_ms: i64::try_from(config.grace_period_ms).unwrap_or(i64::MAX),
-            },
+            joiner: Joiner { rules, grace_ms },
             config,
-            store,
+            ownership,
             consumer,
             producer,
             admin,
@@ -128,13 +162,15 @@ impl Attributor {
         let health = self.admin.health.clone();
         let admin_task = self.admin.spawn(shutdown.clone());
         tracing::info!(admin = ?admin_addr, group = %self.config.group_id, "attributor running");
-        let worker = Worker {
+        let mut worker = Worker {
             config: &self.config,
             joiner: &self.joiner,
-            store: &self.store,
+            ownership: &self.ownership,
             consumer: &self.consumer,
             producer: &self.producer,
             metrics: &self.metrics,
+            parts: BTreeMap::new(),
+            gauges_at: Instant::now(),
         };
         let result = worker.run(&shutdown).await;
         health.drain();
@@ -148,26 +184,62 @@ impl Attributor {
     }
 }
 
+/// What the worker holds for one owned partition between cycles.
+struct Part {
+    store: Arc<Store>,
+    /// Per input topic: the offset after the last record taken in (buffered or processed).
+    next: BTreeMap<String, i64>,
+    /// Records taken in, not yet processed (held back while a journal is replayed).
+    buffer: Vec<OwnedMessage>,
+    /// The crashed cycle to replay first, from the store.
+    journal: Option<Journal>,
+}
+
+/// One partition's share of a cycle.
+struct Work {
+    partition: i32,
+    store: Arc<Store>,
+    records: Vec<OwnedMessage>,
+    journal: Journal,
+}
+
+/// Something to publish, and how to count it once acknowledged.
+enum Output {
+    Outcome(Box<Outcome>),
+    Poison {
+        msg: OwnedMessage,
+        kind: &'static str,
+        reason: String,
+    },
+}
+
 struct Worker<'a> {
     config: &'a AttributorConfig,
     joiner: &'a Joiner,
-    store: &'a Store,
-    consumer: &'a StreamConsumer,
+    ownership: &'a Ownership,
+    consumer: &'a Consumer_,
     producer: &'a FutureProducer<KafkaStats>,
     metrics: &'a metrics::Metrics,
+    parts: BTreeMap<i32, Part>,
+    gauges_at: Instant,
 }
 
 impl Worker<'_> {
-    async fn run(&self, shutdown: &CancellationToken) -> Result<(), AttributorError> {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), AttributorError> {
         let interval = Duration::from_millis(self.config.commit_interval_ms);
         loop {
             let (batch, stopping) = self.gather(shutdown, interval).await;
+            if let Some(failure) = self.ownership.failure() {
+                return Err(AttributorError::Ownership(failure));
+            }
             let started = Instant::now();
-            if self.cycle(batch).await? {
+            self.take_in(batch)?;
+            if self.cycle().await? {
                 self.metrics
                     .cycle_seconds
                     .observe(started.elapsed().as_secs_f64());
             }
+            self.refresh_gauges();
             if stopping {
                 return Ok(());
             }
@@ -199,101 +271,246 @@ impl Worker<'_> {
         (batch, false)
     }
 
-    /// One cycle over `batch` and the due timers; `false` when there was nothing to do.
-    async fn cycle(&self, batch: Vec<OwnedMessage>) -> Result<bool, AttributorError> {
-        let topics = &self.config.topics;
-        let now = s2s_common::now_ms();
-        let mut st = self.store.stage();
-        let mut outcomes = Vec::new();
-        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        for msg in &batch {
-            offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
-            let payload = msg.payload().unwrap_or_default();
-            let kind = if msg.topic() == topics.clicks.name {
-                "click"
-            } else {
-                "postback"
-            };
-            self.metrics.consumed.with_label_values(&[kind]).inc();
-            let malformed = |e: &dyn std::fmt::Display| {
-                tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), error = %e, "malformed input record");
-                Outcome::Rejected(join::reject_malformed(
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
-                    payload,
-                    &e.to_string(),
-                    now,
-                ))
-            };
-            if kind == "click" {
-                match contract::decode::<Click>(payload) {
-                    Ok(click) => outcomes.extend(self.joiner.on_click(&mut st, &click, now)?),
-                    Err(e) => outcomes.push(malformed(&e)),
-                }
-            } else {
-                match contract::decode::<Postback>(payload) {
-                    Ok(pb) => outcomes.extend(self.joiner.on_postback(&mut st, &pb, now)?),
-                    Err(e) => outcomes.push(malformed(&e)),
+    /// Brings the partitions in line with the assignment and buffers the new records:
+    /// records of partitions not owned are dropped (their new owner reads them), records
+    /// at offsets already taken in (a rebalance re-fetches from the stored offsets) are
+    /// skipped.
+    fn take_in(&mut self, batch: Vec<OwnedMessage>) -> Result<(), AttributorError> {
+        let assigned = self.ownership.assigned();
+        self.parts
+            .retain(|p, _| assigned.iter().any(|(a, _)| a == p));
+        for (p, store) in assigned {
+            if self.parts.contains_key(&p) {
+                continue;
+            }
+            let mut next = BTreeMap::new();
+            for topic in [
+                &self.config.topics.clicks.name,
+                &self.config.topics.postbacks.name,
+            ] {
+                if let Some(o) = store.offset(topic)? {
+                    next.insert(topic.clone(), o);
                 }
             }
+            let journal = store.journal()?;
+            if let Some(j) = &journal {
+                tracing::info!(partition = p, ends = ?j.ends, "replaying the cycle that was in flight");
+            }
+            self.parts.insert(
+                p,
+                Part {
+                    store,
+                    next,
+                    buffer: Vec::new(),
+                    journal,
+                },
+            );
         }
-        outcomes.extend(self.joiner.on_timer(&mut st, now, TIMER_BATCH)?);
+        for msg in batch {
+            let Some(part) = self.parts.get_mut(&msg.partition()) else {
+                continue;
+            };
+            let next = part.next.entry(msg.topic().to_string()).or_insert(0);
+            if msg.offset() < *next {
+                continue;
+            }
+            *next = msg.offset() + 1;
+            part.buffer.push(msg);
+        }
+        Ok(())
+    }
 
-        if st.is_empty() && offsets.is_empty() {
+    /// Whether every click of the partition that the broker has is taken in.
+    fn clicks_caught_up(&self, partition: i32, part: &Part) -> bool {
+        let topic = &self.config.topics.clicks.name;
+        match self.ownership.high_watermark(topic, partition) {
+            Some(high) => part.next.get(topic).copied().unwrap_or(0) >= high,
+            None => false,
+        }
+    }
+
+    /// Picks each partition's work for this cycle: the journal's range when one is being
+    /// replayed (once all of it is buffered), else everything buffered.
+    fn plan(&mut self, now_ms: i64) -> Vec<Work> {
+        let partitions: Vec<i32> = self.parts.keys().copied().collect();
+        let mut work = Vec::new();
+        for p in partitions {
+            let caught_up = self
+                .parts
+                .get(&p)
+                .is_some_and(|part| self.clicks_caught_up(p, part));
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            let (records, journal) = match part.journal.take() {
+                Some(j) => {
+                    let complete = j
+                        .ends
+                        .iter()
+                        .all(|(t, end)| part.next.get(t).copied().unwrap_or(0) >= *end);
+                    if !complete {
+                        part.journal = Some(j);
+                        continue;
+                    }
+                    let (take, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut part.buffer)
+                        .into_iter()
+                        .partition(|m| j.ends.get(m.topic()).is_some_and(|end| m.offset() < *end));
+                    part.buffer = keep;
+                    (take, j)
+                }
+                None => {
+                    let records = std::mem::take(&mut part.buffer);
+                    let mut ends = BTreeMap::new();
+                    for m in &records {
+                        ends.insert(m.topic().to_string(), m.offset() + 1);
+                    }
+                    let journal = Journal {
+                        now_ms,
+                        timers: caught_up,
+                        ends,
+                    };
+                    (records, journal)
+                }
+            };
+            work.push(Work {
+                partition: p,
+                store: Arc::clone(&part.store),
+                records,
+                journal,
+            });
+        }
+        work
+    }
+
+    /// One cycle over the buffered records and the due timers; `false` when there was
+    /// nothing to do.
+    async fn cycle(&mut self) -> Result<bool, AttributorError> {
+        let works = self.plan(s2s_common::now_ms());
+        let mut staged: Vec<(Staged<'_>, &Work)> = Vec::new();
+        let mut outputs = Vec::new();
+        for w in &works {
+            let mut st = w.store.stage();
+            let before = outputs.len();
+            self.process(w, &mut st, &mut outputs)?;
+            if st.is_empty() && w.records.is_empty() && outputs.len() == before {
+                continue;
+            }
+            if outputs.len() > before {
+                // Outputs will be visible before the commit: record what produced them.
+                w.store.begin(&w.journal)?;
+            }
+            staged.push((st, w));
+        }
+        if staged.is_empty() {
             return Ok(false);
         }
-        self.publish(&outcomes).await?;
-        self.store.commit(st, &offsets)?;
-        if !offsets.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for ((topic, partition), next) in &offsets {
-                tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+        self.publish(&outputs).await?;
+        let mut tpl = TopicPartitionList::new();
+        for (st, w) in staged {
+            w.store.commit(st, &w.journal.ends)?;
+            for (topic, next) in &w.journal.ends {
+                tpl.add_partition_offset(topic, w.partition, Offset::Offset(*next))?;
             }
-            // Async: the offsets are already durable in the store; a lost commit only
-            // means a replay with the same outcome IDs.
+        }
+        if tpl.count() > 0 {
+            // Async: the offsets are already durable in the stores.
             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-                tracing::warn!(error = %e, "offset commit failed; the batch may be replayed");
+                tracing::warn!(error = %e, "offset commit to the group failed; stores hold the offsets");
             }
         }
-        for o in &outcomes {
-            match o {
-                Outcome::Attributed(_) => self
-                    .metrics
-                    .outcomes
-                    .with_label_values(&["attributed", "none"])
-                    .inc(),
-                Outcome::Rejected(r) => self
-                    .metrics
-                    .outcomes
-                    .with_label_values(&["rejected", r.reason.as_str()])
-                    .inc(),
-            }
-        }
-        for cf in Cf::ALL {
-            if let Ok(n) = self.store.estimate_keys(cf) {
-                self.metrics
-                    .state_keys
-                    .with_label_values(&[cf.name()])
-                    .set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
-        }
+        self.count(&outputs);
         Ok(true)
     }
 
-    /// Publishes every outcome and waits for all acknowledgements. A full producer queue
-    /// is backpressure: wait for the oldest record in flight, then try again.
-    async fn publish(&self, outcomes: &[Outcome]) -> Result<(), AttributorError> {
-        let topics = &self.config.topics;
-        let mut in_flight = VecDeque::with_capacity(outcomes.len());
-        for o in outcomes {
-            let (topic, payload) = match o {
-                Outcome::Attributed(c) => (&topics.conversions.name, contract::encode(c)),
-                Outcome::Rejected(r) => (&topics.rejections.name, contract::encode(r)),
+    /// Applies one partition's records, then its due timers, to its staged state.
+    fn process(
+        &self,
+        w: &Work,
+        st: &mut Staged<'_>,
+        outputs: &mut Vec<Output>,
+    ) -> Result<(), AttributorError> {
+        let now = w.journal.now_ms;
+        for msg in &w.records {
+            let payload = msg.payload().unwrap_or_default();
+            let is_click = msg.topic() == self.config.topics.clicks.name;
+            let kind = if is_click { "click" } else { "postback" };
+            self.metrics.consumed.with_label_values(&[kind]).inc();
+            let decoded = if is_click {
+                contract::decode::<Click>(payload)
+                    .map(|click| self.joiner.on_click(st, &click, now))
+            } else {
+                contract::decode::<Postback>(payload).map(|pb| {
+                    self.joiner
+                        .on_postback(st, &pb, msg.offset(), now)
+                        .map(|o| o.into_iter().collect())
+                })
             };
-            let mut record = FutureRecord::to(topic)
-                .key(partition_key(o.key()))
-                .payload(&payload);
+            match decoded {
+                Ok(outcomes) => {
+                    outputs.extend(outcomes?.into_iter().map(|o| Output::Outcome(Box::new(o))))
+                }
+                Err(e) => outputs.push(Output::Poison {
+                    msg: msg.clone(),
+                    kind,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        if w.journal.timers {
+            outputs.extend(
+                self.joiner
+                    .on_timer(st, now, TIMER_BATCH)?
+                    .into_iter()
+                    .map(|o| Output::Outcome(Box::new(o))),
+            );
+        }
+        Ok(())
+    }
+
+    /// Publishes every output and waits for all acknowledgements. A full producer queue
+    /// is backpressure: wait for the oldest record in flight, then try again.
+    async fn publish(&self, outputs: &[Output]) -> Result<(), AttributorError> {
+        let topics = &self.config.topics;
+        let mut in_flight = VecDeque::with_capacity(outputs.len());
+        for o in outputs {
+            let (topic, key, payload, headers) = match o {
+                Output::Outcome(o) => {
+                    let (topic, payload) = match &**o {
+                        Outcome::Attributed(c) | Outcome::Updated(c) => {
+                            (&topics.conversions.name, contract::encode(c))
+                        }
+                        Outcome::Rejected(r) => (&topics.rejections.name, contract::encode(r)),
+                    };
+                    (topic, partition_key(o.key()).to_vec(), payload, None)
+                }
+                Output::Poison { msg, reason, .. } => {
+                    let partition = msg.partition().to_string();
+                    let offset = msg.offset().to_string();
+                    let headers = [
+                        ("s2s-poison-reason", reason.as_str()),
+                        ("s2s-source-topic", msg.topic()),
+                        ("s2s-source-partition", partition.as_str()),
+                        ("s2s-source-offset", offset.as_str()),
+                    ]
+                    .into_iter()
+                    .fold(OwnedHeaders::new(), |h, (key, value)| {
+                        h.insert(Header {
+                            key,
+                            value: Some(value),
+                        })
+                    });
+                    (
+                        &topics.poison.name,
+                        msg.key().unwrap_or_default().to_vec(),
+                        msg.payload().unwrap_or_default().to_vec(),
+                        Some(headers),
+                    )
+                }
+            };
+            let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+            if let Some(h) = headers {
+                record = record.headers(h);
+            }
             loop {
                 match self.producer.send_result(record) {
                     Ok(f) => {
@@ -316,6 +533,86 @@ impl Worker<'_> {
         }
         Ok(())
     }
+
+    /// Logs and counts what a committed cycle produced: each event in this one place.
+    fn count(&self, outputs: &[Output]) {
+        let m = self.metrics;
+        let now = s2s_common::now_ms();
+        for o in outputs {
+            match o {
+                Output::Outcome(o) => {
+                    let (reason, pb_ts) = match &**o {
+                        Outcome::Attributed(c) => {
+                            m.click_to_conversion
+                                .observe(ms_to_secs(c.event_ts_ms - c.click_ts_ms));
+                            if c.suspicious {
+                                m.suspicious.inc();
+                            }
+                            ("none", c.event_ts_ms)
+                        }
+                        Outcome::Updated(c) => ("none", c.event_ts_ms),
+                        Outcome::Rejected(r) => (
+                            r.reason.as_str(),
+                            r.postback.as_ref().map_or(now, |p| p.ts_ms),
+                        ),
+                    };
+                    m.outcomes.with_label_values(&[o.label(), reason]).inc();
+                    m.postback_latency.observe(ms_to_secs(now - pb_ts));
+                }
+                Output::Poison { msg, kind, reason } => {
+                    tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason, "undecodable input record set aside on the poison topic");
+                    m.poison.with_label_values(&[kind]).inc();
+                }
+            }
+        }
+    }
+
+    /// State size per column family (summed over owned partitions) and consumer lag.
+    fn refresh_gauges(&mut self) {
+        if self.gauges_at.elapsed() < GAUGE_INTERVAL {
+            return;
+        }
+        self.gauges_at = Instant::now();
+        for cf in Cf::ALL {
+            let (mut keys, mut bytes) = (0u64, 0u64);
+            for part in self.parts.values() {
+                if let Ok((k, b)) = part.store.size(cf) {
+                    keys += k;
+                    bytes += b;
+                }
+            }
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.metrics
+                .state_keys
+                .with_label_values(&[cf.name()])
+                .set(gauge(keys));
+            self.metrics
+                .state_bytes
+                .with_label_values(&[cf.name()])
+                .set(gauge(bytes));
+        }
+        for topic in [
+            &self.config.topics.clicks.name,
+            &self.config.topics.postbacks.name,
+        ] {
+            let lag: i64 = self
+                .parts
+                .iter()
+                .filter_map(|(p, part)| {
+                    let high = self.ownership.high_watermark(topic, *p)?;
+                    Some((high - part.next.get(topic).copied().unwrap_or(0)).max(0))
+                })
+                .sum();
+            self.metrics.lag.with_label_values(&[topic]).set(lag);
+        }
+        self.metrics
+            .partitions
+            .set(i64::try_from(self.parts.len()).unwrap_or(i64::MAX));
+    }
+}
+
+fn ms_to_secs(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
 }
 
 fn acknowledged(

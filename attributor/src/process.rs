@@ -2,11 +2,13 @@
 //! time does to the store and which outcomes it emits. The decisions themselves are in
 //! [`crate::join`]; this module only reads and writes the state they need.
 
-use s2s_common::contract::{self, Click, Postback, RejectReason};
+use s2s_common::contract::{self, Click, Conversion, Postback};
 
 pub use crate::join::Outcome;
-use crate::join::{attribute, grace_deadline, reject, Rules};
-use crate::store::{Cf, Staged, StoreError};
+use crate::join::{
+    conversion_key, decide, event_prefix, grace_deadline, unknown_click, Known, Rules,
+};
+use crate::store::{stamped, unstamped, Cf, Staged, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct Joiner {
@@ -14,8 +16,18 @@ pub struct Joiner {
     pub grace_ms: i64,
 }
 
-fn pending_click_key(click_id: &str, postback_id: &str) -> Vec<u8> {
-    [click_id.as_bytes(), b"\0", postback_id.as_bytes()].concat()
+/// `[click_id][0]`: every per-click key starts with it, so no click ID is a prefix of another.
+fn click_prefix(click_id: &str) -> Vec<u8> {
+    [click_id.as_bytes(), b"\0"].concat()
+}
+
+fn pending_click_key(click_id: &str, offset: i64, postback_id: &str) -> Vec<u8> {
+    [
+        click_prefix(click_id).as_slice(),
+        &offset.to_be_bytes(),
+        postback_id.as_bytes(),
+    ]
+    .concat()
 }
 
 fn pending_due_key(due_ms: i64, click_key: &[u8]) -> Vec<u8> {
@@ -29,24 +41,27 @@ fn corrupt(cf: Cf, detail: impl ToString) -> StoreError {
     }
 }
 
+fn decode_conversion(v: &[u8]) -> Result<Conversion, StoreError> {
+    contract::decode(unstamped(v)).map_err(|e| corrupt(Cf::Conversions, e))
+}
+
 impl Joiner {
-    /// Stores the click and attributes any postbacks that were waiting for it.
+    /// Stores the click and decides, in arrival order, the postbacks that were waiting for it.
     pub fn on_click(
         &self,
         st: &mut Staged<'_>,
         click: &Click,
         now_ms: i64,
     ) -> Result<Vec<Outcome>, StoreError> {
-        let value = [
-            click.ts_ms.to_be_bytes().as_slice(),
-            &contract::encode(click),
-        ]
-        .concat();
-        st.put(Cf::Clicks, click.click_id.as_bytes().to_vec(), value);
-
-        let prefix = pending_click_key(&click.click_id, "");
+        st.put(
+            Cf::Clicks,
+            click.click_id.as_bytes().to_vec(),
+            stamped(click.ts_ms, &contract::encode(click)),
+        );
         let mut out = Vec::new();
-        for (click_key, due) in st.scan_prefix(Cf::PendingByClick, &prefix)? {
+        for (click_key, due) in
+            st.scan_prefix(Cf::PendingByClick, &click_prefix(&click.click_id))?
+        {
             let due = <[u8; 8]>::try_from(due.as_slice())
                 .map(i64::from_be_bytes)
                 .map_err(|_| corrupt(Cf::PendingByClick, "due is not 8 bytes"))?;
@@ -57,39 +72,82 @@ impl Joiner {
             let pb: Postback = contract::decode(&pb).map_err(|e| corrupt(Cf::PendingByDue, e))?;
             st.delete(Cf::PendingByDue, due_key);
             st.delete(Cf::PendingByClick, click_key);
-            out.push(attribute(&pb, click, &self.rules, now_ms));
+            out.push(self.judge(st, &pb, click, now_ms)?);
         }
         Ok(out)
     }
 
-    /// Attributes or rejects a postback, or holds it until its click arrives.
+    /// Decides a postback read at `offset` of its partition, or holds it until its click
+    /// arrives. A postback is also held while earlier postbacks of its click are held, so
+    /// that a click's postbacks are decided in arrival order.
     pub fn on_postback(
         &self,
         st: &mut Staged<'_>,
         pb: &Postback,
+        offset: i64,
         now_ms: i64,
     ) -> Result<Option<Outcome>, StoreError> {
-        match st.get(Cf::Clicks, pb.click_id.as_bytes())? {
-            Some(v) => {
-                let click: Click = contract::decode(v.get(8..).unwrap_or_default())
-                    .map_err(|e| corrupt(Cf::Clicks, e))?;
-                Ok(Some(attribute(pb, &click, &self.rules, now_ms)))
-            }
-            None => {
-                let due = grace_deadline(now_ms, self.grace_ms);
-                let click_key = pending_click_key(&pb.click_id, &pb.postback_id);
-                st.put(
-                    Cf::PendingByDue,
-                    pending_due_key(due, &click_key),
-                    contract::encode(pb),
-                );
-                st.put(Cf::PendingByClick, click_key, due.to_be_bytes().to_vec());
-                Ok(None)
-            }
+        if let Some(v) = st.get(Cf::Clicks, pb.click_id.as_bytes())? {
+            let click: Click =
+                contract::decode(unstamped(&v)).map_err(|e| corrupt(Cf::Clicks, e))?;
+            return Ok(Some(self.judge(st, pb, &click, now_ms)?));
         }
+        let due = grace_deadline(pb.ts_ms, self.grace_ms);
+        let click_key = pending_click_key(&pb.click_id, offset, &pb.postback_id);
+        st.put(
+            Cf::PendingByDue,
+            pending_due_key(due, &click_key),
+            contract::encode(pb),
+        );
+        st.put(Cf::PendingByClick, click_key, due.to_be_bytes().to_vec());
+        Ok(None)
     }
 
-    /// Rejects, as `unknown_click`, up to `limit` held postbacks whose grace period ended.
+    /// Applies the join rule with what the store knows of the click's conversions, and
+    /// stores the conversion an outcome creates or updates.
+    fn judge(
+        &self,
+        st: &mut Staged<'_>,
+        pb: &Postback,
+        click: &Click,
+        now_ms: i64,
+    ) -> Result<Outcome, StoreError> {
+        let prefix = click_prefix(&pb.click_id);
+        let key = [
+            prefix.as_slice(),
+            &conversion_key(&pb.event, pb.txn_id.as_deref()),
+        ]
+        .concat();
+        let same = st
+            .get(Cf::Conversions, &key)?
+            .map(|v| decode_conversion(&v))
+            .transpose()?;
+        let event_prefix = [prefix.as_slice(), &event_prefix(&pb.event)].concat();
+        let same_event = match st
+            .scan_prefix(Cf::Conversions, &event_prefix)?
+            .into_iter()
+            .find(|(k, _)| *k != key)
+        {
+            Some((_, v)) => Some(decode_conversion(&v)?),
+            None => None,
+        };
+        let known = Known {
+            same: same.as_ref(),
+            same_event: same_event.as_ref(),
+        };
+        let outcome = decide(pb, click, known, &self.rules, now_ms);
+        if let Some(c) = outcome.conversion() {
+            st.put(
+                Cf::Conversions,
+                key,
+                stamped(pb.ts_ms, &contract::encode(c)),
+            );
+        }
+        Ok(outcome)
+    }
+
+    /// Rejects, as `unknown_click`, up to `limit` held postbacks whose grace period ended
+    /// by `now_ms`, earliest deadline first.
     pub fn on_timer(
         &self,
         st: &mut Staged<'_>,
@@ -105,16 +163,7 @@ impl Joiner {
                 due_key.get(8..).unwrap_or_default().to_vec(),
             );
             st.delete(Cf::PendingByDue, due_key);
-            let detail = format!(
-                "no click with ID '{}' arrived within the grace period of {} ms",
-                pb.click_id, self.grace_ms
-            );
-            out.push(Outcome::Rejected(reject(
-                &pb,
-                RejectReason::UnknownClick,
-                detail,
-                now_ms,
-            )));
+            out.push(Outcome::Rejected(unknown_click(&pb, self.grace_ms, now_ms)));
         }
         Ok(out)
     }
@@ -124,6 +173,7 @@ impl Joiner {
 mod tests {
     use super::*;
     use crate::store::{Store, StoreLimits};
+    use s2s_common::contract::RejectReason;
     use std::collections::BTreeMap;
 
     fn store(dir: &std::path::Path) -> Store {
@@ -133,6 +183,7 @@ mod tests {
                 block_cache_bytes: 8 << 20,
                 write_buffer_bytes: 4 << 20,
                 click_retention_ms: i64::MAX,
+                conversion_retention_ms: i64::MAX,
             },
         )
         .expect("open")
@@ -142,8 +193,10 @@ mod tests {
         Joiner {
             rules: Rules {
                 default_window_ms: 1000,
+                event_windows_ms: BTreeMap::new(),
                 default_currency: "USD".into(),
                 offers: BTreeMap::new(),
+                once_per_click: ["ftd".to_string()].into(),
             },
             grace_ms: 100,
         }
@@ -181,6 +234,20 @@ mod tests {
         }
     }
 
+    fn status(mut p: Postback, s: &str) -> Postback {
+        p.status = s.into();
+        p
+    }
+
+    fn label(o: &Outcome) -> String {
+        match o {
+            Outcome::Rejected(r) => format!("rejected:{}", r.reason.as_str()),
+            Outcome::Attributed(c) | Outcome::Updated(c) => {
+                format!("{}:v{}:{}", o.label(), c.version, c.status)
+            }
+        }
+    }
+
     #[test]
     fn click_then_postback_attributes_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -191,7 +258,9 @@ mod tests {
             .on_click(&mut st, &click("c", 0), 0)
             .expect("ok")
             .is_empty());
-        let o = j.on_postback(&mut st, &pb("p", "c", 10), 10).expect("ok");
+        let o = j
+            .on_postback(&mut st, &pb("p", "c", 10), 0, 10)
+            .expect("ok");
         assert!(matches!(o, Some(Outcome::Attributed(ref c)) if c.click_id == "c"));
     }
 
@@ -202,15 +271,15 @@ mod tests {
         let j = joiner();
         let mut st = s.stage();
         assert_eq!(
-            j.on_postback(&mut st, &pb("p", "c", 5), 5).expect("ok"),
+            j.on_postback(&mut st, &pb("p", "c", 5), 0, 5).expect("ok"),
             None
         );
         s.commit(st, &BTreeMap::new()).expect("commit");
 
         let mut st = s.stage();
         assert!(
-            j.on_timer(&mut st, 50, 10).expect("ok").is_empty(),
-            "not due yet"
+            j.on_timer(&mut st, 104, 10).expect("ok").is_empty(),
+            "due at 105"
         );
         let out = j.on_click(&mut st, &click("c", 0), 60).expect("ok");
         assert!(matches!(out.as_slice(), [Outcome::Attributed(c)] if c.postback_id == "p"));
@@ -219,16 +288,94 @@ mod tests {
             "no longer pending"
         );
         s.commit(st, &BTreeMap::new()).expect("commit");
-        assert!(s
-            .stage()
-            .scan_prefix(Cf::PendingByClick, b"")
-            .expect("scan")
-            .is_empty());
-        assert!(s
-            .stage()
-            .scan_prefix(Cf::PendingByDue, b"")
-            .expect("scan")
-            .is_empty());
+        for cf in [Cf::PendingByClick, Cf::PendingByDue] {
+            assert!(s.stage().scan_prefix(cf, b"").expect("scan").is_empty());
+        }
+    }
+
+    #[test]
+    fn held_postbacks_of_a_click_are_decided_in_arrival_order() {
+        // pending at offset 3, approved at 7, approved again at 9, reversed at 12, all before
+        // the click. The postback IDs sort the other way, so only the offsets give the order.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        let j = joiner();
+        let mut st = s.stage();
+        let arrivals = [
+            (3, status(pb("z", "c", 10), "pending")),
+            (7, status(pb("y", "c", 11), "approved")),
+            (9, status(pb("x", "c", 12), "approved")),
+            (12, status(pb("w", "c", 13), "reversed")),
+        ];
+        for (offset, p) in &arrivals {
+            assert_eq!(j.on_postback(&mut st, p, *offset, 20).expect("ok"), None);
+        }
+        let out = j.on_click(&mut st, &click("c", 0), 30).expect("ok");
+        let labels: Vec<_> = out.iter().map(label).collect();
+        assert_eq!(
+            labels,
+            [
+                "attributed:v1:pending",
+                "updated:v2:approved",
+                "rejected:duplicate",
+                "updated:v3:reversed"
+            ]
+        );
+        let ids: Vec<_> = out
+            .iter()
+            .filter_map(|o| o.conversion())
+            .map(|c| c.conversion_id.clone())
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] == w[1]),
+            "one conversion: {ids:?}"
+        );
+    }
+
+    #[test]
+    fn dedup_and_updates_survive_a_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        let j = joiner();
+        let mut st = s.stage();
+        j.on_click(&mut st, &click("c", 0), 0).expect("ok");
+        let first = j
+            .on_postback(&mut st, &status(pb("p1", "c", 1), "pending"), 0, 1)
+            .expect("ok");
+        assert_eq!(
+            first.as_ref().map(label).as_deref(),
+            Some("attributed:v1:pending")
+        );
+        s.commit(st, &BTreeMap::new()).expect("commit");
+
+        let mut st = s.stage();
+        let again = j
+            .on_postback(&mut st, &status(pb("p2", "c", 2), "pending"), 1, 2)
+            .expect("ok");
+        assert_eq!(
+            again.as_ref().map(label).as_deref(),
+            Some("rejected:duplicate")
+        );
+        let mut other_txn = pb("p3", "c", 3);
+        other_txn.txn_id = Some("t2".into());
+        let second_ftd = j.on_postback(&mut st, &other_txn, 2, 3).expect("ok");
+        assert!(
+            matches!(&second_ftd, Some(Outcome::Rejected(r)) if r.reason == RejectReason::Duplicate && r.detail.contains("once per click")),
+            "{second_ftd:?}"
+        );
+        let approved = j.on_postback(&mut st, &pb("p4", "c", 4), 3, 4).expect("ok");
+        assert_eq!(
+            approved.as_ref().map(label).as_deref(),
+            Some("updated:v2:approved")
+        );
+        let mut deposit = pb("p5", "c", 5);
+        deposit.event = "deposit".into();
+        let dep = j.on_postback(&mut st, &deposit, 4, 5).expect("ok");
+        assert_eq!(
+            dep.as_ref().map(label).as_deref(),
+            Some("attributed:v1:approved"),
+            "other event"
+        );
     }
 
     #[test]
@@ -237,8 +384,9 @@ mod tests {
         let s = store(dir.path());
         let j = joiner();
         let mut st = s.stage();
-        j.on_postback(&mut st, &pb("p1", "nope", 0), 0).expect("ok");
-        j.on_postback(&mut st, &pb("p2", "nope", 0), 50)
+        j.on_postback(&mut st, &pb("p1", "nope", 0), 0, 0)
+            .expect("ok");
+        j.on_postback(&mut st, &pb("p2", "nope", 50), 1, 50)
             .expect("ok");
         let first = j.on_timer(&mut st, 100, 10).expect("ok");
         assert!(matches!(first.as_slice(),
@@ -249,6 +397,18 @@ mod tests {
     }
 
     #[test]
+    fn deadline_comes_from_the_record_so_a_replay_decides_alike() {
+        // Processed late (now = 10 000) the deadline is still ts + grace = 105.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        let j = joiner();
+        let mut st = s.stage();
+        j.on_postback(&mut st, &pb("p", "gone", 5), 0, 10_000)
+            .expect("ok");
+        assert_eq!(j.on_timer(&mut st, 105, 10).expect("ok").len(), 1);
+    }
+
+    #[test]
     fn late_postback_is_outside_window() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = store(dir.path());
@@ -256,7 +416,7 @@ mod tests {
         let mut st = s.stage();
         j.on_click(&mut st, &click("c", 0), 0).expect("ok");
         let o = j
-            .on_postback(&mut st, &pb("p", "c", 1001), 1001)
+            .on_postback(&mut st, &pb("p", "c", 1001), 0, 1001)
             .expect("ok");
         assert!(matches!(o, Some(Outcome::Rejected(r)) if r.reason == RejectReason::OutsideWindow));
     }

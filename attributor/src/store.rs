@@ -1,29 +1,37 @@
-//! The attributor's RocksDB state: clicks by click ID, postbacks waiting for their click,
-//! and the input offsets the state reflects.
+//! The attributor's RocksDB state, one database per input partition (clicks and postbacks
+//! partition N share store N), so a partition's state moves, restores and is dropped as a
+//! unit. All the databases share one LRU block cache and one write-buffer manager, so memory
+//! stays bounded however many partitions an instance holds.
 //!
 //! Column families:
-//! - `clicks`: `click_id` → `[click ts, 8 bytes BE][click JSON]`. A compaction filter drops
-//!   clicks older than the longest attribution window (plus the grace period) as RocksDB
-//!   compacts, so expiry costs no scan and no delete traffic.
-//! - `pending_by_due`: `[due ms, 8 bytes BE][click_id][0][postback_id]` → postback JSON;
-//!   ordered by deadline, so the timer reads only what is due.
-//! - `pending_by_click`: `[click_id][0][postback_id]` → `[due ms, 8 bytes BE]`; found by
-//!   prefix when the click arrives.
-//! - `meta`: committed input offsets, `offset/<topic>/<partition>` → next offset.
+//! - `clicks`: `click_id` → `[click ts, 8 bytes BE][click JSON]`.
+//! - `conversions`: `[click_id][0][event][0][txn_id]` → `[last change ts, 8 bytes BE]`
+//!   `[latest Conversion JSON]`: the dedup keys and the state status updates build on.
+//! - `pending_by_due`: `[due ms, 8 bytes BE][click_id][0][offset, 8 bytes BE][postback_id]`
+//!   → postback JSON; ordered by deadline, so the timer reads only what is due.
+//! - `pending_by_click`: `[click_id][0][offset, 8 bytes BE][postback_id]` → `[due ms]`;
+//!   found by prefix when the click arrives, in arrival (offset) order.
+//! - `meta`: the input offsets the state reflects (`offset/<topic>`) and the journal of the
+//!   cycle in flight (see [`Journal`]).
+//!
+//! Expiry costs no scan and no delete traffic: a compaction filter drops clicks older than
+//! the longest attribution window plus the grace period, and conversions whose last change
+//! is older than `conversion_retention`, as RocksDB compacts; periodic compaction makes
+//! files older than a day eligible even when nothing else triggers a compaction.
 //!
 //! Writes of one processing cycle are staged in a [`Staged`] overlay (reads see them) and
 //! applied with the offsets in one atomic `WriteBatch` by [`Store::commit`], after the
-//! cycle's outputs were acknowledged by the broker. Memory is bounded by one shared LRU
-//! block cache and a write-buffer manager charged to it.
+//! cycle's outputs were acknowledged by the broker.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
     WriteBufferManager, DB,
 };
+use serde::{Deserialize, Serialize};
 
 /// Key-value pairs in key order.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
@@ -31,17 +39,25 @@ pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Cf {
     Clicks,
+    Conversions,
     PendingByDue,
     PendingByClick,
     Meta,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 4] = [Cf::Clicks, Cf::PendingByDue, Cf::PendingByClick, Cf::Meta];
+    pub const ALL: [Cf; 5] = [
+        Cf::Clicks,
+        Cf::Conversions,
+        Cf::PendingByDue,
+        Cf::PendingByClick,
+        Cf::Meta,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Cf::Clicks => "clicks",
+            Cf::Conversions => "conversions",
             Cf::PendingByDue => "pending_by_due",
             Cf::PendingByClick => "pending_by_click",
             Cf::Meta => "meta",
@@ -59,13 +75,71 @@ pub enum StoreError {
     Corrupt { cf: &'static str, detail: String },
 }
 
-/// Memory limits of the store.
+/// Memory limits and retention of the stores.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreLimits {
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
     /// Clicks older than this are dropped at compaction.
     pub click_retention_ms: i64,
+    /// Conversions not changed for this long are dropped at compaction.
+    pub conversion_retention_ms: i64,
+}
+
+/// The cycle in flight, written before its outputs are published and removed by the commit
+/// that follows their acknowledgement. After a crash in between, the partition's next cycle
+/// replays exactly this cycle — the same input records, the same `now`, the same timer
+/// decision — so the outputs that may already be on the topics are reproduced identically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub now_ms: i64,
+    /// Whether the cycle released postbacks whose grace period ended.
+    pub timers: bool,
+    /// Per input topic: the offset after the last record of the cycle.
+    pub ends: BTreeMap<String, i64>,
+}
+
+const JOURNAL_KEY: &[u8] = b"journal";
+
+/// Opens the per-partition stores of one instance, all on one cache and write-buffer budget.
+pub struct StoreSet {
+    dir: PathBuf,
+    limits: StoreLimits,
+    cache: Cache,
+    wbm: WriteBufferManager,
+}
+
+impl std::fmt::Debug for StoreSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSet").field("dir", &self.dir).finish()
+    }
+}
+
+impl StoreSet {
+    pub fn new(dir: &Path, limits: StoreLimits) -> Self {
+        let cache = Cache::new_lru_cache(limits.block_cache_bytes);
+        let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
+            limits.write_buffer_bytes,
+            true,
+            cache.clone(),
+        );
+        StoreSet {
+            dir: dir.to_path_buf(),
+            limits,
+            cache,
+            wbm,
+        }
+    }
+
+    /// Opens (creating if needed) the store of input partition `partition`.
+    pub fn open(&self, partition: i32) -> Result<Store, StoreError> {
+        Store::open_with(
+            &self.dir.join(format!("partition-{partition}")),
+            self.limits,
+            &self.cache,
+            &self.wbm,
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -73,41 +147,60 @@ pub struct Store {
     db: DB,
 }
 
-/// Whether a stored click value is past retention at `now_ms`.
-pub fn click_expired(value: &[u8], now_ms: i64, retention_ms: i64) -> bool {
+/// Whether a value prefixed with an 8-byte BE timestamp is past retention at `now_ms`.
+pub fn expired(value: &[u8], now_ms: i64, retention_ms: i64) -> bool {
     match value.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
         Some(ts) => i64::from_be_bytes(ts).saturating_add(retention_ms) < now_ms,
         None => false,
     }
 }
 
+/// `[ts, 8 bytes BE][body]`: how clicks and conversions are stored, so that the compaction
+/// filter can expire them without parsing.
+pub fn stamped(ts_ms: i64, body: &[u8]) -> Vec<u8> {
+    [ts_ms.to_be_bytes().as_slice(), body].concat()
+}
+
+/// The body of a [`stamped`] value.
+pub fn unstamped(value: &[u8]) -> &[u8] {
+    value.get(8..).unwrap_or_default()
+}
+
 impl Store {
+    /// Opens one store with its own cache (tests and tools).
     pub fn open(path: &Path, limits: StoreLimits) -> Result<Self, StoreError> {
-        let cache = Cache::new_lru_cache(limits.block_cache_bytes);
-        let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
-            limits.write_buffer_bytes,
-            true,
-            cache.clone(),
-        );
+        let set = StoreSet::new(path, limits);
+        Self::open_with(path, limits, &set.cache, &set.wbm)
+    }
+
+    fn open_with(
+        path: &Path,
+        limits: StoreLimits,
+        cache: &Cache,
+        wbm: &WriteBufferManager,
+    ) -> Result<Self, StoreError> {
         let cf_opts = |cf: Cf| {
             let mut o = Options::default();
             let mut table = BlockBasedOptions::default();
-            table.set_block_cache(&cache);
+            table.set_block_cache(cache);
             table.set_bloom_filter(10.0, false);
             table.set_cache_index_and_filter_blocks(true);
             o.set_block_based_table_factory(&table);
-            o.set_write_buffer_manager(&wbm);
+            o.set_write_buffer_manager(wbm);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            if cf == Cf::Clicks {
-                let retention = limits.click_retention_ms;
-                o.set_compaction_filter("click_retention", move |_lvl, _k, v: &[u8]| {
-                    if click_expired(v, s2s_common::now_ms(), retention) {
+            let retention = match cf {
+                Cf::Clicks => Some(limits.click_retention_ms),
+                Cf::Conversions => Some(limits.conversion_retention_ms),
+                _ => None,
+            };
+            if let Some(retention) = retention {
+                o.set_compaction_filter("retention", move |_lvl, _k, v: &[u8]| {
+                    if expired(v, s2s_common::now_ms(), retention) {
                         Decision::Remove
                     } else {
                         Decision::Keep
                     }
                 });
-                // Compact files at least daily so that expired clicks go even when idle.
                 o.set_periodic_compaction_seconds(24 * 3600);
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
@@ -115,7 +208,7 @@ impl Store {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
-        db_opts.set_write_buffer_manager(&wbm);
+        db_opts.set_write_buffer_manager(wbm);
         let db = DB::open_cf_descriptors(&db_opts, path, Cf::ALL.map(cf_opts))?;
         Ok(Store { db })
     }
@@ -160,11 +253,12 @@ impl Store {
         }
     }
 
-    /// Applies a cycle's writes and the offsets they reflect in one atomic batch.
+    /// Applies a cycle's writes and the offsets they reflect in one atomic batch, and
+    /// closes the cycle's journal.
     pub fn commit(
         &self,
         staged: Staged<'_>,
-        offsets: &BTreeMap<(String, i32), i64>,
+        offsets: &BTreeMap<String, i64>,
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for ((cf, key), value) in staged.writes {
@@ -174,16 +268,17 @@ impl Store {
             }
         }
         let meta = self.cf(Cf::Meta)?;
-        for ((topic, partition), next) in offsets {
-            batch.put_cf(meta, offset_key(topic, *partition), next.to_be_bytes());
+        for (topic, next) in offsets {
+            batch.put_cf(meta, offset_key(topic), next.to_be_bytes());
         }
+        batch.delete_cf(meta, JOURNAL_KEY);
         self.db.write(batch)?;
         Ok(())
     }
 
-    /// The next offset to read of a partition, as of the last commit.
-    pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        self.get(Cf::Meta, &offset_key(topic, partition))?
+    /// The next offset to read of this partition of `topic`, as of the last commit.
+    pub fn offset(&self, topic: &str) -> Result<Option<i64>, StoreError> {
+        self.get(Cf::Meta, &offset_key(topic))?
             .map(|v| {
                 <[u8; 8]>::try_from(v.as_slice())
                     .map(i64::from_be_bytes)
@@ -195,12 +290,39 @@ impl Store {
             .transpose()
     }
 
-    /// RocksDB's estimate of the number of keys in a column family (cheap, for gauges).
-    pub fn estimate_keys(&self, cf: Cf) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .property_int_value_cf(self.cf(cf)?, "rocksdb.estimate-num-keys")?
-            .unwrap_or(0))
+    /// Records the cycle about to publish its outputs (see [`Journal`]).
+    pub fn begin(&self, journal: &Journal) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(journal).map_err(|e| StoreError::Corrupt {
+            cf: "meta",
+            detail: e.to_string(),
+        })?;
+        self.db.put_cf(self.cf(Cf::Meta)?, JOURNAL_KEY, value)?;
+        Ok(())
+    }
+
+    /// The cycle that was in flight when the process stopped, if any.
+    pub fn journal(&self) -> Result<Option<Journal>, StoreError> {
+        self.get(Cf::Meta, JOURNAL_KEY)?
+            .map(|v| {
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    cf: "meta",
+                    detail: format!("journal: {e}"),
+                })
+            })
+            .transpose()
+    }
+
+    /// RocksDB's estimate of the keys in a column family and its bytes (SST files plus
+    /// memtables): cheap, for gauges.
+    pub fn size(&self, cf: Cf) -> Result<(u64, u64), StoreError> {
+        let h = self.cf(cf)?;
+        let int = |name: &str| -> Result<u64, StoreError> {
+            Ok(self.db.property_int_value_cf(h, name)?.unwrap_or(0))
+        };
+        Ok((
+            int("rocksdb.estimate-num-keys")?,
+            int("rocksdb.total-sst-files-size")? + int("rocksdb.cur-size-all-mem-tables")?,
+        ))
     }
 
     /// Compacts a column family now (tests and operators; normal expiry needs no call).
@@ -211,8 +333,8 @@ impl Store {
     }
 }
 
-fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
-    format!("offset/{topic}/{partition}").into_bytes()
+fn offset_key(topic: &str) -> Vec<u8> {
+    format!("offset/{topic}").into_bytes()
 }
 
 /// Staged writes over the store: reads see them, nothing is durable until
@@ -261,9 +383,16 @@ impl Staged<'_> {
         keep: impl Fn(&[u8]) -> bool,
         limit: usize,
     ) -> Result<Entries, StoreError> {
+        // Deleted keys must not use up the limit: read as many extra as were deleted.
+        let deletes = self
+            .writes
+            .range((cf, from.to_vec())..)
+            .take_while(|((c, k), _)| *c == cf && keep(k))
+            .filter(|(_, v)| v.is_none())
+            .count();
         let mut view: BTreeMap<Vec<u8>, Vec<u8>> = self
             .store
-            .scan(cf, from, &keep, limit)?
+            .scan(cf, from, &keep, limit.saturating_add(deletes))?
             .into_iter()
             .collect();
         for ((_, key), value) in self
@@ -284,22 +413,19 @@ impl Staged<'_> {
 mod tests {
     use super::*;
 
-    fn open(dir: &Path, retention_ms: i64) -> Store {
-        Store::open(
-            dir,
-            StoreLimits {
-                block_cache_bytes: 8 << 20,
-                write_buffer_bytes: 4 << 20,
-                click_retention_ms: retention_ms,
-            },
-        )
-        .expect("open")
+    pub(crate) fn limits(retention_ms: i64) -> StoreLimits {
+        StoreLimits {
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 4 << 20,
+            click_retention_ms: retention_ms,
+            conversion_retention_ms: retention_ms,
+        }
     }
 
     #[test]
     fn staged_reads_see_writes_and_commit_is_atomic_with_offsets() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(dir.path(), i64::MAX);
+        let store = Store::open(dir.path(), limits(i64::MAX)).expect("open");
         let mut st = store.stage();
         st.put(Cf::PendingByClick, b"c1\0a".to_vec(), b"1".to_vec());
         st.put(Cf::PendingByClick, b"c1\0b".to_vec(), b"2".to_vec());
@@ -311,9 +437,21 @@ mod tests {
             2
         );
         assert_eq!(store.get(Cf::PendingByClick, b"c1\0a").expect("get"), None);
-        let offsets = [(("t".to_string(), 3), 42_i64)].into();
+        let journal = Journal {
+            now_ms: 5,
+            timers: true,
+            ends: [("t".to_string(), 42)].into(),
+        };
+        store.begin(&journal).expect("begin");
+        assert_eq!(store.journal().expect("journal"), Some(journal));
+        let offsets = [("t".to_string(), 42_i64)].into();
         store.commit(st, &offsets).expect("commit");
-        assert_eq!(store.offset("t", 3).expect("offset"), Some(42));
+        assert_eq!(store.offset("t").expect("offset"), Some(42));
+        assert_eq!(
+            store.journal().expect("journal"),
+            None,
+            "commit closes the journal"
+        );
 
         let mut st = store.stage();
         st.delete(Cf::PendingByClick, b"c1\0a".to_vec());
@@ -321,13 +459,15 @@ mod tests {
         let below = st.scan_below(Cf::PendingByClick, b"c2", 10).expect("scan");
         let keys: Vec<_> = below.iter().map(|(k, _)| k.as_slice()).collect();
         assert_eq!(keys, [&b"c0\0z"[..], &b"c1\0b"[..]]);
-        assert_eq!(
-            st.scan_below(Cf::PendingByClick, b"c2", 1)
-                .expect("scan")
-                .len(),
-            1
-        );
+        let one = st.scan_below(Cf::PendingByClick, b"c2", 1).expect("scan");
+        assert_eq!(one.len(), 1);
+        // A staged delete does not use up the limit.
+        let mut st2 = store.stage();
+        st2.delete(Cf::PendingByClick, b"c1\0a".to_vec());
+        let after_delete = st2.scan_below(Cf::PendingByClick, b"c3", 1).expect("scan");
+        assert_eq!(after_delete[0].0, b"c1\0b".to_vec());
         drop(st);
+        drop(st2);
         assert!(
             store
                 .get(Cf::PendingByClick, b"c1\0a")
@@ -338,22 +478,46 @@ mod tests {
     }
 
     #[test]
-    fn expired_clicks_vanish_at_compaction() {
+    fn expired_clicks_and_conversions_vanish_at_compaction() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(dir.path(), 60_000);
+        let store = Store::open(dir.path(), limits(60_000)).expect("open");
         let now = s2s_common::now_ms();
         let mut st = store.stage();
-        let old = [(now - 120_000).to_be_bytes().as_slice(), b"{}"].concat();
-        let fresh = [now.to_be_bytes().as_slice(), b"{}"].concat();
-        st.put(Cf::Clicks, b"old".to_vec(), old);
-        st.put(Cf::Clicks, b"fresh".to_vec(), fresh);
+        for cf in [Cf::Clicks, Cf::Conversions] {
+            st.put(cf, b"old".to_vec(), stamped(now - 120_000, b"{}"));
+            st.put(cf, b"fresh".to_vec(), stamped(now, b"{}"));
+        }
         store.commit(st, &BTreeMap::new()).expect("commit");
-        store.compact(Cf::Clicks).expect("compact");
-        assert_eq!(store.get(Cf::Clicks, b"old").expect("get"), None);
-        assert!(store.get(Cf::Clicks, b"fresh").expect("get").is_some());
-        assert!(
-            !click_expired(b"short", now, 0),
-            "malformed values are kept"
+        for cf in [Cf::Clicks, Cf::Conversions] {
+            store.compact(cf).expect("compact");
+            assert_eq!(store.get(cf, b"old").expect("get"), None, "{}", cf.name());
+            let fresh = store.get(cf, b"fresh").expect("get").expect("kept");
+            assert_eq!(unstamped(&fresh), b"{}");
+        }
+        assert!(!expired(b"short", now, 0), "malformed values are kept");
+        let (keys, bytes) = store.size(Cf::Clicks).expect("size");
+        assert!(keys >= 1 && bytes > 0, "{keys} keys, {bytes} bytes");
+    }
+
+    #[test]
+    fn partitions_have_separate_stores_on_one_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set = StoreSet::new(dir.path(), limits(i64::MAX));
+        let (a, b) = (set.open(0).expect("p0"), set.open(1).expect("p1"));
+        let mut st = a.stage();
+        st.put(Cf::Clicks, b"c".to_vec(), stamped(1, b"{}"));
+        a.commit(st, &[("clicks".to_string(), 7)].into())
+            .expect("commit");
+        assert!(b.get(Cf::Clicks, b"c").expect("get").is_none());
+        assert_eq!(
+            (
+                a.offset("clicks").expect("o"),
+                b.offset("clicks").expect("o")
+            ),
+            (Some(7), None)
         );
+        drop(a);
+        let again = set.open(0).expect("reopen");
+        assert_eq!(again.offset("clicks").expect("o"), Some(7));
     }
 }

@@ -93,7 +93,19 @@ pub struct Conversion {
     pub payout_currency: String,
     pub click_ts_ms: i64,
     pub event_ts_ms: i64,
+    /// When this version was decided (processing time; the only field a replay may change).
     pub attributed_at_ms: i64,
+    /// The status of the previous version, on a status update (version > 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_status: Option<String>,
+    /// The conversion came sooner after its click than the offer's minimum
+    /// (`min_click_to_conversion_seconds`): flagged for review, not dropped.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspicious: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Why a postback did not become a conversion. Label values of metrics: keep the set small.
@@ -104,18 +116,16 @@ pub enum RejectReason {
     UnknownClick,
     /// The postback came after the attribution window of its click closed.
     OutsideWindow,
-    /// The same conversion was already attributed.
+    /// The same conversion, with the same status, was already attributed; or a second
+    /// conversion of an event that counts once per click (FTD).
     Duplicate,
-    /// The input record could not be decoded; the raw payload is kept in `detail`.
-    MalformedRecord,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 3] = [
         RejectReason::UnknownClick,
         RejectReason::OutsideWindow,
         RejectReason::Duplicate,
-        RejectReason::MalformedRecord,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -123,7 +133,6 @@ impl RejectReason {
             RejectReason::UnknownClick => "unknown_click",
             RejectReason::OutsideWindow => "outside_window",
             RejectReason::Duplicate => "duplicate",
-            RejectReason::MalformedRecord => "malformed_record",
         }
     }
 }
@@ -135,9 +144,9 @@ pub struct Rejection {
     /// Deterministic ID of this outcome, derived from its input.
     pub outcome_id: String,
     pub reason: RejectReason,
-    /// Human-readable explanation (for `malformed_record`: the raw payload, lossy UTF-8).
+    /// Human-readable explanation.
     pub detail: String,
-    /// The postback, when it could be decoded.
+    /// The postback that was rejected.
     pub postback: Option<Postback>,
     pub rejected_at_ms: i64,
 }

@@ -39,10 +39,12 @@ pub struct TopicsConfig {
     pub rejections: TopicConfig,
     pub delivery_log: TopicConfig,
     pub dead_letter: TopicConfig,
+    /// Undecodable input records, set aside so that one bad record never stops the stream.
+    pub poison: TopicConfig,
 }
 
 impl TopicsConfig {
-    pub fn all(&self) -> [&TopicConfig; 6] {
+    pub fn all(&self) -> [&TopicConfig; 7] {
         [
             &self.clicks,
             &self.postbacks,
@@ -50,6 +52,7 @@ impl TopicsConfig {
             &self.rejections,
             &self.delivery_log,
             &self.dead_letter,
+            &self.poison,
         ]
     }
 

@@ -133,6 +133,8 @@ mod tests {
             click_ts_ms: 0,
             event_ts_ms: 1_700_000_000_123,
             attributed_at_ms: 0,
+            previous_status: None,
+            suspicious: false,
         }
     }
 

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::{TopicConfig, TopicsConfig};
@@ -63,6 +63,7 @@ pub fn topics(partitions: i32) -> TopicsConfig {
         rejections: t("rejections"),
         delivery_log: t("delivery-log"),
         dead_letter: t("dead-letter"),
+        poison: t("poison"),
     }
 }
 
@@ -269,6 +270,20 @@ impl TopicReader {
         Self::on(&brokers(), topic)
     }
 
+    /// Reads all of `topics`, interleaved, on the test broker.
+    pub fn all_of(topics: &[&TopicConfig]) -> Self {
+        let reader = Self::on(&brokers(), topics[0]);
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            for p in 0..t.partitions {
+                tpl.add_partition_offset(&t.name, p, Offset::Beginning)
+                    .expect("partition offset");
+            }
+        }
+        reader.consumer.assign(&tpl).expect("assign");
+        reader
+    }
+
     /// Reads `topic` on the brokers at `bootstrap` (a MockCluster, say).
     pub fn on(bootstrap: &str, topic: &TopicConfig) -> Self {
         let consumer: StreamConsumer = ClientConfig::new()
@@ -295,26 +310,115 @@ impl TopicReader {
         timeout: Duration,
         mut done: impl FnMut(&[T]) -> bool,
     ) -> Vec<T> {
+        let mut decoded = Vec::new();
+        self.read_raw_until(what, timeout, |raw| {
+            for m in raw.get(decoded.len()..).unwrap_or_default() {
+                let v =
+                    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_else(|e| {
+                        panic!("record on {} is not the expected type: {e}", m.topic())
+                    });
+                decoded.push(v);
+            }
+            done(&decoded)
+        })
+        .await;
+        decoded
+    }
+
+    /// Reads raw records (headers and all) until `done` accepts them.
+    pub async fn read_raw_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[OwnedMessage]) -> bool,
+    ) -> Vec<OwnedMessage> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut seen = Vec::new();
         while !done(&seen) {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Err(_) => panic!(
-                    "timed out after {timeout:?} waiting for {what}; read {} records",
-                    seen.len()
-                ),
-                Ok(Err(e)) => panic!("reading {what}: {e}"),
-                Ok(Ok(m)) => {
-                    let payload = m.payload().unwrap_or_default();
-                    let v = serde_json::from_slice(payload).unwrap_or_else(|e| {
-                        panic!("record on {} is not the expected type: {e}", m.topic())
-                    });
-                    seen.push(v);
-                }
-            }
+            seen.push(self.next(what, deadline, seen.len()).await);
         }
         seen
     }
+
+    async fn next(&self, what: &str, deadline: tokio::time::Instant, read: usize) -> OwnedMessage {
+        match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+            Err(_) => panic!("timed out waiting for {what}; read {read} records"),
+            Ok(Err(e)) => panic!("reading {what}: {e}"),
+            Ok(Ok(m)) => m.detach(),
+        }
+    }
+}
+
+/// Publishes raw records, keyed, and waits for each acknowledgement.
+pub struct RawProducer {
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl std::fmt::Debug for RawProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawProducer")
+    }
+}
+
+impl RawProducer {
+    pub fn new() -> Self {
+        RawProducer {
+            producer: kafka().producer_config().create().expect("producer"),
+        }
+    }
+
+    /// Sends one record and waits until the broker acknowledged it.
+    pub async fn send(&self, topic: &str, key: &str, payload: &[u8]) {
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .key(key)
+            .payload(payload);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+}
+
+impl Default for RawProducer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The attributor's defaults pointed at the test broker and `topics`, admin on port 0, with
+/// its state in `state_dir`.
+pub fn attributor_config(
+    topics: &TopicsConfig,
+    state_dir: &std::path::Path,
+) -> s2s_attributor::AttributorConfig {
+    let mut ac: s2s_attributor::AttributorConfig = s2s_common::config::load(
+        s2s_attributor::config::DEFAULT_TOML,
+        None,
+        "S2S_TEST_NONE__",
+    )
+    .expect("attributor defaults");
+    ac.admin_listen = any_port();
+    ac.kafka = kafka();
+    ac.topics = topics.clone();
+    ac.group_id = unique("attributor");
+    ac.state_dir = state_dir.to_path_buf();
+    ac.rocksdb.block_cache_bytes = 16 << 20;
+    ac.rocksdb.write_buffer_bytes = 8 << 20;
+    ac
+}
+
+/// Reads a counter or gauge from a Prometheus text page (`name{labels}` exactly as shown).
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let body = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// Creates a topic directly (for tests that need a topic the services did not create).
@@ -442,31 +546,21 @@ impl Pipeline {
         let topics = topics(opts.partitions);
         let state = tempfile::tempdir().expect("state dir");
 
-        let mut ac: s2s_attributor::AttributorConfig = s2s_common::config::load(
-            s2s_attributor::config::DEFAULT_TOML,
-            None,
-            "S2S_TEST_NONE__",
-        )
-        .expect("attributor defaults");
-        ac.admin_listen = any_port();
-        ac.kafka = kafka();
-        ac.topics = topics.clone();
-        ac.group_id = unique("attributor");
-        ac.state_dir = state.path().join("attributor");
+        let mut ac = attributor_config(&topics, &state.path().join("attributor"));
         ac.grace_period_ms = opts.grace_period_ms;
         ac.offers.insert(
             "1".into(),
             s2s_attributor::config::OfferConfig {
                 currency: Some("USD".into()),
                 window_seconds: None,
+                event_window_seconds: Default::default(),
+                min_click_to_conversion_seconds: None,
                 payouts: [("ftd", 5000), ("registration", 200)]
                     .into_iter()
                     .map(|(e, cents)| (e.to_string(), rust_decimal::Decimal::new(cents, 2)))
                     .collect(),
             },
         );
-        ac.rocksdb.block_cache_bytes = 16 << 20;
-        ac.rocksdb.write_buffer_bytes = 8 << 20;
 
         let mut dc: s2s_delivery::DeliveryConfig =
             s2s_common::config::load(s2s_delivery::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")

@@ -1,0 +1,484 @@
+//! The attributor on the real broker, fed directly with click and postback records (so that
+//! the tests control event times and can write records ingest would never accept).
+//! Every postback must yield exactly one outcome; undecodable records go to the poison
+//! topic; a restart resumes from the offsets stored with the state; a SIGKILL mid-stream
+//! loses nothing and a replay repeats outcomes identically.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use rdkafka::message::{Headers, Message};
+use s2s_common::ids::derived;
+use s2s_common::topics::TopicsConfig;
+use s2s_tests::{attributor_config, metric, topics, RawProducer, TopicReader};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// (postback ID, click, event, txn_id, status, expected outcome)
+type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, &'a str, &'a str);
+
+fn click(id: &str, offer: &str, ts_ms: i64) -> Vec<u8> {
+    json!({"schema_version": 1, "click_id": id, "offer_id": offer, "aff_id": "42",
+           "subs": {"sub1": "s"}, "ip": null, "user_agent": null, "referrer": null,
+           "ts_ms": ts_ms})
+    .to_string()
+    .into_bytes()
+}
+
+fn postback(
+    id: &str,
+    click: &str,
+    event: &str,
+    txn: Option<&str>,
+    status: &str,
+    ts: i64,
+) -> Vec<u8> {
+    json!({"schema_version": 1, "postback_id": id, "click_id": click, "event": event,
+           "txn_id": txn, "amount": null, "currency": null, "status": status, "source": null,
+           "ip": null, "ts_ms": ts})
+    .to_string()
+    .into_bytes()
+}
+
+fn outcome_id(postback_id: &str) -> String {
+    derived("outcome", &[postback_id])
+}
+
+/// Reads conversions and rejections until every outcome ID in `want` is there; returns
+/// every record read, keyed by outcome ID (repeats kept).
+async fn outcomes(topics: &TopicsConfig, want: &BTreeSet<String>) -> BTreeMap<String, Vec<Value>> {
+    let reader = TopicReader::all_of(&[&topics.conversions, &topics.rejections]);
+    let read: Vec<Value> = reader
+        .read_until("an outcome for every postback", WAIT, |seen: &[Value]| {
+            let ids: BTreeSet<&str> = seen
+                .iter()
+                .filter_map(|v| v["outcome_id"].as_str())
+                .collect();
+            want.iter().all(|id| ids.contains(id.as_str()))
+        })
+        .await;
+    let mut all: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for v in read {
+        let id = v["outcome_id"].as_str().unwrap_or_default().to_string();
+        all.entry(id).or_default().push(v);
+    }
+    all
+}
+
+#[tokio::test]
+async fn every_rule_on_the_real_broker() {
+    let topics = topics(3);
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = attributor_config(&topics, state.path());
+    config.grace_period_ms = 1_000;
+    config.offers.insert(
+        "7".into(),
+        s2s_attributor::config::OfferConfig {
+            currency: Some("USD".into()),
+            window_seconds: Some(86_400),
+            event_window_seconds: Default::default(),
+            payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+            min_click_to_conversion_seconds: Some(60),
+        },
+    );
+    let attributor = s2s_attributor::Attributor::bind(config)
+        .await
+        .expect("starts");
+    let admin = attributor.admin_addr().expect("admin");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(attributor.run(shutdown.clone()));
+
+    let now = s2s_common::now_ms();
+    let (hour, day) = (3_600_000, 86_400_000);
+    let p = RawProducer::new();
+    let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
+    p.send(clicks, "c1", &click("c1", "7", now - hour)).await;
+    p.send(clicks, "c2", &click("c2", "7", now - 3 * day)).await;
+    p.send(clicks, "c3", &click("c3", "7", now - 1_000)).await;
+    // (postback ID, click, event, txn, status) → expected outcome
+    let cases: [Case; 10] = [
+        (
+            "p1",
+            "c1",
+            "ftd",
+            Some("t1"),
+            "pending",
+            "attributed v1 pending",
+        ),
+        (
+            "p2",
+            "c1",
+            "ftd",
+            Some("t1"),
+            "pending",
+            "rejected duplicate",
+        ),
+        (
+            "p3",
+            "c1",
+            "ftd",
+            Some("t1"),
+            "approved",
+            "updated v2 approved",
+        ),
+        (
+            "p4",
+            "c1",
+            "ftd",
+            Some("t2"),
+            "approved",
+            "rejected duplicate",
+        ),
+        (
+            "p5",
+            "c1",
+            "deposit",
+            Some("d1"),
+            "approved",
+            "attributed v1 approved",
+        ),
+        (
+            "p6",
+            "c1",
+            "deposit",
+            Some("d2"),
+            "approved",
+            "attributed v1 approved",
+        ),
+        (
+            "p7",
+            "c2",
+            "ftd",
+            None,
+            "approved",
+            "rejected outside_window",
+        ),
+        (
+            "p8",
+            "c3",
+            "ftd",
+            None,
+            "approved",
+            "attributed v1 approved suspicious",
+        ),
+        (
+            "p9",
+            "nobody",
+            "ftd",
+            None,
+            "approved",
+            "rejected unknown_click",
+        ),
+        (
+            "p10",
+            "c4",
+            "ftd",
+            None,
+            "approved",
+            "attributed v1 approved",
+        ),
+    ];
+    for (id, c, event, txn, status, _) in &cases {
+        p.send(pbs, c, &postback(id, c, event, *txn, status, now))
+            .await;
+    }
+    // c4's click comes after its postback, within the grace period.
+    p.send(clicks, "c4", &click("c4", "7", now - hour)).await;
+    // Poison: not JSON, and a schema version from the future.
+    p.send(pbs, "x", b"not json").await;
+    let future = String::from_utf8_lossy(&click("y", "7", now))
+        .replace("\"schema_version\":1", "\"schema_version\":9");
+    p.send(clicks, "y", future.as_bytes()).await;
+
+    let want: BTreeSet<String> = cases.iter().map(|c| outcome_id(c.0)).collect();
+    let all = outcomes(&topics, &want).await;
+    for (id, _, _, _, _, expected) in &cases {
+        let records = &all[&outcome_id(id)];
+        assert_eq!(
+            records.len(),
+            1,
+            "{id}: exactly one outcome, got {records:?}"
+        );
+        let r = &records[0];
+        let got = match r["reason"].as_str() {
+            Some(reason) => format!("rejected {reason}"),
+            None => format!(
+                "{} v{} {}{}",
+                if r["version"] == 1 {
+                    "attributed"
+                } else {
+                    "updated"
+                },
+                r["version"],
+                r["status"].as_str().unwrap_or_default(),
+                if r["suspicious"] == true {
+                    " suspicious"
+                } else {
+                    ""
+                }
+            ),
+        };
+        assert_eq!(&got, expected, "{id}: {r}");
+    }
+    assert_eq!(
+        all.len(),
+        cases.len(),
+        "no outcome for anything else: {:?}",
+        all.keys()
+    );
+    let p1 = &all[&outcome_id("p1")][0];
+    let p3 = &all[&outcome_id("p3")][0];
+    assert_eq!(
+        p1["conversion_id"], p3["conversion_id"],
+        "an update keeps the conversion ID"
+    );
+    assert_eq!(p1["payout"], "50.00");
+
+    let poison = TopicReader::new(&topics.poison)
+        .read_raw_until("two poison records", WAIT, |r| r.len() >= 2)
+        .await;
+    let mut reasons: Vec<(String, String)> = poison
+        .iter()
+        .map(|m| {
+            let header = |name: &str| {
+                m.headers()
+                    .and_then(|h| h.iter().find(|x| x.key == name))
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            (header("s2s-source-topic"), header("s2s-poison-reason"))
+        })
+        .collect();
+    reasons.sort();
+    assert!(
+        reasons
+            .iter()
+            .any(|(t, r)| t == pbs && r.contains("not valid JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(t, r)| t == clicks && r.contains("schema_version 9")),
+        "{reasons:?}"
+    );
+    assert!(
+        poison.iter().any(|m| m.payload() == Some(&b"not json"[..])),
+        "kept byte for byte"
+    );
+    assert_eq!(
+        metric(admin, "attributor_poison_records_total{kind=\"postback\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(admin, "attributor_suspicious_conversions_total").await,
+        Some(1.0)
+    );
+
+    shutdown.cancel();
+    task.await.expect("join").expect("stops cleanly");
+}
+
+#[tokio::test]
+async fn restart_resumes_from_offsets_stored_with_the_state() {
+    let topics = topics(2);
+    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
+        .await
+        .expect("topics");
+    let state = tempfile::tempdir().expect("tempdir");
+    let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
+    let p = RawProducer::new();
+    let now = s2s_common::now_ms();
+    p.send(clicks, "r1", &click("r1", "1", now)).await;
+    p.send(
+        pbs,
+        "r1",
+        &postback("q1", "r1", "ftd", None, "approved", now),
+    )
+    .await;
+
+    let first = s2s_attributor::Attributor::bind(attributor_config(&topics, state.path()))
+        .await
+        .expect("starts");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(first.run(stop.clone()));
+    outcomes(&topics, &[outcome_id("q1")].into()).await;
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
+
+    // Same state, another consumer group: the group has no offsets, so only the offsets in
+    // the store can keep the instance from reading everything again.
+    let second = s2s_attributor::Attributor::bind(attributor_config(&topics, state.path()))
+        .await
+        .expect("restarts");
+    let admin = second.admin_addr().expect("admin");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(second.run(stop.clone()));
+    p.send(
+        pbs,
+        "r1",
+        &postback("q2", "r1", "registration", None, "approved", now),
+    )
+    .await;
+    let all = outcomes(&topics, &[outcome_id("q1"), outcome_id("q2")].into()).await;
+    assert_eq!(
+        all[&outcome_id("q1")].len(),
+        1,
+        "q1 was not processed again"
+    );
+    assert_eq!(
+        all[&outcome_id("q2")][0]["version"],
+        1,
+        "attributed with the stored click"
+    );
+    let series = |kind: &str| format!("attributor_records_consumed_total{{kind=\"{kind}\"}}");
+    assert_eq!(
+        metric(admin, &series("postback")).await,
+        Some(1.0),
+        "only the new postback"
+    );
+    assert_eq!(
+        metric(admin, &series("click")).await,
+        None,
+        "the click was not read again"
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
+}
+
+/// The attributor binary as a child process with its config in a file.
+fn spawn_attributor(config: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_attributor-under-test"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the attributor")
+}
+
+fn child_config(topics: &TopicsConfig, state: &Path) -> String {
+    let mut toml = format!(
+        "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{}\"\nstate_dir = \"{}\"\n\
+         grace_period_ms = 2000\ncommit_interval_ms = 50\nmax_batch = 200\n\
+         [kafka]\nbootstrap_servers = \"{}\"\n\
+         [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+         \"heartbeat.interval.ms\" = \"1000\"\n",
+        s2s_tests::unique("attributor"),
+        state.join("state").display(),
+        s2s_tests::brokers()
+    );
+    let named = [
+        ("clicks", &topics.clicks),
+        ("postbacks", &topics.postbacks),
+        ("conversions", &topics.conversions),
+        ("rejections", &topics.rejections),
+        ("delivery_log", &topics.delivery_log),
+        ("dead_letter", &topics.dead_letter),
+        ("poison", &topics.poison),
+    ];
+    for (key, t) in named {
+        toml.push_str(&format!(
+            "[topics.{key}]\nname = \"{}\"\npartitions = {}\nreplication_factor = 1\n",
+            t.name, t.partitions
+        ));
+    }
+    toml
+}
+
+#[tokio::test]
+async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
+    const N: usize = 600;
+    let topics = topics(3);
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = state.path().join("attributor.toml");
+    std::fs::write(&config, child_config(&topics, state.path())).expect("config");
+
+    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
+        .await
+        .expect("topics");
+
+    // The stream: N clicks, each with an FTD; every 10th FTD comes before its click,
+    // every 7th postback names a click that never comes. Each record is stamped when it is
+    // sent, as ingest would stamp it.
+    let mut expected: BTreeMap<String, &'static str> = BTreeMap::new();
+    // (is a click, key, click ID or postback ID, target click of a postback)
+    let mut records: Vec<(bool, String, String)> = Vec::new();
+    for i in 0..N {
+        let (c, pb) = (format!("k{i}"), format!("kp{i}"));
+        let (target, outcome) = if i % 7 == 0 {
+            (format!("u{i}"), "unknown_click")
+        } else {
+            (c.clone(), "attributed")
+        };
+        expected.insert(outcome_id(&pb), outcome);
+        let post = (false, target, pb);
+        let clk = (true, c.clone(), c);
+        if i % 10 == 0 {
+            records.extend([post, clk]);
+        } else {
+            records.extend([clk, post]);
+        }
+    }
+    let (clicks, pbs) = (topics.clicks.name.clone(), topics.postbacks.name.clone());
+    let feeder = tokio::spawn(async move {
+        let p = RawProducer::new();
+        for (is_click, key, id) in records {
+            let now = s2s_common::now_ms();
+            if is_click {
+                p.send(&clicks, &key, &click(&id, "1", now)).await;
+            } else {
+                let payload = postback(&id, &key, "ftd", None, "approved", now);
+                p.send(&pbs, &key, &payload).await;
+            }
+        }
+    });
+
+    let mut first = spawn_attributor(&config);
+    let reader = TopicReader::all_of(&[&topics.conversions, &topics.rejections]);
+    reader
+        .read_until("the first outcomes", WAIT, |seen: &[Value]| {
+            seen.len() >= N / 4
+        })
+        .await;
+    first.kill().await.expect("SIGKILL");
+    let mut second = spawn_attributor(&config);
+    feeder.await.expect("all records produced");
+
+    let want: BTreeSet<String> = expected.keys().cloned().collect();
+    let all = outcomes(&topics, &want).await;
+    second.kill().await.expect("stop");
+
+    let mut repeats = 0;
+    for (id, records) in &all {
+        let Some(decision) = expected.get(id) else {
+            panic!("an outcome no postback asked for: {records:?}");
+        };
+        let strip = |v: &Value| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("attributed_at_ms");
+                o.remove("rejected_at_ms");
+            }
+            v
+        };
+        let first = strip(&records[0]);
+        for r in &records[1..] {
+            assert_eq!(strip(r), first, "a replay of {id} must repeat the outcome");
+            repeats += 1;
+        }
+        let got = first["reason"].as_str().unwrap_or("attributed");
+        assert_eq!(got, *decision, "{id}: {first}");
+    }
+    assert_eq!(all.len(), N, "one outcome ID per postback");
+    println!(
+        "sigkill test: {N} postbacks, {} outcome IDs, {repeats} replayed repeats",
+        all.len()
+    );
+}
