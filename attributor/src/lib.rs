@@ -408,6 +408,12 @@ impl Worker<'_> {
         let mut tpl = TopicPartitionList::new();
         for (st, w) in staged {
             w.store.commit(st, &w.journal.ends)?;
+            for m in &w.records {
+                self.metrics
+                    .consumed
+                    .with_label_values(&[self.kind(m)])
+                    .inc();
+            }
             for (topic, next) in &w.journal.ends {
                 tpl.add_partition_offset(topic, w.partition, Offset::Offset(*next))?;
             }
@@ -422,6 +428,15 @@ impl Worker<'_> {
         Ok(true)
     }
 
+    /// `click` or `postback`: which input a record came from (a metric label).
+    fn kind(&self, msg: &OwnedMessage) -> &'static str {
+        if msg.topic() == self.config.topics.clicks.name {
+            "click"
+        } else {
+            "postback"
+        }
+    }
+
     /// Applies one partition's records, then its due timers, to its staged state.
     fn process(
         &self,
@@ -432,10 +447,8 @@ impl Worker<'_> {
         let now = w.journal.now_ms;
         for msg in &w.records {
             let payload = msg.payload().unwrap_or_default();
-            let is_click = msg.topic() == self.config.topics.clicks.name;
-            let kind = if is_click { "click" } else { "postback" };
-            self.metrics.consumed.with_label_values(&[kind]).inc();
-            let decoded = if is_click {
+            let kind = self.kind(msg);
+            let decoded = if kind == "click" {
                 contract::decode::<Click>(payload)
                     .map(|click| self.joiner.on_click(st, &click, now))
             } else {

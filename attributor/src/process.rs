@@ -122,14 +122,20 @@ impl Joiner {
             .get(Cf::Conversions, &key)?
             .map(|v| decode_conversion(&v))
             .transpose()?;
-        let event_prefix = [prefix.as_slice(), &event_prefix(&pb.event)].concat();
-        let same_event = match st
-            .scan_prefix(Cf::Conversions, &event_prefix)?
-            .into_iter()
-            .find(|(k, _)| *k != key)
-        {
-            Some((_, v)) => Some(decode_conversion(&v)?),
-            None => None,
+        // Other conversions of the event matter only for once-per-click events, and then
+        // one is enough: never read a click's whole history of repeatable events.
+        let same_event = if self.rules.once_per_click.contains(&pb.event) {
+            let event_prefix = [prefix.as_slice(), &event_prefix(&pb.event)].concat();
+            match st
+                .scan_prefix_limit(Cf::Conversions, &event_prefix, 2)?
+                .into_iter()
+                .find(|(k, _)| *k != key)
+            {
+                Some((_, v)) => Some(decode_conversion(&v)?),
+                None => None,
+            }
+        } else {
+            None
         };
         let known = Known {
             same: same.as_ref(),

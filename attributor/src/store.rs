@@ -368,7 +368,17 @@ impl Staged<'_> {
 
     /// Entries whose key starts with `prefix`, staged writes applied.
     pub fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Entries, StoreError> {
-        self.merged(cf, prefix, |k| k.starts_with(prefix), usize::MAX)
+        self.scan_prefix_limit(cf, prefix, usize::MAX)
+    }
+
+    /// The first `limit` entries whose key starts with `prefix`, staged writes applied.
+    pub fn scan_prefix_limit(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Entries, StoreError> {
+        self.merged(cf, prefix, |k| k.starts_with(prefix), limit)
     }
 
     /// Up to `limit` entries with keys below `end`, staged writes applied.
