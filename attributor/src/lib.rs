@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use s2s_common::contract::{self, Click, Postback};
@@ -52,7 +53,7 @@ use s2s_common::topics::partition_key;
 use tokio_util::sync::CancellationToken;
 
 pub use config::AttributorConfig;
-use ownership::{Ownership, OwnershipContext};
+use ownership::{Changelog, Ownership, OwnershipContext};
 use process::{Joiner, Outcome};
 use store::{Cf, Journal, Staged, Store, StoreError, StoreLimits, StoreSet};
 
@@ -124,20 +125,27 @@ impl Attributor {
                 conversion_retention_ms: config.conversion_retention_ms(),
             },
         );
+        let admin = Admin::bind(config.admin_listen).await?;
+        let metrics = metrics::Metrics::new(&admin.registry)?;
         let ownership = Arc::new(Ownership::new(
             stores,
             [
                 config.topics.clicks.name.clone(),
                 config.topics.postbacks.name.clone(),
             ],
+            Changelog {
+                kafka: config.kafka.clone(),
+                group_id: config.group_id.clone(),
+                topic: config.topics.changelog.name.clone(),
+                restored: metrics.restored.clone(),
+                restoring: metrics.restoring.clone(),
+            },
         ));
         let consumer: Consumer_ = config
             .kafka
             .consumer_config(&config.group_id)
             .create_with_context(OwnershipContext(Arc::clone(&ownership)))?;
         consumer.subscribe(&[&config.topics.clicks.name, &config.topics.postbacks.name])?;
-        let admin = Admin::bind(config.admin_listen).await?;
-        let metrics = metrics::Metrics::new(&admin.registry)?;
         let stats = KafkaStats::new(&admin.registry, "attributor", admin.health.clone())?;
         let producer: FutureProducer<KafkaStats> =
             config.kafka.producer_config().create_with_context(stats)?;
@@ -201,6 +209,17 @@ struct Work {
     store: Arc<Store>,
     records: Vec<OwnedMessage>,
     journal: Journal,
+}
+
+/// One record to produce.
+struct Record<'a> {
+    topic: &'a str,
+    /// Set for changelog records (partition N for input partition N); else by key.
+    partition: Option<i32>,
+    key: Vec<u8>,
+    /// `None`: a tombstone.
+    payload: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
 }
 
 /// Something to publish, and how to count it once acknowledged.
@@ -392,8 +411,11 @@ impl Worker<'_> {
             let mut st = w.store.stage();
             let before = outputs.len();
             self.process(w, &mut st, &mut outputs)?;
-            if st.is_empty() && w.records.is_empty() && outputs.len() == before {
+            if st.is_empty() && outputs.len() == before {
                 continue;
+            }
+            for (topic, next) in &w.journal.ends {
+                st.set_offset(topic, *next);
             }
             if outputs.len() > before {
                 // Outputs will be visible before the commit: record what produced them.
@@ -404,10 +426,31 @@ impl Worker<'_> {
         if staged.is_empty() {
             return Ok(false);
         }
-        self.publish(&outputs).await?;
+        // Outputs first, then the changelog: the changelog only ever holds cycles whose
+        // outputs are all acknowledged, so a store rebuilt from it never skips an output.
+        self.produce(self.outputs_to_records(&outputs)).await?;
+        let changelog = &self.config.topics.changelog.name;
+        let mut logged: BTreeMap<i32, i64> = BTreeMap::new();
+        let records = staged
+            .iter()
+            .flat_map(|(st, w)| {
+                st.changelog().map(|(key, value)| Record {
+                    topic: changelog,
+                    partition: Some(w.partition),
+                    key,
+                    payload: value.map(<[u8]>::to_vec),
+                    headers: None,
+                })
+            })
+            .collect();
+        for d in self.produce(records).await? {
+            let next = logged.entry(d.partition).or_insert(0);
+            *next = (*next).max(d.offset + 1);
+        }
         let mut tpl = TopicPartitionList::new();
         for (st, w) in staged {
-            w.store.commit(st, &w.journal.ends)?;
+            let position = logged.get(&w.partition).map(|n| (changelog.as_str(), *n));
+            w.store.commit(st, position)?;
             for m in &w.records {
                 self.metrics
                     .consumed
@@ -480,13 +523,13 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Publishes every output and waits for all acknowledgements. A full producer queue
-    /// is backpressure: wait for the oldest record in flight, then try again.
-    async fn publish(&self, outputs: &[Output]) -> Result<(), AttributorError> {
+    /// The records that publish `outputs`: outcomes to conversions or rejections keyed by
+    /// click ID, poison records byte for byte to the poison topic with their origin.
+    fn outputs_to_records<'o>(&'o self, outputs: &'o [Output]) -> Vec<Record<'o>> {
         let topics = &self.config.topics;
-        let mut in_flight = VecDeque::with_capacity(outputs.len());
-        for o in outputs {
-            let (topic, key, payload, headers) = match o {
+        outputs
+            .iter()
+            .map(|o| match o {
                 Output::Outcome(o) => {
                     let (topic, payload) = match &**o {
                         Outcome::Attributed(c) | Outcome::Updated(c) => {
@@ -494,7 +537,13 @@ impl Worker<'_> {
                         }
                         Outcome::Rejected(r) => (&topics.rejections.name, contract::encode(r)),
                     };
-                    (topic, partition_key(o.key()).to_vec(), payload, None)
+                    Record {
+                        topic,
+                        partition: None,
+                        key: partition_key(o.key()).to_vec(),
+                        payload: Some(payload),
+                        headers: None,
+                    }
                 }
                 Output::Poison { msg, reason, .. } => {
                     let partition = msg.partition().to_string();
@@ -512,17 +561,33 @@ impl Worker<'_> {
                             value: Some(value),
                         })
                     });
-                    (
-                        &topics.poison.name,
-                        msg.key().unwrap_or_default().to_vec(),
-                        msg.payload().unwrap_or_default().to_vec(),
-                        Some(headers),
-                    )
+                    Record {
+                        topic: &topics.poison.name,
+                        partition: None,
+                        key: msg.key().unwrap_or_default().to_vec(),
+                        payload: Some(msg.payload().unwrap_or_default().to_vec()),
+                        headers: Some(headers),
+                    }
                 }
-            };
-            let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
-            if let Some(h) = headers {
-                record = record.headers(h);
+            })
+            .collect()
+    }
+
+    /// Produces every record and waits for all acknowledgements. A full producer queue is
+    /// backpressure: wait for the oldest record in flight, then try again.
+    async fn produce(&self, records: Vec<Record<'_>>) -> Result<Vec<Delivery>, AttributorError> {
+        let mut in_flight = VecDeque::with_capacity(records.len());
+        let mut delivered = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut record = FutureRecord::to(r.topic).key(&r.key);
+            if let Some(p) = &r.payload {
+                record = record.payload(p);
+            }
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
+            if let Some(h) = &r.headers {
+                record = record.headers(h.clone());
             }
             loop {
                 match self.producer.send_result(record) {
@@ -530,10 +595,10 @@ impl Worker<'_> {
                         in_flight.push_back(f);
                         break;
                     }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
                         match in_flight.pop_front() {
-                            Some(f) => acknowledged(f.await)?,
+                            Some(f) => delivered.push(acknowledged(f.await)?),
                             None => tokio::time::sleep(Duration::from_millis(10)).await,
                         }
                     }
@@ -542,9 +607,9 @@ impl Worker<'_> {
             }
         }
         for f in in_flight {
-            acknowledged(f.await)?;
+            delivered.push(acknowledged(f.await)?);
         }
-        Ok(())
+        Ok(delivered)
     }
 
     /// Logs and counts what a committed cycle produced: each event in this one place.
@@ -633,9 +698,9 @@ fn acknowledged(
         rdkafka::producer::future_producer::OwnedDeliveryResult,
         futures::channel::oneshot::Canceled,
     >,
-) -> Result<(), AttributorError> {
+) -> Result<Delivery, AttributorError> {
     match r {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(d)) => Ok(d),
         Ok(Err((e, _))) => Err(AttributorError::Publish(e.to_string())),
         Err(_) => Err(AttributorError::Publish("delivery report dropped".into())),
     }

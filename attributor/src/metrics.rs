@@ -1,4 +1,5 @@
-//! The attributor's Prometheus metrics. Each is updated in one place in `lib.rs`, after the
+//! The attributor's Prometheus metrics. Each is updated in one place: restore progress in
+//! `ownership.rs`, everything else in `lib.rs` after the
 //! cycle that produced the event was committed.
 
 use prometheus::{
@@ -34,6 +35,10 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     /// `attributor_partitions_owned`.
     pub partitions: IntGauge,
+    /// `attributor_restored_records_total`: changelog records applied to local stores.
+    pub restored: IntCounter,
+    /// `attributor_restoring_partitions`: partitions being rebuilt from the changelog now.
+    pub restoring: IntGauge,
 }
 
 impl Metrics {
@@ -110,7 +115,17 @@ impl Metrics {
                 "attributor_partitions_owned",
                 "Input partitions this instance owns.",
             )?,
+            restored: IntCounter::new(
+                "attributor_restored_records_total",
+                "Changelog records applied to local stores when partitions were assigned.",
+            )?,
+            restoring: IntGauge::new(
+                "attributor_restoring_partitions",
+                "Partitions whose state is being rebuilt from the changelog now.",
+            )?,
         };
+        registry.register(Box::new(m.restored.clone()))?;
+        registry.register(Box::new(m.restoring.clone()))?;
         registry.register(Box::new(m.consumed.clone()))?;
         registry.register(Box::new(m.outcomes.clone()))?;
         registry.register(Box::new(m.suspicious.clone()))?;

@@ -1,25 +1,53 @@
-//! Partition ownership. The consumer context opens a partition's store when the group
-//! assigns the partition and starts consumption at the offsets committed *with the state*:
-//! the store is the truth, the group's committed offsets only serve lag monitoring and
-//! instances that have no state yet. It also keeps the high watermarks that librdkafka's
-//! statistics report, which tell the timer whether a partition's clicks are caught up.
+//! Partition ownership. When the group assigns a partition, the consumer context opens the
+//! partition's store, brings it up to date from the changelog topic (nothing to read when
+//! the local store is current; everything after the store's changelog position when another
+//! instance owned the partition meanwhile, or when the store is new), and starts
+//! consumption at the input offsets committed *with the state*: the store is the truth,
+//! the group's committed offsets only serve lag monitoring. It also keeps the high
+//! watermarks that librdkafka's statistics report, which tell the timer whether a
+//! partition's clicks are caught up.
+//!
+//! The restore runs inside the rebalance callback, so consumption of every partition waits
+//! for it; it must finish within `max.poll.interval.ms` (librdkafka default 300 s), which
+//! large states may need to raise.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntGauge};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use s2s_common::kafka::KafkaConfig;
 
 use crate::store::{Store, StoreSet};
+
+/// Changelog records applied per RocksDB batch during a restore.
+const RESTORE_BATCH: usize = 10_000;
+
+/// Where a partition's state is rebuilt from.
+#[derive(Debug)]
+pub struct Changelog {
+    pub kafka: KafkaConfig,
+    pub group_id: String,
+    pub topic: String,
+    /// `attributor_restored_records_total`.
+    pub restored: IntCounter,
+    /// `attributor_restoring_partitions`.
+    pub restoring: IntGauge,
+}
 
 /// The partitions this instance owns and their open stores.
 #[derive(Debug)]
 pub struct Ownership {
     stores: StoreSet,
     inputs: [String; 2],
+    changelog: Changelog,
     inner: Mutex<Inner>,
 }
 
@@ -35,12 +63,79 @@ struct Inner {
 
 impl Ownership {
     /// `inputs`: the clicks and postbacks topics, co-partitioned.
-    pub fn new(stores: StoreSet, inputs: [String; 2]) -> Self {
+    pub fn new(stores: StoreSet, inputs: [String; 2], changelog: Changelog) -> Self {
         Ownership {
             stores,
             inputs,
+            changelog,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// Applies the changelog of `partition` from the store's changelog position to its end;
+    /// returns the number of records applied.
+    fn restore(&self, store: &Store, partition: i32) -> Result<u64, String> {
+        let c = &self.changelog;
+        let from = store
+            .offset(&c.topic)
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0);
+        let mut config = c.kafka.consumer_config(&format!("{}.restore", c.group_id));
+        config.set("enable.partition.eof", "true");
+        let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&c.topic, partition, Offset::Offset(from))
+            .map_err(|e| e.to_string())?;
+        consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        c.restoring.inc();
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        let mut applied = 0u64;
+        let mut next = from;
+        let result = loop {
+            match consumer.poll(Duration::from_secs(1)) {
+                Some(Ok(m)) => {
+                    batch.push((
+                        m.key().unwrap_or_default().to_vec(),
+                        m.payload().map(<[u8]>::to_vec),
+                    ));
+                    next = m.offset() + 1;
+                    if batch.len() >= RESTORE_BATCH {
+                        if let Err(e) = store.restore(&batch, &c.topic, next) {
+                            break Err(e.to_string());
+                        }
+                        applied += batch.len() as u64;
+                        c.restored.inc_by(batch.len() as u64);
+                        batch.clear();
+                        tracing::info!(partition, applied, "restoring from the changelog");
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    if !batch.is_empty() {
+                        if let Err(e) = store.restore(&batch, &c.topic, next) {
+                            break Err(e.to_string());
+                        }
+                        applied += batch.len() as u64;
+                        c.restored.inc_by(batch.len() as u64);
+                    }
+                    break Ok(applied);
+                }
+                Some(Err(e)) => break Err(format!("reading the changelog: {e}")),
+                None => {}
+            }
+        };
+        c.restoring.dec();
+        if let Ok(n) = result {
+            if n > 0 {
+                tracing::info!(
+                    partition,
+                    records = n,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "partition state restored from the changelog"
+                );
+            }
+        }
+        result
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -95,6 +190,11 @@ impl Ownership {
                     }
                 },
             };
+            if let Err(e) = self.restore(&store, p) {
+                tracing::error!(partition = p, error = %e, "cannot restore the partition's state");
+                inner.failure = Some(format!("restoring partition {p}: {e}"));
+                continue;
+            }
             for topic in &self.inputs {
                 match store.offset(topic) {
                     Ok(Some(next)) => {

@@ -280,7 +280,7 @@ mod tests {
             j.on_postback(&mut st, &pb("p", "c", 5), 0, 5).expect("ok"),
             None
         );
-        s.commit(st, &BTreeMap::new()).expect("commit");
+        s.commit(st, None).expect("commit");
 
         let mut st = s.stage();
         assert!(
@@ -293,7 +293,7 @@ mod tests {
             j.on_timer(&mut st, 1_000, 10).expect("ok").is_empty(),
             "no longer pending"
         );
-        s.commit(st, &BTreeMap::new()).expect("commit");
+        s.commit(st, None).expect("commit");
         for cf in [Cf::PendingByClick, Cf::PendingByDue] {
             assert!(s.stage().scan_prefix(cf, b"").expect("scan").is_empty());
         }
@@ -352,7 +352,7 @@ mod tests {
             first.as_ref().map(label).as_deref(),
             Some("attributed:v1:pending")
         );
-        s.commit(st, &BTreeMap::new()).expect("commit");
+        s.commit(st, None).expect("commit");
 
         let mut st = s.stage();
         let again = j

@@ -46,6 +46,21 @@ pub enum Cf {
 }
 
 impl Cf {
+    /// The byte that names the column family in changelog keys.
+    pub fn id(self) -> u8 {
+        match self {
+            Cf::Clicks => 1,
+            Cf::Conversions => 2,
+            Cf::PendingByDue => 3,
+            Cf::PendingByClick => 4,
+            Cf::Meta => 5,
+        }
+    }
+
+    pub fn from_id(id: u8) -> Option<Cf> {
+        Cf::ALL.into_iter().find(|cf| cf.id() == id)
+    }
+
     pub const ALL: [Cf; 5] = [
         Cf::Clicks,
         Cf::Conversions,
@@ -253,12 +268,13 @@ impl Store {
         }
     }
 
-    /// Applies a cycle's writes and the offsets they reflect in one atomic batch, and
-    /// closes the cycle's journal.
+    /// Applies a cycle's writes (input offsets included, see [`Staged::set_offset`]) and
+    /// the changelog position they were logged up to, in one atomic batch, and closes the
+    /// cycle's journal.
     pub fn commit(
         &self,
         staged: Staged<'_>,
-        offsets: &BTreeMap<String, i64>,
+        changelog: Option<(&str, i64)>,
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for ((cf, key), value) in staged.writes {
@@ -268,9 +284,33 @@ impl Store {
             }
         }
         let meta = self.cf(Cf::Meta)?;
-        for (topic, next) in offsets {
+        if let Some((topic, next)) = changelog {
             batch.put_cf(meta, offset_key(topic), next.to_be_bytes());
         }
+        batch.delete_cf(meta, JOURNAL_KEY);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Applies changelog records read from `changelog` up to offset `next` - 1, in one
+    /// atomic batch. A restored store's journal is stale (another instance moved the
+    /// partition on), so it is dropped.
+    pub fn restore(
+        &self,
+        records: &[(Vec<u8>, Option<Vec<u8>>)],
+        changelog: &str,
+        next: i64,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in records {
+            let (cf, key) = decode_changelog_key(key)?;
+            match value {
+                Some(v) => batch.put_cf(self.cf(cf)?, key, v),
+                None => batch.delete_cf(self.cf(cf)?, key),
+            }
+        }
+        let meta = self.cf(Cf::Meta)?;
+        batch.put_cf(meta, offset_key(changelog), next.to_be_bytes());
         batch.delete_cf(meta, JOURNAL_KEY);
         self.db.write(batch)?;
         Ok(())
@@ -337,6 +377,20 @@ fn offset_key(topic: &str) -> Vec<u8> {
     format!("offset/{topic}").into_bytes()
 }
 
+/// `[cf id][key]`: the key of a state change on the changelog topic.
+pub fn changelog_key(cf: Cf, key: &[u8]) -> Vec<u8> {
+    [&[cf.id()], key].concat()
+}
+
+fn decode_changelog_key(k: &[u8]) -> Result<(Cf, &[u8]), StoreError> {
+    k.split_first()
+        .and_then(|(id, key)| Some((Cf::from_id(*id)?, key)))
+        .ok_or_else(|| StoreError::Corrupt {
+            cf: "changelog",
+            detail: "record key names no column family".into(),
+        })
+}
+
 /// Staged writes over the store: reads see them, nothing is durable until
 /// [`Store::commit`].
 #[derive(Debug)]
@@ -364,6 +418,18 @@ impl Staged<'_> {
 
     pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
         self.writes.insert((cf, key), None);
+    }
+
+    /// Records that the state now reflects `topic` up to offset `next` - 1.
+    pub fn set_offset(&mut self, topic: &str, next: i64) {
+        self.put(Cf::Meta, offset_key(topic), next.to_be_bytes().to_vec());
+    }
+
+    /// The staged changes as changelog records: `[cf id][key]` → value, `None` deleted.
+    pub fn changelog(&self) -> impl Iterator<Item = (Vec<u8>, Option<&[u8]>)> {
+        self.writes
+            .iter()
+            .map(|((cf, key), value)| (changelog_key(*cf, key), value.as_deref()))
     }
 
     /// Entries whose key starts with `prefix`, staged writes applied.
@@ -454,9 +520,10 @@ mod tests {
         };
         store.begin(&journal).expect("begin");
         assert_eq!(store.journal().expect("journal"), Some(journal));
-        let offsets = [("t".to_string(), 42_i64)].into();
-        store.commit(st, &offsets).expect("commit");
+        st.set_offset("t", 42);
+        store.commit(st, Some(("log", 9))).expect("commit");
         assert_eq!(store.offset("t").expect("offset"), Some(42));
+        assert_eq!(store.offset("log").expect("offset"), Some(9));
         assert_eq!(
             store.journal().expect("journal"),
             None,
@@ -497,7 +564,7 @@ mod tests {
             st.put(cf, b"old".to_vec(), stamped(now - 120_000, b"{}"));
             st.put(cf, b"fresh".to_vec(), stamped(now, b"{}"));
         }
-        store.commit(st, &BTreeMap::new()).expect("commit");
+        store.commit(st, None).expect("commit");
         for cf in [Cf::Clicks, Cf::Conversions] {
             store.compact(cf).expect("compact");
             assert_eq!(store.get(cf, b"old").expect("get"), None, "{}", cf.name());
@@ -516,8 +583,8 @@ mod tests {
         let (a, b) = (set.open(0).expect("p0"), set.open(1).expect("p1"));
         let mut st = a.stage();
         st.put(Cf::Clicks, b"c".to_vec(), stamped(1, b"{}"));
-        a.commit(st, &[("clicks".to_string(), 7)].into())
-            .expect("commit");
+        st.set_offset("clicks", 7);
+        a.commit(st, None).expect("commit");
         assert!(b.get(Cf::Clicks, b"c").expect("get").is_none());
         assert_eq!(
             (
@@ -529,5 +596,61 @@ mod tests {
         drop(a);
         let again = set.open(0).expect("reopen");
         assert_eq!(again.offset("clicks").expect("o"), Some(7));
+    }
+}
+
+#[cfg(test)]
+mod changelog_tests {
+    use super::*;
+
+    #[test]
+    fn a_store_rebuilt_from_the_changelog_equals_the_original() {
+        let (d1, d2) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let limits = super::tests::limits(i64::MAX);
+        let (original, rebuilt) = (
+            Store::open(d1.path(), limits).expect("open"),
+            Store::open(d2.path(), limits).expect("open"),
+        );
+        let mut log: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for cycle in 0..3u8 {
+            let mut st = original.stage();
+            st.put(Cf::Clicks, vec![b'c', cycle], stamped(1, b"{}"));
+            st.put(Cf::PendingByClick, b"p".to_vec(), vec![cycle]);
+            if cycle == 2 {
+                st.delete(Cf::Clicks, vec![b'c', 0]);
+            }
+            st.set_offset("clicks", i64::from(cycle) + 1);
+            log.extend(st.changelog().map(|(k, v)| (k, v.map(<[u8]>::to_vec))));
+            original
+                .commit(st, Some(("log", log.len() as i64)))
+                .expect("commit");
+        }
+        rebuilt
+            .begin(&Journal {
+                now_ms: 1,
+                timers: false,
+                ends: BTreeMap::new(),
+            })
+            .expect("journal");
+        rebuilt
+            .restore(&log, "log", log.len() as i64)
+            .expect("restore");
+        for cf in Cf::ALL {
+            let all = |s: &Store| s.stage().scan_prefix(cf, b"").expect("scan");
+            assert_eq!(all(&original), all(&rebuilt), "{}", cf.name());
+        }
+        assert_eq!(rebuilt.offset("clicks").expect("o"), Some(3));
+        assert_eq!(
+            rebuilt.journal().expect("j"),
+            None,
+            "a restored store has no journal"
+        );
+        assert!(matches!(
+            rebuilt.restore(&[(vec![99, 1], None)], "log", 1),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 }

@@ -105,6 +105,16 @@ pub enum KafkaSetupError {
         postbacks: String,
         postbacks_n: i32,
     },
+    #[error(
+        "topic '{changelog}' has {changelog_n} partitions but clicks has {clicks_n}: changelog \
+         partition N holds the state of input partition N. Add partitions to the changelog \
+         (kafka-topics.sh --alter) and set topics.changelog.partitions to match"
+    )]
+    ChangelogTooSmall {
+        changelog: String,
+        changelog_n: i32,
+        clicks_n: i32,
+    },
 }
 
 impl KafkaConfig {
@@ -266,6 +276,17 @@ pub async fn ensure_topics(
             clicks_n,
             postbacks: topics.postbacks.name.clone(),
             postbacks_n,
+        });
+    }
+    let changelog_n = counts
+        .get(&topics.changelog.name)
+        .copied()
+        .unwrap_or_default();
+    if changelog_n < clicks_n {
+        return Err(KafkaSetupError::ChangelogTooSmall {
+            changelog: topics.changelog.name.clone(),
+            changelog_n,
+            clicks_n,
         });
     }
     Ok(counts)

@@ -41,10 +41,12 @@ pub struct TopicsConfig {
     pub dead_letter: TopicConfig,
     /// Undecodable input records, set aside so that one bad record never stops the stream.
     pub poison: TopicConfig,
+    /// The attributor's state changes (compacted), partition N for input partition N.
+    pub changelog: TopicConfig,
 }
 
 impl TopicsConfig {
-    pub fn all(&self) -> [&TopicConfig; 7] {
+    pub fn all(&self) -> [&TopicConfig; 8] {
         [
             &self.clicks,
             &self.postbacks,
@@ -53,6 +55,7 @@ impl TopicsConfig {
             &self.delivery_log,
             &self.dead_letter,
             &self.poison,
+            &self.changelog,
         ]
     }
 
@@ -81,6 +84,13 @@ impl TopicsConfig {
                 "topics: clicks ({}) and postbacks ({}) must have the same partition count \
                  so that a click and its postbacks are joined on the same partition",
                 self.clicks.partitions, self.postbacks.partitions
+            ));
+        }
+        if self.changelog.partitions < self.clicks.partitions {
+            return Err(format!(
+                "topics: changelog ({}) needs at least as many partitions as clicks ({}): \
+                 changelog partition N holds the state of input partition N",
+                self.changelog.partitions, self.clicks.partitions
             ));
         }
         Ok(())

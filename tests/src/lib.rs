@@ -64,6 +64,10 @@ pub fn topics(partitions: i32) -> TopicsConfig {
         delivery_log: t("delivery-log"),
         dead_letter: t("dead-letter"),
         poison: t("poison"),
+        changelog: TopicConfig {
+            config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
+            ..t("changelog")
+        },
     }
 }
 

@@ -382,12 +382,16 @@ fn child_config(topics: &TopicsConfig, state: &Path) -> String {
         ("delivery_log", &topics.delivery_log),
         ("dead_letter", &topics.dead_letter),
         ("poison", &topics.poison),
+        ("changelog", &topics.changelog),
     ];
     for (key, t) in named {
         toml.push_str(&format!(
             "[topics.{key}]\nname = \"{}\"\npartitions = {}\nreplication_factor = 1\n",
             t.name, t.partitions
         ));
+        for (k, v) in &t.config {
+            toml.push_str(&format!("config.\"{k}\" = \"{v}\"\n"));
+        }
     }
     toml
 }
@@ -481,4 +485,130 @@ async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
         "sigkill test: {N} postbacks, {} outcome IDs, {repeats} replayed repeats",
         all.len()
     );
+}
+
+/// Runs an attributor on `state` under a new consumer group until `stop`.
+async fn start(
+    topics: &TopicsConfig,
+    state: &Path,
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), s2s_attributor::AttributorError>>,
+) {
+    let a = s2s_attributor::Attributor::bind(attributor_config(topics, state))
+        .await
+        .expect("starts");
+    let admin = a.admin_addr().expect("admin");
+    let stop = CancellationToken::new();
+    (admin, stop.clone(), tokio::spawn(a.run(stop)))
+}
+
+#[tokio::test]
+async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() {
+    let topics = topics(2);
+    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
+        .await
+        .expect("topics");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
+    let p = RawProducer::new();
+    let now = s2s_common::now_ms();
+    let restored = "attributor_restored_records_total";
+    let consumed = "attributor_records_consumed_total{kind=\"postback\"}";
+
+    // Instance A sees the click and an FTD.
+    let (admin, stop, task) = start(&topics, dir_a.path()).await;
+    p.send(clicks, "m1", &click("m1", "1", now)).await;
+    p.send(
+        pbs,
+        "m1",
+        &postback("f1", "m1", "ftd", Some("t1"), "approved", now),
+    )
+    .await;
+    outcomes(&topics, &[outcome_id("f1")].into()).await;
+    assert_eq!(
+        metric(admin, restored).await,
+        Some(0.0),
+        "a new changelog has nothing"
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
+
+    // Instance B, with no local state, owns the partitions now: it must know the click, the
+    // conversion (for dedup) and where A stopped reading.
+    let (admin, stop, task) = start(&topics, dir_b.path()).await;
+    p.send(
+        pbs,
+        "m1",
+        &postback("f2", "m1", "ftd", Some("t1"), "approved", now),
+    )
+    .await;
+    p.send(
+        pbs,
+        "m1",
+        &postback("r1", "m1", "registration", None, "approved", now),
+    )
+    .await;
+    let all = outcomes(&topics, &[outcome_id("f2"), outcome_id("r1")].into()).await;
+    assert_eq!(
+        all[&outcome_id("f2")][0]["reason"],
+        "duplicate",
+        "dedup state restored"
+    );
+    assert_eq!(all[&outcome_id("r1")][0]["version"], 1, "click restored");
+    assert_eq!(all[&outcome_id("f1")].len(), 1, "f1 not processed again");
+    assert_eq!(
+        metric(admin, consumed).await,
+        Some(2.0),
+        "input offsets restored"
+    );
+    let full = metric(admin, restored).await.unwrap_or(0.0);
+    assert!(full >= 3.0, "click, conversion, offsets: {full}");
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
+
+    // B again on its own, current store: nothing to restore.
+    let (admin, stop, task) = start(&topics, dir_b.path()).await;
+    p.send(
+        pbs,
+        "m1",
+        &postback("d1", "m1", "deposit", Some("x"), "approved", now),
+    )
+    .await;
+    outcomes(&topics, &[outcome_id("d1")].into()).await;
+    assert_eq!(
+        metric(admin, restored).await,
+        Some(0.0),
+        "the local store was current"
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
+
+    // A again, on its stale store: it reads only what B wrote since, and knows r1.
+    let (admin, stop, task) = start(&topics, dir_a.path()).await;
+    p.send(
+        pbs,
+        "m1",
+        &postback("r2", "m1", "registration", None, "approved", now),
+    )
+    .await;
+    let all = outcomes(&topics, &[outcome_id("r2")].into()).await;
+    assert_eq!(
+        all[&outcome_id("r2")][0]["reason"],
+        "duplicate",
+        "B's conversion restored"
+    );
+    let delta = metric(admin, restored).await.unwrap_or(0.0);
+    assert!(delta >= 1.0, "{delta}");
+    assert_eq!(
+        metric(admin, consumed).await,
+        Some(1.0),
+        "A resumed where B stopped"
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
 }
