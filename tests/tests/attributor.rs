@@ -612,3 +612,118 @@ async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() 
     stop.cancel();
     task.await.expect("join").expect("stops cleanly");
 }
+
+/// Click IDs, one per key, that cover every partition of a `partitions`-partition topic.
+fn spread_clicks(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[tokio::test]
+async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
+    let topics = topics(4);
+    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
+        .await
+        .expect("topics");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let group = s2s_tests::unique("attributor");
+    let start_in_group = |dir: &Path| {
+        let mut c = attributor_config(&topics, dir);
+        c.group_id = group.clone();
+        c.kafka
+            .properties
+            .insert("session.timeout.ms".into(), "6000".into());
+        c.kafka
+            .properties
+            .insert("heartbeat.interval.ms".into(), "500".into());
+        async move {
+            let a = s2s_attributor::Attributor::bind(c).await.expect("starts");
+            let admin = a.admin_addr().expect("admin");
+            let stop = CancellationToken::new();
+            (admin, stop.clone(), tokio::spawn(a.run(stop)))
+        }
+    };
+    let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
+    let p = RawProducer::new();
+    let now = s2s_common::now_ms();
+    let ids = spread_clicks("g", 40);
+    let owned = "attributor_partitions_owned";
+
+    // A alone owns all four partitions and sees every click.
+    let (admin_a, stop_a, task_a) = start_in_group(dir_a.path()).await;
+    for c in &ids {
+        p.send(clicks, c, &click(c, "1", now)).await;
+    }
+    let clicks_seen = "attributor_records_consumed_total{kind=\"click\"}";
+    s2s_tests::poll_until("A to take in every click", WAIT, || async {
+        (metric(admin_a, clicks_seen).await == Some(ids.len() as f64)).then_some(())
+    })
+    .await;
+
+    // B joins: the group splits the partitions, B rebuilds its share from the changelog.
+    let (admin_b, stop_b, task_b) = start_in_group(dir_b.path()).await;
+    s2s_tests::poll_until("a 2/2 split", WAIT, || async {
+        let (a, b) = (metric(admin_a, owned).await, metric(admin_b, owned).await);
+        (a == Some(2.0) && b == Some(2.0)).then_some(())
+    })
+    .await;
+    for c in &ids {
+        let id = format!("{c}-ftd");
+        p.send(pbs, c, &postback(&id, c, "ftd", None, "approved", now))
+            .await;
+    }
+    let want: BTreeSet<String> = ids
+        .iter()
+        .map(|c| outcome_id(&format!("{c}-ftd")))
+        .collect();
+    let all = outcomes(&topics, &want).await;
+    for id in &want {
+        assert_eq!(all[id].len(), 1, "one outcome: {:?}", all[id]);
+        assert_eq!(
+            all[id][0]["version"], 1,
+            "attributed, click known: {}",
+            all[id][0]
+        );
+    }
+    let restored_b = metric(admin_b, "attributor_restored_records_total").await;
+    assert!(
+        restored_b.unwrap_or(0.0) >= 1.0,
+        "B restored: {restored_b:?}"
+    );
+    let ftd = "attributor_outcomes_total{outcome=\"attributed\",reason=\"none\"}";
+    let (by_a, by_b) = (metric(admin_a, ftd).await, metric(admin_b, ftd).await);
+    assert!(
+        by_a > Some(0.0) && by_b > Some(0.0),
+        "both worked: {by_a:?} {by_b:?}"
+    );
+
+    // B leaves: A owns everything again and catches up on B's changes to its share.
+    stop_b.cancel();
+    task_b.await.expect("join").expect("B stops cleanly");
+    s2s_tests::poll_until("A to own all partitions again", WAIT, || async {
+        (metric(admin_a, owned).await == Some(4.0)).then_some(())
+    })
+    .await;
+    for c in &ids {
+        let id = format!("{c}-ftd-again");
+        p.send(pbs, c, &postback(&id, c, "ftd", None, "approved", now))
+            .await;
+    }
+    let want: BTreeSet<String> = ids
+        .iter()
+        .map(|c| outcome_id(&format!("{c}-ftd-again")))
+        .collect();
+    let all = outcomes(&topics, &want).await;
+    for id in &want {
+        assert_eq!(all[id].len(), 1);
+        assert_eq!(
+            all[id][0]["reason"], "duplicate",
+            "B's conversions known to A: {}",
+            all[id][0]
+        );
+    }
+    stop_a.cancel();
+    task_a.await.expect("join").expect("A stops cleanly");
+}
