@@ -14,11 +14,29 @@ use crate::join::{OfferRules, Rules};
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/attributor.toml");
 pub const ENV_PREFIX: &str = "S2S_ATTRIBUTOR__";
 
+/// How outputs, state and input offsets are committed, like Kafka Streams'
+/// `processing.guarantee`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// One Kafka transaction per cycle covers the outputs, the changelog records and the
+    /// input offsets; zombie instances are fenced. Needs a broker with transactions.
+    ExactlyOnce,
+    /// Outputs and changelog acknowledged (idempotent producer) before state and offsets
+    /// are committed; a crash can repeat outcomes, identically.
+    AtLeastOnce,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttributorConfig {
     pub admin_listen: SocketAddr,
     pub group_id: String,
+    pub processing_guarantee: Guarantee,
+    /// `transactional.id` of this instance under exactly_once; default
+    /// `<group_id>-<$HOSTNAME>`.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
     pub state_dir: PathBuf,
     pub commit_interval_ms: u64,
     pub max_batch: usize,
@@ -67,9 +85,44 @@ impl AttributorConfig {
         Ok(c)
     }
 
+    /// The `transactional.id` to use: none under at_least_once; under exactly_once the
+    /// configured one, else `<group_id>-<$HOSTNAME>` (a StatefulSet pod's stable name).
+    pub fn transactional_id(&self) -> Result<Option<String>, String> {
+        self.transactional_id_on(std::env::var("HOSTNAME").ok())
+    }
+
+    fn transactional_id_on(&self, hostname: Option<String>) -> Result<Option<String>, String> {
+        if self.processing_guarantee == Guarantee::AtLeastOnce {
+            return Ok(None);
+        }
+        if let Some(id) = &self.transactional_id {
+            return match id.trim().is_empty() {
+                true => Err("transactional_id must not be empty".into()),
+                false => Ok(Some(id.clone())),
+            };
+        }
+        match hostname {
+            Some(host) if !host.trim().is_empty() => Ok(Some(format!("{}-{host}", self.group_id))),
+            _ => Err(
+                "processing_guarantee = \"exactly_once\" needs a transactional_id that is \
+                 unique per instance and stable across its restarts: set transactional_id, or \
+                 HOSTNAME (a StatefulSet pod name) to derive one"
+                    .into(),
+            ),
+        }
+    }
+
     /// Checks the config and builds the join rules; the error names the key to fix.
     pub fn validate(&self) -> Result<Rules, String> {
         self.kafka.validate().map_err(|e| e.to_string())?;
+        self.transactional_id()?;
+        if self.kafka.properties.contains_key("transactional.id") {
+            return Err(
+                "kafka.properties must not set transactional.id: the attributor sets \
+                        it from transactional_id under exactly_once"
+                    .into(),
+            );
+        }
         self.topics.validate()?;
         if self.group_id.trim().is_empty() {
             return Err("group_id must not be empty".into());
@@ -165,9 +218,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_config_is_valid() {
-        let c: AttributorConfig =
+    fn exactly_once_needs_a_stable_transactional_id() {
+        let mut c: AttributorConfig =
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        assert_eq!(
+            c.processing_guarantee,
+            Guarantee::ExactlyOnce,
+            "the production default"
+        );
+        assert_eq!(
+            c.transactional_id_on(Some("attributor-2".into())),
+            Ok(Some("s2s-attributor-attributor-2".into()))
+        );
+        let missing = c.transactional_id_on(None).expect_err("no id, no hostname");
+        assert!(missing.contains("set transactional_id"), "{missing}");
+        c.transactional_id = Some("pod-0".into());
+        assert_eq!(c.transactional_id_on(None), Ok(Some("pod-0".into())));
+        c.processing_guarantee = Guarantee::AtLeastOnce;
+        assert_eq!(c.transactional_id_on(None), Ok(None));
+        c.kafka
+            .properties
+            .insert("transactional.id".into(), "x".into());
+        assert!(c
+            .validate()
+            .expect_err("owned")
+            .contains("transactional.id"));
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        let mut c: AttributorConfig =
+            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        c.transactional_id = Some("test-0".into());
         let rules = c.validate().expect("valid");
         assert_eq!(rules.default_window_ms, 30 * 24 * 3600 * 1000);
         assert!(

@@ -43,7 +43,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::future_producer::Delivery;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use s2s_common::contract::{self, Click, Postback};
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
@@ -52,7 +52,7 @@ use s2s_common::ops::{Admin, BindError};
 use s2s_common::topics::partition_key;
 use tokio_util::sync::CancellationToken;
 
-pub use config::AttributorConfig;
+pub use config::{AttributorConfig, Guarantee};
 use ownership::{Changelog, Ownership, OwnershipContext};
 use process::{Joiner, Outcome};
 use store::{Cf, Journal, Staged, Store, StoreError, StoreLimits, StoreSet};
@@ -75,11 +75,16 @@ pub enum AttributorError {
     Publish(String),
     #[error("{0}")]
     Ownership(String),
+    #[error("transaction failed, aborted, nothing committed: {0}")]
+    Transaction(String),
 }
 
 /// Upper bound of grace-period expiries handled per partition and cycle, to keep cycles
 /// short.
 const TIMER_BATCH: usize = 10_000;
+
+/// Timeout of each transactional call (init, send offsets, commit, abort).
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the state-size gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
@@ -147,8 +152,16 @@ impl Attributor {
             .create_with_context(OwnershipContext(Arc::clone(&ownership)))?;
         consumer.subscribe(&[&config.topics.clicks.name, &config.topics.postbacks.name])?;
         let stats = KafkaStats::new(&admin.registry, "attributor", admin.health.clone())?;
-        let producer: FutureProducer<KafkaStats> =
-            config.kafka.producer_config().create_with_context(stats)?;
+        let mut producer_config = config.kafka.producer_config();
+        let transactional_id = config.transactional_id().map_err(AttributorError::Config)?;
+        if let Some(id) = &transactional_id {
+            producer_config.set("transactional.id", id);
+        }
+        let producer: FutureProducer<KafkaStats> = producer_config.create_with_context(stats)?;
+        if transactional_id.is_some() {
+            // Fences any earlier instance with this transactional.id (a zombie).
+            blocking(&producer, |p| p.init_transactions(TXN_TIMEOUT)).await?;
+        }
         Ok(Attributor {
             joiner: Joiner { rules, grace_ms },
             config,
@@ -426,12 +439,8 @@ impl Worker<'_> {
         if staged.is_empty() {
             return Ok(false);
         }
-        // Outputs first, then the changelog: the changelog only ever holds cycles whose
-        // outputs are all acknowledged, so a store rebuilt from it never skips an output.
-        self.produce(self.outputs_to_records(&outputs)).await?;
         let changelog = &self.config.topics.changelog.name;
-        let mut logged: BTreeMap<i32, i64> = BTreeMap::new();
-        let records = staged
+        let changes: Vec<Record<'_>> = staged
             .iter()
             .flat_map(|(st, w)| {
                 st.changelog().map(|(key, value)| Record {
@@ -443,11 +452,36 @@ impl Worker<'_> {
                 })
             })
             .collect();
-        for d in self.produce(records).await? {
+        let mut offsets = TopicPartitionList::new();
+        for (_, w) in &staged {
+            for (topic, next) in &w.journal.ends {
+                offsets.add_partition_offset(topic, w.partition, Offset::Offset(*next))?;
+            }
+        }
+        let changelog_deliveries = match self.config.processing_guarantee {
+            Guarantee::AtLeastOnce => {
+                // Outputs first, then the changelog: the changelog only ever holds cycles
+                // whose outputs are all acknowledged, so a store rebuilt from it never skips
+                // an output.
+                self.produce(self.outputs_to_records(&outputs)).await?;
+                self.produce(changes).await?
+            }
+            Guarantee::ExactlyOnce => {
+                let result = self.transaction(&outputs, changes, &offsets).await;
+                let label = if result.is_ok() {
+                    "committed"
+                } else {
+                    "aborted"
+                };
+                self.metrics.transactions.with_label_values(&[label]).inc();
+                result?
+            }
+        };
+        let mut logged: BTreeMap<i32, i64> = BTreeMap::new();
+        for d in changelog_deliveries {
             let next = logged.entry(d.partition).or_insert(0);
             *next = (*next).max(d.offset + 1);
         }
-        let mut tpl = TopicPartitionList::new();
         for (st, w) in staged {
             let position = logged.get(&w.partition).map(|n| (changelog.as_str(), *n));
             w.store.commit(st, position)?;
@@ -457,18 +491,54 @@ impl Worker<'_> {
                     .with_label_values(&[self.kind(m)])
                     .inc();
             }
-            for (topic, next) in &w.journal.ends {
-                tpl.add_partition_offset(topic, w.partition, Offset::Offset(*next))?;
-            }
         }
-        if tpl.count() > 0 {
+        if self.config.processing_guarantee == Guarantee::AtLeastOnce && offsets.count() > 0 {
             // Async: the offsets are already durable in the stores.
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
                 tracing::warn!(error = %e, "offset commit to the group failed; stores hold the offsets");
             }
         }
         self.count(&outputs);
         Ok(true)
+    }
+
+    /// One transaction: outputs, changelog records and input offsets, committed together
+    /// or aborted together. Returns the changelog deliveries. On any failure the
+    /// transaction is aborted and the error returned (the service stops; on restart the
+    /// cycle is read again from the offsets in the store).
+    async fn transaction(
+        &self,
+        outputs: &[Output],
+        changes: Vec<Record<'_>>,
+        offsets: &TopicPartitionList,
+    ) -> Result<Vec<Delivery>, AttributorError> {
+        blocking(self.producer, |p| p.begin_transaction()).await?;
+        let inner = async {
+            self.produce(self.outputs_to_records(outputs)).await?;
+            let deliveries = self.produce(changes).await?;
+            let group = self
+                .consumer
+                .group_metadata()
+                .ok_or_else(|| AttributorError::Transaction("no consumer group metadata".into()))?;
+            let offsets = offsets.clone();
+            blocking(self.producer, move |p| {
+                p.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)
+            })
+            .await?;
+            blocking(self.producer, |p| p.commit_transaction(TXN_TIMEOUT)).await?;
+            Ok(deliveries)
+        };
+        match inner.await {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                if let Err(abort) =
+                    blocking(self.producer, |p| p.abort_transaction(TXN_TIMEOUT)).await
+                {
+                    tracing::error!(error = %abort, "aborting the transaction failed");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// `click` or `postback`: which input a record came from (a metric label).
@@ -704,6 +774,18 @@ fn acknowledged(
         Ok(Err((e, _))) => Err(AttributorError::Publish(e.to_string())),
         Err(_) => Err(AttributorError::Publish("delivery report dropped".into())),
     }
+}
+
+/// Runs a blocking producer call (the transactional API) off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    producer: &FutureProducer<KafkaStats>,
+    call: impl FnOnce(&FutureProducer<KafkaStats>) -> rdkafka::error::KafkaResult<T> + Send + 'static,
+) -> Result<T, AttributorError> {
+    let producer = producer.clone();
+    tokio::task::spawn_blocking(move || call(&producer))
+        .await
+        .map_err(|e| AttributorError::Transaction(e.to_string()))?
+        .map_err(|e| AttributorError::Transaction(e.to_string()))
 }
 
 /// Binds and runs until `shutdown`.

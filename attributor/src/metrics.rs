@@ -39,6 +39,8 @@ pub struct Metrics {
     pub restored: IntCounter,
     /// `attributor_restoring_partitions`: partitions being rebuilt from the changelog now.
     pub restoring: IntGauge,
+    /// `attributor_transactions_total{result}`: committed, aborted (exactly_once).
+    pub transactions: IntCounterVec,
 }
 
 impl Metrics {
@@ -123,7 +125,15 @@ impl Metrics {
                 "attributor_restoring_partitions",
                 "Partitions whose state is being rebuilt from the changelog now.",
             )?,
+            transactions: IntCounterVec::new(
+                Opts::new(
+                    "attributor_transactions_total",
+                    "Cycle transactions by result (exactly_once).",
+                ),
+                &["result"],
+            )?,
         };
+        registry.register(Box::new(m.transactions.clone()))?;
         registry.register(Box::new(m.restored.clone()))?;
         registry.register(Box::new(m.restoring.clone()))?;
         registry.register(Box::new(m.consumed.clone()))?;

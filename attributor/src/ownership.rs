@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
@@ -82,7 +82,9 @@ impl Ownership {
             .unwrap_or(0);
         let mut config = c.kafka.consumer_config(&format!("{}.restore", c.group_id));
         config.set("enable.partition.eof", "true");
-        let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+        let consumer: BaseConsumer<RestoreContext> = config
+            .create_with_context(RestoreContext)
+            .map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&c.topic, partition, Offset::Offset(from))
             .map_err(|e| e.to_string())?;
@@ -231,6 +233,24 @@ impl Ownership {
         }
     }
 }
+
+/// The restore consumer's context: the end of the changelog (partition EOF) is how a
+/// restore knows it is done, not an error worth a log line.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
+            tracing::warn!(%error, reason, "changelog consumer error");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
 
 /// The consumer's context: ownership on rebalance, watermarks from statistics.
 #[derive(Debug, Clone)]

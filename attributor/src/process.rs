@@ -2,7 +2,8 @@
 //! time does to the store and which outcomes it emits. The decisions themselves are in
 //! [`crate::join`]; this module only reads and writes the state they need.
 
-use s2s_common::contract::{self, Click, Conversion, Postback};
+use s2s_common::contract::{self, Click, Conversion, Params, Postback, SCHEMA_VERSION};
+use serde::{Deserialize, Serialize};
 
 pub use crate::join::Outcome;
 use crate::join::{
@@ -41,6 +42,54 @@ fn corrupt(cf: Cf, detail: impl ToString) -> StoreError {
     }
 }
 
+/// What the store keeps of a click: only what attribution and conversions need (the click
+/// ID is the key, the time is the value's stamp; IP, user agent and the other parameters
+/// stay on the clicks topic), in JSON with one-letter names — state grows with every click
+/// in the window, so every byte here counts once per click.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredClick {
+    #[serde(rename = "o")]
+    offer_id: String,
+    #[serde(rename = "a")]
+    aff_id: String,
+    #[serde(rename = "s", default, skip_serializing_if = "Params::is_empty")]
+    subs: Params,
+}
+
+fn encode_click(click: &Click) -> Vec<u8> {
+    let stored = StoredClick {
+        offer_id: click.offer_id.clone(),
+        aff_id: click.aff_id.clone(),
+        subs: click.subs.clone(),
+    };
+    stamped(
+        click.ts_ms,
+        &serde_json::to_vec(&stored).unwrap_or_default(),
+    )
+}
+
+fn decode_click(click_id: &str, value: &[u8]) -> Result<Click, StoreError> {
+    let ts = value
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(i64::from_be_bytes)
+        .ok_or_else(|| corrupt(Cf::Clicks, "value shorter than its timestamp"))?;
+    let stored: StoredClick =
+        serde_json::from_slice(unstamped(value)).map_err(|e| corrupt(Cf::Clicks, e))?;
+    Ok(Click {
+        schema_version: SCHEMA_VERSION,
+        click_id: click_id.to_string(),
+        offer_id: stored.offer_id,
+        aff_id: stored.aff_id,
+        subs: stored.subs,
+        params: Params::new(),
+        ip: None,
+        user_agent: None,
+        referrer: None,
+        ts_ms: ts,
+    })
+}
+
 fn decode_conversion(v: &[u8]) -> Result<Conversion, StoreError> {
     contract::decode(unstamped(v)).map_err(|e| corrupt(Cf::Conversions, e))
 }
@@ -56,7 +105,7 @@ impl Joiner {
         st.put(
             Cf::Clicks,
             click.click_id.as_bytes().to_vec(),
-            stamped(click.ts_ms, &contract::encode(click)),
+            encode_click(click),
         );
         let mut out = Vec::new();
         for (click_key, due) in
@@ -88,8 +137,7 @@ impl Joiner {
         now_ms: i64,
     ) -> Result<Option<Outcome>, StoreError> {
         if let Some(v) = st.get(Cf::Clicks, pb.click_id.as_bytes())? {
-            let click: Click =
-                contract::decode(unstamped(&v)).map_err(|e| corrupt(Cf::Clicks, e))?;
+            let click = decode_click(&pb.click_id, &v)?;
             return Ok(Some(self.judge(st, pb, &click, now_ms)?));
         }
         let due = grace_deadline(pb.ts_ms, self.grace_ms);
@@ -252,6 +300,33 @@ mod tests {
                 format!("{}:v{}:{}", o.label(), c.version, c.status)
             }
         }
+    }
+
+    #[test]
+    fn stored_clicks_keep_what_attribution_needs_in_few_bytes() {
+        let mut c = click("01JD5ZQ0000000000000000000", 1_700_000_000_000);
+        c.subs = [("sub1".to_string(), "fb_campaign_123".to_string())].into();
+        c.ip = Some("203.0.113.9".into());
+        c.user_agent = Some("Mozilla/5.0 (X11; Linux x86_64)".into());
+        let value = encode_click(&c);
+        let back = decode_click(&c.click_id, &value).expect("decodes");
+        assert_eq!(
+            (
+                back.offer_id.as_str(),
+                back.aff_id.as_str(),
+                &back.subs,
+                back.ts_ms
+            ),
+            (c.offer_id.as_str(), c.aff_id.as_str(), &c.subs, c.ts_ms)
+        );
+        assert_eq!(back.ip, None, "not kept: not needed to attribute");
+        let full = contract::encode(&c).len();
+        assert!(
+            value.len() * 3 < full,
+            "{} bytes kept of {full}",
+            value.len()
+        );
+        assert!(decode_click("x", b"short").is_err());
     }
 
     #[test]

@@ -365,6 +365,14 @@ impl Store {
         ))
     }
 
+    /// Writes every memtable to SST files (benchmarks measure the state on disk).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.cf(cf)?)?;
+        }
+        Ok(())
+    }
+
     /// Compacts a column family now (tests and operators; normal expiry needs no call).
     pub fn compact(&self, cf: Cf) -> Result<(), StoreError> {
         self.db

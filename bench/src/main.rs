@@ -3,12 +3,15 @@
 //!   does nothing else — the ceiling any HTTP service on this machine can reach;
 //! - `compare`: drives the same requests at a baseline and at a subject with the same load
 //!   generator in one run, prints both and their ratio, then measures the subject's latency
-//!   at half its maximum rate.
+//!   at half its maximum rate;
+//! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`).
 //!
 //! The load generator keeps `--connections` HTTP/1.1 keep-alive connections busy (closed
 //! loop) for the throughput figure. For latency it sends at a fixed rate (open loop) and
 //! measures from each request's scheduled send time, so a stall counts against the
 //! server instead of silently lowering the rate (no coordinated omission).
+
+mod attributor;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -69,12 +72,48 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         p99_goal_ms: f64,
     },
+    /// Fill one attributor store with clicks; report bytes per click and memory at each
+    /// checkpoint.
+    AttributorState {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+        clicks: Vec<u64>,
+        /// Where to write the checkpoints for `attributor --state`.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// The attributor's throughput against a raw consume-and-produce loop.
+    Attributor {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value_t = 100_000)]
+        clicks: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The checkpoints `attributor-state` wrote.
+        #[arg(long)]
+        state: std::path::PathBuf,
+        #[arg(long, default_value_t = 0.5)]
+        goal: f64,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Noop { listen } => noop(listen).await,
+        Cmd::AttributorState { dir, clicks, out } => attributor::state(&dir, &clicks, &out),
+        Cmd::Attributor {
+            brokers,
+            clicks,
+            partitions,
+            dir,
+            state,
+            goal,
+        } => attributor::throughput(brokers, clicks, partitions, &dir, &state, goal).await,
         Cmd::Compare {
             name,
             baseline,

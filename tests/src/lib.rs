@@ -406,6 +406,8 @@ pub fn attributor_config(
     ac.topics = topics.clone();
     ac.group_id = unique("attributor");
     ac.state_dir = state_dir.to_path_buf();
+    // Tansu has no transactions; exactly_once is tested on MockCluster.
+    ac.processing_guarantee = s2s_attributor::config::Guarantee::AtLeastOnce;
     ac.rocksdb.block_cache_bytes = 16 << 20;
     ac.rocksdb.write_buffer_bytes = 8 << 20;
     ac

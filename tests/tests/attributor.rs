@@ -366,6 +366,7 @@ fn spawn_attributor(config: &Path) -> tokio::process::Child {
 fn child_config(topics: &TopicsConfig, state: &Path) -> String {
     let mut toml = format!(
         "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{}\"\nstate_dir = \"{}\"\n\
+         processing_guarantee = \"at_least_once\"\n\
          grace_period_ms = 2000\ncommit_interval_ms = 50\nmax_batch = 200\n\
          [kafka]\nbootstrap_servers = \"{}\"\n\
          [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
