@@ -133,9 +133,13 @@ impl std::fmt::Debug for StoreSet {
 impl StoreSet {
     pub fn new(dir: &Path, limits: StoreLimits) -> Self {
         let cache = Cache::new_lru_cache(limits.block_cache_bytes);
+        // allow_stall = false: with stalling, a write to one partition's store waits for
+        // memory that only the *other* stores' flushes can free, and those flush only when
+        // written to — by the same, stalled, worker: a deadlock (seen in the benchmark).
+        // Without stalling, a store over the budget flushes its memtables instead.
         let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
             limits.write_buffer_bytes,
-            true,
+            false,
             cache.clone(),
         );
         StoreSet {
@@ -582,6 +586,44 @@ mod tests {
         assert!(!expired(b"short", now, 0), "malformed values are kept");
         let (keys, bytes) = store.size(Cf::Clicks).expect("size");
         assert!(keys >= 1 && bytes > 0, "{keys} keys, {bytes} bytes");
+    }
+
+    #[test]
+    fn a_store_over_the_shared_write_budget_does_not_stall_its_writer() {
+        // One partition's store holds most of a small shared budget in its memtable; the
+        // other is then written by the same thread. With a stalling write-buffer manager
+        // that second write waits for memory only the first store's flush could free.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = StoreLimits {
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 1 << 20,
+            click_retention_ms: i64::MAX,
+            conversion_retention_ms: i64::MAX,
+        };
+        let set = StoreSet::new(dir.path(), limits);
+        let (big, other) = (set.open(0).expect("p0"), set.open(1).expect("p1"));
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let write = |store: &Store, n: u32| {
+                for chunk in 0..n {
+                    let mut st = store.stage();
+                    for i in 0..100u32 {
+                        st.put(
+                            Cf::Clicks,
+                            format!("{chunk}-{i}").into_bytes(),
+                            vec![7; 100],
+                        );
+                    }
+                    store.commit(st, None).expect("commit");
+                }
+            };
+            write(&big, 80); // ~0.9 MiB of memtable, under the budget
+            write(&other, 400); // pushes the total well over it
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("writes finish: no stall across stores sharing the budget");
     }
 
     #[test]

@@ -27,12 +27,16 @@ use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::{TopicConfig, TopicsConfig};
 use tokio_util::sync::CancellationToken;
 
+/// The attributor's defaults, at_least_once: the benchmark broker (Tansu) has no
+/// transactions.
 fn defaults() -> anyhow::Result<AttributorConfig> {
-    Ok(s2s_common::config::load(
+    let mut c: AttributorConfig = s2s_common::config::load(
         s2s_attributor::config::DEFAULT_TOML,
         None,
         "S2S_BENCH_NONE__",
-    )?)
+    )?;
+    c.processing_guarantee = s2s_attributor::config::Guarantee::AtLeastOnce;
+    Ok(c)
 }
 
 fn random_token(len: usize) -> String {
@@ -182,15 +186,18 @@ fn acked(
     }
 }
 
-/// The raw loop: consume both inputs in cycles of up to 1 000 records or 100 ms (the
-/// attributor's defaults), produce each record to `out`, wait, commit. Returns the
-/// seconds from the first committed cycle to the one that completed `total` records.
+/// The raw loop: consume both inputs in cycles of up to `max_batch` records or
+/// `commit_interval_ms` (the attributor's defaults), produce each record to `out`, wait,
+/// commit. Returns the seconds from the first committed cycle to the one that completed
+/// `total` records.
 async fn raw_loop(
     kafka: &KafkaConfig,
     topics: &TopicsConfig,
     out: &str,
     total: u64,
 ) -> anyhow::Result<f64> {
+    let defaults = defaults()?;
+    let interval = Duration::from_millis(defaults.commit_interval_ms);
     let consumer: StreamConsumer = kafka
         .consumer_config(&format!("bench-raw-{}", ulid::Ulid::new()))
         .create()?;
@@ -199,9 +206,9 @@ async fn raw_loop(
     let mut done = 0u64;
     let mut first: Option<(Instant, u64)> = None;
     while done < total {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + interval;
         let mut batch = Vec::new();
-        while batch.len() < 1000 {
+        while batch.len() < defaults.max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(m) => batch.push(m?.detach()),
                 Err(_) => break,
@@ -268,8 +275,6 @@ async fn attributor_loop(
     config.state_dir = state;
     config.admin_listen = "127.0.0.1:0".parse()?;
     config.group_id = format!("bench-attributor-{}", ulid::Ulid::new());
-    // Tansu has no transactions.
-    config.processing_guarantee = s2s_attributor::config::Guarantee::AtLeastOnce;
     let attributor = s2s_attributor::Attributor::bind(config).await?;
     let admin = attributor.admin_addr()?;
     let stop = CancellationToken::new();
