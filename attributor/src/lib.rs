@@ -514,8 +514,14 @@ impl Worker<'_> {
     ) -> Result<Vec<Delivery>, AttributorError> {
         blocking(self.producer, |p| p.begin_transaction()).await?;
         let inner = async {
-            self.produce(self.outputs_to_records(outputs)).await?;
-            let deliveries = self.produce(changes).await?;
+            // One batch: inside a transaction the order of outputs and changelog records
+            // does not matter, both become visible at the commit. Deliveries come back in
+            // record order, so the changelog's are the tail.
+            let mut records = self.outputs_to_records(outputs);
+            let first_change = records.len();
+            records.extend(changes);
+            let mut deliveries = self.produce(records).await?;
+            let deliveries = deliveries.split_off(first_change.min(deliveries.len()));
             let group = self
                 .consumer
                 .group_metadata()
@@ -643,8 +649,9 @@ impl Worker<'_> {
             .collect()
     }
 
-    /// Produces every record and waits for all acknowledgements. A full producer queue is
-    /// backpressure: wait for the oldest record in flight, then try again.
+    /// Produces every record and waits for all acknowledgements; the deliveries come back
+    /// in record order. A full producer queue is backpressure: wait for the oldest record
+    /// in flight, then try again.
     async fn produce(&self, records: Vec<Record<'_>>) -> Result<Vec<Delivery>, AttributorError> {
         let mut in_flight = VecDeque::with_capacity(records.len());
         let mut delivered = Vec::with_capacity(records.len());

@@ -81,7 +81,7 @@ fn memory() -> (u64, u64) {
 }
 
 /// Fills a store to each checkpoint; prints one `state: …` line per checkpoint and writes
-/// `clicks bytes_per_click rss_bytes` lines to `out`.
+/// `clicks bytes_per_click rss_bytes peak_rss_bytes` lines to `out`.
 pub fn state(dir: &Path, checkpoints: &[u64], out: &Path) -> anyhow::Result<()> {
     let config = defaults()?;
     let rules = config
@@ -121,7 +121,7 @@ pub fn state(dir: &Path, checkpoints: &[u64], out: &Path) -> anyhow::Result<()> 
             hwm as f64 / 1048576.0,
             done as f64 / started.elapsed().as_secs_f64()
         );
-        report.push_str(&format!("{done} {per_click:.1} {rss}\n"));
+        report.push_str(&format!("{done} {per_click:.1} {rss} {hwm}\n"));
     }
     std::fs::write(out, report)?;
     Ok(())
@@ -369,11 +369,13 @@ pub async fn throughput(
     println!("attributor subject: {total} records ({clicks} joins) in {att_secs:.2} s = {att_rate:.0} records/s");
 
     let report = std::fs::read_to_string(state).context("the attributor-state results")?;
-    let points: Vec<(u64, f64, u64)> = report
+    // clicks, bytes per click, RSS, peak RSS
+    let points: Vec<(u64, f64, u64, u64)> = report
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             Some((
+                f.next()?.parse().ok()?,
                 f.next()?.parse().ok()?,
                 f.next()?.parse().ok()?,
                 f.next()?.parse().ok()?,
@@ -385,15 +387,16 @@ pub async fn throughput(
     };
     let mib = |b: u64| b as f64 / 1048576.0;
     let ratio = att_rate / raw_rate;
-    let flat = high.2 as f64 <= low.2 as f64 * 1.2;
+    // Flat: the peak resident memory at the last checkpoint within 20% of the first.
+    let flat = high.3 as f64 <= low.3 as f64 * 1.2;
     let met = ratio >= goal && high.1 <= 100.0 && flat;
     println!(
-        "attributor: {att_rate:.0} records/s joined (raw loop {raw_rate:.0}/s), {:.1} bytes/click at {} clicks, RSS {:.0} MiB at {} -> {:.0} MiB at {} clicks ratio {ratio:.2} (goal >= {goal}, <= 100 bytes/click, RSS flat within 20%: {})",
+        "attributor: {att_rate:.0} records/s joined (raw loop {raw_rate:.0}/s), {:.1} bytes/click at {} clicks, peak RSS {:.0} MiB at {} -> {:.0} MiB at {} clicks ratio {ratio:.2} (goal >= {goal}, <= 100 bytes/click, peak RSS within 20%: {})",
         high.1,
         high.0,
-        mib(low.2),
+        mib(low.3),
         low.0,
-        mib(high.2),
+        mib(high.3),
         high.0,
         if met { "met" } else { "NOT met" }
     );
