@@ -129,26 +129,7 @@ pub fn state(dir: &Path, checkpoints: &[u64], out: &Path) -> anyhow::Result<()> 
 
 fn bench_topics(partitions: i32) -> TopicsConfig {
     let run = format!("bench-{}", ulid::Ulid::new().to_string().to_lowercase());
-    let t = |name: &str| TopicConfig {
-        name: format!("{run}.{name}"),
-        partitions,
-        replication_factor: 1,
-        config: Default::default(),
-    };
-    TopicsConfig {
-        create: true,
-        clicks: t("clicks"),
-        postbacks: t("postbacks"),
-        conversions: t("conversions"),
-        rejections: t("rejections"),
-        delivery_log: t("delivery-log"),
-        dead_letter: t("dead-letter"),
-        poison: t("poison"),
-        changelog: TopicConfig {
-            config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
-            ..t("changelog")
-        },
-    }
+    TopicsConfig::named(&run, partitions)
 }
 
 /// Produces every record, at most 50 000 in flight.

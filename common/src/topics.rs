@@ -46,6 +46,31 @@ pub struct TopicsConfig {
 }
 
 impl TopicsConfig {
+    /// Every topic named `<prefix>.<topic>` with `partitions` partitions and one replica,
+    /// the changelog compacted: for tests and benchmarks that need their own topics.
+    pub fn named(prefix: &str, partitions: i32) -> Self {
+        let t = |name: &str| TopicConfig {
+            name: format!("{prefix}.{name}"),
+            partitions,
+            replication_factor: 1,
+            config: BTreeMap::new(),
+        };
+        TopicsConfig {
+            create: true,
+            clicks: t("clicks"),
+            postbacks: t("postbacks"),
+            conversions: t("conversions"),
+            rejections: t("rejections"),
+            delivery_log: t("delivery-log"),
+            dead_letter: t("dead-letter"),
+            poison: t("poison"),
+            changelog: TopicConfig {
+                config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
+                ..t("changelog")
+            },
+        }
+    }
+
     pub fn all(&self) -> [&TopicConfig; 8] {
         [
             &self.clicks,

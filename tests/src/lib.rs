@@ -48,27 +48,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// A fresh set of topics, `partitions` each.
 pub fn topics(partitions: i32) -> TopicsConfig {
-    let run = unique("t");
-    let t = |name: &str| TopicConfig {
-        name: format!("{run}.{name}"),
-        partitions,
-        replication_factor: 1,
-        config: Default::default(),
-    };
-    TopicsConfig {
-        create: true,
-        clicks: t("clicks"),
-        postbacks: t("postbacks"),
-        conversions: t("conversions"),
-        rejections: t("rejections"),
-        delivery_log: t("delivery-log"),
-        dead_letter: t("dead-letter"),
-        poison: t("poison"),
-        changelog: TopicConfig {
-            config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
-            ..t("changelog")
-        },
-    }
+    TopicsConfig::named(&unique("t"), partitions)
 }
 
 /// Calls `probe` every 50 ms until it returns `Some`, or panics naming `what` once

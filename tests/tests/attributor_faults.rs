@@ -55,39 +55,45 @@ fn exactly_once(mut config: AttributorConfig, transactional_id: &str) -> Attribu
     config
 }
 
-/// Writes a click and its FTD postback (`postback_id`) with a plain producer.
-async fn send_pair(mock: &Mock, topics: &TopicsConfig, click_id: &str, postback_id: &str) {
+/// Writes one JSON record with a plain producer.
+async fn send_json(mock: &Mock, topic: &str, key: &str, value: Value) {
     let mut kafka = s2s_tests::kafka();
     kafka.bootstrap_servers = mock.bootstrap_servers();
     let producer: rdkafka::producer::FutureProducer =
         kafka.producer_config().create().expect("producer");
-    let now = s2s_common::now_ms();
-    let records = [
-        (
-            &topics.clicks.name,
-            json!({"schema_version": 1, "click_id": click_id,
-            "offer_id": "1", "aff_id": "42", "ip": null, "user_agent": null,
-            "referrer": null, "ts_ms": now}),
-        ),
-        (
-            &topics.postbacks.name,
-            json!({"schema_version": 1, "postback_id": postback_id,
-            "click_id": click_id, "event": "ftd", "txn_id": null, "amount": null,
-            "currency": null, "status": "approved", "source": null, "ip": null, "ts_ms": now}),
-        ),
-    ];
-    for (topic, v) in &records {
-        let payload = v.to_string();
-        producer
-            .send(
-                rdkafka::producer::FutureRecord::to(topic)
-                    .key(click_id)
-                    .payload(&payload),
-                WAIT,
-            )
-            .await
-            .expect("input stored");
-    }
+    let payload = value.to_string();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .key(key)
+                .payload(&payload),
+            WAIT,
+        )
+        .await
+        .expect("input stored");
+}
+
+fn click(click_id: &str) -> Value {
+    json!({"schema_version": 1, "click_id": click_id, "offer_id": "1", "aff_id": "42",
+        "ip": null, "user_agent": null, "referrer": null, "ts_ms": s2s_common::now_ms()})
+}
+
+fn ftd(click_id: &str, postback_id: &str) -> Value {
+    json!({"schema_version": 1, "postback_id": postback_id, "click_id": click_id,
+        "event": "ftd", "txn_id": null, "amount": null, "currency": null,
+        "status": "approved", "source": null, "ip": null, "ts_ms": s2s_common::now_ms()})
+}
+
+/// Writes a click and its FTD postback (`postback_id`).
+async fn send_pair(mock: &Mock, topics: &TopicsConfig, click_id: &str, postback_id: &str) {
+    send_json(mock, &topics.clicks.name, click_id, click(click_id)).await;
+    send_json(
+        mock,
+        &topics.postbacks.name,
+        click_id,
+        ftd(click_id, postback_id),
+    )
+    .await;
 }
 
 fn open_store(state: &std::path::Path) -> Store {
@@ -101,6 +107,24 @@ fn open_store(state: &std::path::Path) -> Store {
         },
     )
     .expect("open the store")
+}
+
+/// The postbacks offset committed in the store (only while no service holds it open).
+fn stored_offset(state: &std::path::Path, topics: &TopicsConfig) -> Option<i64> {
+    open_store(state)
+        .offset(&topics.postbacks.name)
+        .expect("stored offset")
+}
+
+/// A mock, a state directory and an exactly_once config for them.
+fn exactly_once_on_mock() -> (Mock, TopicsConfig, tempfile::TempDir, AttributorConfig) {
+    let (mock, topics) = mock();
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = exactly_once(
+        config_on(&mock, &topics, state.path()),
+        &s2s_tests::unique("tx"),
+    );
+    (mock, topics, state, config)
 }
 
 /// Waits until the service reports `n` committed transactions.
@@ -117,7 +141,26 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     let (mock, topics) = mock();
     let state = tempfile::tempdir().expect("tempdir");
     let mut config = config_on(&mock, &topics, state.path());
-    send_pair(&mock, &topics, "m1", "mp1").await;
+    // First the click alone, processed and committed, so that the failing cycle below
+    // holds exactly the postback (a cycle with no outputs writes no journal).
+    let first = s2s_attributor::Attributor::bind(config.clone())
+        .await
+        .expect("starts");
+    let admin = first.admin_addr().expect("admin");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(first.run(stop.clone()));
+    send_json(&mock, &topics.clicks.name, "m1", click("m1")).await;
+    poll_until("the click committed", WAIT, || async {
+        let n = metric(admin, "attributor_records_consumed_total{kind=\"click\"}").await;
+        (n == Some(1.0)).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("join").expect("stops cleanly");
+    send_json(&mock, &topics.postbacks.name, "m1", ftd("m1", "mp1")).await;
+    // Each start below joins a new group: the mock is slow to hand a departed member's
+    // partitions to a newcomer, and the store decides where reading starts anyway.
+    config.group_id = s2s_tests::unique("attributor");
 
     // Every produce request from now on fails permanently.
     mock.request_errors(
@@ -150,8 +193,6 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     mock.clear_request_errors(RDKafkaApiKey::Produce);
     let restarted_at = s2s_common::now_ms();
     assert!(restarted_at > journal.now_ms);
-    // A new group, so the restart does not wait for the mock to expire the failed
-    // member's session; where to start comes from the store either way.
     config.group_id = s2s_tests::unique("attributor");
     let again = s2s_attributor::Attributor::bind(config)
         .await
@@ -174,12 +215,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_commits_outputs_changelog_and_offsets_in_one_transaction() {
-    let (mock, topics) = mock();
-    let state = tempfile::tempdir().expect("tempdir");
-    let config = exactly_once(
-        config_on(&mock, &topics, state.path()),
-        &s2s_tests::unique("tx"),
-    );
+    let (mock, topics, state, config) = exactly_once_on_mock();
     let attributor = s2s_attributor::Attributor::bind(config.clone())
         .await
         .expect("starts");
@@ -202,22 +238,12 @@ async fn exactly_once_commits_outputs_changelog_and_offsets_in_one_transaction()
     committed(admin, 1.0).await;
     stop.cancel();
     task.await.expect("join").expect("stops cleanly");
-    assert_eq!(
-        open_store(state.path())
-            .offset(&topics.postbacks.name)
-            .expect("o"),
-        Some(1)
-    );
+    assert_eq!(stored_offset(state.path(), &topics), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_inside_the_transaction_aborts_it_and_commits_nothing() {
-    let (mock, topics) = mock();
-    let state = tempfile::tempdir().expect("tempdir");
-    let config = exactly_once(
-        config_on(&mock, &topics, state.path()),
-        &s2s_tests::unique("tx"),
-    );
+    let (mock, topics, state, config) = exactly_once_on_mock();
     send_pair(&mock, &topics, "a1", "ap1").await;
     // Adding the output partitions to the transaction is refused: an abortable error.
     mock.request_errors(
@@ -232,12 +258,7 @@ async fn a_failure_inside_the_transaction_aborts_it_and_commits_nothing() {
         .expect("stops on its own");
     let err = result.expect_err("a failed transaction stops the service");
     assert!(err.to_string().contains("failed"), "{err}");
-    assert_eq!(
-        open_store(state.path())
-            .offset(&topics.postbacks.name)
-            .expect("o"),
-        None
-    );
+    assert_eq!(stored_offset(state.path(), &topics), None);
 
     mock.clear_request_errors(RDKafkaApiKey::AddPartitionsToTxn);
     let mut config = config;
@@ -251,22 +272,12 @@ async fn a_failure_inside_the_transaction_aborts_it_and_commits_nothing() {
     committed(admin, 1.0).await;
     stop.cancel();
     task.await.expect("join").expect("stops cleanly");
-    assert_eq!(
-        open_store(state.path())
-            .offset(&topics.postbacks.name)
-            .expect("o"),
-        Some(1)
-    );
+    assert_eq!(stored_offset(state.path(), &topics), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_end_txn_errors_are_retried_and_the_cycle_commits() {
-    let (mock, topics) = mock();
-    let state = tempfile::tempdir().expect("tempdir");
-    let config = exactly_once(
-        config_on(&mock, &topics, state.path()),
-        &s2s_tests::unique("tx"),
-    );
+    let (mock, topics, state, config) = exactly_once_on_mock();
     let attributor = s2s_attributor::Attributor::bind(config.clone())
         .await
         .expect("starts");
@@ -283,12 +294,7 @@ async fn transient_end_txn_errors_are_retried_and_the_cycle_commits() {
     assert_eq!(aborted, None, "nothing aborted");
     stop.cancel();
     task.await.expect("join").expect("stops cleanly");
-    assert_eq!(
-        open_store(state.path())
-            .offset(&topics.postbacks.name)
-            .expect("o"),
-        Some(1)
-    );
+    assert_eq!(stored_offset(state.path(), &topics), Some(1));
 }
 
 /// Fencing needs a broker that bumps the epoch of a transactional.id on InitProducerId.
