@@ -2,7 +2,7 @@
 //! RocksDB stores (one per input partition) and publishes attributed conversions, status
 //! updates and reason-coded rejections.
 //!
-//! Processing cycle (at-least-once):
+//! Processing cycle:
 //! 1. consume up to `max_batch` records from clicks and postbacks, or for
 //!    `commit_interval_ms`; records of partitions no longer owned are dropped, records
 //!    already reflected by a partition's state are skipped;
@@ -10,19 +10,24 @@
 //!    release postbacks whose grace period ended (a wall-clock timer, so an idle partition
 //!    still emits) — but only once the partition's clicks are caught up, so that a backlog
 //!    after downtime is read before anything is declared `unknown_click`;
-//! 3. write the partition's journal (its input range, `now`, whether timers ran);
-//! 4. publish the outcomes and wait until the broker acknowledged every one;
-//! 5. write each partition's staged state and its next input offsets in one atomic RocksDB
-//!    batch, which also closes the journal;
-//! 6. commit the offsets to the consumer group (asynchronously: they only serve monitoring
-//!    and instances without state; an owner starts at the offsets in its store).
+//! 3. publish:
+//!    - `at_least_once`: write the partition's journal (its input range, `now`, whether
+//!      timers ran); publish the outcomes and wait for every acknowledgement; then the
+//!      staged changes to the changelog topic, and wait again;
+//!    - `exactly_once`: outcomes, changelog records and input offsets in one transaction;
+//! 4. write each partition's staged state, its next input offsets and its changelog
+//!    position in one atomic RocksDB batch, which also closes the journal;
+//! 5. under `at_least_once`, commit the offsets to the consumer group asynchronously (they
+//!    only serve monitoring; an owner starts at the offsets in its store).
 //!
-//! A crash before 5 leaves state and offsets as of the previous cycle. On restart the
-//! journal makes the partition's first cycle replay exactly the crashed one — the same
-//! records, the same `now`, the same timer decision — so the outcomes it may already have
-//! published are reproduced with the same IDs, decisions and fields. Consumers deduplicate
-//! by `outcome_id`. A produce failure that outlasts librdkafka's own retries stops the
-//! service with an error instead of committing.
+//! A crash before 4 leaves the store as of the previous cycle. Under `at_least_once` the
+//! journal makes the partition's first cycle after a restart replay exactly the crashed one
+//! — the same records, the same `now`, the same timer decision — so outcomes it may already
+//! have published come out again with the same IDs, decisions and fields; consumers
+//! deduplicate by `outcome_id`. If the changelog already holds the cycle, the restore on
+//! assignment (see [`ownership`]) applies it and drops the journal. A produce or
+//! transaction failure that outlasts librdkafka's own retries stops the service with an
+//! error instead of committing.
 //!
 //! Undecodable input (bad JSON, unknown schema version) is copied byte for byte to the
 //! poison topic, with the reason and its origin in headers; it never stops the stream.
@@ -430,8 +435,11 @@ impl Worker<'_> {
             for (topic, next) in &w.journal.ends {
                 st.set_offset(topic, *next);
             }
-            if outputs.len() > before {
+            if outputs.len() > before && self.config.processing_guarantee == Guarantee::AtLeastOnce
+            {
                 // Outputs will be visible before the commit: record what produced them.
+                // (Under exactly_once they stay invisible until the transaction commits, and
+                // a committed cycle the store missed comes back from the changelog.)
                 w.store.begin(&w.journal)?;
             }
             staged.push((st, w));

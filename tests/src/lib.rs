@@ -393,6 +393,51 @@ pub fn attributor_config(
     ac
 }
 
+/// An attributor running in this process until [`RunningAttributor::stop`].
+pub struct RunningAttributor {
+    pub admin: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), s2s_attributor::AttributorError>>,
+}
+
+impl std::fmt::Debug for RunningAttributor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningAttributor")
+            .field("admin", &self.admin)
+            .finish()
+    }
+}
+
+impl RunningAttributor {
+    pub async fn start(config: s2s_attributor::AttributorConfig) -> Self {
+        let attributor = s2s_attributor::Attributor::bind(config)
+            .await
+            .expect("the attributor starts");
+        let admin = attributor.admin_addr().expect("admin address");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(attributor.run(stop.clone()));
+        RunningAttributor { admin, stop, task }
+    }
+
+    /// Stops it and checks that it stopped cleanly.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("join")
+            .expect("the attributor stops cleanly");
+    }
+
+    /// Waits until it stops on its own, which must be with an error.
+    pub async fn failure(self, timeout: Duration) -> s2s_attributor::AttributorError {
+        tokio::time::timeout(timeout, self.task)
+            .await
+            .expect("the attributor stops on its own")
+            .expect("join")
+            .expect_err("the attributor stops with an error")
+    }
+}
+
 /// Reads a counter or gauge from a Prometheus text page (`name{labels}` exactly as shown).
 pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     let body = reqwest::get(format!("http://{admin}/metrics"))

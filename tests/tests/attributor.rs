@@ -12,9 +12,8 @@ use std::time::Duration;
 use rdkafka::message::{Headers, Message};
 use s2s_common::ids::derived;
 use s2s_common::topics::TopicsConfig;
-use s2s_tests::{attributor_config, metric, topics, RawProducer, TopicReader};
+use s2s_tests::{attributor_config, metric, topics, RawProducer, RunningAttributor, TopicReader};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -85,12 +84,8 @@ async fn every_rule_on_the_real_broker() {
             min_click_to_conversion_seconds: Some(60),
         },
     );
-    let attributor = s2s_attributor::Attributor::bind(config)
-        .await
-        .expect("starts");
-    let admin = attributor.admin_addr().expect("admin");
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(attributor.run(shutdown.clone()));
+    let running = RunningAttributor::start(config).await;
+    let admin = running.admin;
 
     let now = s2s_common::now_ms();
     let (hour, day) = (3_600_000, 86_400_000);
@@ -280,8 +275,7 @@ async fn every_rule_on_the_real_broker() {
         Some(1.0)
     );
 
-    shutdown.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -302,23 +296,14 @@ async fn restart_resumes_from_offsets_stored_with_the_state() {
     )
     .await;
 
-    let first = s2s_attributor::Attributor::bind(attributor_config(&topics, state.path()))
-        .await
-        .expect("starts");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(first.run(stop.clone()));
+    let running = RunningAttributor::start(attributor_config(&topics, state.path())).await;
     outcomes(&topics, &[outcome_id("q1")].into()).await;
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 
     // Same state, another consumer group: the group has no offsets, so only the offsets in
     // the store can keep the instance from reading everything again.
-    let second = s2s_attributor::Attributor::bind(attributor_config(&topics, state.path()))
-        .await
-        .expect("restarts");
-    let admin = second.admin_addr().expect("admin");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(second.run(stop.clone()));
+    let running = RunningAttributor::start(attributor_config(&topics, state.path())).await;
+    let admin = running.admin;
     p.send(
         pbs,
         "r1",
@@ -347,8 +332,7 @@ async fn restart_resumes_from_offsets_stored_with_the_state() {
         None,
         "the click was not read again"
     );
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 }
 
 /// The attributor binary as a child process with its config in a file.
@@ -524,21 +508,9 @@ async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
     );
 }
 
-/// Runs an attributor on `state` under a new consumer group until `stop`.
-async fn start(
-    topics: &TopicsConfig,
-    state: &Path,
-) -> (
-    std::net::SocketAddr,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), s2s_attributor::AttributorError>>,
-) {
-    let a = s2s_attributor::Attributor::bind(attributor_config(topics, state))
-        .await
-        .expect("starts");
-    let admin = a.admin_addr().expect("admin");
-    let stop = CancellationToken::new();
-    (admin, stop.clone(), tokio::spawn(a.run(stop)))
+/// Runs an attributor on `state` under a new consumer group.
+async fn start(topics: &TopicsConfig, state: &Path) -> RunningAttributor {
+    RunningAttributor::start(attributor_config(topics, state)).await
 }
 
 #[tokio::test]
@@ -558,7 +530,8 @@ async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() 
     let consumed = "attributor_records_consumed_total{kind=\"postback\"}";
 
     // Instance A sees the click and an FTD.
-    let (admin, stop, task) = start(&topics, dir_a.path()).await;
+    let running = start(&topics, dir_a.path()).await;
+    let admin = running.admin;
     p.send(clicks, "m1", &click("m1", "1", now)).await;
     p.send(
         pbs,
@@ -572,12 +545,12 @@ async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() 
         Some(0.0),
         "a new changelog has nothing"
     );
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 
     // Instance B, with no local state, owns the partitions now: it must know the click, the
     // conversion (for dedup) and where A stopped reading.
-    let (admin, stop, task) = start(&topics, dir_b.path()).await;
+    let running = start(&topics, dir_b.path()).await;
+    let admin = running.admin;
     p.send(
         pbs,
         "m1",
@@ -605,11 +578,11 @@ async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() 
     );
     let full = metric(admin, restored).await.unwrap_or(0.0);
     assert!(full >= 3.0, "click, conversion, offsets: {full}");
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 
     // B again on its own, current store: nothing to restore.
-    let (admin, stop, task) = start(&topics, dir_b.path()).await;
+    let running = start(&topics, dir_b.path()).await;
+    let admin = running.admin;
     p.send(
         pbs,
         "m1",
@@ -622,11 +595,11 @@ async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() 
         Some(0.0),
         "the local store was current"
     );
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 
     // A again, on its stale store: it reads only what B wrote since, and knows r1.
-    let (admin, stop, task) = start(&topics, dir_a.path()).await;
+    let running = start(&topics, dir_a.path()).await;
+    let admin = running.admin;
     p.send(
         pbs,
         "m1",
@@ -646,8 +619,7 @@ async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() 
         Some(1.0),
         "A resumed where B stopped"
     );
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 }
 
 /// Click IDs, one per key, that cover every partition of a `partitions`-partition topic.
@@ -675,12 +647,7 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
         c.kafka
             .properties
             .insert("heartbeat.interval.ms".into(), "500".into());
-        async move {
-            let a = s2s_attributor::Attributor::bind(c).await.expect("starts");
-            let admin = a.admin_addr().expect("admin");
-            let stop = CancellationToken::new();
-            (admin, stop.clone(), tokio::spawn(a.run(stop)))
-        }
+        RunningAttributor::start(c)
     };
     let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
     let p = RawProducer::new();
@@ -689,7 +656,8 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
     let owned = "attributor_partitions_owned";
 
     // A alone owns all four partitions and sees every click.
-    let (admin_a, stop_a, task_a) = start_in_group(dir_a.path()).await;
+    let a = start_in_group(dir_a.path()).await;
+    let admin_a = a.admin;
     for c in &ids {
         p.send(clicks, c, &click(c, "1", now)).await;
     }
@@ -700,7 +668,8 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
     .await;
 
     // B joins: the group splits the partitions, B rebuilds its share from the changelog.
-    let (admin_b, stop_b, task_b) = start_in_group(dir_b.path()).await;
+    let b = start_in_group(dir_b.path()).await;
+    let admin_b = b.admin;
     s2s_tests::poll_until("a 2/2 split", WAIT, || async {
         let (a, b) = (metric(admin_a, owned).await, metric(admin_b, owned).await);
         (a == Some(2.0) && b == Some(2.0)).then_some(())
@@ -737,8 +706,7 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
     );
 
     // B leaves: A owns everything again and catches up on B's changes to its share.
-    stop_b.cancel();
-    task_b.await.expect("join").expect("B stops cleanly");
+    b.stop().await;
     s2s_tests::poll_until("A to own all partitions again", WAIT, || async {
         (metric(admin_a, owned).await == Some(4.0)).then_some(())
     })
@@ -761,6 +729,5 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
             all[id][0]
         );
     }
-    stop_a.cancel();
-    task_a.await.expect("join").expect("A stops cleanly");
+    a.stop().await;
 }

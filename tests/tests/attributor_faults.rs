@@ -20,9 +20,8 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use s2s_attributor::store::{Store, StoreLimits};
 use s2s_attributor::{AttributorConfig, Guarantee};
 use s2s_common::topics::TopicsConfig;
-use s2s_tests::{attributor_config, metric, poll_until, topics, TopicReader};
+use s2s_tests::{attributor_config, metric, poll_until, topics, RunningAttributor, TopicReader};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -143,20 +142,15 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     let mut config = config_on(&mock, &topics, state.path());
     // First the click alone, processed and committed, so that the failing cycle below
     // holds exactly the postback (a cycle with no outputs writes no journal).
-    let first = s2s_attributor::Attributor::bind(config.clone())
-        .await
-        .expect("starts");
-    let admin = first.admin_addr().expect("admin");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(first.run(stop.clone()));
+    let running = RunningAttributor::start(config.clone()).await;
+    let admin = running.admin;
     send_json(&mock, &topics.clicks.name, "m1", click("m1")).await;
     poll_until("the click committed", WAIT, || async {
         let n = metric(admin, "attributor_records_consumed_total{kind=\"click\"}").await;
         (n == Some(1.0)).then_some(())
     })
     .await;
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
     send_json(&mock, &topics.postbacks.name, "m1", ftd("m1", "mp1")).await;
     // Each start below joins a new group: the mock is slow to hand a departed member's
     // partitions to a newcomer, and the store decides where reading starts anyway.
@@ -167,13 +161,10 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 200],
     );
-    let failing = s2s_attributor::Attributor::bind(config.clone())
+    let err = RunningAttributor::start(config.clone())
         .await
-        .expect("starts");
-    let result = tokio::time::timeout(WAIT, failing.run(CancellationToken::new()))
-        .await
-        .expect("stops on its own");
-    let err = result.expect_err("a failed publish stops the service");
+        .failure(WAIT)
+        .await;
     assert!(
         err.to_string().contains("publishing outcomes failed"),
         "{err}"
@@ -194,11 +185,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     let restarted_at = s2s_common::now_ms();
     assert!(restarted_at > journal.now_ms);
     config.group_id = s2s_tests::unique("attributor");
-    let again = s2s_attributor::Attributor::bind(config)
-        .await
-        .expect("restarts");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(again.run(stop.clone()));
+    let running = RunningAttributor::start(config).await;
     let out: Vec<Value> = TopicReader::on(&mock.bootstrap_servers(), &topics.conversions)
         .read_until("the replayed conversion", WAIT, |seen: &[Value]| {
             !seen.is_empty()
@@ -209,19 +196,14 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
         out[0]["attributed_at_ms"], journal.now_ms,
         "the replay used the failed cycle's time, not the restart's"
     );
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_commits_outputs_changelog_and_offsets_in_one_transaction() {
     let (mock, topics, state, config) = exactly_once_on_mock();
-    let attributor = s2s_attributor::Attributor::bind(config.clone())
-        .await
-        .expect("starts");
-    let admin = attributor.admin_addr().expect("admin");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(attributor.run(stop.clone()));
+    let running = RunningAttributor::start(config.clone()).await;
+    let admin = running.admin;
     send_pair(&mock, &topics, "e1", "ep1").await;
 
     let out: Vec<Value> = TopicReader::on(&mock.bootstrap_servers(), &topics.conversions)
@@ -236,8 +218,7 @@ async fn exactly_once_commits_outputs_changelog_and_offsets_in_one_transaction()
         "state changes logged in the transaction"
     );
     committed(admin, 1.0).await;
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
     assert_eq!(stored_offset(state.path(), &topics), Some(1));
 }
 
@@ -250,40 +231,28 @@ async fn a_failure_inside_the_transaction_aborts_it_and_commits_nothing() {
         RDKafkaApiKey::AddPartitionsToTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50],
     );
-    let failing = s2s_attributor::Attributor::bind(config.clone())
+    let err = RunningAttributor::start(config.clone())
         .await
-        .expect("starts");
-    let result = tokio::time::timeout(WAIT, failing.run(CancellationToken::new()))
-        .await
-        .expect("stops on its own");
-    let err = result.expect_err("a failed transaction stops the service");
+        .failure(WAIT)
+        .await;
     assert!(err.to_string().contains("failed"), "{err}");
     assert_eq!(stored_offset(state.path(), &topics), None);
 
     mock.clear_request_errors(RDKafkaApiKey::AddPartitionsToTxn);
     let mut config = config;
     config.group_id = s2s_tests::unique("attributor");
-    let again = s2s_attributor::Attributor::bind(config.clone())
-        .await
-        .expect("restarts");
-    let stop = CancellationToken::new();
-    let admin = again.admin_addr().expect("admin");
-    let task = tokio::spawn(again.run(stop.clone()));
+    let running = RunningAttributor::start(config.clone()).await;
+    let admin = running.admin;
     committed(admin, 1.0).await;
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
     assert_eq!(stored_offset(state.path(), &topics), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_end_txn_errors_are_retried_and_the_cycle_commits() {
     let (mock, topics, state, config) = exactly_once_on_mock();
-    let attributor = s2s_attributor::Attributor::bind(config.clone())
-        .await
-        .expect("starts");
-    let admin = attributor.admin_addr().expect("admin");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(attributor.run(stop.clone()));
+    let running = RunningAttributor::start(config.clone()).await;
+    let admin = running.admin;
     mock.request_errors(
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 2],
@@ -292,8 +261,7 @@ async fn transient_end_txn_errors_are_retried_and_the_cycle_commits() {
     committed(admin, 1.0).await;
     let aborted = metric(admin, "attributor_transactions_total{result=\"aborted\"}").await;
     assert_eq!(aborted, None, "nothing aborted");
-    stop.cancel();
-    task.await.expect("join").expect("stops cleanly");
+    running.stop().await;
     assert_eq!(stored_offset(state.path(), &topics), Some(1));
 }
 
@@ -318,10 +286,7 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
         c
     };
     let id = s2s_tests::unique("tx");
-    let zombie = s2s_attributor::Attributor::bind(exactly_once(on_kafka(dir_a.path()), &id))
-        .await
-        .expect("starts");
-    let zombie_task = tokio::spawn(zombie.run(CancellationToken::new()));
+    let zombie = RunningAttributor::start(exactly_once(on_kafka(dir_a.path()), &id)).await;
     let producer: rdkafka::producer::FutureProducer = {
         let mut k = s2s_tests::kafka();
         k.bootstrap_servers = brokers.clone();
@@ -370,19 +335,10 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
         .await;
 
     // B takes over the transactional.id (its own group, so both read the next input).
-    let successor = s2s_attributor::Attributor::bind(exactly_once(on_kafka(dir_b.path()), &id))
-        .await
-        .expect("starts, fencing A");
-    let stop_b = CancellationToken::new();
-    let task_b = tokio::spawn(successor.run(stop_b.clone()));
+    let successor = RunningAttributor::start(exactly_once(on_kafka(dir_b.path()), &id)).await;
     send("z2", "zp2").await;
 
-    let result = tokio::time::timeout(WAIT, zombie_task)
-        .await
-        .expect("the zombie stops on its own")
-        .expect("join");
-    let err = result.expect_err("fenced");
+    let err = zombie.failure(WAIT).await;
     assert!(err.to_string().to_lowercase().contains("fenced"), "{err}");
-    stop_b.cancel();
-    task_b.await.expect("join").expect("B stops cleanly");
+    successor.stop().await;
 }
