@@ -10,6 +10,7 @@ use s2s_common::topics::TopicsConfig;
 use serde::Deserialize;
 
 use crate::join::{OfferRules, Rules};
+pub use s2s_state::RocksConfig;
 
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/attributor.toml");
 pub const ENV_PREFIX: &str = "S2S_ATTRIBUTOR__";
@@ -55,13 +56,6 @@ pub struct AttributorConfig {
     pub topics: TopicsConfig,
     #[serde(default)]
     pub offers: BTreeMap<String, OfferConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RocksConfig {
-    pub block_cache_bytes: usize,
-    pub write_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,11 +137,7 @@ impl AttributorConfig {
                 self.conversion_retention_seconds, self.default_window_seconds
             ));
         }
-        if self.rocksdb.block_cache_bytes < 1 << 20 || self.rocksdb.write_buffer_bytes < 1 << 20 {
-            return Err(
-                "rocksdb.block_cache_bytes and rocksdb.write_buffer_bytes must be >= 1 MiB".into(),
-            );
-        }
+        self.rocksdb.validate()?;
         let currency_ok = |c: &str| c.len() == 3 && c.chars().all(|ch| ch.is_ascii_uppercase());
         if !currency_ok(&self.default_currency) {
             return Err(format!(

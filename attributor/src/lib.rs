@@ -25,7 +25,7 @@
 //! — the same records, the same `now`, the same timer decision — so outcomes it may already
 //! have published come out again with the same IDs, decisions and fields; consumers
 //! deduplicate by `outcome_id`. If the changelog already holds the cycle, the restore on
-//! assignment (see [`ownership`]) applies it and drops the journal. A produce or
+//! assignment (see [`s2s_state::ownership`]) applies it and drops the journal. A produce or
 //! transaction failure that outlasts librdkafka's own retries stops the service with an
 //! error instead of committing.
 //!
@@ -35,31 +35,30 @@
 pub mod config;
 pub mod join;
 pub mod metrics;
-pub mod ownership;
 pub mod process;
 pub mod store;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::future_producer::Delivery;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use s2s_common::contract::{self, Click, Postback};
-use s2s_common::kafka::{ensure_topics, KafkaSetupError};
+use s2s_common::kafka::{ensure_topics, produce_all, KafkaSetupError, OutRecord};
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{Admin, BindError};
 use s2s_common::topics::partition_key;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{AttributorConfig, Guarantee};
-use ownership::{Changelog, Ownership, OwnershipContext};
 use process::{Joiner, Outcome};
+use s2s_state::{Ownership, OwnershipContext, Positions};
 use store::{Cf, Journal, Staged, Store, StoreError, StoreLimits, StoreSet};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,13 +93,13 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the state-size gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
-type Consumer_ = StreamConsumer<OwnershipContext>;
+type Consumer_ = StreamConsumer<OwnershipContext<Cf>>;
 
 /// A started attributor: topics provisioned, clients created, admin bound.
 pub struct Attributor {
     config: AttributorConfig,
     joiner: Joiner,
-    ownership: Arc<Ownership>,
+    ownership: Arc<Ownership<Cf>>,
     consumer: Consumer_,
     producer: FutureProducer<KafkaStats>,
     admin: Admin,
@@ -139,17 +138,15 @@ impl Attributor {
         let metrics = metrics::Metrics::new(&admin.registry)?;
         let ownership = Arc::new(Ownership::new(
             stores,
-            [
+            vec![
                 config.topics.clicks.name.clone(),
                 config.topics.postbacks.name.clone(),
             ],
-            Changelog {
-                kafka: config.kafka.clone(),
-                group_id: config.group_id.clone(),
-                topic: config.topics.changelog.name.clone(),
-                restored: metrics.restored.clone(),
-                restoring: metrics.restoring.clone(),
-            },
+            metrics.state.changelog(
+                &config.kafka,
+                &config.group_id,
+                &config.topics.changelog.name,
+            ),
         ));
         let consumer: Consumer_ = config
             .kafka
@@ -214,7 +211,7 @@ impl Attributor {
 struct Part {
     store: Arc<Store>,
     /// Per input topic: the offset after the last record taken in (buffered or processed).
-    next: BTreeMap<String, i64>,
+    next: Positions,
     /// Records taken in, not yet processed (held back while a journal is replayed).
     buffer: Vec<OwnedMessage>,
     /// The crashed cycle to replay first, from the store.
@@ -227,17 +224,6 @@ struct Work {
     store: Arc<Store>,
     records: Vec<OwnedMessage>,
     journal: Journal,
-}
-
-/// One record to produce.
-struct Record<'a> {
-    topic: &'a str,
-    /// Set for changelog records (partition N for input partition N); else by key.
-    partition: Option<i32>,
-    key: Vec<u8>,
-    /// `None`: a tombstone.
-    payload: Option<Vec<u8>>,
-    headers: Option<OwnedHeaders>,
 }
 
 /// Something to publish, and how to count it once acknowledged.
@@ -253,7 +239,7 @@ enum Output {
 struct Worker<'a> {
     config: &'a AttributorConfig,
     joiner: &'a Joiner,
-    ownership: &'a Ownership,
+    ownership: &'a Ownership<Cf>,
     consumer: &'a Consumer_,
     producer: &'a FutureProducer<KafkaStats>,
     metrics: &'a metrics::Metrics,
@@ -320,16 +306,14 @@ impl Worker<'_> {
             if self.parts.contains_key(&p) {
                 continue;
             }
-            let mut next = BTreeMap::new();
-            for topic in [
-                &self.config.topics.clicks.name,
-                &self.config.topics.postbacks.name,
-            ] {
-                if let Some(o) = store.offset(topic)? {
-                    next.insert(topic.clone(), o);
-                }
-            }
-            let journal = store.journal()?;
+            let next = Positions::load(
+                &store,
+                &[
+                    &self.config.topics.clicks.name,
+                    &self.config.topics.postbacks.name,
+                ],
+            )?;
+            let journal = store.journal::<Journal>()?;
             if let Some(j) = &journal {
                 tracing::info!(partition = p, ends = ?j.ends, "replaying the cycle that was in flight");
             }
@@ -347,12 +331,9 @@ impl Worker<'_> {
             let Some(part) = self.parts.get_mut(&msg.partition()) else {
                 continue;
             };
-            let next = part.next.entry(msg.topic().to_string()).or_insert(0);
-            if msg.offset() < *next {
-                continue;
+            if part.next.admit(msg.topic(), msg.offset()) {
+                part.buffer.push(msg);
             }
-            *next = msg.offset() + 1;
-            part.buffer.push(msg);
         }
         Ok(())
     }
@@ -361,7 +342,7 @@ impl Worker<'_> {
     fn clicks_caught_up(&self, partition: i32, part: &Part) -> bool {
         let topic = &self.config.topics.clicks.name;
         match self.ownership.high_watermark(topic, partition) {
-            Some(high) => part.next.get(topic).copied().unwrap_or(0) >= high,
+            Some(high) => part.next.next(topic) >= high,
             None => false,
         }
     }
@@ -381,10 +362,7 @@ impl Worker<'_> {
             };
             let (records, journal) = match part.journal.take() {
                 Some(j) => {
-                    let complete = j
-                        .ends
-                        .iter()
-                        .all(|(t, end)| part.next.get(t).copied().unwrap_or(0) >= *end);
+                    let complete = j.ends.iter().all(|(t, end)| part.next.next(t) >= *end);
                     if !complete {
                         part.journal = Some(j);
                         continue;
@@ -448,10 +426,10 @@ impl Worker<'_> {
             return Ok(false);
         }
         let changelog = &self.config.topics.changelog.name;
-        let changes: Vec<Record<'_>> = staged
+        let changes: Vec<OutRecord<'_>> = staged
             .iter()
             .flat_map(|(st, w)| {
-                st.changelog().map(|(key, value)| Record {
+                st.changelog().map(|(key, value)| OutRecord {
                     topic: changelog,
                     partition: Some(w.partition),
                     key,
@@ -517,7 +495,7 @@ impl Worker<'_> {
     async fn transaction(
         &self,
         outputs: &[Output],
-        changes: Vec<Record<'_>>,
+        changes: Vec<OutRecord<'_>>,
         offsets: &TopicPartitionList,
     ) -> Result<Vec<Delivery>, AttributorError> {
         blocking(self.producer, |p| p.begin_transaction()).await?;
@@ -609,7 +587,7 @@ impl Worker<'_> {
 
     /// The records that publish `outputs`: outcomes to conversions or rejections keyed by
     /// click ID, poison records byte for byte to the poison topic with their origin.
-    fn outputs_to_records<'o>(&'o self, outputs: &'o [Output]) -> Vec<Record<'o>> {
+    fn outputs_to_records<'o>(&'o self, outputs: &'o [Output]) -> Vec<OutRecord<'o>> {
         let topics = &self.config.topics;
         outputs
             .iter()
@@ -621,7 +599,7 @@ impl Worker<'_> {
                         }
                         Outcome::Rejected(r) => (&topics.rejections.name, contract::encode(r)),
                     };
-                    Record {
+                    OutRecord {
                         topic,
                         partition: None,
                         key: partition_key(o.key()).to_vec(),
@@ -630,71 +608,18 @@ impl Worker<'_> {
                     }
                 }
                 Output::Poison { msg, reason, .. } => {
-                    let partition = msg.partition().to_string();
-                    let offset = msg.offset().to_string();
-                    let headers = [
-                        ("s2s-poison-reason", reason.as_str()),
-                        ("s2s-source-topic", msg.topic()),
-                        ("s2s-source-partition", partition.as_str()),
-                        ("s2s-source-offset", offset.as_str()),
-                    ]
-                    .into_iter()
-                    .fold(OwnedHeaders::new(), |h, (key, value)| {
-                        h.insert(Header {
-                            key,
-                            value: Some(value),
-                        })
-                    });
-                    Record {
-                        topic: &topics.poison.name,
-                        partition: None,
-                        key: msg.key().unwrap_or_default().to_vec(),
-                        payload: Some(msg.payload().unwrap_or_default().to_vec()),
-                        headers: Some(headers),
-                    }
+                    OutRecord::poison(&topics.poison.name, msg, reason)
                 }
             })
             .collect()
     }
 
-    /// Produces every record and waits for all acknowledgements; the deliveries come back
-    /// in record order. A full producer queue is backpressure: wait for the oldest record
-    /// in flight, then try again.
-    async fn produce(&self, records: Vec<Record<'_>>) -> Result<Vec<Delivery>, AttributorError> {
-        let mut in_flight = VecDeque::with_capacity(records.len());
-        let mut delivered = Vec::with_capacity(records.len());
-        for r in &records {
-            let mut record = FutureRecord::to(r.topic).key(&r.key);
-            if let Some(p) = &r.payload {
-                record = record.payload(p);
-            }
-            if let Some(p) = r.partition {
-                record = record.partition(p);
-            }
-            if let Some(h) = &r.headers {
-                record = record.headers(h.clone());
-            }
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(f) => {
-                        in_flight.push_back(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        match in_flight.pop_front() {
-                            Some(f) => delivered.push(acknowledged(f.await)?),
-                            None => tokio::time::sleep(Duration::from_millis(10)).await,
-                        }
-                    }
-                    Err((e, _)) => return Err(AttributorError::Publish(e.to_string())),
-                }
-            }
-        }
-        for f in in_flight {
-            delivered.push(acknowledged(f.await)?);
-        }
-        Ok(delivered)
+    /// Produces every record and waits for all acknowledgements (see
+    /// [`s2s_common::kafka::produce_all`]).
+    async fn produce(&self, records: Vec<OutRecord<'_>>) -> Result<Vec<Delivery>, AttributorError> {
+        produce_all(self.producer, &records)
+            .await
+            .map_err(|e| AttributorError::Publish(e.to_string()))
     }
 
     /// Logs and counts what a committed cycle produced: each event in this one place.
@@ -736,59 +661,21 @@ impl Worker<'_> {
             return;
         }
         self.gauges_at = Instant::now();
-        for cf in Cf::ALL {
-            let (mut keys, mut bytes) = (0u64, 0u64);
-            for part in self.parts.values() {
-                if let Ok((k, b)) = part.store.size(cf) {
-                    keys += k;
-                    bytes += b;
-                }
-            }
-            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-            self.metrics
-                .state_keys
-                .with_label_values(&[cf.name()])
-                .set(gauge(keys));
-            self.metrics
-                .state_bytes
-                .with_label_values(&[cf.name()])
-                .set(gauge(bytes));
-        }
-        for topic in [
-            &self.config.topics.clicks.name,
-            &self.config.topics.postbacks.name,
-        ] {
-            let lag: i64 = self
-                .parts
+        self.metrics.state.refresh(
+            self.parts
                 .iter()
-                .filter_map(|(p, part)| {
-                    let high = self.ownership.high_watermark(topic, *p)?;
-                    Some((high - part.next.get(topic).copied().unwrap_or(0)).max(0))
-                })
-                .sum();
-            self.metrics.lag.with_label_values(&[topic]).set(lag);
-        }
-        self.metrics
-            .partitions
-            .set(i64::try_from(self.parts.len()).unwrap_or(i64::MAX));
+                .map(|(p, part)| (*p, &*part.store, &part.next)),
+            self.ownership,
+            &[
+                &self.config.topics.clicks.name,
+                &self.config.topics.postbacks.name,
+            ],
+        );
     }
 }
 
 fn ms_to_secs(ms: i64) -> f64 {
     ms.max(0) as f64 / 1000.0
-}
-
-fn acknowledged(
-    r: Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures::channel::oneshot::Canceled,
-    >,
-) -> Result<Delivery, AttributorError> {
-    match r {
-        Ok(Ok(d)) => Ok(d),
-        Ok(Err((e, _))) => Err(AttributorError::Publish(e.to_string())),
-        Err(_) => Err(AttributorError::Publish("delivery report dropped".into())),
-    }
 }
 
 /// Runs a blocking producer call (the transactional API) off the async worker threads.

@@ -1,10 +1,9 @@
 //! The attributor's Prometheus metrics. Each is updated in one place: restore progress in
-//! `ownership.rs`, everything else in `lib.rs` after the
+//! `s2s_state::ownership`, everything else in `lib.rs` after the
 //! cycle that produced the event was committed.
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use s2s_state::StateMetrics;
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -26,19 +25,10 @@ pub struct Metrics {
     /// `attributor_click_to_conversion_seconds`: event time minus click time of new
     /// conversions.
     pub click_to_conversion: Histogram,
-    /// `attributor_state_keys{cf}`, `attributor_state_bytes{cf}`: RocksDB's estimates
-    /// summed over the owned partitions.
-    pub state_keys: IntGaugeVec,
-    pub state_bytes: IntGaugeVec,
-    /// `attributor_consumer_lag_records{topic}`: records the broker has that are not taken
-    /// in yet, summed over the owned partitions (from librdkafka statistics, ~1 s old).
-    pub lag: IntGaugeVec,
-    /// `attributor_partitions_owned`.
-    pub partitions: IntGauge,
-    /// `attributor_restored_records_total`: changelog records applied to local stores.
-    pub restored: IntCounter,
-    /// `attributor_restoring_partitions`: partitions being rebuilt from the changelog now.
-    pub restoring: IntGauge,
+    /// `attributor_state_keys{cf}`, `attributor_state_bytes{cf}`,
+    /// `attributor_consumer_lag_records{topic}`, `attributor_partitions_owned`,
+    /// `attributor_restored_records_total`, `attributor_restoring_partitions`.
+    pub state: StateMetrics,
     /// `attributor_transactions_total{result}`: committed, aborted (exactly_once).
     pub transactions: IntCounterVec,
 }
@@ -92,39 +82,7 @@ impl Metrics {
                     1209600.0, 2592000.0, 7776000.0,
                 ]),
             )?,
-            state_keys: IntGaugeVec::new(
-                Opts::new(
-                    "attributor_state_keys",
-                    "Estimated keys per RocksDB column family, all owned partitions.",
-                ),
-                &["cf"],
-            )?,
-            state_bytes: IntGaugeVec::new(
-                Opts::new(
-                    "attributor_state_bytes",
-                    "SST files plus memtables per RocksDB column family, all owned partitions.",
-                ),
-                &["cf"],
-            )?,
-            lag: IntGaugeVec::new(
-                Opts::new(
-                    "attributor_consumer_lag_records",
-                    "Input records on the broker not yet taken in, all owned partitions.",
-                ),
-                &["topic"],
-            )?,
-            partitions: IntGauge::new(
-                "attributor_partitions_owned",
-                "Input partitions this instance owns.",
-            )?,
-            restored: IntCounter::new(
-                "attributor_restored_records_total",
-                "Changelog records applied to local stores when partitions were assigned.",
-            )?,
-            restoring: IntGauge::new(
-                "attributor_restoring_partitions",
-                "Partitions whose state is being rebuilt from the changelog now.",
-            )?,
+            state: StateMetrics::new(registry, "attributor")?,
             transactions: IntCounterVec::new(
                 Opts::new(
                     "attributor_transactions_total",
@@ -134,8 +92,6 @@ impl Metrics {
             )?,
         };
         registry.register(Box::new(m.transactions.clone()))?;
-        registry.register(Box::new(m.restored.clone()))?;
-        registry.register(Box::new(m.restoring.clone()))?;
         registry.register(Box::new(m.consumed.clone()))?;
         registry.register(Box::new(m.outcomes.clone()))?;
         registry.register(Box::new(m.suspicious.clone()))?;
@@ -143,10 +99,6 @@ impl Metrics {
         registry.register(Box::new(m.cycle_seconds.clone()))?;
         registry.register(Box::new(m.postback_latency.clone()))?;
         registry.register(Box::new(m.click_to_conversion.clone()))?;
-        registry.register(Box::new(m.state_keys.clone()))?;
-        registry.register(Box::new(m.state_bytes.clone()))?;
-        registry.register(Box::new(m.lag.clone()))?;
-        registry.register(Box::new(m.partitions.clone()))?;
         Ok(m)
     }
 }

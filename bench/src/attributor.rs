@@ -133,7 +133,7 @@ fn bench_topics(partitions: i32) -> TopicsConfig {
 }
 
 /// Produces every record, at most 50 000 in flight.
-async fn produce_all(
+pub(crate) async fn produce_all(
     producer: &FutureProducer,
     records: impl Iterator<Item = (String, String, Vec<u8>)>,
 ) -> anyhow::Result<()> {

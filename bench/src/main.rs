@@ -4,7 +4,8 @@
 //! - `compare`: drives the same requests at a baseline and at a subject with the same load
 //!   generator in one run, prints both and their ratio, then measures the subject's latency
 //!   at half its maximum rate;
-//! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`).
+//! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`);
+//! - `delivery`: the delivery benchmark (see `delivery.rs`).
 //!
 //! The load generator keeps `--connections` HTTP/1.1 keep-alive connections busy (closed
 //! loop) for the throughput figure. For latency it sends at a fixed rate (open loop) and
@@ -12,6 +13,7 @@
 //! server instead of silently lowering the rate (no coordinated omission).
 
 mod attributor;
+mod delivery;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -99,6 +101,25 @@ enum Cmd {
         #[arg(long, default_value_t = 0.5)]
         goal: f64,
     },
+    /// Delivery throughput to loopback endpoints, and with one endpoint dead.
+    Delivery {
+        #[arg(long)]
+        brokers: String,
+        /// The release `delivery` binary.
+        #[arg(long)]
+        delivery: std::path::PathBuf,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Conversions per phase; each goes to both endpoints.
+        #[arg(long, default_value_t = 50_000)]
+        conversions: usize,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        #[arg(long, default_value_t = 10_000.0)]
+        per_core_goal: f64,
+        #[arg(long, default_value_t = 0.95)]
+        goal: f64,
+    },
 }
 
 #[tokio::main]
@@ -114,6 +135,26 @@ async fn main() -> anyhow::Result<()> {
             state,
             goal,
         } => attributor::throughput(brokers, clicks, partitions, &dir, &state, goal).await,
+        Cmd::Delivery {
+            brokers,
+            delivery,
+            dir,
+            conversions,
+            partitions,
+            per_core_goal,
+            goal,
+        } => {
+            delivery::run(
+                brokers,
+                &delivery,
+                &dir,
+                conversions,
+                partitions,
+                per_core_goal,
+                goal,
+            )
+            .await
+        }
         Cmd::Compare {
             name,
             baseline,
@@ -156,16 +197,30 @@ async fn main() -> anyhow::Result<()> {
 async fn noop(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("noop listening on http://{}", listener.local_addr()?);
+    serve(listener, None).await
+}
+
+/// Answers every request with 200 and a small JSON body, counting them in `answered`.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    answered: Option<Arc<AtomicU64>>,
+) -> anyhow::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
+        let answered = answered.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from_static(br#"{"status":"accepted"}"#)))
-                        .unwrap_or_default(),
-                )
+            let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                if let Some(a) = &answered {
+                    a.fetch_add(1, Ordering::Relaxed);
+                }
+                async {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(br#"{"status":"accepted"}"#)))
+                            .unwrap_or_default(),
+                    )
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

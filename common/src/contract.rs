@@ -191,6 +191,10 @@ pub struct DeliveryAttempt {
     pub outcome: AttemptOutcome,
     pub error: Option<String>,
     pub ts_ms: i64,
+    /// When the next attempt is scheduled, if this one is retried; absent when the
+    /// delivery is done (delivered, or dead-lettered: see the dead-letter topic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at_ms: Option<i64>,
 }
 
 /// A delivery that exhausted its attempts, published to the dead-letter topic.
@@ -204,6 +208,44 @@ pub struct DeadLetter {
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
     pub dead_lettered_at_ms: i64,
+}
+
+/// What an operator asks the delivery worker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandAction {
+    /// Send a dead-lettered delivery again with a fresh retry schedule (or, if it is still
+    /// waiting for a retry, now). A delivered one is left alone: it was paid.
+    Redeliver,
+}
+
+impl CommandAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandAction::Redeliver => "redeliver",
+        }
+    }
+}
+
+/// A command to the delivery worker, on the delivery-commands topic keyed by click ID (so
+/// it reaches the instance that owns the conversion's deliveries). The topic is also the
+/// record of who asked for what, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryCommand {
+    pub schema_version: u32,
+    /// Unique per command (ULID).
+    pub command_id: String,
+    pub action: CommandAction,
+    /// The postback (endpoint name) to deliver to.
+    pub endpoint: String,
+    /// The conversion to deliver; with `endpoint` it names the delivery, whose stable ID
+    /// (`webhook-id`) does not change.
+    pub conversion: Conversion,
+    /// Who asked (an operator, a tool).
+    pub requested_by: String,
+    pub requested_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Failure to read a record from the wire.
@@ -233,7 +275,8 @@ versioned!(
     Conversion,
     Rejection,
     DeliveryAttempt,
-    DeadLetter
+    DeadLetter,
+    DeliveryCommand
 );
 
 /// Serialises a record for a Kafka payload.

@@ -12,6 +12,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
@@ -115,6 +117,18 @@ pub enum KafkaSetupError {
         changelog_n: i32,
         clicks_n: i32,
     },
+    #[error(
+        "topic '{topic}' has {n} partitions and '{other}' has {other_n}: {why}. Change the \
+         partition count (kafka-topics.sh --alter, or recreate the topic) and set \
+         topics.*.partitions to match"
+    )]
+    PartitionMismatch {
+        topic: String,
+        n: i32,
+        other: String,
+        other_n: i32,
+        why: &'static str,
+    },
 }
 
 impl KafkaConfig {
@@ -217,6 +231,113 @@ pub async fn send_and_wait<C: ClientContext + 'static>(
         .map_err(|(e, _)| e)
 }
 
+/// One record to produce with [`produce_all`].
+#[derive(Debug, Clone)]
+pub struct OutRecord<'a> {
+    pub topic: &'a str,
+    /// Set for changelog records (partition N for input partition N); else by key.
+    pub partition: Option<i32>,
+    pub key: Vec<u8>,
+    /// `None`: a tombstone.
+    pub payload: Option<Vec<u8>>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+impl<'a> OutRecord<'a> {
+    /// A record partitioned by `key`.
+    pub fn keyed(topic: &'a str, key: &[u8], payload: Vec<u8>) -> Self {
+        OutRecord {
+            topic,
+            partition: None,
+            key: key.to_vec(),
+            payload: Some(payload),
+            headers: None,
+        }
+    }
+
+    /// An undecodable input record, copied byte for byte to the poison topic `topic` with
+    /// the reason and its origin in headers (`s2s-poison-reason`, `s2s-source-topic`,
+    /// `s2s-source-partition`, `s2s-source-offset`), so that one bad record never stops a
+    /// stream and is never lost.
+    pub fn poison(topic: &'a str, msg: &OwnedMessage, reason: &str) -> Self {
+        let partition = msg.partition().to_string();
+        let offset = msg.offset().to_string();
+        let headers = [
+            ("s2s-poison-reason", reason),
+            ("s2s-source-topic", msg.topic()),
+            ("s2s-source-partition", partition.as_str()),
+            ("s2s-source-offset", offset.as_str()),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+        OutRecord {
+            topic,
+            partition: None,
+            key: msg.key().unwrap_or_default().to_vec(),
+            payload: Some(msg.payload().unwrap_or_default().to_vec()),
+            headers: Some(headers),
+        }
+    }
+}
+
+/// Produces every record and waits for all acknowledgements; the deliveries come back in
+/// record order. A full producer queue is backpressure: wait for the oldest record in
+/// flight, then try again. The first failure is returned (librdkafka has retried it).
+pub async fn produce_all<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+    records: &[OutRecord<'_>],
+) -> Result<Vec<Delivery>, KafkaError> {
+    let acknowledged = |r: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >| match r {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    };
+    let mut in_flight = std::collections::VecDeque::with_capacity(records.len());
+    let mut delivered = Vec::with_capacity(records.len());
+    for r in records {
+        let mut record = FutureRecord::to(r.topic).key(&r.key);
+        if let Some(p) = &r.payload {
+            record = record.payload(p);
+        }
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
+        if let Some(h) = &r.headers {
+            record = record.headers(h.clone());
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    in_flight.push_back(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match in_flight.pop_front() {
+                        Some(f) => delivered.push(acknowledged(f.await)?),
+                        // poll: the queue is full of other producers' records; bounded by
+                        // their delivery timeout.
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    for f in in_flight {
+        delivered.push(acknowledged(f.await)?);
+    }
+    Ok(delivered)
+}
+
 /// Creates the pipeline's topics if missing and `topics.create` is on (an existing topic
 /// is left as it is), waits until the broker reports them, and checks that clicks and
 /// postbacks are co-partitioned. Returns the partition count of each topic, by name.
@@ -288,6 +409,29 @@ pub async fn ensure_topics(
             changelog_n,
             clicks_n,
         });
+    }
+    let n = |t: &TopicConfig| counts.get(&t.name).copied().unwrap_or_default();
+    let conversions_n = n(&topics.conversions);
+    let mismatch = |t: &TopicConfig, why: &'static str| KafkaSetupError::PartitionMismatch {
+        topic: t.name.clone(),
+        n: n(t),
+        other: topics.conversions.name.clone(),
+        other_n: conversions_n,
+        why,
+    };
+    if n(&topics.delivery_commands) != conversions_n {
+        return Err(mismatch(
+            &topics.delivery_commands,
+            "delivery commands must have as many partitions as conversions, so that a \
+             command reaches the instance that owns its conversion",
+        ));
+    }
+    if n(&topics.delivery_changelog) < conversions_n {
+        return Err(mismatch(
+            &topics.delivery_changelog,
+            "the delivery changelog needs at least as many partitions as conversions: its \
+             partition N holds the state of conversions partition N",
+        ));
     }
     Ok(counts)
 }

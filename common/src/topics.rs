@@ -43,6 +43,12 @@ pub struct TopicsConfig {
     pub poison: TopicConfig,
     /// The attributor's state changes (compacted), partition N for input partition N.
     pub changelog: TopicConfig,
+    /// Operator commands to the delivery worker (re-deliver), keyed by click ID;
+    /// co-partitioned with `conversions`.
+    pub delivery_commands: TopicConfig,
+    /// The delivery worker's state changes (its schedule and the deliveries it has done),
+    /// partition N for conversions partition N.
+    pub delivery_changelog: TopicConfig,
 }
 
 impl TopicsConfig {
@@ -68,20 +74,48 @@ impl TopicsConfig {
                 config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
                 ..t("changelog")
             },
+            delivery_commands: t("delivery-commands"),
+            delivery_changelog: TopicConfig {
+                config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
+                ..t("delivery-changelog")
+            },
         }
     }
 
-    pub fn all(&self) -> [&TopicConfig; 8] {
+    /// Every topic with its key in the `[topics]` config section.
+    pub fn by_key(&self) -> [(&'static str, &TopicConfig); 10] {
         [
-            &self.clicks,
-            &self.postbacks,
-            &self.conversions,
-            &self.rejections,
-            &self.delivery_log,
-            &self.dead_letter,
-            &self.poison,
-            &self.changelog,
+            ("clicks", &self.clicks),
+            ("postbacks", &self.postbacks),
+            ("conversions", &self.conversions),
+            ("rejections", &self.rejections),
+            ("delivery_log", &self.delivery_log),
+            ("dead_letter", &self.dead_letter),
+            ("poison", &self.poison),
+            ("changelog", &self.changelog),
+            ("delivery_commands", &self.delivery_commands),
+            ("delivery_changelog", &self.delivery_changelog),
         ]
+    }
+
+    /// The `[topics]` section of a config file naming these topics (for services that
+    /// tests and benchmarks run as child processes).
+    pub fn to_toml(&self) -> String {
+        let mut toml = format!("[topics]\ncreate = {}\n", self.create);
+        for (key, t) in self.by_key() {
+            toml.push_str(&format!(
+                "[topics.{key}]\nname = \"{}\"\npartitions = {}\nreplication_factor = {}\n",
+                t.name, t.partitions, t.replication_factor
+            ));
+            for (k, v) in &t.config {
+                toml.push_str(&format!("config.\"{k}\" = \"{v}\"\n"));
+            }
+        }
+        toml
+    }
+
+    pub fn all(&self) -> [&TopicConfig; 10] {
+        self.by_key().map(|(_, t)| t)
     }
 
     /// Checks what can be checked without a broker.
@@ -118,6 +152,20 @@ impl TopicsConfig {
                 self.changelog.partitions, self.clicks.partitions
             ));
         }
+        if self.delivery_commands.partitions != self.conversions.partitions {
+            return Err(format!(
+                "topics: delivery_commands ({}) and conversions ({}) must have the same \
+                 partition count so that a command reaches the owner of its conversion",
+                self.delivery_commands.partitions, self.conversions.partitions
+            ));
+        }
+        if self.delivery_changelog.partitions < self.conversions.partitions {
+            return Err(format!(
+                "topics: delivery_changelog ({}) needs at least as many partitions as \
+                 conversions ({}): its partition N holds the state of conversions partition N",
+                self.delivery_changelog.partitions, self.conversions.partitions
+            ));
+        }
         Ok(())
     }
 }
@@ -129,4 +177,32 @@ fn yes() -> bool {
 /// The Kafka message key of every record about a click.
 pub fn partition_key(click_id: &str) -> &[u8] {
     click_id.as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::{Format, Toml};
+
+    #[test]
+    fn to_toml_round_trips() {
+        let t = TopicsConfig::named("x", 3);
+        let parsed: TopicsConfig = figment::Figment::from(Toml::string(&t.to_toml()))
+            .extract_inner("topics")
+            .expect("parses");
+        assert_eq!(parsed, t);
+    }
+
+    #[test]
+    fn delivery_topics_must_follow_conversions() {
+        let mut t = TopicsConfig::named("x", 3);
+        assert_eq!(t.validate(), Ok(()));
+        t.delivery_commands.partitions = 2;
+        let e = t.validate().expect_err("commands not co-partitioned");
+        assert!(e.contains("delivery_commands"), "{e}");
+        t.delivery_commands.partitions = 3;
+        t.delivery_changelog.partitions = 2;
+        let e = t.validate().expect_err("changelog too small");
+        assert!(e.contains("delivery_changelog"), "{e}");
+    }
 }

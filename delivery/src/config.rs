@@ -1,16 +1,25 @@
 //! Delivery configuration (see `deploy/config/delivery.toml`, embedded as the default).
+//! [`DeliveryConfig::validate`] compiles the postbacks into [`Endpoint`]s at start-up, so
+//! an unknown macro, a body template that is not JSON, a bad header or secret stops the
+//! start with a message that names the key, instead of failing at send time.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use rust_decimal::Decimal;
+use s2s_common::contract::Conversion;
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::template::Template;
 use s2s_common::topics::TopicsConfig;
+use s2s_state::RocksConfig;
 use serde::Deserialize;
 
-use crate::endpoint::{Endpoint, MACROS};
+use crate::circuit::CircuitConfig;
+use crate::endpoint::{BodyFormat, Endpoint, Filter, Method, MACROS};
 use crate::policy::RetryPolicy;
-use std::time::Duration;
+use crate::signing::Secret;
 
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/delivery.toml");
 pub const ENV_PREFIX: &str = "S2S_DELIVERY__";
@@ -20,25 +29,59 @@ pub const ENV_PREFIX: &str = "S2S_DELIVERY__";
 pub struct DeliveryConfig {
     pub admin_listen: SocketAddr,
     pub group_id: String,
+    pub state_dir: PathBuf,
+    pub commit_interval_ms: u64,
+    pub max_batch: usize,
     pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
     pub retry_schedule_ms: Vec<u64>,
     /// Spread of each retry wait, a fraction in [0, 1).
     pub retry_jitter: f64,
     /// Longest wait an endpoint's `Retry-After` may ask for.
     pub retry_after_cap_ms: u64,
+    /// Requests in flight at most, all endpoints together.
+    pub max_in_flight: usize,
+    /// Requests in flight at most per endpoint, unless the postback sets its own.
+    pub endpoint_max_in_flight: usize,
+    /// How long delivered and dead-lettered deliveries are remembered, so that a
+    /// conversion replayed upstream is not delivered twice.
+    pub finished_retention_seconds: u64,
+    /// At shutdown, how long requests in flight may take to finish.
+    pub shutdown_grace_ms: u64,
+    pub circuit: CircuitSection,
+    pub rocksdb: RocksConfig,
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
     #[serde(default)]
     pub postbacks: Vec<PostbackConfig>,
 }
 
-/// One outbound postback.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct CircuitSection {
+    pub failure_threshold: u32,
+    pub open_ms: u64,
+    pub max_open_ms: u64,
+}
+
+/// One outbound postback.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct PostbackConfig {
-    /// Unique; names the endpoint in metrics, the delivery log and the dead-letter topic.
+    /// Unique, `[A-Za-z0-9._-]`; names the endpoint in metrics, the delivery log and the
+    /// dead-letter topic.
     pub name: String,
     pub url: String,
+    #[serde(default)]
+    pub method: Option<Method>,
+    /// Body template (POST and PUT).
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub body_format: Option<BodyFormat>,
+    /// Header name → value template.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
     /// Only conversions of this affiliate; absent = global postback.
     pub aff_id: Option<String>,
     /// Only conversions of this offer; absent = any.
@@ -46,9 +89,21 @@ pub struct PostbackConfig {
     /// Only these events; empty = all.
     #[serde(default)]
     pub events: Vec<String>,
-    /// Only these statuses; empty = all.
+    /// New conversions with these statuses; empty = all.
     #[serde(default)]
     pub statuses: Vec<String>,
+    /// Whether status updates of a conversion (version 2, 3, …) are sent too.
+    #[serde(default)]
+    pub send_updates: bool,
+    /// Updates to these statuses; empty = all.
+    #[serde(default)]
+    pub update_statuses: Vec<String>,
+    pub max_in_flight: Option<usize>,
+    pub timeout_ms: Option<u64>,
+    /// Standard Webhooks signing secret (`whsec_…`), or the name of an environment
+    /// variable holding it in `secret_env` (keeps it out of config files).
+    pub secret: Option<String>,
+    pub secret_env: Option<String>,
 }
 
 impl DeliveryConfig {
@@ -71,15 +126,56 @@ impl DeliveryConfig {
         }
     }
 
+    pub fn circuit(&self) -> CircuitConfig {
+        CircuitConfig {
+            failure_threshold: self.circuit.failure_threshold,
+            open_for: Duration::from_millis(self.circuit.open_ms),
+            max_open_for: Duration::from_millis(self.circuit.max_open_ms),
+        }
+    }
+
+    pub fn finished_retention_ms(&self) -> i64 {
+        i64::try_from(self.finished_retention_seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
     /// Checks the config and compiles the endpoints; the error names the key to fix.
     pub fn validate(&self) -> Result<Vec<Endpoint>, String> {
+        self.validate_with_env(|name| std::env::var(name).ok())
+    }
+
+    fn validate_with_env(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Endpoint>, String> {
         self.kafka.validate().map_err(|e| e.to_string())?;
         self.topics.validate()?;
+        self.rocksdb.validate()?;
         if self.group_id.trim().is_empty() {
             return Err("group_id must not be empty".into());
         }
-        if self.request_timeout_ms == 0 {
-            return Err("request_timeout_ms must be > 0".into());
+        for (key, v) in [
+            ("commit_interval_ms", self.commit_interval_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            (
+                "finished_retention_seconds",
+                self.finished_retention_seconds,
+            ),
+            (
+                "circuit.failure_threshold",
+                u64::from(self.circuit.failure_threshold),
+            ),
+            ("circuit.open_ms", self.circuit.open_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("{key} must be > 0"));
+            }
+        }
+        if self.max_batch == 0 || self.max_in_flight == 0 || self.endpoint_max_in_flight == 0 {
+            return Err("max_batch, max_in_flight and endpoint_max_in_flight must be > 0".into());
+        }
+        if self.circuit.max_open_ms < self.circuit.open_ms {
+            return Err("circuit.max_open_ms must be at least circuit.open_ms".into());
         }
         if !(0.0..1.0).contains(&self.retry_jitter) {
             return Err(format!(
@@ -87,31 +183,166 @@ impl DeliveryConfig {
                 self.retry_jitter
             ));
         }
+        let longest_wait = self
+            .retry_schedule_ms
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0)
+            .max(self.retry_after_cap_ms);
+        if self.finished_retention_seconds.saturating_mul(1000) < longest_wait {
+            return Err(format!(
+                "finished_retention_seconds ({}) must cover the longest retry wait ({} ms): a \
+                 delivery must be remembered at least as long as its retries can run",
+                self.finished_retention_seconds, longest_wait
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         self.postbacks
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                if p.name.trim().is_empty() || !names.insert(p.name.clone()) {
-                    return Err(format!("postbacks[{i}].name must be non-empty and unique"));
-                }
-                if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
+                if !valid_name(&p.name) || !names.insert(p.name.clone()) {
                     return Err(format!(
-                        "postbacks[{i}].url must start with http:// or https://"
+                        "postbacks[{i}].name '{}' must be unique, 1 to 64 characters of \
+                         A-Z a-z 0-9 . _ -",
+                        p.name
                     ));
                 }
-                let url = Template::parse(&p.url, MACROS)
-                    .map_err(|e| format!("postbacks[{i}].url: {e}"))?;
-                Ok(Endpoint {
-                    name: p.name.clone(),
-                    url,
-                    aff_id: p.aff_id.clone(),
-                    offer_id: p.offer_id.clone(),
-                    events: p.events.clone(),
-                    statuses: p.statuses.clone(),
-                })
+                self.compile(p, &env)
+                    .map_err(|e| format!("postbacks[{i}] ({}): {e}", p.name))
             })
             .collect()
+    }
+
+    fn compile(
+        &self,
+        p: &PostbackConfig,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Endpoint, String> {
+        if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
+            return Err("url must start with http:// or https://".into());
+        }
+        let url = Template::parse(&p.url, MACROS).map_err(|e| format!("url: {e}"))?;
+        let method = p.method.unwrap_or(if p.body.is_some() {
+            Method::Post
+        } else {
+            Method::Get
+        });
+        let body = match (&p.body, method) {
+            (Some(_), Method::Get) => {
+                return Err("a body needs method POST or PUT".into());
+            }
+            (Some(b), _) => {
+                let format = p.body_format.unwrap_or(BodyFormat::Json);
+                let t = Template::parse(b, MACROS).map_err(|e| format!("body: {e}"))?;
+                if format == BodyFormat::Json {
+                    let sample = t.render(
+                        |m| {
+                            crate::endpoint::macro_value(&sample_conversion(), m)
+                                .map(|v| std::borrow::Cow::Owned(v.into_owned()))
+                        },
+                        s2s_common::template::Encoding::JsonString,
+                    );
+                    serde_json::from_str::<serde_json::Value>(&sample).map_err(|e| {
+                        format!(
+                            "body is not JSON once its macros are filled in ({e}); put string \
+                             macros inside quotes: \"{{click_id}}\"; set body_format = \"form\" \
+                             for a form body"
+                        )
+                    })?;
+                }
+                Some((t, format))
+            }
+            (None, _) => {
+                if p.body_format.is_some() {
+                    return Err("body_format without a body".into());
+                }
+                None
+            }
+        };
+        let mut headers = Vec::new();
+        for (name, value) in &p.headers {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(format!("headers: '{name}' is not a valid header name"));
+            }
+            let lower = name.to_ascii_lowercase();
+            if lower.starts_with("webhook-") || ["host", "content-length"].contains(&lower.as_str())
+            {
+                return Err(format!(
+                    "headers: '{name}' is set by the delivery worker and cannot be configured"
+                ));
+            }
+            let t = Template::parse(value, MACROS).map_err(|e| format!("headers.{name}: {e}"))?;
+            headers.push((name.clone(), t));
+        }
+        let secret = match (&p.secret, &p.secret_env) {
+            (Some(_), Some(_)) => return Err("set secret or secret_env, not both".into()),
+            (Some(s), None) => Some(Secret::parse(s).map_err(|e| format!("secret {e}"))?),
+            (None, Some(var)) => {
+                let s = env(var).ok_or_else(|| {
+                    format!("secret_env: the environment variable {var} is not set")
+                })?;
+                Some(Secret::parse(&s).map_err(|e| format!("secret in {var} {e}"))?)
+            }
+            (None, None) => None,
+        };
+        if p.max_in_flight == Some(0) || p.timeout_ms == Some(0) {
+            return Err("max_in_flight and timeout_ms must be > 0".into());
+        }
+        Ok(Endpoint {
+            name: p.name.clone(),
+            method,
+            url,
+            body,
+            headers,
+            filter: Filter {
+                aff_id: p.aff_id.clone(),
+                offer_id: p.offer_id.clone(),
+                events: p.events.clone(),
+                statuses: p.statuses.clone(),
+                send_updates: p.send_updates,
+                update_statuses: p.update_statuses.clone(),
+            },
+            max_in_flight: p.max_in_flight.unwrap_or(self.endpoint_max_in_flight),
+            timeout: Duration::from_millis(p.timeout_ms.unwrap_or(self.request_timeout_ms)),
+            secret,
+        })
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A conversion whose values need escaping everywhere, to check body templates with.
+fn sample_conversion() -> Conversion {
+    Conversion {
+        schema_version: 1,
+        conversion_id: "c\"v\\1".into(),
+        version: 1,
+        outcome_id: "o".into(),
+        postback_id: "p".into(),
+        click_id: "c\"k".into(),
+        offer_id: "7".into(),
+        aff_id: "4\"2".into(),
+        subs: Default::default(),
+        event: "ftd".into(),
+        txn_id: Some("t\n1".into()),
+        status: "approved".into(),
+        amount: Some(Decimal::new(1999, 2)),
+        currency: Some("EUR".into()),
+        payout: Decimal::new(5000, 2),
+        payout_currency: "USD".into(),
+        click_ts_ms: 0,
+        event_ts_ms: 0,
+        attributed_at_ms: 0,
+        previous_status: None,
+        suspicious: false,
     }
 }
 
@@ -119,13 +350,36 @@ impl DeliveryConfig {
 mod tests {
     use super::*;
 
+    fn defaults() -> DeliveryConfig {
+        s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses")
+    }
+
+    fn with(p: PostbackConfig) -> Result<Vec<Endpoint>, String> {
+        let mut c = defaults();
+        c.postbacks.push(p);
+        c.validate_with_env(|v| {
+            (v == "AFF_SECRET").then(|| "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into())
+        })
+    }
+
+    fn pb(url: &str) -> PostbackConfig {
+        PostbackConfig {
+            name: "a".into(),
+            url: url.into(),
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn default_config_is_valid() {
-        let c: DeliveryConfig =
-            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+    fn default_config_is_valid_and_uses_the_svix_schedule() {
+        let c = defaults();
         assert!(
             c.validate().expect("valid").is_empty(),
             "no demo postback in defaults"
+        );
+        assert_eq!(
+            c.retry_schedule_ms,
+            [5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 36_000_000]
         );
         let local: DeliveryConfig = s2s_common::config::load(
             DEFAULT_TOML,
@@ -137,21 +391,89 @@ mod tests {
     }
 
     #[test]
-    fn unknown_macro_fails_at_start_up() {
-        let mut c: DeliveryConfig =
-            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
-        c.postbacks.push(PostbackConfig {
-            name: "a".into(),
-            url: "https://aff/pb?c={clickid}".into(),
-            aff_id: None,
-            offer_id: None,
-            events: vec![],
-            statuses: vec![],
-        });
-        let e = c.validate().err().unwrap_or_default();
-        assert!(
-            e.contains("postbacks[0].url") && e.contains("{clickid}"),
-            "{e}"
+    fn errors_name_the_key_to_fix() {
+        let cases: Vec<(PostbackConfig, &str)> = vec![
+            (pb("https://aff/pb?c={clickid}"), "{clickid}"),
+            (pb("ftp://aff/pb"), "http://"),
+            (
+                PostbackConfig {
+                    name: "bad name".into(),
+                    ..pb("https://a/")
+                },
+                "name 'bad name'",
+            ),
+            (
+                PostbackConfig {
+                    body: Some(r#"{"c":{click_id}}"#.into()),
+                    ..pb("https://a/")
+                },
+                "not JSON",
+            ),
+            (
+                PostbackConfig {
+                    body: Some("x".into()),
+                    method: Some(Method::Get),
+                    ..pb("https://a/")
+                },
+                "POST or PUT",
+            ),
+            (
+                PostbackConfig {
+                    headers: [("webhook-id".to_string(), "x".to_string())].into(),
+                    ..pb("https://a/")
+                },
+                "set by the delivery worker",
+            ),
+            (
+                PostbackConfig {
+                    headers: [("bad header".to_string(), "x".to_string())].into(),
+                    ..pb("https://a/")
+                },
+                "not a valid header name",
+            ),
+            (
+                PostbackConfig {
+                    secret: Some("whsec_!!".into()),
+                    ..pb("https://a/")
+                },
+                "secret must be whsec_",
+            ),
+            (
+                PostbackConfig {
+                    secret_env: Some("MISSING_VAR".into()),
+                    ..pb("https://a/")
+                },
+                "MISSING_VAR is not set",
+            ),
+        ];
+        for (p, expected) in cases {
+            let e = with(p).expect_err(expected);
+            assert!(e.contains("postbacks[0]") && e.contains(expected), "{e}");
+        }
+        let mut c = defaults();
+        c.finished_retention_seconds = 60;
+        let e = c.validate().expect_err("retention under the longest wait");
+        assert!(e.contains("finished_retention_seconds"), "{e}");
+    }
+
+    #[test]
+    fn a_full_postback_compiles() {
+        let eps = with(PostbackConfig {
+            body: Some(r#"{"click":"{click_id}","payout":{payout},"n":"{txn_id}"}"#.into()),
+            headers: [("X-Key".to_string(), "k-{aff_id}".to_string())].into(),
+            secret_env: Some("AFF_SECRET".into()),
+            max_in_flight: Some(3),
+            timeout_ms: Some(1500),
+            send_updates: true,
+            ..pb("https://aff.example/pb?c={click_id}")
+        })
+        .expect("valid");
+        let e = &eps[0];
+        assert_eq!(e.method, Method::Post, "a body implies POST");
+        assert_eq!(
+            (e.max_in_flight, e.timeout),
+            (3, Duration::from_millis(1500))
         );
+        assert!(e.secret.is_some() && e.filter.send_updates);
     }
 }

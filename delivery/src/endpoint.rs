@@ -1,13 +1,17 @@
-//! Outbound postbacks: which conversions an endpoint wants, the URL it gets, and how an
-//! attempt's result is classified. Pure functions, unit-tested.
+//! Outbound postbacks: which conversions an endpoint wants, the request it gets for one
+//! (method, URL, headers, body, signature), and how an attempt's result is classified.
+//! Pure functions, unit-tested.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use s2s_common::contract::{AttemptOutcome, Conversion};
 use s2s_common::ids::derived;
 use s2s_common::template::{Encoding, Template};
 
-/// Macros an affiliate postback URL may use.
+use crate::signing::{sign, Secret};
+
+/// Macros an affiliate postback (URL, body, header values) may use.
 pub const MACROS: &[&str] = &[
     "click_id",
     "aff_id",
@@ -32,42 +36,159 @@ pub const MACROS: &[&str] = &[
     "timestamp",
 ];
 
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub name: String,
-    pub url: Template,
-    pub aff_id: Option<String>,
-    pub offer_id: Option<String>,
-    pub events: Vec<String>,
-    pub statuses: Vec<String>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    Get,
+    Post,
+    Put,
 }
 
-impl Endpoint {
-    /// Whether this endpoint fires for `c`.
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+        }
+    }
+}
+
+/// How a body template's values are encoded, and the content type it is sent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyFormat {
+    /// Values JSON-escaped inside the template's strings; `application/json`.
+    Json,
+    /// Values URL-encoded; `application/x-www-form-urlencoded`.
+    Form,
+}
+
+impl BodyFormat {
+    fn encoding(self) -> Encoding {
+        match self {
+            BodyFormat::Json => Encoding::JsonString,
+            BodyFormat::Form => Encoding::UrlComponent,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            BodyFormat::Json => "application/json",
+            BodyFormat::Form => "application/x-www-form-urlencoded",
+        }
+    }
+}
+
+/// Which conversions an endpoint fires for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only this affiliate's conversions; `None`: a global postback.
+    pub aff_id: Option<String>,
+    pub offer_id: Option<String>,
+    /// Empty: every event.
+    pub events: Vec<String>,
+    /// New conversions (version 1) with these statuses; empty: any.
+    pub statuses: Vec<String>,
+    /// Whether status updates (version > 1) are sent at all.
+    pub send_updates: bool,
+    /// Updates to these statuses; empty: any.
+    pub update_statuses: Vec<String>,
+}
+
+impl Filter {
     pub fn wants(&self, c: &Conversion) -> bool {
+        let status_ok = if c.version <= 1 {
+            self.statuses.is_empty() || self.statuses.contains(&c.status)
+        } else {
+            self.send_updates
+                && (self.update_statuses.is_empty() || self.update_statuses.contains(&c.status))
+        };
         self.aff_id.as_ref().is_none_or(|a| *a == c.aff_id)
             && self.offer_id.as_ref().is_none_or(|o| *o == c.offer_id)
             && (self.events.is_empty() || self.events.contains(&c.event))
-            && (self.statuses.is_empty() || self.statuses.contains(&c.status))
-    }
-
-    /// The URL for `c`, every value URL-encoded.
-    pub fn url_for(&self, c: &Conversion) -> String {
-        self.url
-            .render(|m| macro_value(c, m), Encoding::UrlComponent)
-    }
-
-    /// Stable per (conversion, version, endpoint): the idempotency key the affiliate sees
-    /// on every attempt, including re-sends after a crash.
-    pub fn delivery_id(&self, c: &Conversion) -> String {
-        derived(
-            "delivery",
-            &[&c.conversion_id, &c.version.to_string(), &self.name],
-        )
+            && status_ok
     }
 }
 
-fn macro_value<'a>(c: &'a Conversion, name: &str) -> Option<Cow<'a, str>> {
+/// One configured outbound postback, compiled at start-up.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Unique; names the endpoint in metrics, the delivery log and the dead-letter topic.
+    pub name: String,
+    pub method: Method,
+    pub url: Template,
+    pub body: Option<(Template, BodyFormat)>,
+    /// Header name → value template (values inserted as they are).
+    pub headers: Vec<(String, Template)>,
+    pub filter: Filter,
+    /// Requests to this endpoint in flight at most.
+    pub max_in_flight: usize,
+    pub timeout: Duration,
+    /// Signs each request per Standard Webhooks when set.
+    pub secret: Option<Secret>,
+}
+
+/// A request ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Endpoint {
+    /// The request for `c`, attempt sent at `now_s` (Unix seconds): the rendered URL, body
+    /// and headers, `webhook-id` always, and the Standard Webhooks timestamp and signature
+    /// when a secret is set.
+    pub fn request(&self, c: &Conversion, delivery_id: &str, now_s: i64) -> Request {
+        let value = |m: &str| macro_value(c, m);
+        let url = self.url.render(value, Encoding::UrlComponent);
+        let mut headers: Vec<(String, String)> = Vec::with_capacity(self.headers.len() + 4);
+        let mut body = Vec::new();
+        if let Some((template, format)) = &self.body {
+            body = template.render(value, format.encoding()).into_bytes();
+            headers.push(("content-type".into(), format.content_type().into()));
+        }
+        for (name, template) in &self.headers {
+            let v = template.render(value, Encoding::Raw);
+            match headers
+                .iter_mut()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            {
+                Some(existing) => existing.1 = v,
+                None => headers.push((name.clone(), v)),
+            }
+        }
+        headers.push(("webhook-id".into(), delivery_id.to_string()));
+        if let Some(secret) = &self.secret {
+            headers.push(("webhook-timestamp".into(), now_s.to_string()));
+            headers.push((
+                "webhook-signature".into(),
+                sign(secret, delivery_id, now_s, &body),
+            ));
+        }
+        Request {
+            method: self.method,
+            url,
+            headers,
+            body,
+        }
+    }
+}
+
+/// Stable per (conversion, version, endpoint): the idempotency key the affiliate sees on
+/// every attempt (`webhook-id`), including re-sends after a crash and re-deliveries.
+pub fn delivery_id(c: &Conversion, endpoint: &str) -> String {
+    derived(
+        "delivery",
+        &[&c.conversion_id, &c.version.to_string(), endpoint],
+    )
+}
+
+/// The value of macro `name` for `c` (`None`: empty).
+pub fn macro_value<'a>(c: &'a Conversion, name: &str) -> Option<Cow<'a, str>> {
     let b = |s: &'a String| Some(Cow::Borrowed(s.as_str()));
     match name {
         "click_id" => b(&c.click_id),
@@ -95,24 +216,24 @@ pub fn classify(status: Option<u16>) -> AttemptOutcome {
     }
 }
 
-/// `2xx`, `4xx`, … or `error` for no response: a bounded metric label.
-pub fn status_class(status: Option<u16>) -> &'static str {
+/// `2xx`, `4xx`, … for an answer: a bounded metric label. Attempts without an answer are
+/// labelled by what happened instead (see [`crate::sender::Failure`]).
+pub fn status_class(status: u16) -> &'static str {
     match status {
-        Some(100..=199) => "1xx",
-        Some(200..=299) => "2xx",
-        Some(300..=399) => "3xx",
-        Some(400..=499) => "4xx",
-        Some(500..=599) => "5xx",
-        _ => "error",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rust_decimal::Decimal;
 
-    fn conv() -> Conversion {
+    pub(crate) fn conv() -> Conversion {
         Conversion {
             schema_version: 1,
             conversion_id: "cv".into(),
@@ -122,7 +243,7 @@ mod tests {
             click_id: "c 1".into(),
             offer_id: "7".into(),
             aff_id: "42".into(),
-            subs: [("sub1".to_string(), "a&b".to_string())].into(),
+            subs: [("sub1".to_string(), "a&b\"".to_string())].into(),
             event: "ftd".into(),
             txn_id: None,
             status: "approved".into(),
@@ -138,62 +259,171 @@ mod tests {
         }
     }
 
-    fn endpoint(url: &str) -> Endpoint {
+    pub(crate) fn endpoint(url: &str) -> Endpoint {
         Endpoint {
             name: "e".into(),
+            method: Method::Get,
             url: Template::parse(url, MACROS).expect("valid"),
-            aff_id: None,
-            offer_id: None,
-            events: vec![],
-            statuses: vec![],
+            body: None,
+            headers: vec![],
+            filter: Filter::default(),
+            max_in_flight: 4,
+            timeout: Duration::from_secs(1),
+            secret: None,
         }
     }
 
     #[test]
-    fn renders_every_macro_encoded() {
-        let e = endpoint("https://a/pb?c={click_id}&p={payout}&cur={currency}&s={sub1}&t={txn_id}&ts={timestamp}&amt={amount}&s9={sub9}");
+    fn renders_every_macro_url_encoded() {
+        let e = endpoint("https://a/pb?c={click_id}&p={payout}&cur={currency}&s={sub1}&t={txn_id}&ts={timestamp}&amt={amount}&s9={sub9}&cv={conversion_id}&st={status}&ev={event}&o={offer_id}&a={aff_id}");
+        let r = e.request(&conv(), "d1", 5);
         assert_eq!(
-            e.url_for(&conv()),
-            "https://a/pb?c=c%201&p=50.00&cur=USD&s=a%26b&t=&ts=1700000000&amt=19.99&s9="
+            r.url,
+            "https://a/pb?c=c%201&p=50.00&cur=USD&s=a%26b%22&t=&ts=1700000000&amt=19.99&s9=&cv=cv&st=approved&ev=ftd&o=7&a=42"
+        );
+        assert_eq!(r.method, Method::Get);
+        assert!(r.body.is_empty());
+        assert_eq!(r.headers, [("webhook-id".to_string(), "d1".to_string())]);
+    }
+
+    #[test]
+    fn json_and_form_bodies_escape_for_where_they_land() {
+        let mut e = endpoint("https://a/pb");
+        e.method = Method::Post;
+        e.body = Some((
+            Template::parse(
+                r#"{"click":"{click_id}","sub1":"{sub1}","payout":{payout}}"#,
+                MACROS,
+            )
+            .expect("valid"),
+            BodyFormat::Json,
+        ));
+        let r = e.request(&conv(), "d1", 5);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+        assert_eq!(body["sub1"], "a&b\"");
+        assert_eq!(body["payout"], serde_json::json!(50.0));
+        assert!(r
+            .headers
+            .contains(&("content-type".into(), "application/json".into())));
+
+        e.body = Some((
+            Template::parse("cid={click_id}&s={sub1}", MACROS).expect("valid"),
+            BodyFormat::Form,
+        ));
+        let r = e.request(&conv(), "d1", 5);
+        assert_eq!(String::from_utf8_lossy(&r.body), "cid=c%201&s=a%26b%22");
+        let parsed: Vec<(String, String)> = form_urlencoded::parse(&r.body).into_owned().collect();
+        assert_eq!(parsed[1], ("s".into(), "a&b\"".into()));
+        assert!(r.headers.contains(&(
+            "content-type".into(),
+            "application/x-www-form-urlencoded".into()
+        )));
+    }
+
+    #[test]
+    fn headers_are_rendered_and_may_override_the_content_type() {
+        let mut e = endpoint("https://a/pb");
+        e.body = Some((
+            Template::parse("{}", MACROS).expect("valid"),
+            BodyFormat::Json,
+        ));
+        e.headers = vec![
+            (
+                "X-Affiliate".into(),
+                Template::parse("{aff_id}", MACROS).expect("valid"),
+            ),
+            (
+                "Content-Type".into(),
+                Template::parse("application/vnd.x+json", MACROS).expect("valid"),
+            ),
+        ];
+        let r = e.request(&conv(), "d1", 5);
+        assert!(r.headers.contains(&("X-Affiliate".into(), "42".into())));
+        let ct: Vec<_> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+            .collect();
+        assert_eq!(ct.len(), 1);
+        assert_eq!(ct[0].1, "application/vnd.x+json");
+    }
+
+    #[test]
+    fn signed_requests_carry_standard_webhooks_headers() {
+        let mut e = endpoint("https://a/pb");
+        e.method = Method::Post;
+        e.body = Some((
+            Template::parse(r#"{"c":"{click_id}"}"#, MACROS).expect("valid"),
+            BodyFormat::Json,
+        ));
+        let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
+        e.secret = Some(secret.clone());
+        let r = e.request(&conv(), "d1", 1_700_000_000);
+        let h = |n: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(h("webhook-id").as_deref(), Some("d1"));
+        assert_eq!(h("webhook-timestamp").as_deref(), Some("1700000000"));
+        assert_eq!(
+            h("webhook-signature"),
+            Some(sign(&secret, "d1", 1_700_000_000, &r.body)),
+            "over id, timestamp and the exact body sent"
         );
     }
 
     #[test]
-    fn filters() {
-        let mut e = endpoint("https://a/");
-        assert!(e.wants(&conv()), "global postback fires for everything");
-        e.aff_id = Some("43".into());
-        assert!(!e.wants(&conv()));
-        e.aff_id = Some("42".into());
-        e.events = vec!["registration".into()];
-        assert!(!e.wants(&conv()));
-        e.events = vec!["ftd".into()];
-        e.statuses = vec!["approved".into()];
-        assert!(e.wants(&conv()));
+    fn filters_new_conversions_and_updates() {
+        let mut f = Filter::default();
+        let mut c = conv();
+        assert!(
+            f.wants(&c),
+            "global postback fires for every new conversion"
+        );
+        f.aff_id = Some("43".into());
+        assert!(!f.wants(&c));
+        f.aff_id = Some("42".into());
+        f.events = vec!["registration".into()];
+        assert!(!f.wants(&c));
+        f.events = vec!["ftd".into()];
+        f.statuses = vec!["approved".into()];
+        assert!(f.wants(&c));
+        f.offer_id = Some("8".into());
+        assert!(!f.wants(&c));
+        f.offer_id = None;
+
+        c.version = 2;
+        c.status = "reversed".into();
+        assert!(!f.wants(&c), "updates only when asked for");
+        f.send_updates = true;
+        assert!(f.wants(&c), "any update status when none are listed");
+        f.update_statuses = vec!["approved".into()];
+        assert!(!f.wants(&c));
+        f.update_statuses.push("reversed".into());
+        assert!(f.wants(&c));
     }
 
     #[test]
-    fn classification_and_schedule() {
+    fn classification() {
         assert_eq!(classify(Some(204)), AttemptOutcome::Delivered);
         for s in [None, Some(408), Some(429), Some(500), Some(503)] {
             assert_eq!(classify(s), AttemptOutcome::Retryable, "{s:?}");
         }
-        for s in [Some(301), Some(302), Some(400), Some(404)] {
+        for s in [Some(301), Some(302), Some(400), Some(404), Some(410)] {
             assert_eq!(classify(s), AttemptOutcome::Permanent, "{s:?}");
         }
-        assert_eq!(
-            (status_class(Some(302)), status_class(None)),
-            ("3xx", "error")
-        );
+        assert_eq!((status_class(302), status_class(503)), ("3xx", "5xx"));
     }
 
     #[test]
     fn delivery_id_is_stable_per_conversion_version_and_endpoint() {
-        let e = endpoint("https://a/");
         let mut c = conv();
-        let first = e.delivery_id(&c);
-        assert_eq!(first, e.delivery_id(&c));
+        let first = delivery_id(&c, "e");
+        assert_eq!(first, delivery_id(&c, "e"));
+        assert_ne!(first, delivery_id(&c, "f"));
         c.version = 2;
-        assert_ne!(first, e.delivery_id(&c));
+        assert_ne!(first, delivery_id(&c, "e"));
     }
 }

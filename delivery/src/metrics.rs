@@ -1,55 +1,98 @@
-//! Delivery's Prometheus metrics.
+//! Delivery's Prometheus metrics. Each event is counted in one place: restore progress in
+//! [`s2s_state::ownership`], circuit transitions where the breaker is fed, everything else
+//! in the worker after the cycle that produced the event was committed. The `endpoint`
+//! label takes configured postback names only, so it is bounded by the config.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
+use s2s_state::StateMetrics;
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// `delivery_attempts_total{endpoint, outcome, status_class}`.
+    /// `delivery_attempts_total{endpoint, outcome, status_class}`: outcome delivered,
+    /// retryable or permanent; status_class `2xx`… or, without an answer, `timeout`,
+    /// `connect_error`, `network_error`, `invalid_request`, `circuit_open`, `unconfigured`.
     pub attempts: IntCounterVec,
-    /// `delivery_attempt_duration_seconds{endpoint}`.
+    /// `delivery_attempt_duration_seconds{endpoint}`: requests actually sent.
     pub attempt_seconds: HistogramVec,
+    /// `delivery_scheduled_total{endpoint}`: new deliveries (conversion × endpoint).
+    pub scheduled: IntCounterVec,
+    /// `delivery_duplicates_total{endpoint}`: a conversion version that reached delivery
+    /// again (an upstream replay) and was not delivered twice.
+    pub duplicates: IntCounterVec,
     /// `delivery_retries_scheduled_total{endpoint}`.
     pub retries: IntCounterVec,
     /// `delivery_dead_lettered_total{endpoint}`.
     pub dead_lettered: IntCounterVec,
-    /// `delivery_attributed_to_delivered_seconds`: conversion attributed → 2xx received.
+    /// `delivery_attributed_to_delivered_seconds`: conversion decided → affiliate's 2xx.
     pub end_to_end_seconds: Histogram,
-    /// `delivery_malformed_records_total`: conversions that could not be decoded.
-    pub malformed: IntCounter,
+    /// `delivery_pending_deliveries{endpoint}`: waiting for their first attempt or a retry.
+    pub pending: IntGaugeVec,
+    /// `delivery_oldest_pending_age_seconds{endpoint}`: age of the oldest pending delivery.
+    pub oldest_pending_seconds: IntGaugeVec,
+    /// `delivery_in_flight_requests{endpoint}`.
+    pub in_flight: IntGaugeVec,
+    /// `delivery_circuit_state{endpoint, state}`: 1 for the current state, else 0.
+    pub circuit_state: IntGaugeVec,
+    /// `delivery_circuit_transitions_total{endpoint, state}`: entries into a state.
+    pub circuit_transitions: IntCounterVec,
+    /// `delivery_commands_total{action, result}`: operator commands applied.
+    pub commands: IntCounterVec,
+    /// `delivery_records_consumed_total{kind}`: conversion, command.
+    pub consumed: IntCounterVec,
+    /// `delivery_poison_records_total{kind}`: undecodable inputs set aside.
+    pub poison: IntCounterVec,
+    /// `delivery_expired_total`: finished deliveries forgotten after their retention.
+    pub expired: IntCounter,
+    /// `delivery_cycle_duration_seconds`: process, publish, wait for acks, commit.
+    pub cycle_seconds: Histogram,
+    /// `delivery_state_keys{cf}`, `delivery_state_bytes{cf}`,
+    /// `delivery_consumer_lag_records{topic}`, `delivery_partitions_owned`,
+    /// `delivery_restored_records_total`, `delivery_restoring_partitions`.
+    pub state: StateMetrics,
 }
 
 impl Metrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
         let m = Metrics {
-            attempts: IntCounterVec::new(
-                Opts::new(
-                    "delivery_attempts_total",
-                    "HTTP attempts by endpoint, outcome and status class.",
-                ),
+            attempts: counter(
+                "delivery_attempts_total",
+                "Delivery attempts by endpoint, outcome and status class (or failure without an answer).",
                 &["endpoint", "outcome", "status_class"],
             )?,
             attempt_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "delivery_attempt_duration_seconds",
-                    "Latency of one HTTP attempt.",
+                    "Latency of one HTTP attempt, connect to last body byte.",
                 )
                 .buckets(prometheus::exponential_buckets(0.001, 2.5, 12)?),
                 &["endpoint"],
             )?,
-            retries: IntCounterVec::new(
-                Opts::new(
-                    "delivery_retries_scheduled_total",
-                    "Retries scheduled after a retryable failure.",
-                ),
+            scheduled: counter(
+                "delivery_scheduled_total",
+                "New deliveries scheduled (conversion version x matching endpoint).",
                 &["endpoint"],
             )?,
-            dead_lettered: IntCounterVec::new(
-                Opts::new(
-                    "delivery_dead_lettered_total",
-                    "Deliveries sent to the dead-letter topic.",
-                ),
+            duplicates: counter(
+                "delivery_duplicates_total",
+                "Conversions that reached delivery again and were not delivered twice.",
+                &["endpoint"],
+            )?,
+            retries: counter(
+                "delivery_retries_scheduled_total",
+                "Retries scheduled after a retryable failure.",
+                &["endpoint"],
+            )?,
+            dead_lettered: counter(
+                "delivery_dead_lettered_total",
+                "Deliveries sent to the dead-letter topic.",
                 &["endpoint"],
             )?,
             end_to_end_seconds: Histogram::with_opts(
@@ -57,19 +100,78 @@ impl Metrics {
                     "delivery_attributed_to_delivered_seconds",
                     "From attribution to the affiliate's 2xx.",
                 )
-                .buckets(prometheus::exponential_buckets(0.005, 2.0, 16)?),
+                .buckets(prometheus::exponential_buckets(0.005, 2.0, 24)?),
             )?,
-            malformed: IntCounter::new(
-                "delivery_malformed_records_total",
-                "Conversion records that could not be decoded (skipped, logged with their offset).",
+            pending: gauge(
+                "delivery_pending_deliveries",
+                "Deliveries waiting for their first attempt or a retry.",
+                &["endpoint"],
             )?,
+            oldest_pending_seconds: gauge(
+                "delivery_oldest_pending_age_seconds",
+                "Age of the oldest pending delivery.",
+                &["endpoint"],
+            )?,
+            in_flight: gauge(
+                "delivery_in_flight_requests",
+                "HTTP requests in flight.",
+                &["endpoint"],
+            )?,
+            circuit_state: gauge(
+                "delivery_circuit_state",
+                "Circuit breaker state per endpoint: 1 for the current state.",
+                &["endpoint", "state"],
+            )?,
+            circuit_transitions: counter(
+                "delivery_circuit_transitions_total",
+                "Circuit breaker transitions, by the state entered.",
+                &["endpoint", "state"],
+            )?,
+            commands: counter(
+                "delivery_commands_total",
+                "Operator commands applied, by action and result.",
+                &["action", "result"],
+            )?,
+            consumed: counter(
+                "delivery_records_consumed_total",
+                "Input records by kind (after their cycle was committed).",
+                &["kind"],
+            )?,
+            poison: counter(
+                "delivery_poison_records_total",
+                "Undecodable input records set aside on the poison topic.",
+                &["kind"],
+            )?,
+            expired: IntCounter::new(
+                "delivery_expired_total",
+                "Finished deliveries forgotten after finished_retention_seconds.",
+            )?,
+            cycle_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "delivery_cycle_duration_seconds",
+                    "One cycle: process, publish, wait for acknowledgements, commit.",
+                )
+                .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
+            )?,
+            state: StateMetrics::new(registry, "delivery")?,
         };
         registry.register(Box::new(m.attempts.clone()))?;
         registry.register(Box::new(m.attempt_seconds.clone()))?;
+        registry.register(Box::new(m.scheduled.clone()))?;
+        registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.dead_lettered.clone()))?;
         registry.register(Box::new(m.end_to_end_seconds.clone()))?;
-        registry.register(Box::new(m.malformed.clone()))?;
+        registry.register(Box::new(m.pending.clone()))?;
+        registry.register(Box::new(m.oldest_pending_seconds.clone()))?;
+        registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.circuit_state.clone()))?;
+        registry.register(Box::new(m.circuit_transitions.clone()))?;
+        registry.register(Box::new(m.commands.clone()))?;
+        registry.register(Box::new(m.consumed.clone()))?;
+        registry.register(Box::new(m.poison.clone()))?;
+        registry.register(Box::new(m.expired.clone()))?;
+        registry.register(Box::new(m.cycle_seconds.clone()))?;
         Ok(m)
     }
 }

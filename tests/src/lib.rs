@@ -97,11 +97,15 @@ impl Received {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct EndpointState {
     received: Mutex<Vec<Received>>,
-    /// Statuses to answer with, in order; 200 once used up.
+    /// Statuses to answer with, in order; `status` once used up.
     script: Mutex<std::collections::VecDeque<u16>>,
+    /// The answer when the script is used up (200 unless changed).
+    status: std::sync::atomic::AtomicU16,
+    /// Wait before answering, in ms (0: at once).
+    delay_ms: std::sync::atomic::AtomicU64,
     echo: bool,
     /// Sent as `Retry-After` with every scripted non-2xx answer.
     retry_after: Option<String>,
@@ -143,10 +147,12 @@ impl TestEndpoint {
         retry_after: Option<String>,
     ) -> std::io::Result<Self> {
         let state = Arc::new(EndpointState {
+            received: Mutex::new(Vec::new()),
             script: Mutex::new(script.iter().copied().collect()),
+            status: std::sync::atomic::AtomicU16::new(200),
+            delay_ms: std::sync::atomic::AtomicU64::new(0),
             echo,
             retry_after,
-            ..Default::default()
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -182,6 +188,75 @@ impl TestEndpoint {
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default()
+    }
+
+    /// From now on answers `status` once the script is used up (503: the endpoint is
+    /// down; 200: it is back).
+    pub fn set_status(&self, status: u16) {
+        self.state
+            .status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on waits `delay` before each answer (past the client's timeout: the
+    /// endpoint times out).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+/// A TCP listener that accepts connections and never answers: a hung endpoint.
+#[derive(Debug)]
+pub struct SilentEndpoint {
+    addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+impl SilentEndpoint {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let shutdown = CancellationToken::new();
+        let (count, stop) = (accepted.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    conn = listener.accept() => if let Ok((socket, _)) = conn {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        held.push(socket);
+                    },
+                }
+            }
+        });
+        SilentEndpoint {
+            addr,
+            accepted,
+            shutdown,
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentEndpoint {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
@@ -221,12 +296,16 @@ async fn record(
     if let Ok(mut v) = state.received.lock() {
         v.push(r);
     }
+    let delay = state.delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await; // the endpoint is slow
+    }
     let status = state
         .script
         .lock()
         .ok()
         .and_then(|mut s| s.pop_front())
-        .unwrap_or(200);
+        .unwrap_or_else(|| state.status.load(std::sync::atomic::Ordering::SeqCst));
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut headers = HeaderMap::new();
     if let (false, Some(ra)) = (status.is_success(), &state.retry_after) {
@@ -393,20 +472,59 @@ pub fn attributor_config(
     ac
 }
 
-/// An attributor running in this process until [`RunningAttributor::stop`].
-pub struct RunningAttributor {
+/// A service running in this process until [`Running::stop`].
+pub struct Running<E> {
     pub admin: SocketAddr,
     stop: CancellationToken,
-    task: JoinHandle<Result<(), s2s_attributor::AttributorError>>,
+    task: JoinHandle<Result<(), E>>,
 }
 
-impl std::fmt::Debug for RunningAttributor {
+impl<E> std::fmt::Debug for Running<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningAttributor")
+        f.debug_struct("Running")
             .field("admin", &self.admin)
             .finish()
     }
 }
+
+impl<E: std::fmt::Debug + Send + 'static> Running<E> {
+    /// Runs `run` (a bound service's `run`) on a task, stopped by [`Running::stop`].
+    pub fn spawn<F>(admin: SocketAddr, run: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(stop.clone()));
+        Running { admin, stop, task }
+    }
+
+    /// Stops it and checks that it stopped cleanly.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the service stops within 30 s")
+            .expect("join")
+            .expect("the service stops cleanly");
+    }
+
+    /// Waits until it stops on its own, which must be with an error.
+    pub async fn failure(self, timeout: Duration) -> E {
+        tokio::time::timeout(timeout, self.task)
+            .await
+            .expect("the service stops on its own")
+            .expect("join")
+            .expect_err("the service stops with an error")
+    }
+
+    /// A series from its `/metrics` (`name{labels}` exactly as shown), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric(self.admin, series).await.unwrap_or(0.0)
+    }
+}
+
+pub type RunningAttributor = Running<s2s_attributor::AttributorError>;
+pub type RunningDelivery = Running<s2s_delivery::DeliveryError>;
 
 impl RunningAttributor {
     pub async fn start(config: s2s_attributor::AttributorConfig) -> Self {
@@ -414,28 +532,50 @@ impl RunningAttributor {
             .await
             .expect("the attributor starts");
         let admin = attributor.admin_addr().expect("admin address");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(attributor.run(stop.clone()));
-        RunningAttributor { admin, stop, task }
+        Running::spawn(admin, |stop| attributor.run(stop))
     }
+}
 
-    /// Stops it and checks that it stopped cleanly.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        self.task
+impl RunningDelivery {
+    pub async fn start(config: s2s_delivery::DeliveryConfig) -> Self {
+        let delivery = s2s_delivery::Delivery::bind(config)
             .await
-            .expect("join")
-            .expect("the attributor stops cleanly");
+            .expect("delivery starts");
+        let admin = delivery.admin_addr().expect("admin address");
+        Running::spawn(admin, |stop| delivery.run(stop))
     }
+}
 
-    /// Waits until it stops on its own, which must be with an error.
-    pub async fn failure(self, timeout: Duration) -> s2s_attributor::AttributorError {
-        tokio::time::timeout(timeout, self.task)
-            .await
-            .expect("the attributor stops on its own")
-            .expect("join")
-            .expect_err("the attributor stops with an error")
-    }
+/// Delivery's defaults pointed at the test broker and `topics`, admin on port 0, state in
+/// `state_dir`, short retries (50 ms, 50 ms), and `postbacks` as global GET postbacks
+/// `(name, url template)`.
+pub fn delivery_config(
+    topics: &TopicsConfig,
+    state_dir: &std::path::Path,
+    postbacks: &[(String, String)],
+) -> s2s_delivery::DeliveryConfig {
+    let mut dc: s2s_delivery::DeliveryConfig =
+        s2s_common::config::load(s2s_delivery::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
+            .expect("delivery defaults");
+    dc.admin_listen = any_port();
+    dc.kafka = kafka();
+    dc.topics = topics.clone();
+    dc.group_id = unique("delivery");
+    dc.state_dir = state_dir.to_path_buf();
+    dc.request_timeout_ms = 2000;
+    dc.retry_schedule_ms = vec![50, 50];
+    dc.commit_interval_ms = 20;
+    dc.rocksdb.block_cache_bytes = 16 << 20;
+    dc.rocksdb.write_buffer_bytes = 8 << 20;
+    dc.postbacks = postbacks
+        .iter()
+        .map(|(name, url)| s2s_delivery::config::PostbackConfig {
+            name: name.clone(),
+            url: url.clone(),
+            ..Default::default()
+        })
+        .collect();
+    dc
 }
 
 /// Reads a counter or gauge from a Prometheus text page (`name{labels}` exactly as shown).
@@ -593,27 +733,8 @@ impl Pipeline {
             },
         );
 
-        let mut dc: s2s_delivery::DeliveryConfig =
-            s2s_common::config::load(s2s_delivery::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
-                .expect("delivery defaults");
-        dc.admin_listen = any_port();
-        dc.kafka = kafka();
-        dc.topics = topics.clone();
-        dc.group_id = unique("delivery");
-        dc.request_timeout_ms = 2000;
+        let mut dc = delivery_config(&topics, &state.path().join("delivery"), &opts.postbacks);
         dc.retry_schedule_ms = opts.retry_schedule_ms.clone();
-        dc.postbacks = opts
-            .postbacks
-            .iter()
-            .map(|(name, url)| s2s_delivery::config::PostbackConfig {
-                name: name.clone(),
-                url: url.clone(),
-                aff_id: None,
-                offer_id: None,
-                events: vec![],
-                statuses: vec![],
-            })
-            .collect();
 
         let ingest = s2s_ingest::Ingest::bind(ingest_config(&topics))
             .await

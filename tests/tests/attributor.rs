@@ -342,7 +342,7 @@ fn spawn_attributor(config: &Path, log: &Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_attributor-under-test"))
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "warn,s2s_attributor::ownership=info")
+        .env("RUST_LOG", "warn,s2s_state::ownership=info")
         .env("S2S_LOG_FORMAT", "json")
         .stdout(Stdio::from(log))
         .kill_on_drop(true)
@@ -373,25 +373,7 @@ fn child_config(topics: &TopicsConfig, state: &Path) -> String {
         state.join("state").display(),
         s2s_tests::brokers()
     );
-    let named = [
-        ("clicks", &topics.clicks),
-        ("postbacks", &topics.postbacks),
-        ("conversions", &topics.conversions),
-        ("rejections", &topics.rejections),
-        ("delivery_log", &topics.delivery_log),
-        ("dead_letter", &topics.dead_letter),
-        ("poison", &topics.poison),
-        ("changelog", &topics.changelog),
-    ];
-    for (key, t) in named {
-        toml.push_str(&format!(
-            "[topics.{key}]\nname = \"{}\"\npartitions = {}\nreplication_factor = 1\n",
-            t.name, t.partitions
-        ));
-        for (k, v) in &t.config {
-            toml.push_str(&format!("config.\"{k}\" = \"{v}\"\n"));
-        }
-    }
+    toml.push_str(&topics.to_toml());
     toml
 }
 

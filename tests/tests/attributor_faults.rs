@@ -175,7 +175,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
         let store = open_store(state.path());
         assert_eq!(store.offset(&topics.postbacks.name).expect("offset"), None);
         store
-            .journal()
+            .journal::<s2s_attributor::store::Journal>()
             .expect("read")
             .expect("journal of the failed cycle")
     };

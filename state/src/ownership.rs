@@ -1,11 +1,11 @@
-//! Partition ownership. When the group assigns a partition, the consumer context opens the
-//! partition's store, brings it up to date from the changelog topic (nothing to read when
+//! Partition ownership for a stateful consumer. When the group assigns a partition, the
+//! consumer context opens the partition's store, brings it up to date from the changelog topic (nothing to read when
 //! the local store is current; everything after the store's changelog position when another
 //! instance owned the partition meanwhile, or when the store is new), and starts
 //! consumption at the input offsets committed *with the state*: the store is the truth,
 //! the group's committed offsets only serve lag monitoring. It also keeps the high
-//! watermarks that librdkafka's statistics report, which tell the timer whether a
-//! partition's clicks are caught up.
+//! watermarks that librdkafka's statistics report (consumer lag; the attributor's timer
+//! asks whether a partition's clicks are caught up).
 //!
 //! The restore runs inside the rebalance callback, so consumption of every partition waits
 //! for it; it must finish within `max.poll.interval.ms` (librdkafka default 300 s), which
@@ -25,7 +25,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use s2s_common::kafka::KafkaConfig;
 
-use crate::store::{Store, StoreSet};
+use crate::store::{Family, Store, StoreSet};
 
 /// Changelog records applied per RocksDB batch during a restore.
 const RESTORE_BATCH: usize = 10_000;
@@ -36,45 +36,51 @@ pub struct Changelog {
     pub kafka: KafkaConfig,
     pub group_id: String,
     pub topic: String,
-    /// `attributor_restored_records_total`.
+    /// `<component>_restored_records_total`.
     pub restored: IntCounter,
-    /// `attributor_restoring_partitions`.
+    /// `<component>_restoring_partitions`.
     pub restoring: IntGauge,
 }
 
 /// The partitions this instance owns and their open stores.
 #[derive(Debug)]
-pub struct Ownership {
-    stores: StoreSet,
-    inputs: [String; 2],
+pub struct Ownership<F: Family> {
+    stores: StoreSet<F>,
+    /// The co-partitioned input topics whose partition N is state partition N.
+    inputs: Vec<String>,
     changelog: Changelog,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<F>>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
+#[derive(Debug)]
+struct Inner<F: Family> {
     /// Stores stay open once opened: an eager rebalance revokes and re-assigns mostly the
     /// same partitions, and RocksDB refuses a second open of a directory in one process.
-    open: BTreeMap<i32, Arc<Store>>,
+    open: BTreeMap<i32, Arc<Store<F>>>,
     assigned: BTreeSet<i32>,
     high: BTreeMap<(String, i32), i64>,
     failure: Option<String>,
 }
 
-impl Ownership {
-    /// `inputs`: the clicks and postbacks topics, co-partitioned.
-    pub fn new(stores: StoreSet, inputs: [String; 2], changelog: Changelog) -> Self {
+impl<F: Family> Ownership<F> {
+    /// `inputs`: the input topics, co-partitioned.
+    pub fn new(stores: StoreSet<F>, inputs: Vec<String>, changelog: Changelog) -> Self {
         Ownership {
             stores,
             inputs,
             changelog,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                open: BTreeMap::new(),
+                assigned: BTreeSet::new(),
+                high: BTreeMap::new(),
+                failure: None,
+            }),
         }
     }
 
     /// Applies the changelog of `partition` from the store's changelog position to its end;
     /// returns the number of records applied.
-    fn restore(&self, store: &Store, partition: i32) -> Result<u64, String> {
+    fn restore(&self, store: &Store<F>, partition: i32) -> Result<u64, String> {
         let c = &self.changelog;
         let from = store
             .offset(&c.topic)
@@ -140,7 +146,7 @@ impl Ownership {
         result
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<F>> {
         // A panic while holding the lock cannot leave `Inner` half-updated in a way that
         // matters more than stopping would; keep going with what is there.
         self.inner
@@ -149,7 +155,7 @@ impl Ownership {
     }
 
     /// The partitions owned now, with their stores.
-    pub fn assigned(&self) -> Vec<(i32, Arc<Store>)> {
+    pub fn assigned(&self) -> Vec<(i32, Arc<Store<F>>)> {
         let inner = self.lock();
         inner
             .assigned
@@ -254,9 +260,9 @@ impl ConsumerContext for RestoreContext {}
 
 /// The consumer's context: ownership on rebalance, watermarks from statistics.
 #[derive(Debug, Clone)]
-pub struct OwnershipContext(pub Arc<Ownership>);
+pub struct OwnershipContext<F: Family>(pub Arc<Ownership<F>>);
 
-impl ClientContext for OwnershipContext {
+impl<F: Family> ClientContext for OwnershipContext<F> {
     fn stats(&self, statistics: Statistics) {
         self.0.on_stats(&statistics);
     }
@@ -266,7 +272,7 @@ impl ClientContext for OwnershipContext {
     }
 }
 
-impl ConsumerContext for OwnershipContext {
+impl<F: Family> ConsumerContext for OwnershipContext<F> {
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,

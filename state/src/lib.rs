@@ -1,0 +1,23 @@
+//! State for the pipeline's stateful consumers (the attributor's join, delivery's
+//! schedule), the Kafka Streams way without the JVM: one RocksDB store per input
+//! partition ([`store`]), its changes logged to a compacted changelog topic (partition N
+//! for input partition N), and partition ownership that opens, restores and positions a
+//! partition's store when the consumer group assigns it ([`ownership`]).
+//!
+//! The store is the source of truth for a partition's input offsets: they are committed in
+//! the same atomic write batch as the state they produced, so after a crash the store is
+//! exactly as of its last commit and no restore is needed; the changelog only serves a
+//! partition that moves to another instance, or a lost disk.
+
+pub mod input;
+pub mod metrics;
+pub mod ownership;
+pub mod store;
+
+pub use input::Positions;
+pub use metrics::StateMetrics;
+pub use ownership::{Changelog, Ownership, OwnershipContext};
+pub use store::{
+    changelog_key, expired, stamp, stamped, unstamped, Entries, Family, Limits, RocksConfig,
+    Staged, Store, StoreError, StoreSet,
+};
