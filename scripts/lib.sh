@@ -28,6 +28,18 @@ ensure_system_deps() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# promtool, for the checks of deploy/prometheus and of the services' /metrics pages: from
+# Debian's prometheus package (which also brings a Prometheus server; it is not started).
+ensure_promtool() {
+  command -v promtool >/dev/null && return 0
+  log "installing Debian package prometheus (for promtool)"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+  command -v promtool >/dev/null || die "promtool is still missing after installing prometheus"
+}
+
 ensure_rust_tools() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
   if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then

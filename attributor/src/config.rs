@@ -254,6 +254,21 @@ mod tests {
         )
         .expect("the local-run overlay parses");
         let rules = local.validate().expect("valid");
+        for path in [
+            "../deploy/compose/attributor.toml",
+            "../deploy/k8s/config/attributor.toml",
+        ] {
+            let mut c: AttributorConfig =
+                s2s_common::config::load(DEFAULT_TOML, Some(Path::new(path)), "S2S_TEST_UNUSED__")
+                    .unwrap_or_else(|e| panic!("{path}: {e}"));
+            // A StatefulSet pod's name; compose sets transactional_id itself.
+            let id = c.transactional_id_on(Some("attributor-0".into()));
+            c.transactional_id = id.expect("a transactional id");
+            let deployed = c.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(c.processing_guarantee, Guarantee::ExactlyOnce, "{path}");
+            assert!(deployed.offers.contains_key("1"), "{path}");
+            assert_eq!(c.state_dir, Path::new("/var/lib/s2s/state"), "{path}");
+        }
         assert_eq!(
             rules
                 .offers

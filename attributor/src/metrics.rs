@@ -91,6 +91,20 @@ impl Metrics {
                 &["result"],
             )?,
         };
+        // Every bounded label value starts at 0, so that rate() sees the first event and
+        // dashboards show a zero rather than no data.
+        for result in ["committed", "aborted"] {
+            m.transactions.with_label_values(&[result]);
+        }
+        m.outcomes.with_label_values(&["attributed", "none"]);
+        m.outcomes.with_label_values(&["updated", "none"]);
+        for reason in s2s_common::contract::RejectReason::ALL {
+            m.outcomes.with_label_values(&["rejected", reason.as_str()]);
+        }
+        for kind in ["click", "postback"] {
+            m.consumed.with_label_values(&[kind]);
+            m.poison.with_label_values(&[kind]);
+        }
         registry.register(Box::new(m.transactions.clone()))?;
         registry.register(Box::new(m.consumed.clone()))?;
         registry.register(Box::new(m.outcomes.clone()))?;

@@ -391,6 +391,31 @@ mod tests {
     }
 
     #[test]
+    fn deployment_overlays_are_valid() {
+        for path in [
+            "../deploy/compose/delivery.toml",
+            "../deploy/k8s/config/delivery.toml",
+        ] {
+            let c: DeliveryConfig =
+                s2s_common::config::load(DEFAULT_TOML, Some(Path::new(path)), "S2S_TEST_UNUSED__")
+                    .unwrap_or_else(|e| panic!("{path}: {e}"));
+            let secret = |v: &str| {
+                (v == "ACME_WEBHOOK_SECRET")
+                    .then(|| "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into())
+            };
+            let endpoints = c
+                .validate_with_env(secret)
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(endpoints.len(), 1, "{path}");
+            assert_eq!(c.state_dir, Path::new("/var/lib/s2s/state"), "{path}");
+            assert!(
+                !c.topics.create,
+                "{path}: topics are managed with the cluster"
+            );
+        }
+    }
+
+    #[test]
     fn errors_name_the_key_to_fix() {
         let cases: Vec<(PostbackConfig, &str)> = vec![
             (pb("https://aff/pb?c={clickid}"), "{clickid}"),

@@ -175,8 +175,18 @@ impl<'a> Worker<'a> {
     }
 
     pub(crate) async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), DeliveryError> {
+        let m = &self.d.metrics;
         for ep in self.d.endpoints.iter() {
-            set_circuit_gauge(&self.d.metrics, &ep.name, State::Closed);
+            set_circuit_gauge(m, &ep.name, State::Closed);
+            // Counters of every configured endpoint start at 0, so that rate() sees the
+            // first event and dashboards show a zero rather than no data.
+            for counter in [&m.scheduled, &m.duplicates, &m.retries, &m.dead_lettered] {
+                counter.with_label_values(&[&ep.name]);
+            }
+        }
+        for kind in ["conversion", "command"] {
+            m.consumed.with_label_values(&[kind]);
+            m.poison.with_label_values(&[kind]);
         }
         loop {
             let stopping = self.gather(shutdown).await;

@@ -303,6 +303,32 @@ mod tests {
     }
 
     #[test]
+    fn deployment_overlays_are_valid() {
+        let load = |path: &str| -> IngestConfig {
+            s2s_common::config::load(DEFAULT_TOML, Some(Path::new(path)), "S2S_TEST_UNUSED__")
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let compose = load("../deploy/compose/ingest.toml");
+        assert!(compose.validate().expect("valid").offers.contains_key("1"));
+        assert!(
+            !compose.topics.create,
+            "compose creates the topics in kafka-init"
+        );
+        let mut k8s = load("../deploy/k8s/config/ingest.toml");
+        assert!(
+            k8s.validate().is_err(),
+            "the token comes from the Secret, not the file"
+        );
+        if let Some(s) = k8s.sources.get_mut("acme") {
+            s.token = Some("a-token-from-the-secret".into());
+        }
+        let compiled = k8s
+            .validate()
+            .expect("valid with the token from the Secret");
+        assert!(compiled.sources.contains_key("acme"));
+    }
+
+    #[test]
     fn bad_offer_macro_names_the_key() {
         let mut c: IngestConfig =
             s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
