@@ -92,7 +92,7 @@ async fn dead_endpoint() -> anyhow::Result<SocketAddr> {
 }
 
 /// User plus system CPU seconds of process `pid` so far.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) in parentheses.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();

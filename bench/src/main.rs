@@ -5,7 +5,8 @@
 //!   generator in one run, prints both and their ratio, then measures the subject's latency
 //!   at half its maximum rate;
 //! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`);
-//! - `delivery`: the delivery benchmark (see `delivery.rs`).
+//! - `delivery`: the delivery benchmark (see `delivery.rs`);
+//! - `e2e`: the whole pipeline, end to end (see `e2e.rs`).
 //!
 //! The load generator keeps `--connections` HTTP/1.1 keep-alive connections busy (closed
 //! loop) for the throughput figure. For latency it sends at a fixed rate (open loop) and
@@ -14,6 +15,7 @@
 
 mod attributor;
 mod delivery;
+mod e2e;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -120,6 +122,26 @@ enum Cmd {
         #[arg(long, default_value_t = 0.95)]
         goal: f64,
     },
+    /// The whole pipeline: sustained postbacks/s, latency at half that rate.
+    E2e {
+        #[arg(long)]
+        brokers: String,
+        /// Where the release ingest, attributor and delivery binaries are.
+        #[arg(long)]
+        bins: std::path::PathBuf,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Postbacks of the throughput phase.
+        #[arg(long, default_value_t = 100_000)]
+        postbacks: u64,
+        /// Seconds of the latency phase.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 0.95)]
+        goal: f64,
+    },
 }
 
 #[tokio::main]
@@ -155,6 +177,15 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Cmd::E2e {
+            brokers,
+            bins,
+            dir,
+            postbacks,
+            seconds,
+            connections,
+            goal,
+        } => e2e::run(brokers, &bins, &dir, postbacks, seconds, connections, goal).await,
         Cmd::Compare {
             name,
             baseline,

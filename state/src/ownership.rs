@@ -30,6 +30,10 @@ use crate::store::{Family, Store, StoreSet};
 /// Changelog records applied per RocksDB batch during a restore.
 const RESTORE_BATCH: usize = 10_000;
 
+/// A restore that reads nothing for this long (the broker unreachable, say) gives up and
+/// stops the service; shorter interruptions are waited out (librdkafka reconnects).
+const RESTORE_STALL: Duration = Duration::from_secs(60);
+
 /// Where a partition's state is rebuilt from.
 #[derive(Debug)]
 pub struct Changelog {
@@ -100,9 +104,11 @@ impl<F: Family> Ownership<F> {
         let mut batch = Vec::new();
         let mut applied = 0u64;
         let mut next = from;
+        let mut progress_at = Instant::now();
         let result = loop {
             match consumer.poll(Duration::from_secs(1)) {
                 Some(Ok(m)) => {
+                    progress_at = Instant::now();
                     batch.push((
                         m.key().unwrap_or_default().to_vec(),
                         m.payload().map(<[u8]>::to_vec),
@@ -128,7 +134,19 @@ impl<F: Family> Ownership<F> {
                     }
                     break Ok(applied);
                 }
-                Some(Err(e)) => break Err(format!("reading the changelog: {e}")),
+                // A broker restarting or a connection lost: librdkafka reconnects and
+                // the read goes on (the restore consumer's context logs the error).
+                Some(Err(e)) if progress_at.elapsed() >= RESTORE_STALL => {
+                    break Err(format!(
+                        "reading the changelog: nothing read for {RESTORE_STALL:?}, last error: {e}"
+                    ))
+                }
+                Some(Err(_)) => {}
+                None if progress_at.elapsed() >= RESTORE_STALL => {
+                    break Err(format!(
+                        "reading the changelog: nothing read for {RESTORE_STALL:?} (is the broker reachable?)"
+                    ))
+                }
                 None => {}
             }
         };

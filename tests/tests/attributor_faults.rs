@@ -14,28 +14,20 @@
 
 use std::time::Duration;
 
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use s2s_attributor::store::{Store, StoreLimits};
 use s2s_attributor::{AttributorConfig, Guarantee};
 use s2s_common::topics::TopicsConfig;
-use s2s_tests::{attributor_config, metric, poll_until, topics, RunningAttributor, TopicReader};
+use s2s_tests::{
+    attributor_config, metric, poll_until, topics, Mock, RunningAttributor, TopicReader,
+};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-type Mock = MockCluster<'static, DefaultProducerContext>;
-
 /// A one-broker mock with the pipeline's topics (one partition each) created on it.
 fn mock() -> (Mock, TopicsConfig) {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let mut topics = topics(1);
-    topics.create = false;
-    for t in topics.all() {
-        mock.create_topic(&t.name, t.partitions, 1).expect("topic");
-    }
-    (mock, topics)
+    s2s_tests::mock_with_topics(1)
 }
 
 fn config_on(mock: &Mock, topics: &TopicsConfig, state: &std::path::Path) -> AttributorConfig {

@@ -6,11 +6,9 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use s2s_common::contract::Postback;
 use s2s_common::topics::TopicsConfig;
-use s2s_tests::{http, ingest_config, poll_until, topics, IngestHandle, TopicReader};
+use s2s_tests::{http, ingest_config, poll_until, IngestHandle, Mock, TopicReader};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -22,20 +20,13 @@ async fn status(url: &str) -> u16 {
     }
 }
 
-type Mock = MockCluster<'static, DefaultProducerContext>;
-
 /// Ingest on a one-broker MockCluster, once ready. The mock answers no CreateTopics, so
 /// the topics are created on it here, as an operator managing topics elsewhere would.
 async fn start_on_mock(
     produce_timeout_ms: u64,
     queue_max_messages: Option<u32>,
 ) -> (Mock, TopicsConfig, IngestHandle) {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let mut topics = topics(1);
-    topics.create = false;
-    for t in topics.all() {
-        mock.create_topic(&t.name, t.partitions, 1).expect("topic");
-    }
+    let (mock, topics) = s2s_tests::mock_with_topics(1);
     let mut c = ingest_config(&topics);
     c.kafka.bootstrap_servers = mock.bootstrap_servers();
     c.produce_timeout_ms = produce_timeout_ms;
