@@ -12,7 +12,8 @@
 //!    `duplicate` rejections of attempts that may have been stored twice (a retried 503
 //!    or lost answer, counted by the load generator);
 //! 3. every attributed conversion and update reached each endpoint configured for it
-//!    (by `webhook-id`) or the dead-letter topic.
+//!    (by `webhook-id`) or the dead-letter topic;
+//! 4. nothing was set aside as undecodable (the poison topic stays empty).
 //!
 //! [`check`] is pure; [`Watcher`] reads the topics incrementally.
 
@@ -112,6 +113,8 @@ pub struct Observed {
     pub dead_lettered: BTreeSet<String>,
     /// `webhook-id` → requests the endpoints received with it.
     pub received: HashMap<String, usize>,
+    /// Records set aside as undecodable (the load generator sends none).
+    pub poison: usize,
 }
 
 /// The verdict.
@@ -163,6 +166,12 @@ pub fn check(ledger: &[Entry], observed: &Observed, endpoints: &[Endpoint]) -> R
         postbacks: ledger.len(),
         ..Report::default()
     };
+    if observed.poison > 0 {
+        r.violations.push(format!(
+            "{} records on the poison topic: input the services could not decode",
+            observed.poison
+        ));
+    }
     // 1. One outcome per postback, repeats identical.
     let mut by_postback: BTreeMap<&str, Vec<&Outcome>> = BTreeMap::new();
     for o in &observed.outcomes {
@@ -261,7 +270,7 @@ pub fn check(ledger: &[Entry], observed: &Observed, endpoints: &[Endpoint]) -> R
     r
 }
 
-/// Reads the conversions, rejections and dead-letter topics from the beginning, a little
+/// Reads the conversions, rejections, dead-letter and poison topics from the beginning, a little
 /// more at each [`Watcher::poll`], outside any consumer group.
 pub struct Watcher {
     consumer: BaseConsumer,
@@ -280,7 +289,12 @@ impl Watcher {
         let group = format!("s2s-verify-{}", s2s_common::ids::new_ulid());
         let consumer: BaseConsumer = kafka.consumer_config(&group).create()?;
         let mut tpl = TopicPartitionList::new();
-        for t in [&topics.conversions, &topics.rejections, &topics.dead_letter] {
+        for t in [
+            &topics.conversions,
+            &topics.rejections,
+            &topics.dead_letter,
+            &topics.poison,
+        ] {
             for p in 0..t.partitions {
                 tpl.add_partition_offset(&t.name, p, Offset::Beginning)?;
             }
@@ -330,6 +344,8 @@ fn take(topics: &TopicsConfig, observed: &mut Observed, m: &rdkafka::message::Bo
             Ok(rj) => observed.outcomes.push(Outcome::from_rejection(&rj)),
             Err(e) => bad(&e),
         }
+    } else if topic == topics.poison.name {
+        observed.poison += 1;
     } else {
         match contract::decode::<DeadLetter>(payload) {
             Ok(d) => {
@@ -489,6 +505,17 @@ mod tests {
         let r = check(&ledger, &Observed::default(), &[]);
         assert_eq!(r.missing.len(), 1);
         assert!(!r.ok());
+
+        let poisoned = Observed {
+            outcomes: vec![conversion("p1", 1, "approved", 10)],
+            poison: 2,
+            ..Observed::default()
+        };
+        let r = check(&ledger, &poisoned, &[]);
+        assert!(
+            r.violations[0].contains("2 records on the poison topic"),
+            "{r:?}"
+        );
     }
 
     #[test]
