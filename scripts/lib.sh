@@ -40,6 +40,20 @@ ensure_promtool() {
   command -v promtool >/dev/null || die "promtool is still missing after installing prometheus"
 }
 
+# Headless Chromium and its WebDriver, for the console's browser test: Debian's chromium
+# and chromium-driver (the test drives /usr/bin/chromium through /usr/bin/chromedriver).
+ensure_chromium() {
+  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && return 0
+  log "installing Debian packages chromium and chromium-driver (for the console's browser test)"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    chromium chromium-driver
+  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] ||
+    die "chromium or chromedriver is still missing after installing them"
+}
+
 ensure_rust_tools() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
   if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then

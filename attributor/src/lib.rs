@@ -142,11 +142,11 @@ impl Attributor {
                 config.topics.clicks.name.clone(),
                 config.topics.postbacks.name.clone(),
             ],
-            metrics.state.changelog(
+            Some(metrics.state.changelog(
                 &config.kafka,
                 &config.group_id,
                 &config.topics.changelog.name,
-            ),
+            )),
         ));
         let consumer: Consumer_ = config
             .kafka

@@ -45,7 +45,7 @@ fn random_token(len: usize) -> String {
 
 /// A click as an affiliate network sees them: a ULID, one of 50 offers, one of 5 000
 /// affiliates, two sub IDs of typical length, a browser's user agent.
-fn realistic_click(ts_ms: i64) -> Click {
+pub(crate) fn realistic_click(ts_ms: i64) -> Click {
     Click {
         schema_version: 1,
         click_id: ulid::Ulid::new().to_string(),
@@ -226,14 +226,14 @@ async fn raw_loop(
 }
 
 /// Sums every series of `name` on a Prometheus text page.
-fn metric_sum(page: &str, name: &str) -> f64 {
+pub(crate) fn metric_sum(page: &str, name: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
 }
 
-async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let url = format!("http://{addr}/metrics");
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();

@@ -14,6 +14,7 @@
 //! server instead of silently lowering the rate (no coordinated omission).
 
 mod attributor;
+mod console;
 mod delivery;
 mod e2e;
 
@@ -122,6 +123,28 @@ enum Cmd {
         #[arg(long, default_value_t = 0.95)]
         goal: f64,
     },
+    /// The console: read-model ingest against a raw consumer, and click-story lookups
+    /// with millions of records loaded.
+    Console {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Clicks whose stories (five records each) go through Kafka for the ingest part.
+        #[arg(long, default_value_t = 40_000)]
+        clicks: u64,
+        /// Records in the read model for the lookup part.
+        #[arg(long, default_value_t = 10_000_000)]
+        story_records: u64,
+        #[arg(long, default_value_t = 20_000)]
+        lookups: usize,
+        /// Goal for read-model ingest / raw consume.
+        #[arg(long, default_value_t = 0.5)]
+        goal: f64,
+        /// Goal for the story lookup's p99, milliseconds.
+        #[arg(long, default_value_t = 10.0)]
+        p99_goal_ms: f64,
+    },
     /// The whole pipeline: sustained postbacks/s, latency at half that rate.
     E2e {
         #[arg(long)]
@@ -174,6 +197,26 @@ async fn main() -> anyhow::Result<()> {
                 partitions,
                 per_core_goal,
                 goal,
+            )
+            .await
+        }
+        Cmd::Console {
+            brokers,
+            dir,
+            clicks,
+            story_records,
+            lookups,
+            goal,
+            p99_goal_ms,
+        } => {
+            console::run(
+                brokers,
+                &dir,
+                clicks,
+                story_records,
+                lookups,
+                goal,
+                p99_goal_ms,
             )
             .await
         }

@@ -38,7 +38,7 @@ use rdkafka::producer::FutureProducer;
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{Admin, BindError};
-use s2s_state::{Limits, Ownership, OwnershipContext, StoreError};
+use s2s_state::{Ownership, OwnershipContext, StoreError};
 use tokio_util::sync::CancellationToken;
 
 pub use config::DeliveryConfig;
@@ -113,14 +113,7 @@ impl Delivery {
         })?;
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
-        let stores = StoreSet::new(
-            &config.state_dir,
-            Limits {
-                block_cache_bytes: config.rocksdb.block_cache_bytes,
-                write_buffer_bytes: config.rocksdb.write_buffer_bytes,
-                retention_ms: Vec::new(),
-            },
-        );
+        let stores = StoreSet::new(&config.state_dir, config.rocksdb.limits());
         let topics = &config.topics;
         let ownership = Arc::new(Ownership::new(
             stores,
@@ -128,11 +121,11 @@ impl Delivery {
                 topics.conversions.name.clone(),
                 topics.delivery_commands.name.clone(),
             ],
-            metrics.state.changelog(
+            Some(metrics.state.changelog(
                 &config.kafka,
                 &config.group_id,
                 &topics.delivery_changelog.name,
-            ),
+            )),
         ));
         let consumer: Consumer_ = config
             .kafka

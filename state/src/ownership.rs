@@ -52,7 +52,9 @@ pub struct Ownership<F: Family> {
     stores: StoreSet<F>,
     /// The co-partitioned input topics whose partition N is state partition N.
     inputs: Vec<String>,
-    changelog: Changelog,
+    /// `None` for a store derived from its inputs alone (a read model): a partition new to
+    /// this instance is rebuilt by reading its inputs from the start.
+    changelog: Option<Changelog>,
     inner: Mutex<Inner<F>>,
 }
 
@@ -68,7 +70,7 @@ struct Inner<F: Family> {
 
 impl<F: Family> Ownership<F> {
     /// `inputs`: the input topics, co-partitioned.
-    pub fn new(stores: StoreSet<F>, inputs: Vec<String>, changelog: Changelog) -> Self {
+    pub fn new(stores: StoreSet<F>, inputs: Vec<String>, changelog: Option<Changelog>) -> Self {
         Ownership {
             stores,
             inputs,
@@ -85,7 +87,9 @@ impl<F: Family> Ownership<F> {
     /// Applies the changelog of `partition` from the store's changelog position to its end;
     /// returns the number of records applied.
     fn restore(&self, store: &Store<F>, partition: i32) -> Result<u64, String> {
-        let c = &self.changelog;
+        let Some(c) = &self.changelog else {
+            return Ok(0);
+        };
         let from = store
             .offset(&c.topic)
             .map_err(|e| e.to_string())?

@@ -94,6 +94,15 @@ pub struct RocksConfig {
 }
 
 impl RocksConfig {
+    /// These limits, for families that never expire.
+    pub fn limits<F>(&self) -> Limits<F> {
+        Limits {
+            block_cache_bytes: self.block_cache_bytes,
+            write_buffer_bytes: self.write_buffer_bytes,
+            retention_ms: Vec::new(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.block_cache_bytes < 1 << 20 || self.write_buffer_bytes < 1 << 20 {
             return Err(
@@ -262,13 +271,36 @@ impl<F: Family> Store<F> {
         keep: impl Fn(&[u8]) -> bool,
         limit: usize,
     ) -> Result<Entries, StoreError> {
+        self.scan_dir(cf, from, Direction::Forward, keep, limit)
+    }
+
+    /// Entries from `from` backwards (`from` itself included if present), while
+    /// `keep(key)` holds, at most `limit`: newest first over time-ordered keys.
+    pub fn scan_rev(
+        &self,
+        cf: F,
+        from: &[u8],
+        keep: impl Fn(&[u8]) -> bool,
+        limit: usize,
+    ) -> Result<Entries, StoreError> {
+        self.scan_dir(cf, from, Direction::Reverse, keep, limit)
+    }
+
+    fn scan_dir(
+        &self,
+        cf: F,
+        from: &[u8],
+        direction: Direction,
+        keep: impl Fn(&[u8]) -> bool,
+        limit: usize,
+    ) -> Result<Entries, StoreError> {
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
         }
         for item in self
             .db
-            .iterator_cf(self.cf(cf)?, IteratorMode::From(from, Direction::Forward))
+            .iterator_cf(self.cf(cf)?, IteratorMode::From(from, direction))
         {
             let (k, v) = item?;
             if !keep(&k) {
@@ -621,6 +653,15 @@ mod tests {
             store.scan(T::Index, b"", |_| true, 2).expect("scan").len(),
             2,
             "scan stops at its limit"
+        );
+        let back = store
+            .scan_rev(T::Index, b"c1\xff", |k| k.starts_with(b"c1"), 10)
+            .expect("rev");
+        let keys: Vec<&[u8]> = back.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(
+            keys,
+            [&b"c1\0b"[..], b"c1\0a"],
+            "newest first, within the prefix"
         );
     }
 

@@ -382,6 +382,8 @@ pub struct PipelineOptions {
     pub retry_schedule_ms: Vec<u64>,
     /// `(name, url template)` of each global postback.
     pub postbacks: Vec<(String, String)>,
+    /// Run the reporting console too (operator "tester", token [`CONSOLE_TOKEN`]).
+    pub console: bool,
 }
 
 impl Default for PipelineOptions {
@@ -391,8 +393,34 @@ impl Default for PipelineOptions {
             grace_period_ms: 500,
             retry_schedule_ms: vec![50, 50],
             postbacks: vec![],
+            console: false,
         }
     }
+}
+
+/// The console operator token of the test pipeline.
+pub const CONSOLE_TOKEN: &str = "tester-token-0123456789";
+
+/// The console's defaults pointed at the test broker and `topics`, on port 0, operator
+/// "tester", state in `state_dir`, short cycles.
+pub fn console_config(
+    topics: &TopicsConfig,
+    state_dir: &std::path::Path,
+) -> s2s_console::ConsoleConfig {
+    let mut c: s2s_console::ConsoleConfig =
+        s2s_common::config::load(s2s_console::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
+            .expect("console defaults");
+    c.listen = any_port();
+    c.admin_listen = any_port();
+    c.kafka = kafka();
+    c.topics = topics.clone();
+    c.group_id = unique("console");
+    c.state_dir = state_dir.to_path_buf();
+    c.commit_interval_ms = 50;
+    c.operators = [("tester".to_string(), CONSOLE_TOKEN.to_string())].into();
+    c.rocksdb.block_cache_bytes = 16 << 20;
+    c.rocksdb.write_buffer_bytes = 8 << 20;
+    c
 }
 
 fn any_port() -> SocketAddr {
@@ -477,6 +505,8 @@ pub struct Pipeline {
     pub ingest_admin: SocketAddr,
     pub attributor_admin: SocketAddr,
     pub delivery_admin: SocketAddr,
+    /// The console's API and page, and its admin listener, when asked for.
+    pub console: Option<(SocketAddr, SocketAddr)>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<Result<(), String>>>,
     _state: tempfile::TempDir,
@@ -516,12 +546,13 @@ impl Pipeline {
             .await
             .expect("delivery starts");
         let shutdown = CancellationToken::new();
-        Pipeline {
+        let mut p = Pipeline {
             topics,
             ingest: ingest.local_addr().expect("addr"),
             ingest_admin: ingest.admin_addr().expect("addr"),
             attributor_admin: attributor.admin_addr().expect("addr"),
             delivery_admin: delivery.admin_addr().expect("addr"),
+            console: None,
             tasks: vec![
                 tokio::spawn(map_err(ingest.run(shutdown.clone()))),
                 tokio::spawn(map_err(attributor.run(shutdown.clone()))),
@@ -529,11 +560,55 @@ impl Pipeline {
             ],
             shutdown,
             _state: state,
+        };
+        if opts.console {
+            let config = console_config(&p.topics, &p._state.path().join("console"));
+            let console = s2s_console::Console::bind(config)
+                .await
+                .expect("console starts");
+            p.console = Some((
+                console.local_addr().expect("addr"),
+                console.admin_addr().expect("admin addr"),
+            ));
+            p.tasks
+                .push(tokio::spawn(map_err(console.run(p.shutdown.clone()))));
         }
+        p
     }
 
     pub fn ingest_url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.ingest, path_and_query)
+    }
+
+    /// A click through ingest's `GET /click?{query}`; its ID, from the redirect (the test
+    /// offer's URL carries it as `cid=`).
+    pub async fn click(&self, query: &str) -> String {
+        let resp = http()
+            .get(self.ingest_url(&format!("/click?{query}")))
+            .send()
+            .await
+            .expect("click");
+        assert_eq!(resp.status(), 302, "the click redirects");
+        let location = resp.headers()["location"]
+            .to_str()
+            .expect("location")
+            .to_string();
+        location
+            .split("cid=")
+            .nth(1)
+            .and_then(|r| r.split('&').next())
+            .expect("click id in the redirect")
+            .to_string()
+    }
+
+    /// The console's base URL (the pipeline must have been started with `console`).
+    pub fn console_url(&self) -> String {
+        format!("http://{}", self.console.expect("the console runs").0)
+    }
+
+    /// The console's admin listener (the pipeline must have been started with `console`).
+    pub fn console_admin(&self) -> SocketAddr {
+        self.console.expect("the console runs").1
     }
 
     /// Stops every service and checks that each stopped cleanly.

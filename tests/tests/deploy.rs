@@ -56,7 +56,7 @@ fn promtool(args: &[&str], stdin: Option<&str>, dir: &Path) -> String {
 fn promtool_checks_and_tests_the_rules_and_the_config() {
     let dir = deploy().join("prometheus");
     let out = promtool(&["check", "rules", "rules.yml"], None, &dir);
-    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
     promtool(&["test", "rules", "rules_test.yml"], None, &dir);
     promtool(&["check", "config", "prometheus.yml"], None, &dir);
 }
@@ -66,7 +66,8 @@ fn yaml(path: &Path) -> Vec<Yaml> {
     YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Metric names (`ingest_…`, `attributor_…`, `delivery_…`) in a PromQL expression.
+/// Metric names (`ingest_…`, `attributor_…`, `delivery_…`, `console_…`) in a PromQL
+/// expression.
 fn names_in(expr: &str, into: &mut BTreeSet<String>) {
     let mut word = String::new();
     for c in expr.chars().chain(std::iter::once(' ')) {
@@ -74,7 +75,7 @@ fn names_in(expr: &str, into: &mut BTreeSet<String>) {
             word.push(c);
             continue;
         }
-        if ["ingest_", "attributor_", "delivery_"]
+        if ["ingest_", "attributor_", "delivery_", "console_"]
             .iter()
             .any(|p| word.starts_with(p))
         {
@@ -120,25 +121,12 @@ async fn live_metrics_pass_promtool_and_have_every_name_the_rules_and_dashboard_
             ("flaky".into(), flaky.url("/pb?c={click_id}")),
             ("gone".into(), gone.url("/pb?c={click_id}")),
         ],
+        console: true,
         ..Default::default()
     })
     .await;
     let http = s2s_tests::http();
-    let click = http
-        .get(p.ingest_url("/click?offer_id=1&aff_id=3"))
-        .send()
-        .await
-        .expect("click");
-    let location = click.headers()["location"]
-        .to_str()
-        .expect("location")
-        .to_string();
-    let click_id = location
-        .split("cid=")
-        .nth(1)
-        .and_then(|r| r.split('&').next())
-        .expect("click id in the redirect")
-        .to_string();
+    let click_id = p.click("offer_id=1&aff_id=3").await;
     for query in [
         format!("click_id={click_id}&event=ftd"),
         "click_id=never-clicked&event=ftd".to_string(),
@@ -161,6 +149,7 @@ async fn live_metrics_pass_promtool_and_have_every_name_the_rules_and_dashboard_
         ("ingest", p.ingest_admin),
         ("attributor", p.attributor_admin),
         ("delivery", p.delivery_admin),
+        ("console", p.console_admin()),
     ];
     let scrape = |addr: std::net::SocketAddr| async move {
         reqwest::get(format!("http://{addr}/metrics"))
@@ -270,6 +259,15 @@ fn k8s_config(service: &str) -> (u16, Option<String>) {
             .expect("attributor config");
             (c.admin_listen, Some(c.state_dir))
         }
+        "console" => {
+            let c: s2s_console::ConsoleConfig = s2s_common::config::load(
+                s2s_console::config::DEFAULT_TOML,
+                overlay,
+                "S2S_TEST_NONE__",
+            )
+            .expect("console config");
+            (c.admin_listen, Some(c.state_dir))
+        }
         _ => {
             let c: s2s_delivery::DeliveryConfig = s2s_common::config::load(
                 s2s_delivery::config::DEFAULT_TOML,
@@ -318,7 +316,7 @@ fn kubernetes_manifests_agree_with_the_service_configs() {
             .unwrap_or_else(|| panic!("no workload {name}"))
     };
     assert_eq!(workload("ingest")["kind"].as_str(), Some("Deployment"));
-    for service in ["ingest", "attributor", "delivery"] {
+    for service in ["ingest", "attributor", "delivery", "console"] {
         let w = workload(service);
         let (admin_port, state_dir) = k8s_config(service);
         let spec = &w["spec"]["template"]["spec"];

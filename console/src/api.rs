@@ -1,0 +1,603 @@
+//! The console's HTTP side: the web page (static files, no build step), the JSON API
+//! (documented in `console/openapi.json`), the live feed (server-sent events), and
+//! re-fire. Every `/api/` route needs `Authorization: Bearer <operator token>`; the
+//! operator's name is recorded with each re-fire. Re-fire does not send anything itself:
+//! it publishes a `redeliver` command to the delivery-commands topic, keyed by click ID,
+//! and the delivery worker that owns the delivery sends it again with its stable
+//! `webhook-id`; the new attempts then show in the click's story.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rdkafka::producer::FutureProducer;
+use s2s_common::contract::{self, CommandAction, DeliveryCommand, SCHEMA_VERSION};
+use s2s_common::kafka::{produce_all, OutRecord};
+use s2s_common::kafka_stats::KafkaStats;
+use s2s_common::topics::partition_key;
+use s2s_state::Ownership;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
+use crate::model::LiveEvent;
+use crate::query::{ConversionFilter, GroupBy, QueryError, Reader, Window};
+use crate::schema::{Cf, DeliveryState, Granularity};
+
+pub const OPENAPI: &str = include_str!("../openapi.json");
+pub const INDEX_HTML: &str = include_str!("../web/index.html");
+pub const APP_JS: &str = include_str!("../web/app.js");
+pub const STYLE_CSS: &str = include_str!("../web/style.css");
+
+/// Every route and its methods; the OpenAPI document lists the same (a test checks).
+pub const ROUTES: [(&str, &[&str]); 15] = [
+    ("/", &["GET"]),
+    ("/app.js", &["GET"]),
+    ("/style.css", &["GET"]),
+    ("/openapi.json", &["GET"]),
+    ("/api/v1/clicks/{click_id}", &["GET"]),
+    ("/api/v1/conversions", &["GET"]),
+    ("/api/v1/rejections", &["GET"]),
+    ("/api/v1/deliveries", &["GET"]),
+    ("/api/v1/deliveries/{delivery_id}", &["GET"]),
+    ("/api/v1/deliveries/{delivery_id}/refire", &["POST"]),
+    ("/api/v1/dead-letters", &["GET"]),
+    ("/api/v1/dead-letters/refire", &["POST"]),
+    ("/api/v1/endpoints", &["GET"]),
+    ("/api/v1/totals", &["GET"]),
+    ("/api/v1/feed", &["GET"]),
+];
+
+/// Re-fired in one bulk request at most.
+const MAX_BULK: usize = 10_000;
+
+/// What the handlers share.
+pub struct ApiState {
+    pub ownership: Arc<Ownership<Cf>>,
+    pub producer: FutureProducer<KafkaStats>,
+    pub commands_topic: String,
+    /// (name, token).
+    pub operators: Vec<(String, String)>,
+    pub metrics: Metrics,
+    pub feed: broadcast::Sender<LiveEvent>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("operators", &self.operators.len())
+            .finish()
+    }
+}
+
+type Shared = Arc<ApiState>;
+
+/// An API error: `{"error":{"code","message"}}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::BadCursor => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_cursor", e.to_string())
+            }
+            QueryError::Store(e) => {
+                tracing::error!(error = %e, "reading the read model failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "reading the read model failed",
+                )
+            }
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(e.status(), "bad_body", e.body_text())
+    }
+}
+
+/// The operator a request is from.
+#[derive(Debug, Clone)]
+struct Operator(String);
+
+pub fn router(state: Shared) -> Router {
+    let static_file = |body: &'static str, ct: &'static str| {
+        get(move || async move { ([(header::CONTENT_TYPE, ct)], body) })
+    };
+    Router::new()
+        .route(
+            ROUTES[0].0,
+            static_file(INDEX_HTML, "text/html; charset=utf-8"),
+        )
+        .route(
+            ROUTES[1].0,
+            static_file(APP_JS, "text/javascript; charset=utf-8"),
+        )
+        .route(
+            ROUTES[2].0,
+            static_file(STYLE_CSS, "text/css; charset=utf-8"),
+        )
+        .route(ROUTES[3].0, static_file(OPENAPI, "application/json"))
+        .route(ROUTES[4].0, get(story))
+        .route(ROUTES[5].0, get(conversions))
+        .route(ROUTES[6].0, get(rejections))
+        .route(ROUTES[7].0, get(deliveries))
+        .route(ROUTES[8].0, get(delivery))
+        .route(ROUTES[9].0, post(refire_one))
+        .route(ROUTES[10].0, get(dead_letters))
+        .route(ROUTES[11].0, post(refire_many))
+        .route(ROUTES[12].0, get(endpoints))
+        .route(ROUTES[13].0, get(totals))
+        .route(ROUTES[14].0, get(feed))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), measure))
+        .with_state(state)
+}
+
+/// Counts and times every request (one place).
+async fn measure(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |m| m.as_str().to_string());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics
+        .request_seconds
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    s.metrics
+        .requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// `/api/` needs an operator's token; the page and the document do not.
+async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .as_bytes()
+        .to_vec();
+    // Compare with every operator's token in constant time, whichever matches.
+    let mut who = None;
+    for (name, t) in &s.operators {
+        if bool::from(t.as_bytes().ct_eq(&token)) {
+            who = Some(name.clone());
+        }
+    }
+    match who {
+        Some(name) => {
+            req.extensions_mut().insert(Operator(name));
+            next.run(req).await
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send an operator token: Authorization: Bearer <token>",
+        )
+        .into_response(),
+    }
+}
+
+/// Runs a read on the owned stores off the async threads.
+async fn read<T: Send + 'static>(
+    s: &Shared,
+    f: impl FnOnce(&Reader<'_>) -> Result<T, QueryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let ownership = s.ownership.clone();
+    tokio::task::spawn_blocking(move || {
+        let stores: Vec<_> = ownership.assigned().into_iter().map(|(_, s)| s).collect();
+        f(&Reader::new(&stores))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(ApiError::from)
+}
+
+async fn story(
+    State(s): State<Shared>,
+    Path(click_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = click_id.clone();
+    match read(&s, move |r| r.story(&id)).await? {
+        Some(story) => Ok(Json(story).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("nothing is known of click {click_id}"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ConversionsQuery {
+    #[serde(flatten)]
+    window: Window,
+    #[serde(flatten)]
+    filter: ConversionFilter,
+}
+
+async fn conversions(
+    State(s): State<Shared>,
+    q: Result<Query<ConversionsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    Ok(Json(read(&s, move |r| r.conversions(&q.filter, &q.window)).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct RejectionsQuery {
+    #[serde(flatten)]
+    window: Window,
+    reason: Option<String>,
+}
+
+async fn rejections(
+    State(s): State<Shared>,
+    q: Result<Query<RejectionsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    if let Some(r) = &q.reason {
+        if !s2s_common::contract::RejectReason::ALL
+            .iter()
+            .any(|x| x.as_str() == r)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "reason must be unknown_click, outside_window or duplicate",
+            ));
+        }
+    }
+    Ok(
+        Json(read(&s, move |r| r.rejections(q.reason.as_deref(), &q.window)).await?)
+            .into_response(),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct DeliveriesQuery {
+    #[serde(flatten)]
+    window: Window,
+    endpoint: Option<String>,
+    state: Option<String>,
+}
+
+async fn deliveries(
+    State(s): State<Shared>,
+    q: Result<Query<DeliveriesQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    Ok(Json(
+        read(&s, move |r| {
+            r.deliveries(q.endpoint.as_deref(), q.state.as_deref(), &q.window)
+        })
+        .await?,
+    )
+    .into_response())
+}
+
+async fn delivery(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let key = id.clone();
+    match read(&s, move |r| r.delivery(&key)).await? {
+        Some(d) => Ok(Json(d).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no delivery {id}"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DeadQuery {
+    #[serde(flatten)]
+    window: Window,
+    endpoint: Option<String>,
+}
+
+async fn dead_letters(
+    State(s): State<Shared>,
+    q: Result<Query<DeadQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    Ok(Json(
+        read(&s, move |r| {
+            r.dead_letters(q.endpoint.as_deref(), &q.window)
+        })
+        .await?,
+    )
+    .into_response())
+}
+
+async fn endpoints(State(s): State<Shared>) -> Result<Response, ApiError> {
+    Ok(Json(read(&s, |r| r.endpoints()).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct TotalsQuery {
+    granularity: Option<Granularity>,
+    from: Option<i64>,
+    to: Option<i64>,
+    /// Comma-separated: aff, offer, event.
+    by: Option<String>,
+    aff_id: Option<String>,
+}
+
+async fn totals(
+    State(s): State<Shared>,
+    q: Result<Query<TotalsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    let mut by = GroupBy::default();
+    for part in
+        q.by.as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|p| !p.is_empty())
+    {
+        match part.trim() {
+            "aff" => by.aff = true,
+            "offer" => by.offer = true,
+            "event" => by.event = true,
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    format!("by: '{other}' is not one of aff, offer, event"),
+                ))
+            }
+        }
+    }
+    let g = q.granularity.unwrap_or(Granularity::Hour);
+    let to = q.to.unwrap_or_else(|| s2s_common::now_ms() + 1);
+    let from = q.from.unwrap_or(to - 86_400_000);
+    Ok(
+        Json(read(&s, move |r| r.totals(g, from, to, by, q.aff_id.as_deref())).await?)
+            .into_response(),
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RefireBody {
+    reason: Option<String>,
+}
+
+/// Publishes the redeliver commands and waits for the broker's acknowledgement of each.
+async fn send_commands(s: &Shared, commands: &[DeliveryCommand]) -> Result<(), ApiError> {
+    let records: Vec<(Vec<u8>, Vec<u8>)> = commands
+        .iter()
+        .map(|c| {
+            (
+                partition_key(&c.conversion.click_id).to_vec(),
+                contract::encode(c),
+            )
+        })
+        .collect();
+    let out: Vec<OutRecord<'_>> = records
+        .iter()
+        .map(|(k, v)| OutRecord::keyed(&s.commands_topic, k, v.clone()))
+        .collect();
+    produce_all(&s.producer, &out).await.map_err(|e| {
+        tracing::error!(error = %e, "publishing re-fire commands failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the broker did not acknowledge every command (unavailable); try again: a \
+             delivery re-fired twice is sent with the same webhook-id, and never after it \
+             was delivered",
+        )
+    })?;
+    Ok(())
+}
+
+fn command(
+    conversion: s2s_common::contract::Conversion,
+    endpoint: String,
+    who: &Operator,
+    reason: Option<String>,
+) -> DeliveryCommand {
+    DeliveryCommand {
+        schema_version: SCHEMA_VERSION,
+        command_id: s2s_common::ids::new_ulid(),
+        action: CommandAction::Redeliver,
+        endpoint,
+        conversion,
+        requested_by: who.0.clone(),
+        requested_at_ms: s2s_common::now_ms(),
+        reason,
+    }
+}
+
+async fn refire_one(
+    State(s): State<Shared>,
+    axum::Extension(who): axum::Extension<Operator>,
+    Path(id): Path<String>,
+    body: Option<Json<RefireBody>>,
+) -> Result<Response, ApiError> {
+    let key = id.clone();
+    let Some((conversion, row)) = read(&s, move |r| r.refire_source(&key)).await? else {
+        s.metrics.refires.with_label_values(&["not_found"]).inc();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no delivery {id}"),
+        ));
+    };
+    if row.state == DeliveryState::Delivered {
+        s.metrics
+            .refires
+            .with_label_values(&["already_delivered"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_delivered",
+            "this delivery succeeded; it is not sent again",
+        ));
+    }
+    let reason = body.and_then(|b| b.0.reason);
+    let cmd = command(conversion, row.endpoint.clone(), &who, reason);
+    send_commands(&s, std::slice::from_ref(&cmd)).await?;
+    s.metrics.refires.with_label_values(&["sent"]).inc();
+    tracing::info!(operator = %who.0, delivery_id = %id, command_id = %cmd.command_id, "re-fire requested");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"command_id": cmd.command_id, "delivery_id": id, "requested_by": who.0})),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct BulkRefire {
+    endpoint: String,
+    from: Option<i64>,
+    to: Option<i64>,
+    reason: Option<String>,
+}
+
+async fn refire_many(
+    State(s): State<Shared>,
+    axum::Extension(who): axum::Extension<Operator>,
+    body: Result<Json<BulkRefire>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(b) = body?;
+    let (endpoint, from, to) = (b.endpoint.clone(), b.from, b.to);
+    let sources = read(&s, move |r| {
+        let mut out = Vec::new();
+        let mut window = Window {
+            from,
+            to,
+            cursor: None,
+            limit: Some(500),
+        };
+        loop {
+            let page = r.dead_letters(Some(&endpoint), &window)?;
+            for row in page.items {
+                if let Some(src) = r.refire_source(&row.delivery_id)? {
+                    out.push(src);
+                }
+            }
+            match page.next_cursor {
+                Some(c) if out.len() < MAX_BULK => window.cursor = Some(c),
+                Some(_) => return Ok((out, true)),
+                None => break,
+            }
+        }
+        let more = out.len() > MAX_BULK;
+        out.truncate(MAX_BULK);
+        Ok((out, more))
+    })
+    .await?;
+    let (sources, more) = sources;
+    let commands: Vec<DeliveryCommand> = sources
+        .into_iter()
+        .map(|(c, row)| command(c, row.endpoint, &who, b.reason.clone()))
+        .collect();
+    send_commands(&s, &commands).await?;
+    s.metrics
+        .refires
+        .with_label_values(&["sent"])
+        .inc_by(commands.len() as u64);
+    tracing::info!(operator = %who.0, endpoint = %b.endpoint, count = commands.len(), "bulk re-fire requested");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "sent": commands.len(),
+            "requested_by": who.0,
+            // More matched than one request re-fires: ask again once these are settled.
+            "more": more,
+            "delivery_ids": commands.iter().take(20).map(|c| s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint)).collect::<Vec<_>>(),
+        })),
+    )
+        .into_response())
+}
+
+/// Server-sent events: one `data:` line of JSON per new conversion, rejection, attempt,
+/// dead letter or command, as the read model commits them.
+async fn feed(
+    State(s): State<Shared>,
+    _headers: HeaderMap,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    struct Subscription {
+        rx: broadcast::Receiver<LiveEvent>,
+        gauge: prometheus::IntGauge,
+    }
+    impl Drop for Subscription {
+        fn drop(&mut self) {
+            self.gauge.dec();
+        }
+    }
+    s.metrics.feed_subscribers.inc();
+    let sub = Subscription {
+        rx: s.feed.subscribe(),
+        gauge: s.metrics.feed_subscribers.clone(),
+    };
+    let stream = futures::stream::unfold(sub, |mut sub| async move {
+        let data = match sub.rx.recv().await {
+            Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
+            // A slow reader skips ahead, and is told how much it missed.
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                format!("{{\"kind\":\"lagged\",\"missed\":{n}}}")
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(Event::default().data(data)), sub))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}

@@ -1,0 +1,20 @@
+//! `console` binary (the reporting console: read model, API, web page): parse flags and
+//! config, start logging, run until SIGINT/SIGTERM.
+
+use anyhow::Context;
+use s2s_common::config::ServiceArgs;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = ServiceArgs::from_command_line();
+    if args.print_default_config {
+        print!("{}", s2s_console::config::DEFAULT_TOML);
+        return Ok(());
+    }
+    s2s_common::telemetry::init();
+    let config =
+        s2s_console::ConsoleConfig::load(args.config.as_deref()).context("loading config")?;
+    s2s_console::run(config, s2s_common::shutdown::on_signals())
+        .await
+        .context("console failed")
+}
