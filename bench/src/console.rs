@@ -163,7 +163,13 @@ fn console_config(
     state: &Path,
 ) -> anyhow::Result<ConsoleConfig> {
     let mut c: ConsoleConfig =
-        s2s_common::config::load(s2s_console::config::DEFAULT_TOML, None, "S2S_BENCH_NONE__")?;
+        // The defaults, with the service's own environment overrides (e.g.
+        // S2S_CONSOLE__ROCKSDB__WRITE_BUFFER_BYTES), to measure other settings.
+        s2s_common::config::load(
+            s2s_console::config::DEFAULT_TOML,
+            None,
+            s2s_console::config::ENV_PREFIX,
+        )?;
     c.listen = "127.0.0.1:0".parse()?;
     c.admin_listen = "127.0.0.1:0".parse()?;
     c.group_id = format!("bench-console-{}", ulid::Ulid::new());
