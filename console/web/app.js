@@ -335,7 +335,11 @@ $("#token-form").addEventListener("submit", (e) => {
 });
 $("#click-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  location.hash = "#click/" + encodeURIComponent($("#click-input").value.trim());
+  const id = $("#click-input").value.trim();
+  const target = "#click/" + encodeURIComponent(id);
+  // Looking up the click already shown again refreshes it (no hashchange then).
+  if (location.hash === target) showStory(id);
+  else location.hash = target;
 });
 $("#conversions-filter").addEventListener("submit", (e) => { e.preventDefault(); conversions(true); });
 $("#dead-filter").addEventListener("submit", (e) => { e.preventDefault(); deadLetters(true); });

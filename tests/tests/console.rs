@@ -285,6 +285,29 @@ async fn bulk_refire_takes_an_endpoints_dead_letters_in_a_range() {
         (items.len() == 3).then_some(items)
     })
     .await;
+    // Pages: two, then the last one, newest first, no row twice.
+    let (_, first) = api(&p, "/api/v1/dead-letters?endpoint=down&limit=2").await;
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_string();
+    let (_, second) = api(
+        &p,
+        &format!("/api/v1/dead-letters?endpoint=down&limit=2&cursor={cursor}"),
+    )
+    .await;
+    assert!(second["next_cursor"].is_null(), "the last page: {second}");
+    let paged: Vec<&Value> = first["items"]
+        .as_array()
+        .into_iter()
+        .chain(second["items"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(
+        paged.iter().map(|d| &d["delivery_id"]).collect::<Vec<_>>(),
+        dead.iter().map(|d| &d["delivery_id"]).collect::<Vec<_>>(),
+        "the pages are the whole list, in its order"
+    );
     let times: Vec<i64> = dead
         .iter()
         .filter_map(|d| d["dead_at_ms"].as_i64())
