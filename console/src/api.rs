@@ -39,7 +39,7 @@ pub const APP_JS: &str = include_str!("../web/app.js");
 pub const STYLE_CSS: &str = include_str!("../web/style.css");
 
 /// Every route and its methods; the OpenAPI document lists the same (a test checks).
-pub const ROUTES: [(&str, &[&str]); 15] = [
+pub const ROUTES: [(&str, &[&str]); 16] = [
     ("/", &["GET"]),
     ("/app.js", &["GET"]),
     ("/style.css", &["GET"]),
@@ -55,6 +55,7 @@ pub const ROUTES: [(&str, &[&str]); 15] = [
     ("/api/v1/endpoints", &["GET"]),
     ("/api/v1/totals", &["GET"]),
     ("/api/v1/feed", &["GET"]),
+    ("/api/v1/status", &["GET"]),
 ];
 
 /// Re-fired in one bulk request at most.
@@ -65,6 +66,8 @@ pub struct ApiState {
     pub ownership: Arc<Ownership<Cf>>,
     pub producer: FutureProducer<KafkaStats>,
     pub commands_topic: String,
+    /// The topics the read model is built from (for its freshness).
+    pub inputs: Vec<String>,
     /// (name, token).
     pub operators: Vec<(String, String)>,
     pub metrics: Metrics,
@@ -169,6 +172,7 @@ pub fn router(state: Shared) -> Router {
         .route(ROUTES[12].0, get(endpoints))
         .route(ROUTES[13].0, get(totals))
         .route(ROUTES[14].0, get(feed))
+        .route(ROUTES[15].0, get(status))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -364,6 +368,47 @@ async fn dead_letters(
         .await?,
     )
     .into_response())
+}
+
+/// How fresh this instance's read model is: the partitions it answers for, and how many
+/// records of its input topics it has not applied yet (`null`: not known yet, until the
+/// consumer's first statistics report the partitions' high watermarks).
+#[derive(Debug, serde::Serialize)]
+struct Freshness {
+    partitions: Vec<i32>,
+    records_behind: Option<i64>,
+    by_topic: std::collections::BTreeMap<String, Option<i64>>,
+}
+
+async fn status(State(s): State<Shared>) -> Result<Response, ApiError> {
+    let (ownership, inputs) = (s.ownership.clone(), s.inputs.clone());
+    let freshness = tokio::task::spawn_blocking(move || {
+        let assigned = ownership.assigned();
+        let mut by_topic = std::collections::BTreeMap::new();
+        for topic in &inputs {
+            let mut behind = Some(0i64);
+            for (p, store) in &assigned {
+                let next = store.offset(topic)?.unwrap_or(0);
+                behind = match (behind, ownership.high_watermark(topic, *p)) {
+                    (Some(sum), Some(high)) => Some(sum + (high - next).max(0)),
+                    _ => None,
+                };
+            }
+            by_topic.insert(topic.clone(), behind);
+        }
+        let records_behind = by_topic
+            .values()
+            .try_fold(0i64, |sum, b| b.map(|b| sum + b));
+        Ok::<_, s2s_state::StoreError>(Freshness {
+            partitions: assigned.iter().map(|(p, _)| *p).collect(),
+            records_behind,
+            by_topic,
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| ApiError::from(QueryError::from(e)))?;
+    Ok(Json(freshness).into_response())
 }
 
 async fn endpoints(State(s): State<Shared>) -> Result<Response, ApiError> {

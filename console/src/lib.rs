@@ -135,6 +135,7 @@ impl Console {
             ownership: ownership.clone(),
             producer,
             commands_topic: config.topics.delivery_commands.name.clone(),
+            inputs: inputs.clone(),
             operators: config.operators.clone().into_iter().collect(),
             metrics: metrics.clone(),
             feed: feed.clone(),

@@ -42,6 +42,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
             .create_with_context(stats)
             .expect("producer"),
         commands_topic: "commands".into(),
+        inputs: vec!["clicks".into()],
         operators: vec![("alice".into(), TOKEN.into())],
         metrics,
         feed: tokio::sync::broadcast::channel(4).0,

@@ -309,6 +309,21 @@ function drawChart(rows, from, to, bucketMs) {
   }
 }
 
+// ---- Freshness: is what the page shows up to date? ----
+async function updateFreshness() {
+  const f = $("#freshness");
+  if (!token) { f.textContent = ""; return; }
+  try {
+    const s = await api("/api/v1/status");
+    f.dataset.behind = s.records_behind === null ? "" : String(s.records_behind);
+    f.textContent = s.partitions.length === 0 ? "read model: no partitions yet"
+      : s.records_behind === null ? "read model: catching up"
+      : s.records_behind === 0 ? "read model: up to date"
+      : `read model: ${s.records_behind} records behind`;
+  } catch (e) { f.textContent = "read model: unknown"; }
+}
+setInterval(updateFreshness, 5000);
+
 // ---- Pages ----
 function route() {
   const [page, arg] = (location.hash.slice(1) || "live").split("/");
@@ -331,6 +346,7 @@ $("#token-form").addEventListener("submit", (e) => {
   $("#token-state").textContent = token ? "set" : "";
   showError("");
   startFeed();
+  updateFreshness();
   route();
 });
 $("#click-form").addEventListener("submit", (e) => {
@@ -358,4 +374,5 @@ window.addEventListener("hashchange", route);
 
 $("#token-state").textContent = token ? "set" : "";
 if (token) startFeed();
+updateFreshness();
 route();

@@ -704,7 +704,7 @@ mod tests {
         let set: StoreSet<T> = StoreSet::new(dir.path(), limits);
         let (big, other) = (set.open(0).expect("p0"), set.open(1).expect("p1"));
         let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let writer = std::thread::spawn(move || {
             let write = |store: &Store<T>, n: u32| {
                 for chunk in 0..n {
                     let mut st = store.stage();
@@ -721,6 +721,10 @@ mod tests {
         finished
             .recv_timeout(std::time::Duration::from_secs(20))
             .expect("writes finish: no stall across stores sharing the budget");
+        // The stores close in the writer thread: before the set, the directory and the
+        // process go (RocksDB aborts with "pthread lock: Invalid argument" when a
+        // database is still closing at exit).
+        writer.join().expect("the writer thread");
     }
 
     #[test]

@@ -134,6 +134,19 @@ async fn the_console_tells_each_story_and_refires_a_dead_letter() {
     );
     assert_eq!(delivery(&st, "ok")["attempts"], 1);
 
+    // The read model says it is up to date, for every partition.
+    let partitions = s.p.topics.clicks.partitions;
+    let status = poll_until("the read model up to date", WAIT, || async {
+        let (code, st) = api(&s.p, "/api/v1/status").await;
+        (code == 200 && st["records_behind"] == 0).then_some(st)
+    })
+    .await;
+    assert_eq!(
+        status["partitions"].as_array().map(Vec::len),
+        usize::try_from(partitions).ok(),
+        "{status}"
+    );
+
     // The rejected postback.
     let st2 = story(&s, &s.unknown_click, "the rejection", |st| {
         kinds(st).contains(&"rejection".to_string())
@@ -508,17 +521,16 @@ async fn the_web_page_shows_the_story_and_refires_from_a_button() {
         .await
         .expect("click");
     wait_for(&c, "#conversions tbody tr", "a conversion listed").await;
-    poll_until("the live feed connected", WAIT, || async {
-        let state = c
-            .find(Locator::Id("feed-state"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        (state == "live").then_some(())
-    })
-    .await;
+    for (id, text) in [
+        ("feed-state", "live"),
+        ("freshness", "read model: up to date"),
+    ] {
+        poll_until(&format!("#{id} says {text:?}"), WAIT, || async {
+            let shown = c.find(Locator::Id(id)).await.ok()?.text().await.ok()?;
+            (shown == text).then_some(())
+        })
+        .await;
+    }
     screenshot(&c, "live").await;
 
     // Search the click: its story, with the dead-lettered delivery.
