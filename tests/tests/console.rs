@@ -10,7 +10,10 @@ use std::time::Duration;
 use s2s_tests::{http, poll_until, Pipeline, PipelineOptions, TestEndpoint, CONSOLE_TOKEN};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One scenario at a time: each runs a whole pipeline (and one a browser) on two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The pipeline with the console, two endpoints (`ok`, and `flaky`, down until told
 /// otherwise), a delivered-and-dead-lettered click and a rejected postback.
@@ -99,6 +102,7 @@ fn dead_lettered(st: &Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_tells_each_story_and_refires_a_dead_letter() {
+    let _serial = SERIAL.lock().await;
     let s = scenario().await;
 
     // The delivered and dead-lettered click: everything, in order.
@@ -265,6 +269,7 @@ async fn post(s: &Pipeline, path: &str, body: Value) -> (u16, Value) {
 /// Bulk re-fire: every dead letter of one endpoint in a time range, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_refire_takes_an_endpoints_dead_letters_in_a_range() {
+    let _serial = SERIAL.lock().await;
     let down = TestEndpoint::start(&[]).await;
     down.set_status(503);
     let p = Pipeline::start(PipelineOptions {
@@ -473,6 +478,7 @@ async fn screenshot(c: &fantoccini::Client, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_page_shows_the_story_and_refires_from_a_button() {
+    let _serial = SERIAL.lock().await;
     use fantoccini::Locator;
     let s = scenario().await;
     story(
@@ -598,15 +604,14 @@ async fn the_web_page_shows_the_story_and_refires_from_a_button() {
     c.goto(&format!("{base}/#click/{}", s.click_id))
         .await
         .expect("story page");
-    wait_for(
-        &c,
-        "#story-deliveries tr[data-state='dead_lettered'] button.refire",
-        "the re-fire button",
-    )
-    .await
-    .click()
-    .await
-    .expect("press re-fire");
+    // The story shown before is still in the page until the lookup re-renders it: a
+    // button found then goes stale. Press one that is there when clicked.
+    let refire = "#story-deliveries tr[data-state='dead_lettered'] button.refire";
+    wait_for(&c, refire, "the re-fire button").await;
+    poll_until("the re-fire button pressed", WAIT, || async {
+        c.find(Locator::Css(refire)).await.ok()?.click().await.ok()
+    })
+    .await;
     poll_until("the new attempt on the page", WAIT, || async {
         c.find(Locator::Id("click-search"))
             .await
