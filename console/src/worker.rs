@@ -121,59 +121,31 @@ fn take_in(
 
 /// Decodes a record by its topic; `(kind, input)` or the decoding error.
 fn decode<'m>(c: &Console, m: &'m OwnedMessage) -> (&'static str, Result<Input<'m>, String>) {
+    fn as_input<'m, T: serde::de::DeserializeOwned + contract::Versioned>(
+        raw: &'m [u8],
+        wrap: fn(&'m [u8], Box<T>) -> Input<'m>,
+    ) -> Result<Input<'m>, String> {
+        contract::decode(raw)
+            .map(|r| wrap(raw, Box::new(r)))
+            .map_err(|e| e.to_string())
+    }
     let t = &c.config.topics;
     let raw = m.payload().unwrap_or_default();
     let topic = m.topic();
-    let e = |e: contract::ContractError| e.to_string();
     if topic == t.clicks.name {
-        (
-            "click",
-            contract::decode(raw)
-                .map(|r| Input::Click(raw, Box::new(r)))
-                .map_err(e),
-        )
+        ("click", as_input(raw, Input::Click))
     } else if topic == t.postbacks.name {
-        (
-            "postback",
-            contract::decode(raw)
-                .map(|r| Input::Postback(raw, Box::new(r)))
-                .map_err(e),
-        )
+        ("postback", as_input(raw, Input::Postback))
     } else if topic == t.conversions.name {
-        (
-            "conversion",
-            contract::decode(raw)
-                .map(|r| Input::Conversion(raw, Box::new(r)))
-                .map_err(e),
-        )
+        ("conversion", as_input(raw, Input::Conversion))
     } else if topic == t.rejections.name {
-        (
-            "rejection",
-            contract::decode(raw)
-                .map(|r| Input::Rejection(raw, Box::new(r)))
-                .map_err(e),
-        )
+        ("rejection", as_input(raw, Input::Rejection))
     } else if topic == t.delivery_log.name {
-        (
-            "attempt",
-            contract::decode(raw)
-                .map(|r| Input::Attempt(raw, Box::new(r)))
-                .map_err(e),
-        )
+        ("attempt", as_input(raw, Input::Attempt))
     } else if topic == t.dead_letter.name {
-        (
-            "dead_letter",
-            contract::decode(raw)
-                .map(|r| Input::DeadLetter(raw, Box::new(r)))
-                .map_err(e),
-        )
+        ("dead_letter", as_input(raw, Input::DeadLetter))
     } else {
-        (
-            "command",
-            contract::decode(raw)
-                .map(|r| Input::Command(raw, Box::new(r)))
-                .map_err(e),
-        )
+        ("command", as_input(raw, Input::Command))
     }
 }
 

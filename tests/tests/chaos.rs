@@ -450,7 +450,7 @@ async fn an_endpoint_down_for_a_while_then_back_gets_everything() {
                 (!down.received().is_empty()).then_some(())
             })
             .await;
-            tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself, not a wait
+            tokio::time::sleep(Duration::from_secs(3)).await; // poll: not a wait, the outage's length
             down.set_status(200);
         }
     })
@@ -561,7 +561,7 @@ async fn broker_restarted_during_ingest_loses_nothing_acknowledged() {
                 mock.broker_down(-1).expect("broker down");
                 // The outage itself, not a wait: longer than ingest's produce timeout
                 // (2 s), so requests in flight get 503.
-                tokio::time::sleep(Duration::from_secs(4)).await;
+                tokio::time::sleep(Duration::from_secs(4)).await; // poll: not a wait, the outage's length
                 mock.broker_up(-1).expect("broker up");
             }
         }
