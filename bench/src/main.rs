@@ -17,18 +17,18 @@ mod attributor;
 mod console;
 mod delivery;
 mod e2e;
+mod load;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
@@ -67,9 +67,13 @@ enum Cmd {
         path: String,
         #[arg(long, default_value_t = 256)]
         connections: usize,
-        /// Seconds of each closed-loop run.
+        /// Seconds of each closed-loop run (and of the open-loop run).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Closed-loop rounds, each a baseline run then a subject run: this machine's speed
+        /// drifts over a minute, and alternating keeps the drift out of the ratio.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Goal for subject/baseline.
         #[arg(long, default_value_t = 0.5)]
         goal: f64,
@@ -236,19 +240,37 @@ async fn main() -> anyhow::Result<()> {
             path,
             connections,
             seconds,
+            rounds,
             goal,
             p99_goal_ms,
         } => {
             let d = Duration::from_secs(seconds);
             // Warm both up (connections, caches, the broker's first batches).
-            closed_loop(&baseline, &path, connections, Duration::from_secs(2)).await?;
-            closed_loop(&subject, &path, connections, Duration::from_secs(2)).await?;
-            let base = closed_loop(&baseline, &path, connections, d).await?;
-            println!("{name} baseline (no-op hyper): {}", base.describe());
-            let subj = closed_loop(&subject, &path, connections, d).await?;
-            println!("{name} subject: {}", subj.describe());
+            load::closed_loop(&baseline, &path, connections, Duration::from_secs(2)).await?;
+            load::closed_loop(&subject, &path, connections, Duration::from_secs(2)).await?;
+            let (mut base, mut subj) = (Run::empty()?, Run::empty()?);
+            for round in 1..=rounds.max(1) {
+                let b = load::closed_loop(&baseline, &path, connections, d).await?;
+                println!(
+                    "{name} round {round} baseline (no-op hyper): {}",
+                    b.describe()
+                );
+                let s = load::closed_loop(&subject, &path, connections, d).await?;
+                println!(
+                    "{name} round {round} subject: {} (ratio {:.2})",
+                    s.describe(),
+                    s.rate() / b.rate()
+                );
+                base.absorb(b)?;
+                subj.absorb(s)?;
+            }
+            println!(
+                "{name} baseline (no-op hyper), all rounds: {}",
+                base.describe()
+            );
+            println!("{name} subject, all rounds: {}", subj.describe());
             let half = subj.rate() / 2.0;
-            let lat = open_loop(&subject, &path, half, d).await?;
+            let lat = load::open_loop(&subject, &path, half, connections, d).await?;
             println!(
                 "{name} subject at {half:.0} req/s (half its maximum): {}",
                 lat.describe()
@@ -314,6 +336,23 @@ struct Run {
 }
 
 impl Run {
+    fn empty() -> anyhow::Result<Self> {
+        Ok(Self {
+            ok: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latency_us: histogram()?,
+            lag_us: None,
+        })
+    }
+    /// Adds another run of the same kind: counts, time and latencies.
+    fn absorb(&mut self, other: Run) -> anyhow::Result<()> {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latency_us.add(other.latency_us)?;
+        Ok(())
+    }
     fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -351,121 +390,6 @@ fn client(connections: usize) -> HttpClient {
         .build_http()
 }
 
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
-async fn one(client: &HttpClient, base: &str, path: &str) -> anyhow::Result<bool> {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    let uri = format!("{base}{}", path.replace("{n}", &n.to_string()));
-    let resp = client
-        .request(Request::get(uri).body(Empty::new()).context("request")?)
-        .await
-        .context("send")?;
-    let ok = resp.status().is_success();
-    resp.into_body().collect().await.context("body")?;
-    Ok(ok)
-}
-
 fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
-}
-
-/// `connections` workers, each sending the next request as soon as the last answered.
-async fn closed_loop(
-    base: &str,
-    path: &str,
-    connections: usize,
-    d: Duration,
-) -> anyhow::Result<Run> {
-    let client = client(connections);
-    let start = Instant::now();
-    let deadline = start + d;
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (client, base, path) = (client.clone(), base.to_string(), path.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut h = histogram()?;
-            let (mut ok, mut errors) = (0u64, 0u64);
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                match one(&client, &base, &path).await {
-                    Ok(true) => {
-                        ok += 1;
-                        h.saturating_record(t.elapsed().as_micros() as u64);
-                    }
-                    _ => errors += 1,
-                }
-            }
-            anyhow::Ok((ok, errors, h))
-        }));
-    }
-    let mut run = Run {
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: histogram()?,
-        lag_us: None,
-    };
-    for t in tasks {
-        let (ok, errors, h) = t.await??;
-        run.ok += ok;
-        run.errors += errors;
-        run.latency_us.add(h)?;
-    }
-    run.elapsed = start.elapsed();
-    if run.ok == 0 {
-        bail!("no request to {base} succeeded");
-    }
-    Ok(run)
-}
-
-/// Sends at `rate` per second for `d`, measuring from each scheduled send time.
-async fn open_loop(base: &str, path: &str, rate: f64, d: Duration) -> anyhow::Result<Run> {
-    let client = client(256);
-    let hist = Arc::new(std::sync::Mutex::new(histogram()?));
-    let lag = Arc::new(std::sync::Mutex::new(histogram()?));
-    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
-    let start = Instant::now();
-    let total = (d.as_secs_f64() * rate) as u64;
-    let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let scheduled = start + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(scheduled.into()).await;
-        let (client, base, path) = (client.clone(), base.to_string(), path.to_string());
-        let (hist, lag, ok, errors) = (hist.clone(), lag.clone(), ok.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Ok(mut l) = lag.lock() {
-                l.saturating_record(scheduled.elapsed().as_micros() as u64);
-            }
-            match one(&client, &base, &path).await {
-                Ok(true) => {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut h) = hist.lock() {
-                        h.saturating_record(scheduled.elapsed().as_micros() as u64);
-                    }
-                }
-                _ => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
-    let latency_us = hist
-        .lock()
-        .map(|h| h.clone())
-        .map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let lag_us = lag
-        .lock()
-        .map(|h| h.clone())
-        .map_err(|_| anyhow::anyhow!("poisoned"))?;
-    Ok(Run {
-        ok: ok.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        elapsed: start.elapsed(),
-        latency_us,
-        lag_us: Some(lag_us),
-    })
 }

@@ -1,0 +1,299 @@
+//! The HTTP load generator of `compare`: a fixed set of HTTP/1.1 keep-alive connections,
+//! each driven by its own task over hyper's per-connection client (no pool, no task per
+//! request), so the generator spends as little of the shared CPU as possible.
+//!
+//! - Closed loop (throughput): each connection sends its next request as soon as the
+//!   last one was answered.
+//! - Open loop (latency), as wrk2 does it: the rate is split evenly over the connections,
+//!   each connection has its own fixed schedule, and latency is measured from each
+//!   request's *scheduled* send time. A request that cannot go out on time (the server or
+//!   the connection is still busy) carries its wait into its latency, so a stall counts
+//!   against the server instead of silently lowering the rate (no coordinated omission).
+//!   The generator's own lateness (scheduled → sent while the connection was free) is
+//!   recorded apart, so a slow generator is visible.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+use crate::{histogram, Run};
+
+/// One keep-alive connection to `authority` (host:port).
+struct Conn {
+    authority: String,
+    sender: Option<SendRequest<Empty<Bytes>>>,
+}
+
+impl Conn {
+    fn new(base: &str) -> anyhow::Result<Self> {
+        let authority = base
+            .strip_prefix("http://")
+            .context("the load generator speaks plain http:// only")?
+            .trim_end_matches('/')
+            .to_string();
+        Ok(Self {
+            authority,
+            sender: None,
+        })
+    }
+
+    async fn connect(&mut self) -> anyhow::Result<&mut SendRequest<Empty<Bytes>>> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = tokio::net::TcpStream::connect(&self.authority)
+                .await
+                .with_context(|| format!("connect {}", self.authority))?;
+            stream.set_nodelay(true)?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .context("handshake")?;
+            tokio::spawn(conn);
+            self.sender = Some(sender);
+        }
+        self.sender.as_mut().context("no connection")
+    }
+
+    /// Sends one GET and reads the whole answer: Ok(true) for a 2xx.
+    async fn get(&mut self, path: &str) -> anyhow::Result<bool> {
+        let authority = self.authority.clone();
+        let sender = self.connect().await?;
+        sender.ready().await.context("connection")?;
+        let req = Request::get(path)
+            .header(hyper::header::HOST, authority)
+            .body(Empty::new())
+            .context("request")?;
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.sender = None;
+                return Err(e).context("send");
+            }
+        };
+        let ok = resp.status().is_success();
+        resp.into_body().collect().await.context("body")?;
+        Ok(ok)
+    }
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// `path` with `{n}` replaced by a number unique within this process.
+fn numbered(path: &str) -> String {
+    path.replace("{n}", &SEQ.fetch_add(1, Ordering::Relaxed).to_string())
+}
+
+struct ConnResult {
+    ok: u64,
+    errors: u64,
+    latency_us: Histogram<u64>,
+    lag_us: Histogram<u64>,
+}
+
+impl ConnResult {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            ok: 0,
+            errors: 0,
+            latency_us: histogram()?,
+            lag_us: histogram()?,
+        })
+    }
+}
+
+async fn merge(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<ConnResult>>>,
+    start: Instant,
+    open: bool,
+    base: &str,
+) -> anyhow::Result<Run> {
+    let mut run = Run {
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: histogram()?,
+        lag_us: if open { Some(histogram()?) } else { None },
+    };
+    for t in tasks {
+        let r = t.await??;
+        run.ok += r.ok;
+        run.errors += r.errors;
+        run.latency_us.add(r.latency_us)?;
+        if let Some(l) = run.lag_us.as_mut() {
+            l.add(r.lag_us)?;
+        }
+    }
+    run.elapsed = start.elapsed();
+    if run.ok == 0 {
+        bail!("no request to {base} succeeded");
+    }
+    Ok(run)
+}
+
+/// `connections` connections, each sending the next request as soon as the last answered.
+pub async fn closed_loop(
+    base: &str,
+    path: &str,
+    connections: usize,
+    d: Duration,
+) -> anyhow::Result<Run> {
+    let start = Instant::now();
+    let deadline = start + d;
+    let mut tasks = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let mut conn = Conn::new(base)?;
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut r = ConnResult::new()?;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match conn.get(&numbered(&path)).await {
+                    Ok(true) => {
+                        r.ok += 1;
+                        r.latency_us
+                            .saturating_record(t.elapsed().as_micros() as u64);
+                    }
+                    _ => r.errors += 1,
+                }
+            }
+            anyhow::Ok(r)
+        }));
+    }
+    merge(tasks, start, false, base).await
+}
+
+/// Sends `rate` requests per second in total for `d` over `connections` connections,
+/// measuring from each request's scheduled send time.
+///
+/// The schedule is kept by one dispatcher thread with the operating system's precise
+/// sleep (tokio's timer ticks in whole milliseconds, which alone would add up to 1 ms of
+/// lateness to every request): request i is due at `start + i / rate` and goes to
+/// connection `i mod connections`, whose task sends it as soon as that connection is free.
+pub async fn open_loop(
+    base: &str,
+    path: &str,
+    rate: f64,
+    connections: usize,
+    d: Duration,
+) -> anyhow::Result<Run> {
+    let total = (d.as_secs_f64() * rate) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    // Connect first, so connection set-up is not charged to the first requests.
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let mut conn = Conn::new(base)?;
+        conn.connect().await?;
+        conns.push(conn);
+    }
+    let mut senders = Vec::with_capacity(connections);
+    let mut tasks = Vec::with_capacity(connections);
+    for mut conn in conns {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        senders.push(tx);
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut r = ConnResult::new()?;
+            let mut free_at = Instant::now();
+            while let Some(scheduled) = rx.recv().await {
+                // Late because the generator was not scheduled in time, as opposed to late
+                // because this connection's previous request was still being answered.
+                r.lag_us.saturating_record(
+                    Instant::now()
+                        .saturating_duration_since(scheduled.max(free_at))
+                        .as_micros() as u64,
+                );
+                match conn.get(&numbered(&path)).await {
+                    Ok(true) => {
+                        r.ok += 1;
+                        r.latency_us
+                            .saturating_record(scheduled.elapsed().as_micros() as u64);
+                    }
+                    _ => r.errors += 1,
+                }
+                free_at = Instant::now();
+            }
+            anyhow::Ok(r)
+        }));
+    }
+    let start = Instant::now() + Duration::from_millis(20);
+    let dispatcher = std::thread::Builder::new()
+        .name("open-loop".into())
+        .spawn(move || {
+            let mut i = 0u64;
+            while i < total {
+                let now = Instant::now();
+                let mut due = start + interval.mul_f64(i as f64);
+                while due <= now && i < total {
+                    // A closed channel means its task failed; merge reports why.
+                    let _ = senders[(i % senders.len() as u64) as usize].send(due);
+                    i += 1;
+                    due = start + interval.mul_f64(i as f64);
+                }
+                if i < total {
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
+            }
+            // Dropping the senders ends each connection's task once its queue is empty.
+        })?;
+    let run = merge(tasks, start, true, base).await;
+    dispatcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the dispatcher thread panicked"))?;
+    run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn noop_server() -> anyhow::Result<String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(crate::serve(listener, None));
+        Ok(base)
+    }
+
+    #[tokio::test]
+    async fn open_loop_sends_exactly_the_schedule() -> anyhow::Result<()> {
+        let base = noop_server().await?;
+        let run = open_loop(&base, "/x?n={n}", 2000.0, 8, Duration::from_millis(500)).await?;
+        assert_eq!(run.ok, 1000, "rate × duration requests, all answered");
+        assert_eq!(run.errors, 0);
+        assert_eq!(run.latency_us.len(), 1000);
+        assert_eq!(run.lag_us.as_ref().map(|l| l.len()), Some(1000));
+        // Measured from the schedule: the run cannot end before the last request was due.
+        assert!(
+            run.elapsed >= Duration::from_millis(499),
+            "{:?}",
+            run.elapsed
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn closed_loop_counts_answers_and_failures() -> anyhow::Result<()> {
+        let base = noop_server().await?;
+        let run = closed_loop(&base, "/", 4, Duration::from_millis(200)).await?;
+        assert!(
+            run.ok > 0 && run.errors == 0,
+            "{} ok, {} errors",
+            run.ok,
+            run.errors
+        );
+        assert_eq!(run.latency_us.len(), run.ok);
+        // Nobody listening: every request fails and the run says so.
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            format!("http://{}", l.local_addr()?)
+        };
+        assert!(closed_loop(&gone, "/", 2, Duration::from_millis(50))
+            .await
+            .is_err());
+        Ok(())
+    }
+}
