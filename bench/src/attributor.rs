@@ -27,13 +27,14 @@ use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::{TopicConfig, TopicsConfig};
 use tokio_util::sync::CancellationToken;
 
-/// The attributor's defaults, at_least_once: the benchmark broker (Tansu) has no
-/// transactions.
+/// The attributor's defaults with the service's own environment overrides (e.g.
+/// S2S_ATTRIBUTOR__ROCKSDB__BLOCK_CACHE_BYTES, to measure other budgets), at_least_once:
+/// the benchmark broker (Tansu) has no transactions.
 fn defaults() -> anyhow::Result<AttributorConfig> {
     let mut c: AttributorConfig = s2s_common::config::load(
         s2s_attributor::config::DEFAULT_TOML,
         None,
-        "S2S_BENCH_NONE__",
+        s2s_attributor::config::ENV_PREFIX,
     )?;
     c.processing_guarantee = s2s_attributor::config::Guarantee::AtLeastOnce;
     Ok(c)

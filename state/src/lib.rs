@@ -10,6 +10,7 @@
 //! partition that moves to another instance, or a lost disk.
 
 pub mod input;
+pub mod memory;
 pub mod metrics;
 pub mod ownership;
 pub mod store;
