@@ -17,7 +17,7 @@
 //! what `MALLOC_TRIM_THRESHOLD_=131072` in the environment does, but without relying on
 //! every deployment to set it.
 
-use std::sync::Once;
+use std::sync::OnceLock;
 
 /// The trim threshold, and with it the fixed mmap threshold: glibc's own starting value.
 pub const TRIM_THRESHOLD_BYTES: usize = 128 * 1024;
@@ -26,16 +26,22 @@ pub const TRIM_THRESHOLD_BYTES: usize = 128 * 1024;
 /// [`crate::StoreSet::new`], so every process that holds stores has it. A no-op on other
 /// C libraries. Returns whether the setting is in force.
 pub fn bound_heap_retention() -> bool {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if apply() {
+    static IN_FORCE: OnceLock<bool> = OnceLock::new();
+    *IN_FORCE.get_or_init(|| {
+        let applied = apply();
+        if applied {
             tracing::info!(
                 trim_threshold_bytes = TRIM_THRESHOLD_BYTES,
                 "glibc malloc: fixed trim/mmap threshold, freed large blocks go back to the OS"
             );
+        } else if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            tracing::warn!(
+                "glibc malloc refused a fixed trim threshold: resident memory may exceed the \
+                 stores' budget; MALLOC_TRIM_THRESHOLD_=131072 in the environment does the same"
+            );
         }
-    });
-    cfg!(all(target_os = "linux", target_env = "gnu"))
+        applied
+    })
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
