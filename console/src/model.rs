@@ -235,6 +235,39 @@ fn conversion_of(
     Ok(None)
 }
 
+/// What a delivery record says happened after its attempt number `attempts`: the attempt
+/// itself, the dead letter that follows a final failed attempt, or an operator's re-fire
+/// of that dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    Attempt,
+    DeadLetter,
+    Refire,
+}
+
+impl Step {
+    /// The step that put a delivery in `state`.
+    fn of(state: DeliveryState) -> Step {
+        match state {
+            DeliveryState::Delivered | DeliveryState::Retrying | DeliveryState::Failed => {
+                Step::Attempt
+            }
+            DeliveryState::DeadLettered => Step::DeadLetter,
+            DeliveryState::Refired => Step::Refire,
+        }
+    }
+}
+
+/// Whether a record of `step` after attempt `attempts` is at least as recent as what the
+/// delivery's row shows, and so replaces it. Attempts, dead letters and commands come on
+/// three topics, so they may be read in any order: the last attempt of a delivery may come
+/// after its dead letter, and a dead letter published again (at least once, upstream) after
+/// the re-fire that followed it. Order is (attempt number, step); a replay of the record
+/// that wrote the row replaces it with itself.
+fn supersedes(old: Option<&DeliveryRow>, attempts: u32, step: Step) -> bool {
+    old.is_none_or(|o| (attempts, step) >= (o.attempts, Step::of(o.state)))
+}
+
 fn load_delivery(st: &Stage<'_>, id: &str) -> Result<Option<DeliveryRow>, StoreError> {
     st.get(Cf::Deliveries, id.as_bytes())?
         .map(|v| decode(Cf::Deliveries, &v))
@@ -298,7 +331,7 @@ fn attempt(
     let id = format!("{}/{:010}", a.delivery_id, a.attempt);
     let new = put_story(st, &a.click_id, Kind::Attempt, &id, raw)?;
     let old = load_delivery(st, &a.delivery_id)?;
-    if old.as_ref().is_none_or(|o| a.attempt >= o.attempts) {
+    if supersedes(old.as_ref(), a.attempt, Step::Attempt) {
         let state = match (a.outcome, a.next_attempt_at_ms) {
             (AttemptOutcome::Delivered, _) => DeliveryState::Delivered,
             (_, Some(_)) => DeliveryState::Retrying,
@@ -377,7 +410,7 @@ fn dead_letter(
     let id = format!("{}/{:010}", d.delivery_id, d.attempts);
     let new = put_story(st, &c.click_id, Kind::DeadLetter, &id, raw)?;
     let old = load_delivery(st, &d.delivery_id)?;
-    if old.as_ref().is_none_or(|o| d.attempts >= o.attempts) {
+    if supersedes(old.as_ref(), d.attempts, Step::DeadLetter) {
         let row = DeliveryRow {
             delivery_id: d.delivery_id.clone(),
             click_id: c.click_id.clone(),

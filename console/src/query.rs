@@ -603,6 +603,34 @@ mod tests {
         }
     }
 
+    /// The dead letter of `c`'s delivery to "aff" after `attempts` failed attempts.
+    fn dead_letter(c: &Conversion, attempts: u32, ts: i64) -> DeadLetter {
+        DeadLetter {
+            schema_version: 1,
+            delivery_id: s2s_delivery::endpoint::delivery_id(c, "aff"),
+            endpoint: "aff".into(),
+            conversion: c.clone(),
+            attempts,
+            last_status: Some(503),
+            last_error: Some("HTTP 503: busy".into()),
+            dead_lettered_at_ms: ts,
+        }
+    }
+
+    /// Alice's re-fire of `c`'s delivery to "aff".
+    fn redeliver(c: &Conversion, command_id: &str, ts: i64) -> DeliveryCommand {
+        DeliveryCommand {
+            schema_version: 1,
+            command_id: command_id.into(),
+            action: CommandAction::Redeliver,
+            endpoint: "aff".into(),
+            conversion: c.clone(),
+            requested_by: "alice".into(),
+            requested_at_ms: ts,
+            reason: None,
+        }
+    }
+
     /// Applies records to the store of their click (by a stand-in partitioner).
     fn feed(stores: &[Arc<Store>], inputs: Vec<(String, Input<'_>)>) {
         for (click, input) in inputs {
@@ -635,16 +663,7 @@ mod tests {
         let cv = conversion("c1", "42", 1, 1, 2_000);
         let a1 = attempt(&cv, 1, AttemptOutcome::Retryable, Some(9_000), 3_000);
         let a2 = attempt(&cv, 2, AttemptOutcome::Retryable, None, 9_000);
-        let dl = DeadLetter {
-            schema_version: 1,
-            delivery_id: a1.delivery_id.clone(),
-            endpoint: "aff".into(),
-            conversion: cv.clone(),
-            attempts: 2,
-            last_status: Some(503),
-            last_error: Some("HTTP 503: busy".into()),
-            dead_lettered_at_ms: 9_001,
-        };
+        let dl = dead_letter(&cv, 2, 9_001);
         let raw: Vec<Vec<u8>> = vec![
             contract::encode(&ck),
             contract::encode(&pb),
@@ -717,16 +736,7 @@ mod tests {
             .expect("read")
             .expect("source");
         assert_eq!((conv, row.endpoint.as_str()), (cv.clone(), "aff"));
-        let cmd = DeliveryCommand {
-            schema_version: 1,
-            command_id: "cmd1".into(),
-            action: CommandAction::Redeliver,
-            endpoint: "aff".into(),
-            conversion: cv.clone(),
-            requested_by: "alice".into(),
-            requested_at_ms: 10_000,
-            reason: None,
-        };
+        let cmd = redeliver(&cv, "cmd1", 10_000);
         let a3 = attempt(&cv, 3, AttemptOutcome::Delivered, None, 10_500);
         let raw2 = [contract::encode(&cmd), contract::encode(&a3)];
         feed(
@@ -757,6 +767,74 @@ mod tests {
             1
         );
         assert!(r.story("nobody").expect("read").is_none());
+    }
+
+    /// Attempts, dead letters and commands come on three topics: whatever order they are
+    /// read in, the delivery ends where its records say it is.
+    #[test]
+    fn a_delivery_is_where_its_latest_step_says_whatever_the_reading_order() {
+        let dir = tempfile::tempdir().expect("dir");
+        let st = stores(dir.path(), 1);
+        let r = Reader::new(&st);
+        let cv = conversion("c1", "42", 1, 1, 2_000);
+        let a1 = attempt(&cv, 1, AttemptOutcome::Retryable, Some(9_000), 3_000);
+        let a2 = attempt(&cv, 2, AttemptOutcome::Retryable, None, 9_000);
+        let dl = dead_letter(&cv, 2, 9_001);
+        let cmd = redeliver(&cv, "cmd1", 10_000);
+        let a3 = attempt(&cv, 3, AttemptOutcome::Delivered, None, 10_500);
+        let raw = [
+            contract::encode(&a1),
+            contract::encode(&a2),
+            contract::encode(&dl),
+            contract::encode(&cmd),
+            contract::encode(&a3),
+        ];
+        let id = a1.delivery_id.clone();
+        let state = || {
+            r.delivery(&id)
+                .expect("read")
+                .map(|d| (d.state, d.attempts))
+        };
+        let dead = || {
+            r.dead_letters(Some("aff"), &Window::default())
+                .expect("list")
+                .items
+                .len()
+        };
+
+        // The dead letter before the final attempt it follows.
+        feed(
+            &st,
+            vec![
+                (
+                    "c1".into(),
+                    Input::DeadLetter(&raw[2], Box::new(dl.clone())),
+                ),
+                ("c1".into(), Input::Attempt(&raw[1], Box::new(a2))),
+                ("c1".into(), Input::Attempt(&raw[0], Box::new(a1))),
+            ],
+        );
+        assert_eq!(state(), Some((DeliveryState::DeadLettered, 2)));
+        assert_eq!(dead(), 1, "still a dead letter to re-fire");
+
+        // Re-fired; then the dead letter again (published twice upstream): still re-fired.
+        feed(
+            &st,
+            vec![
+                ("c1".into(), Input::Command(&raw[3], Box::new(cmd))),
+                ("c1".into(), Input::DeadLetter(&raw[2], Box::new(dl))),
+            ],
+        );
+        assert_eq!(state(), Some((DeliveryState::Refired, 2)));
+        assert_eq!(dead(), 0);
+
+        // The re-fired attempt moves it on.
+        feed(
+            &st,
+            vec![("c1".into(), Input::Attempt(&raw[4], Box::new(a3)))],
+        );
+        assert_eq!(state(), Some((DeliveryState::Delivered, 3)));
+        assert_eq!(dead(), 0);
     }
 
     #[test]
