@@ -28,6 +28,18 @@ async function api(path, options = {}) {
   return body;
 }
 
+// A view shows only the answer to its latest request. The browser fetches over several
+// connections, so an older answer can arrive after a newer one; drawn last, it would show
+// a state the page has already moved past. `const current = turn();` before the request,
+// `if (!current()) return;` after it.
+function latestOnly() {
+  let seq = 0;
+  return () => {
+    const mine = ++seq;
+    return () => mine === seq;
+  };
+}
+
 function cell(row, text) {
   const td = document.createElement("td");
   td.textContent = text === undefined || text === null ? "" : String(text);
@@ -124,10 +136,13 @@ function addFeedLine(ev) {
 function pager({ table, more, load, render }) {
   let cursor = null;
   const tbody = $(table + " tbody");
+  const turn = latestOnly();
   async function page(reset) {
+    const current = turn();
     if (reset) { cursor = null; tbody.textContent = ""; }
     try {
       const p = await load(cursor);
+      if (!current()) return;
       for (const item of p.items) render(tbody, item);
       cursor = p.next_cursor;
       $(more).hidden = !cursor;
@@ -175,9 +190,12 @@ const deadLetters = pager({
   },
 });
 
+const endpointsTurn = latestOnly();
 async function loadEndpoints() {
+  const current = endpointsTurn();
   try {
     const eps = await api("/api/v1/endpoints");
+    if (!current()) return;
     const tbody = $("#endpoints tbody");
     tbody.textContent = "";
     for (const e of eps) {
@@ -189,18 +207,22 @@ async function loadEndpoints() {
 }
 
 // ---- Click story ----
+const storyTurn = latestOnly();
 async function showStory(clickId) {
+  const current = storyTurn();
   $("#click-input").value = clickId;
   const msg = $("#story-message");
   msg.textContent = "Looking up…";
-  $("#story").hidden = true;
+  // A refresh of the story shown keeps it on the page until the new answer replaces it.
+  if ($("#story").dataset.clickId !== clickId) $("#story").hidden = true;
   let s;
   try {
     s = await api("/api/v1/clicks/" + encodeURIComponent(clickId));
   } catch (e) {
-    msg.textContent = e.message;
+    if (current()) msg.textContent = e.message;
     return;
   }
+  if (!current()) return;
   msg.textContent = "";
   const facts = $("#story-click");
   facts.textContent = "";
@@ -230,6 +252,7 @@ async function showStory(clickId) {
     cell(tr, e.kind.replace("_", " "));
     cell(tr, describe(e));
   }
+  $("#story").dataset.clickId = clickId;
   $("#story").hidden = false;
 }
 
@@ -247,14 +270,17 @@ function describe(e) {
 }
 
 // ---- Totals ----
+const totalsTurn = latestOnly();
 async function loadTotals() {
   const f = new FormData($("#totals-form"));
   const by = ["aff", "offer", "event"].filter((k) => f.get(k));
   const to = Date.now() + 1;
   const from = to - Number(f.get("span"));
   const bucketMs = f.get("granularity") === "day" ? 86400000 : 3600000;
+  const current = totalsTurn();
   try {
     const rows = await api("/api/v1/totals?" + query({ granularity: f.get("granularity"), from, to, by: by.join(",") }));
+    if (!current()) return;
     const tbody = $("#totals-table tbody");
     tbody.textContent = "";
     const pct = (x) => (x === null || x === undefined ? "" : (100 * x).toFixed(1) + " %");

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use s2s_tests::{http, poll_until, Pipeline, PipelineOptions, TestEndpoint, CONSOLE_TOKEN};
+use s2s_tests::{
+    http, poll_for, poll_until, Pipeline, PipelineOptions, TestEndpoint, CONSOLE_TOKEN,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -297,12 +299,22 @@ async fn bulk_refire_takes_an_endpoints_dead_letters_in_a_range() {
         assert_eq!(r.status(), 200);
         clicks.push(click);
     }
-    let dead = poll_until("three dead letters", WAIT, || async {
+    let last = std::sync::Mutex::new(Value::Null);
+    let Some(dead) = poll_for(WAIT, || async {
         let (_, v) = api(&p, "/api/v1/dead-letters?endpoint=down").await;
-        let items = v["items"].as_array()?.clone();
-        (items.len() == 3).then_some(items)
+        let items = v["items"].as_array().cloned();
+        *last.lock().expect("lock") = v;
+        items.filter(|items| items.len() == 3)
     })
-    .await;
+    .await
+    else {
+        let counters = p.counters().await;
+        panic!(
+            "timed out after {WAIT:?} waiting for three dead letters; the console listed {}; \
+             the pipeline counted:\n{counters}",
+            last.lock().expect("lock")
+        );
+    };
     // Pages: two, then the last one, newest first, no row twice.
     let (_, first) = api(&p, "/api/v1/dead-letters?endpoint=down&limit=2").await;
     let cursor = first["next_cursor"]
@@ -612,7 +624,7 @@ async fn the_web_page_shows_the_story_and_refires_from_a_button() {
         c.find(Locator::Css(refire)).await.ok()?.click().await.ok()
     })
     .await;
-    poll_until("the new attempt on the page", WAIT, || async {
+    let timeline = poll_until("the new attempt on the page", WAIT, || async {
         c.find(Locator::Id("click-search"))
             .await
             .ok()?
@@ -627,16 +639,17 @@ async fn the_web_page_shows_the_story_and_refires_from_a_button() {
             .find_all(Locator::Css("#story-entries tr[data-kind='command']"))
             .await
             .ok()?;
-        (delivered.len() == 2 && commands.len() == 1).then_some(())
+        let timeline = c
+            .find(Locator::Css("#story-entries tbody"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (delivered.len() == 2 && commands.len() == 1 && timeline.contains("attempt 4"))
+            .then_some(timeline)
     })
     .await;
-    let timeline = c
-        .find(Locator::Css("#story-entries tbody"))
-        .await
-        .expect("timeline")
-        .text()
-        .await
-        .expect("text");
     assert!(timeline.contains("asked by tester"), "{timeline}");
     assert!(timeline.contains("attempt 4: delivered"), "{timeline}");
     screenshot(&c, "after-refire").await;
