@@ -66,7 +66,19 @@ pub fn mock_with_topics(partitions: i32) -> (Mock, TopicsConfig) {
 
 /// Calls `probe` every 50 ms until it returns `Some`, or panics naming `what` once
 /// `timeout` has passed.
-pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_for(timeout, probe)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Calls `probe` every 50 ms until it returns `Some`; `None` once `timeout` has passed
+/// (for a caller that explains the failure itself).
+pub async fn poll_for<T, F, Fut>(timeout: Duration, mut probe: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -74,12 +86,11 @@ where
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = probe().await {
-            return v;
+            return Some(v);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await; // poll
     }
 }
@@ -609,6 +620,40 @@ impl Pipeline {
     /// The console's admin listener (the pipeline must have been started with `console`).
     pub fn console_admin(&self) -> SocketAddr {
         self.console.expect("the console runs").1
+    }
+
+    /// Every non-zero counter of every service (`name{labels} value` lines, librdkafka's
+    /// statistics left out): what a test prints when a wait times out.
+    pub async fn counters(&self) -> String {
+        let mut admins = vec![
+            ("ingest", self.ingest_admin),
+            ("attributor", self.attributor_admin),
+            ("delivery", self.delivery_admin),
+        ];
+        if let Some((_, admin)) = self.console {
+            admins.push(("console", admin));
+        }
+        let mut out = String::new();
+        for (service, admin) in admins {
+            let body = match reqwest::get(format!("http://{admin}/metrics")).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => format!("(no metrics: {e})"),
+            };
+            out.push_str(&format!("{service}:\n"));
+            for line in body.lines().filter(|l| !l.starts_with('#')) {
+                let Some((series, value)) = line.rsplit_once(' ') else {
+                    continue;
+                };
+                let name = series.split('{').next().unwrap_or_default();
+                if name.ends_with("_total")
+                    && !name.contains("kafka")
+                    && value.parse::<f64>().is_ok_and(|v| v != 0.0)
+                {
+                    out.push_str(&format!("  {line}\n"));
+                }
+            }
+        }
+        out
     }
 
     /// Stops every service and checks that each stopped cleanly.
