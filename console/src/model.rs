@@ -12,7 +12,7 @@ use s2s_state::StoreError;
 use serde::Serialize;
 
 use crate::schema::{
-    conversion_id_key, decode, encode, prefix, story_key, story_kind, timed, totals_key, value, Cf,
+    conversion_id_key, decode, encode, prefix, story_key, timed, totals_key, value, Cf,
     ConversionRow, DeliveryRow, DeliveryState, EndpointRow, Granularity, Kind, RejectionRow, Stage,
     Totals,
 };
@@ -101,6 +101,16 @@ pub fn apply(st: &mut Stage<'_>, input: &Input<'_>) -> Result<Option<LiveEvent>,
                         .entry(c.payout_currency.clone())
                         .or_insert(Decimal::ZERO) += c.payout;
                 })?;
+            }
+            if new {
+                // Delivered attempts read before their conversion (the delivery log and
+                // the conversions are two topics) found nothing to count under: count
+                // them now. An attempt read later counts itself.
+                for ts in delivered_attempts(st, &c.click_id, &c.conversion_id, c.version)? {
+                    add_totals(st, ts, &c.aff_id, &c.offer_id, &c.event, |t| {
+                        t.deliveries_ok += 1
+                    })?;
+                }
             }
             Ok(new.then(|| LiveEvent {
                 kind: Kind::Conversion,
@@ -222,11 +232,7 @@ fn conversion_of(
     conversion_id: &str,
     version: u32,
 ) -> Result<Option<Conversion>, StoreError> {
-    let p = prefix(click_id);
-    for (k, v) in st.scan_prefix(Cf::Story, &p)? {
-        if story_kind(&k, p.len()) != Some(Kind::Conversion) {
-            continue;
-        }
+    for (_, v) in st.scan_prefix(Cf::Story, &story_key(click_id, Kind::Conversion, ""))? {
         let c: Conversion = decode(Cf::Story, &v)?;
         if c.conversion_id == conversion_id && c.version == version {
             return Ok(Some(c));
@@ -266,6 +272,26 @@ impl Step {
 /// that wrote the row replaces it with itself.
 fn supersedes(old: Option<&DeliveryRow>, attempts: u32, step: Step) -> bool {
     old.is_none_or(|o| (attempts, step) >= (o.attempts, Step::of(o.state)))
+}
+
+/// When each delivered attempt of `conversion_id` v`version` in the story was made.
+fn delivered_attempts(
+    st: &Stage<'_>,
+    click_id: &str,
+    conversion_id: &str,
+    version: u32,
+) -> Result<Vec<i64>, StoreError> {
+    let mut out = Vec::new();
+    for (_, v) in st.scan_prefix(Cf::Story, &story_key(click_id, Kind::Attempt, ""))? {
+        let a: DeliveryAttempt = decode(Cf::Story, &v)?;
+        if a.outcome == AttemptOutcome::Delivered
+            && a.conversion_id == conversion_id
+            && a.conversion_version == version
+        {
+            out.push(a.ts_ms);
+        }
+    }
+    Ok(out)
 }
 
 fn load_delivery(st: &Stage<'_>, id: &str) -> Result<Option<DeliveryRow>, StoreError> {

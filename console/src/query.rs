@@ -769,6 +769,50 @@ mod tests {
         assert!(r.story("nobody").expect("read").is_none());
     }
 
+    /// A delivered attempt counts in the totals once, whether it is read before or after
+    /// its conversion (two topics), and a replay of either counts nothing more.
+    #[test]
+    fn a_delivery_counts_once_in_the_totals_whatever_the_reading_order() {
+        for attempt_first in [true, false] {
+            let dir = tempfile::tempdir().expect("dir");
+            let st = stores(dir.path(), 1);
+            let r = Reader::new(&st);
+            let cv = conversion("c1", "42", 1, 1, 2_000);
+            let ok = attempt(&cv, 1, AttemptOutcome::Delivered, None, 3_000);
+            let raw = [contract::encode(&cv), contract::encode(&ok)];
+            let conv = || {
+                (
+                    "c1".to_string(),
+                    Input::Conversion(&raw[0], Box::new(cv.clone())),
+                )
+            };
+            let att = || {
+                (
+                    "c1".to_string(),
+                    Input::Attempt(&raw[1], Box::new(ok.clone())),
+                )
+            };
+            let inputs = if attempt_first {
+                vec![att(), conv(), att(), conv()]
+            } else {
+                vec![conv(), att(), conv(), att()]
+            };
+            feed(&st, inputs);
+            let totals = r
+                .totals(Granularity::Hour, 0, 10_000, GroupBy::default(), None)
+                .expect("totals");
+            assert_eq!(
+                (
+                    totals.iter().map(|t| t.totals.conversions).sum::<u64>(),
+                    totals.iter().map(|t| t.totals.deliveries_ok).sum::<u64>(),
+                    totals[0].delivery_success_rate,
+                ),
+                (1, 1, Some(1.0)),
+                "attempt read first: {attempt_first}"
+            );
+        }
+    }
+
     /// Attempts, dead letters and commands come on three topics: whatever order they are
     /// read in, the delivery ends where its records say it is.
     #[test]
