@@ -106,10 +106,13 @@ pub fn apply(st: &mut Stage<'_>, input: &Input<'_>) -> Result<Option<LiveEvent>,
                 // Delivered attempts read before their conversion (the delivery log and
                 // the conversions are two topics) found nothing to count under: count
                 // them now. An attempt read later counts itself.
-                for ts in delivered_attempts(st, &c.click_id, &c.conversion_id, c.version)? {
+                let p = uncounted_key(&c.click_id, &c.conversion_id, c.version, "");
+                for (k, v) in st.scan_prefix(Cf::Uncounted, &p)? {
+                    let ts: i64 = decode(Cf::Uncounted, &v)?;
                     add_totals(st, ts, &c.aff_id, &c.offer_id, &c.event, |t| {
                         t.deliveries_ok += 1
                     })?;
+                    st.delete(Cf::Uncounted, k);
                 }
             }
             Ok(new.then(|| LiveEvent {
@@ -274,24 +277,14 @@ fn supersedes(old: Option<&DeliveryRow>, attempts: u32, step: Step) -> bool {
     old.is_none_or(|o| (attempts, step) >= (o.attempts, Step::of(o.state)))
 }
 
-/// When each delivered attempt of `conversion_id` v`version` in the story was made.
-fn delivered_attempts(
-    st: &Stage<'_>,
-    click_id: &str,
-    conversion_id: &str,
-    version: u32,
-) -> Result<Vec<i64>, StoreError> {
-    let mut out = Vec::new();
-    for (_, v) in st.scan_prefix(Cf::Story, &story_key(click_id, Kind::Attempt, ""))? {
-        let a: DeliveryAttempt = decode(Cf::Story, &v)?;
-        if a.outcome == AttemptOutcome::Delivered
-            && a.conversion_id == conversion_id
-            && a.conversion_version == version
-        {
-            out.push(a.ts_ms);
-        }
-    }
-    Ok(out)
+/// Where a delivered attempt waits for its conversion to be counted under.
+fn uncounted_key(click_id: &str, conversion_id: &str, version: u32, attempt_id: &str) -> Vec<u8> {
+    [
+        prefix(click_id).as_slice(),
+        &conversion_id_key(conversion_id, version),
+        attempt_id.as_bytes(),
+    ]
+    .concat()
 }
 
 fn load_delivery(st: &Stage<'_>, id: &str) -> Result<Option<DeliveryRow>, StoreError> {
@@ -400,10 +393,16 @@ fn attempt(
         }
     })?;
     if delivered {
-        if let Some(c) = conversion_of(st, &a.click_id, &a.conversion_id, a.conversion_version)? {
-            add_totals(st, a.ts_ms, &c.aff_id, &c.offer_id, &c.event, |t| {
+        match conversion_of(st, &a.click_id, &a.conversion_id, a.conversion_version)? {
+            Some(c) => add_totals(st, a.ts_ms, &c.aff_id, &c.offer_id, &c.event, |t| {
                 t.deliveries_ok += 1
-            })?;
+            })?,
+            None => put(
+                st,
+                Cf::Uncounted,
+                uncounted_key(&a.click_id, &a.conversion_id, a.conversion_version, &id),
+                encode(&a.ts_ms),
+            ),
         }
     }
     Ok(Some(LiveEvent {

@@ -810,6 +810,13 @@ mod tests {
                 (1, 1, Some(1.0)),
                 "attempt read first: {attempt_first}"
             );
+            assert!(
+                st[0]
+                    .scan(Cf::Uncounted, &[], |_| true, 10)
+                    .expect("scan")
+                    .is_empty(),
+                "nothing left waiting for its conversion"
+            );
         }
     }
 

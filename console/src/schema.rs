@@ -23,6 +23,9 @@
 //! - `endpoints`: endpoint → [`EndpointRow`]: counts and the last error.
 //! - `totals`: `[h|d][bucket start ts][aff][0][offer][0][event]` → [`Totals`].
 //! - `meta`: input offsets.
+//! - `uncounted`: `[click ID][0][conversion ID][0][version][attempt ID]` → attempt ts: a
+//!   delivered attempt read before its conversion, which the totals count under; the
+//!   conversion counts it on arrival and removes the entry (so the family stays near empty).
 //!
 //! Retention ([`Retention`]): values of every family but `endpoints` and `meta` begin with
 //! their write time (8 bytes, [`s2s_state::stamped`]), which the stores' compaction
@@ -49,6 +52,7 @@ pub enum Cf {
     Endpoints,
     Totals,
     Meta,
+    Uncounted,
 }
 
 impl Family for Cf {
@@ -65,6 +69,7 @@ impl Family for Cf {
         Cf::Endpoints,
         Cf::Totals,
         Cf::Meta,
+        Cf::Uncounted,
     ];
     const META: Cf = Cf::Meta;
 
@@ -86,6 +91,7 @@ impl Family for Cf {
             Cf::Endpoints => "endpoints",
             Cf::Totals => "totals",
             Cf::Meta => "meta",
+            Cf::Uncounted => "uncounted",
         }
     }
 }
