@@ -287,6 +287,27 @@ fn uncounted_key(click_id: &str, conversion_id: &str, version: u32, attempt_id: 
     .concat()
 }
 
+/// When the latest re-fire of `delivery_id` asked at or after `since_ms` was asked, if the
+/// click's story has one: a command that came after a dead letter re-fires it.
+fn refired_since(
+    st: &Stage<'_>,
+    click_id: &str,
+    delivery_id: &str,
+    since_ms: i64,
+) -> Result<Option<i64>, StoreError> {
+    let mut latest = None;
+    for (_, v) in st.scan_prefix(Cf::Story, &story_key(click_id, Kind::Command, ""))? {
+        let c: DeliveryCommand = decode(Cf::Story, &v)?;
+        if c.action == CommandAction::Redeliver
+            && c.requested_at_ms >= since_ms
+            && s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint) == delivery_id
+        {
+            latest = latest.max(Some(c.requested_at_ms));
+        }
+    }
+    Ok(latest)
+}
+
 fn load_delivery(st: &Stage<'_>, id: &str) -> Result<Option<DeliveryRow>, StoreError> {
     st.get(Cf::Deliveries, id.as_bytes())?
         .map(|v| decode(Cf::Deliveries, &v))
@@ -436,7 +457,7 @@ fn dead_letter(
     let new = put_story(st, &c.click_id, Kind::DeadLetter, &id, raw)?;
     let old = load_delivery(st, &d.delivery_id)?;
     if supersedes(old.as_ref(), d.attempts, Step::DeadLetter) {
-        let row = DeliveryRow {
+        let mut row = DeliveryRow {
             delivery_id: d.delivery_id.clone(),
             click_id: c.click_id.clone(),
             conversion_id: c.conversion_id.clone(),
@@ -450,6 +471,12 @@ fn dead_letter(
             updated_ms: d.dead_lettered_at_ms,
             dead_at_ms: Some(d.dead_lettered_at_ms),
         };
+        // A re-fire of this dead letter read before it (commands are a third topic).
+        if let Some(at) = refired_since(st, &c.click_id, &d.delivery_id, d.dead_lettered_at_ms)? {
+            row.state = DeliveryState::Refired;
+            row.dead_at_ms = None;
+            row.updated_ms = at;
+        }
         write_delivery(st, old.as_ref(), &row);
     }
     if !new {

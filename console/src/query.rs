@@ -631,6 +631,17 @@ mod tests {
         }
     }
 
+    /// Delivery `id`'s state and attempts, and how many dead letters "aff" has now.
+    fn where_is(r: &Reader<'_>, id: &str) -> (Option<(DeliveryState, u32)>, usize) {
+        let row = r.delivery(id).expect("read").map(|d| (d.state, d.attempts));
+        let dead = r
+            .dead_letters(Some("aff"), &Window::default())
+            .expect("list")
+            .items
+            .len();
+        (row, dead)
+    }
+
     /// Applies records to the store of their click (by a stand-in partitioner).
     fn feed(stores: &[Arc<Store>], inputs: Vec<(String, Input<'_>)>) {
         for (click, input) in inputs {
@@ -769,6 +780,55 @@ mod tests {
         assert!(r.story("nobody").expect("read").is_none());
     }
 
+    /// A re-fire read before the dead letter it re-fires (or before the attempt that led
+    /// to it) still takes the delivery out of the dead letters; a later dead-lettering
+    /// of the re-fired delivery puts it back.
+    #[test]
+    fn a_refire_read_before_its_dead_letter_still_refires_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let st = stores(dir.path(), 1);
+        let r = Reader::new(&st);
+        let cv = conversion("c1", "42", 1, 1, 2_000);
+        let a2 = attempt(&cv, 2, AttemptOutcome::Retryable, None, 9_000);
+        let dl = dead_letter(&cv, 2, 9_001);
+        let cmd = redeliver(&cv, "cmd1", 10_000);
+        let a4 = attempt(&cv, 4, AttemptOutcome::Retryable, None, 12_000);
+        let dl2 = dead_letter(&cv, 4, 12_001);
+        let raw = [
+            contract::encode(&a2),
+            contract::encode(&dl),
+            contract::encode(&cmd),
+            contract::encode(&a4),
+            contract::encode(&dl2),
+        ];
+        let id = dl.delivery_id.clone();
+        feed(
+            &st,
+            vec![
+                ("c1".into(), Input::Command(&raw[2], Box::new(cmd))),
+                ("c1".into(), Input::Attempt(&raw[0], Box::new(a2))),
+                ("c1".into(), Input::DeadLetter(&raw[1], Box::new(dl))),
+            ],
+        );
+        assert_eq!(
+            where_is(&r, &id),
+            (Some((DeliveryState::Refired, 2)), 0),
+            "re-fired already"
+        );
+        // The re-fired delivery failed again: a dead letter after the command.
+        feed(
+            &st,
+            vec![
+                ("c1".into(), Input::DeadLetter(&raw[4], Box::new(dl2))),
+                ("c1".into(), Input::Attempt(&raw[3], Box::new(a4))),
+            ],
+        );
+        assert_eq!(
+            where_is(&r, &id),
+            (Some((DeliveryState::DeadLettered, 4)), 1)
+        );
+    }
+
     /// A delivered attempt counts in the totals once, whether it is read before or after
     /// its conversion (two topics), and a replay of either counts nothing more.
     #[test]
@@ -841,17 +901,6 @@ mod tests {
             contract::encode(&a3),
         ];
         let id = a1.delivery_id.clone();
-        let state = || {
-            r.delivery(&id)
-                .expect("read")
-                .map(|d| (d.state, d.attempts))
-        };
-        let dead = || {
-            r.dead_letters(Some("aff"), &Window::default())
-                .expect("list")
-                .items
-                .len()
-        };
 
         // The dead letter before the final attempt it follows.
         feed(
@@ -865,8 +914,11 @@ mod tests {
                 ("c1".into(), Input::Attempt(&raw[0], Box::new(a1))),
             ],
         );
-        assert_eq!(state(), Some((DeliveryState::DeadLettered, 2)));
-        assert_eq!(dead(), 1, "still a dead letter to re-fire");
+        assert_eq!(
+            where_is(&r, &id),
+            (Some((DeliveryState::DeadLettered, 2)), 1),
+            "still a dead letter to re-fire"
+        );
 
         // Re-fired; then the dead letter again (published twice upstream): still re-fired.
         feed(
@@ -876,16 +928,14 @@ mod tests {
                 ("c1".into(), Input::DeadLetter(&raw[2], Box::new(dl))),
             ],
         );
-        assert_eq!(state(), Some((DeliveryState::Refired, 2)));
-        assert_eq!(dead(), 0);
+        assert_eq!(where_is(&r, &id), (Some((DeliveryState::Refired, 2)), 0));
 
         // The re-fired attempt moves it on.
         feed(
             &st,
             vec![("c1".into(), Input::Attempt(&raw[4], Box::new(a3)))],
         );
-        assert_eq!(state(), Some((DeliveryState::Delivered, 3)));
-        assert_eq!(dead(), 0);
+        assert_eq!(where_is(&r, &id), (Some((DeliveryState::Delivered, 3)), 0));
     }
 
     #[test]
