@@ -17,17 +17,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
+use hyper::header::HeaderValue;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
-use crate::{histogram, Run};
+use crate::Run;
 
 /// One keep-alive connection to `authority` (host:port).
 struct Conn {
     authority: String,
+    /// `authority` as the Host header, built once.
+    host: HeaderValue,
     sender: Option<SendRequest<Empty<Bytes>>>,
 }
 
@@ -39,6 +41,7 @@ impl Conn {
             .trim_end_matches('/')
             .to_string();
         Ok(Self {
+            host: HeaderValue::from_str(&authority).context("host")?,
             authority,
             sender: None,
         })
@@ -61,11 +64,11 @@ impl Conn {
 
     /// Sends one GET and reads the whole answer: Ok(true) for a 2xx.
     async fn get(&mut self, path: &str) -> anyhow::Result<bool> {
-        let authority = self.authority.clone();
+        let host = self.host.clone();
         let sender = self.connect().await?;
         sender.ready().await.context("connection")?;
         let req = Request::get(path)
-            .header(hyper::header::HOST, authority)
+            .header(hyper::header::HOST, host)
             .body(Empty::new())
             .context("request")?;
         let resp = match sender.send_request(req).await {
@@ -88,45 +91,16 @@ fn numbered(path: &str) -> String {
     path.replace("{n}", &SEQ.fetch_add(1, Ordering::Relaxed).to_string())
 }
 
-struct ConnResult {
-    ok: u64,
-    errors: u64,
-    latency_us: Histogram<u64>,
-    lag_us: Histogram<u64>,
-}
-
-impl ConnResult {
-    fn new() -> anyhow::Result<Self> {
-        Ok(Self {
-            ok: 0,
-            errors: 0,
-            latency_us: histogram()?,
-            lag_us: histogram()?,
-        })
-    }
-}
-
+/// The connections' runs as one, timed from `start`.
 async fn merge(
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<ConnResult>>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Run>>>,
     start: Instant,
     open: bool,
     base: &str,
 ) -> anyhow::Result<Run> {
-    let mut run = Run {
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: histogram()?,
-        lag_us: if open { Some(histogram()?) } else { None },
-    };
+    let mut run = Run::empty(open)?;
     for t in tasks {
-        let r = t.await??;
-        run.ok += r.ok;
-        run.errors += r.errors;
-        run.latency_us.add(r.latency_us)?;
-        if let Some(l) = run.lag_us.as_mut() {
-            l.add(r.lag_us)?;
-        }
+        run.absorb(t.await??)?;
     }
     run.elapsed = start.elapsed();
     if run.ok == 0 {
@@ -149,17 +123,10 @@ pub async fn closed_loop(
         let mut conn = Conn::new(base)?;
         let path = path.to_string();
         tasks.push(tokio::spawn(async move {
-            let mut r = ConnResult::new()?;
+            let mut r = Run::empty(false)?;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                match conn.get(&numbered(&path)).await {
-                    Ok(true) => {
-                        r.ok += 1;
-                        r.latency_us
-                            .saturating_record(t.elapsed().as_micros() as u64);
-                    }
-                    _ => r.errors += 1,
-                }
+                r.record(conn.get(&numbered(&path)).await, t);
             }
             anyhow::Ok(r)
         }));
@@ -197,24 +164,16 @@ pub async fn open_loop(
         senders.push(tx);
         let path = path.to_string();
         tasks.push(tokio::spawn(async move {
-            let mut r = ConnResult::new()?;
+            let mut r = Run::empty(true)?;
             let mut free_at = Instant::now();
             while let Some(scheduled) = rx.recv().await {
                 // Late because the generator was not scheduled in time, as opposed to late
                 // because this connection's previous request was still being answered.
-                r.lag_us.saturating_record(
-                    Instant::now()
-                        .saturating_duration_since(scheduled.max(free_at))
-                        .as_micros() as u64,
-                );
-                match conn.get(&numbered(&path)).await {
-                    Ok(true) => {
-                        r.ok += 1;
-                        r.latency_us
-                            .saturating_record(scheduled.elapsed().as_micros() as u64);
-                    }
-                    _ => r.errors += 1,
+                let lag = Instant::now().saturating_duration_since(scheduled.max(free_at));
+                if let Some(l) = r.lag_us.as_mut() {
+                    l.saturating_record(lag.as_micros() as u64);
                 }
+                r.record(conn.get(&numbered(&path)).await, scheduled);
                 free_at = Instant::now();
             }
             anyhow::Ok(r)

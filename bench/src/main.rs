@@ -248,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
             // Warm both up (connections, caches, the broker's first batches).
             load::closed_loop(&baseline, &path, connections, Duration::from_secs(2)).await?;
             load::closed_loop(&subject, &path, connections, Duration::from_secs(2)).await?;
-            let (mut base, mut subj) = (Run::empty()?, Run::empty()?);
+            let (mut base, mut subj) = (Run::empty(false)?, Run::empty(false)?);
             for round in 1..=rounds.max(1) {
                 let b = load::closed_loop(&baseline, &path, connections, d).await?;
                 println!(
@@ -336,14 +336,26 @@ struct Run {
 }
 
 impl Run {
-    fn empty() -> anyhow::Result<Self> {
+    /// Nothing yet; `with_lag` for an open-loop run.
+    fn empty(with_lag: bool) -> anyhow::Result<Self> {
         Ok(Self {
             ok: 0,
             errors: 0,
             elapsed: Duration::ZERO,
             latency_us: histogram()?,
-            lag_us: None,
+            lag_us: if with_lag { Some(histogram()?) } else { None },
         })
+    }
+    /// Counts one request's answer (`Ok(true)`: a 2xx), its latency measured from `since`.
+    fn record(&mut self, answer: anyhow::Result<bool>, since: std::time::Instant) {
+        match answer {
+            Ok(true) => {
+                self.ok += 1;
+                self.latency_us
+                    .saturating_record(since.elapsed().as_micros() as u64);
+            }
+            _ => self.errors += 1,
+        }
     }
     /// Adds another run of the same kind: counts, time and latencies.
     fn absorb(&mut self, other: Run) -> anyhow::Result<()> {
@@ -351,6 +363,9 @@ impl Run {
         self.errors += other.errors;
         self.elapsed += other.elapsed;
         self.latency_us.add(other.latency_us)?;
+        if let (Some(mine), Some(theirs)) = (self.lag_us.as_mut(), other.lag_us) {
+            mine.add(theirs)?;
+        }
         Ok(())
     }
     fn rate(&self) -> f64 {

@@ -228,6 +228,18 @@ fn add_totals(
     Ok(())
 }
 
+/// The records of one kind in `click_id`'s story, decoded: one prefix read.
+fn story_records<T: serde::de::DeserializeOwned>(
+    st: &Stage<'_>,
+    click_id: &str,
+    kind: Kind,
+) -> Result<Vec<T>, StoreError> {
+    st.scan_prefix(Cf::Story, &story_key(click_id, kind, ""))?
+        .iter()
+        .map(|(_, v)| decode(Cf::Story, v))
+        .collect()
+}
+
 /// The conversion `conversion_id` v`version` of `click_id`, if the story has it.
 fn conversion_of(
     st: &Stage<'_>,
@@ -235,13 +247,9 @@ fn conversion_of(
     conversion_id: &str,
     version: u32,
 ) -> Result<Option<Conversion>, StoreError> {
-    for (_, v) in st.scan_prefix(Cf::Story, &story_key(click_id, Kind::Conversion, ""))? {
-        let c: Conversion = decode(Cf::Story, &v)?;
-        if c.conversion_id == conversion_id && c.version == version {
-            return Ok(Some(c));
-        }
-    }
-    Ok(None)
+    Ok(story_records::<Conversion>(st, click_id, Kind::Conversion)?
+        .into_iter()
+        .find(|c| c.conversion_id == conversion_id && c.version == version))
 }
 
 /// What a delivery record says happened after its attempt number `attempts`: the attempt
@@ -295,17 +303,18 @@ fn refired_since(
     delivery_id: &str,
     since_ms: i64,
 ) -> Result<Option<i64>, StoreError> {
-    let mut latest = None;
-    for (_, v) in st.scan_prefix(Cf::Story, &story_key(click_id, Kind::Command, ""))? {
-        let c: DeliveryCommand = decode(Cf::Story, &v)?;
-        if c.action == CommandAction::Redeliver
-            && c.requested_at_ms >= since_ms
-            && s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint) == delivery_id
-        {
-            latest = latest.max(Some(c.requested_at_ms));
-        }
-    }
-    Ok(latest)
+    Ok(
+        story_records::<DeliveryCommand>(st, click_id, Kind::Command)?
+            .into_iter()
+            .filter(|c| {
+                c.action == CommandAction::Redeliver
+                    && c.requested_at_ms >= since_ms
+                    && s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint)
+                        == delivery_id
+            })
+            .map(|c| c.requested_at_ms)
+            .max(),
+    )
 }
 
 fn load_delivery(st: &Stage<'_>, id: &str) -> Result<Option<DeliveryRow>, StoreError> {
