@@ -281,9 +281,14 @@ versioned!(
 
 /// Serialises a record for a Kafka payload.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    // Sized for a typical record, so that it is written without growing the buffer.
+    let mut out = Vec::with_capacity(512);
     // Serialising these plain structs cannot fail: no maps with non-string keys, no
     // custom serialisers that error.
-    serde_json::to_vec(record).unwrap_or_default()
+    match serde_json::to_writer(&mut out, record) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Parses a Kafka payload and checks its schema version.

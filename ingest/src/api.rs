@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, MatchedPath, Path, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -224,7 +224,7 @@ impl App {
         peer: SocketAddr,
         method: &Method,
         headers: &HeaderMap,
-        query: Option<String>,
+        query: Option<&str>,
         body: Body,
     ) -> Result<Admitted, ApiError> {
         let name = source.as_deref().unwrap_or("default");
@@ -304,12 +304,13 @@ fn unsupported(ct: &str, supported: &str) -> ApiError {
 async fn click(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    let (parts, _) = req.into_parts();
+    let headers = &parts.headers;
     let result = async {
-        let pairs = parse_urlencoded(query.unwrap_or_default().as_bytes())?;
-        let meta = request_meta(app.proxies.client_ip(peer.ip(), &headers), &headers);
+        let pairs = parse_urlencoded(parts.uri.query().unwrap_or_default().as_bytes())?;
+        let meta = request_meta(app.proxies.client_ip(peer.ip(), headers), headers);
         let (click, location) = build_click(pairs, &app.offers, meta, new_ulid(), now_ms())?;
         app.publish(&click).await?;
         Ok(location)
@@ -323,18 +324,24 @@ async fn postback(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     source: Option<Path<String>>,
-    method: Method,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Body,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (method, headers) = (&parts.method, &parts.headers);
     let result = async {
         let a = app
-            .admit(source.map(|p| p.0), peer, &method, &headers, query, body)
+            .admit(
+                source.map(|p| p.0),
+                peer,
+                method,
+                headers,
+                parts.uri.query(),
+                body,
+            )
             .await?;
         let mut pairs = a.pairs;
-        if method == Method::POST && !a.body.is_empty() {
-            let ct = content_type(&headers);
+        if *method == Method::POST && !a.body.is_empty() {
+            let ct = content_type(headers);
             let body_pairs = match ct.as_str() {
                 "application/json" => parse_json_object(&a.body)?,
                 "application/x-www-form-urlencoded" | "" => parse_urlencoded(&a.body)?,
@@ -364,24 +371,32 @@ async fn postback(
     .await;
     app.count("postback", &result);
     let pb = result?;
-    Ok(Json(serde_json::json!({
-        "status": "accepted",
-        "postback_id": pb.postback_id,
-        "click_id": pb.click_id,
-    }))
+    Ok(Json(Accepted {
+        status: "accepted",
+        postback_id: &pb.postback_id,
+        click_id: &pb.click_id,
+    })
     .into_response())
+}
+
+/// The answer to an accepted postback.
+#[derive(Serialize)]
+struct Accepted<'a> {
+    status: &'static str,
+    postback_id: &'a str,
+    click_id: &'a str,
 }
 
 async fn postback_batch(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     source: Option<Path<String>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Body,
+    req: Request,
 ) -> Result<Response, ApiError> {
-    let request = (source.map(|p| p.0), peer, query, body);
-    run_batch::<Postback>(&app, &headers, request, |a, mut pairs| {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let request = (source.map(|p| p.0), peer, parts.uri.query(), body);
+    run_batch::<Postback>(&app, headers, request, |a, mut pairs| {
         a.source.apply_aliases(&mut pairs);
         build_postback(
             pairs,
@@ -399,12 +414,12 @@ async fn click_batch(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     source: Option<Path<String>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Body,
+    req: Request,
 ) -> Result<Response, ApiError> {
-    let request = (source.map(|p| p.0), peer, query, body);
-    run_batch::<Click>(&app, &headers, request, |_, pairs| {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let request = (source.map(|p| p.0), peer, parts.uri.query(), body);
+    run_batch::<Click>(&app, headers, request, |_, pairs| {
         build_operator_click(pairs, now_ms())
     })
     .await
@@ -426,7 +441,7 @@ struct ItemResult {
 async fn run_batch<R: Record>(
     app: &App,
     headers: &HeaderMap,
-    (source, peer, query, body): (Option<String>, SocketAddr, Option<String>, Body),
+    (source, peer, query, body): (Option<String>, SocketAddr, Option<&str>, Body),
     build: impl Fn(&Admitted, Pairs) -> Result<R, ApiError>,
 ) -> Result<Response, ApiError> {
     let admitted = async {

@@ -4,6 +4,9 @@
 use anyhow::Context;
 use s2s_common::config::ServiceArgs;
 
+#[global_allocator]
+static ALLOCATOR: s2s_ingest::Allocator = s2s_ingest::Allocator;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = ServiceArgs::from_command_line();
