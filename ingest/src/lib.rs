@@ -34,8 +34,8 @@ pub use config::IngestConfig;
 /// frees every message on its own threads, and hyper's buffers move between workers.
 /// mimalloc frees across threads without those locks; its `override` feature also serves
 /// librdkafka's `malloc`. Two ingest binaries head to head on one broker: +2% to +5%
-/// requests per second over glibc (three runs), +3% over jemalloc, and about +2% over
-/// mimalloc for Rust's allocations only.
+/// requests per second over glibc (three runs), +5.5% over jemalloc (one run), and 1 – 3%
+/// over mimalloc for Rust's allocations only (two runs). README, performance section.
 pub use mimalloc::MiMalloc as Allocator;
 
 #[derive(Debug, thiserror::Error)]
