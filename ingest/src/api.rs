@@ -393,10 +393,7 @@ async fn postback_batch(
     source: Option<Path<String>>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let headers = &parts.headers;
-    let request = (source.map(|p| p.0), peer, parts.uri.query(), body);
-    run_batch::<Postback>(&app, headers, request, |a, mut pairs| {
+    run_batch::<Postback>(&app, (source.map(|p| p.0), peer, req), |a, mut pairs| {
         a.source.apply_aliases(&mut pairs);
         build_postback(
             pairs,
@@ -416,10 +413,7 @@ async fn click_batch(
     source: Option<Path<String>>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let headers = &parts.headers;
-    let request = (source.map(|p| p.0), peer, parts.uri.query(), body);
-    run_batch::<Click>(&app, headers, request, |_, pairs| {
+    run_batch::<Click>(&app, (source.map(|p| p.0), peer, req), |_, pairs| {
         build_operator_click(pairs, now_ms())
     })
     .await
@@ -440,13 +434,21 @@ struct ItemResult {
 /// content type, unparseable batch) counts as one invalid record.
 async fn run_batch<R: Record>(
     app: &App,
-    headers: &HeaderMap,
-    (source, peer, query, body): (Option<String>, SocketAddr, Option<&str>, Body),
+    (source, peer, req): (Option<String>, SocketAddr, Request),
     build: impl Fn(&Admitted, Pairs) -> Result<R, ApiError>,
 ) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
     let admitted = async {
         let a = app
-            .admit(source, peer, &Method::POST, headers, query, body)
+            .admit(
+                source,
+                peer,
+                &Method::POST,
+                headers,
+                parts.uri.query(),
+                body,
+            )
             .await?;
         let ct = content_type(headers);
         if !matches!(
