@@ -6,6 +6,7 @@
 //! producer queue gets a 503 with `Retry-After`, never a silent drop. `/readyz` is ready
 //! only while the producer has a broker connection (see `s2s_common::kafka_stats`).
 
+pub mod acks;
 pub mod api;
 pub mod batch;
 pub mod config;
@@ -20,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{self, Admin};
@@ -50,6 +50,8 @@ pub enum IngestError {
     Serve(#[from] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Producer(#[from] acks::StartError),
 }
 
 /// A started ingest: topics provisioned, producer connected, listeners bound.
@@ -74,12 +76,13 @@ impl Ingest {
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
         let stats = KafkaStats::new(&admin.registry, "ingest", admin.health.clone())?;
-        let producer: FutureProducer<KafkaStats> = config
-            .kafka
-            .producer_config()
-            .set("message.timeout.ms", config.produce_timeout_ms.to_string())
-            .create_with_context(stats)
-            .map_err(KafkaSetupError::from)?;
+        let producer = acks::ReactorProducer::start(
+            config
+                .kafka
+                .producer_config()
+                .set("message.timeout.ms", config.produce_timeout_ms.to_string()),
+            stats,
+        )?;
         let app = Arc::new(App {
             publisher: publish::Publisher::new(producer, metrics.produce_seconds.clone()),
             offers: compiled.offers,

@@ -5,12 +5,15 @@
 //! replica. A full producer queue fails at once (backpressure, the caller answers 503);
 //! an unreachable broker fails after `message.timeout.ms`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::HistogramVec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use s2s_common::kafka_stats::KafkaStats;
+use rdkafka::producer::BaseRecord;
+use tokio::sync::oneshot;
+
+use crate::acks::ReactorProducer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -24,7 +27,7 @@ pub enum PublishError {
 
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer<KafkaStats>,
+    producer: Arc<ReactorProducer>,
     produce_seconds: HistogramVec,
 }
 
@@ -35,7 +38,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(producer: FutureProducer<KafkaStats>, produce_seconds: HistogramVec) -> Self {
+    pub fn new(producer: Arc<ReactorProducer>, produce_seconds: HistogramVec) -> Self {
         Publisher {
             producer,
             produce_seconds,
@@ -51,17 +54,20 @@ impl Publisher {
         payload: &[u8],
     ) -> Result<(), PublishError> {
         let started = Instant::now();
-        let record = FutureRecord::to(topic).key(key).payload(payload);
-        let delivery = match self.producer.send_result(record) {
-            Ok(d) => d,
+        let (ack, delivery) = oneshot::channel();
+        let record = BaseRecord::with_opaque_to(topic, Box::new(ack))
+            .key(key)
+            .payload(payload);
+        match self.producer.producer().send(record) {
+            Ok(()) => {}
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(PublishError::QueueFull)
             }
             Err((e, _)) => return Err(PublishError::NotAcknowledged(e)),
-        };
+        }
         let result = match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(PublishError::NotAcknowledged(e)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(PublishError::NotAcknowledged(e)),
             Err(_) => Err(PublishError::Dropped),
         };
         self.produce_seconds

@@ -55,10 +55,7 @@ fn app_on(bootstrap: &str) -> Arc<App> {
     let metrics = s2s_ingest::metrics::Metrics::new(&registry).expect("metrics");
     let stats = KafkaStats::new(&registry, "ingest", Default::default()).expect("stats");
     // Never connected: creating a producer does not contact the broker.
-    let producer = config
-        .kafka
-        .producer_config()
-        .create_with_context(stats)
+    let producer = s2s_ingest::acks::ReactorProducer::start(&config.kafka.producer_config(), stats)
         .expect("producer");
     Arc::new(App {
         publisher: s2s_ingest::publish::Publisher::new(producer, metrics.produce_seconds.clone()),
@@ -282,6 +279,8 @@ mod random_requests {
             mock.create_topic(t, 1, 1).expect("topic");
         }
         let rt = tokio::runtime::Runtime::new().expect("runtime");
+        // The producer's delivery reports are served by a task on this runtime.
+        let _in_runtime = rt.enter();
         let app = router(app_on(&mock.bootstrap_servers()));
         let watcher: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", mock.bootstrap_servers())
