@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{self, Admin};
@@ -121,7 +122,7 @@ impl Ingest {
         let admin = self.admin.spawn(shutdown.clone());
         let public =
             api::router(self.app.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(self.listener, public)
+        let served = axum::serve(self.listener.tap_io(no_delay), public)
             .with_graceful_shutdown({
                 let health = health.clone();
                 let s = shutdown.clone();
@@ -143,7 +144,34 @@ impl Ingest {
     }
 }
 
+/// Answers leave at once: with Nagle's algorithm a response written while an earlier
+/// segment is unacknowledged waits for that ACK, which the client may delay by up to
+/// 40 ms.
+fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+    }
+}
+
 /// Binds and serves until `shutdown`.
 pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<(), IngestError> {
     Ingest::bind(config).await?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_acks() -> std::io::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mut listener = listener.tap_io(no_delay);
+        let addr = axum::serve::Listener::local_addr(&listener)?;
+        let client = tokio::net::TcpStream::connect(addr).await?;
+        let (server, _) = axum::serve::Listener::accept(&mut listener).await;
+        // Linux's default for a fresh socket is Nagle on; the client side shows it.
+        assert!(!client.nodelay()?);
+        assert!(server.nodelay()?);
+        Ok(())
+    }
 }
