@@ -15,9 +15,8 @@
 //! head to head against the `FutureProducer` build (two binaries on one broker, four
 //! runs): 6.5% less CPU and 9% fewer voluntary context switches per request, p50 at
 //! half the maximum rate lower in five pairs of six; throughput and p99 differ by less
-//! than the noise (README, performance section). (librdkafka
-//! allows either this or a callback wake-up on a queue; rdkafka sets neither on a
-//! producer's main queue.)
+//! than the noise (README, performance section). librdkafka allows either this or a
+//! callback wake-up on a queue; rdkafka sets neither on a producer's main queue.
 //!
 //! The wake-up protocol, from librdkafka's `rd_kafka_q_io_event`: one byte is written
 //! when an event is put into the *empty* main queue and no byte has been written since
