@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -222,11 +223,10 @@ impl App {
         &self,
         source: Option<String>,
         peer: SocketAddr,
-        method: &Method,
-        headers: &HeaderMap,
-        query: Option<&str>,
+        parts: &Parts,
         body: Body,
     ) -> Result<Admitted, ApiError> {
+        let headers = &parts.headers;
         let name = source.as_deref().unwrap_or("default");
         let source = self.sources.get(name).cloned().ok_or_else(|| {
             ApiError::new(
@@ -247,11 +247,11 @@ impl App {
                     format!("request body exceeds {} bytes", self.max_body_bytes),
                 )
             })?;
-        let query = query.unwrap_or_default();
+        let query = parts.uri.query().unwrap_or_default();
         let mut pairs = parse_urlencoded(query.as_bytes())?;
         // `token` is reserved for authentication and never stored.
         let token = take(&mut pairs, "token");
-        let payload = if *method == Method::POST {
+        let payload = if parts.method == Method::POST {
             &body[..]
         } else {
             query.as_bytes()
@@ -327,21 +327,11 @@ async fn postback(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let (method, headers) = (&parts.method, &parts.headers);
     let result = async {
-        let a = app
-            .admit(
-                source.map(|p| p.0),
-                peer,
-                method,
-                headers,
-                parts.uri.query(),
-                body,
-            )
-            .await?;
+        let a = app.admit(source.map(|p| p.0), peer, &parts, body).await?;
         let mut pairs = a.pairs;
-        if *method == Method::POST && !a.body.is_empty() {
-            let ct = content_type(headers);
+        if parts.method == Method::POST && !a.body.is_empty() {
+            let ct = content_type(&parts.headers);
             let body_pairs = match ct.as_str() {
                 "application/json" => parse_json_object(&a.body)?,
                 "application/x-www-form-urlencoded" | "" => parse_urlencoded(&a.body)?,
@@ -438,19 +428,10 @@ async fn run_batch<R: Record>(
     build: impl Fn(&Admitted, Pairs) -> Result<R, ApiError>,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let headers = &parts.headers;
     let admitted = async {
-        let a = app
-            .admit(
-                source,
-                peer,
-                &Method::POST,
-                headers,
-                parts.uri.query(),
-                body,
-            )
-            .await?;
-        let ct = content_type(headers);
+        // The batch routes take POST only (405 otherwise), so authentication is over the body.
+        let a = app.admit(source, peer, &parts, body).await?;
+        let ct = content_type(&parts.headers);
         if !matches!(
             ct.as_str(),
             "application/json" | "application/x-ndjson" | ""
