@@ -109,6 +109,21 @@ async fn merge(
     Ok(run)
 }
 
+/// `connections` open connections, made one after another before a run's clock starts,
+/// so that connection set-up is not charged to the run. Connecting hundreds at once inside
+/// the run made a few first requests wait about a second (in half the rounds of the 256-
+/// and 512-connection runs; most likely a SYN the listener dropped, which TCP retries
+/// after one second), which idled those connections for a tenth of a 10 s round.
+async fn connect_all(base: &str, connections: usize) -> anyhow::Result<Vec<Conn>> {
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let mut conn = Conn::new(base)?;
+        conn.connect().await?;
+        conns.push(conn);
+    }
+    Ok(conns)
+}
+
 /// `connections` connections, each sending the next request as soon as the last answered.
 pub async fn closed_loop(
     base: &str,
@@ -116,11 +131,11 @@ pub async fn closed_loop(
     connections: usize,
     d: Duration,
 ) -> anyhow::Result<Run> {
+    let conns = connect_all(base, connections).await?;
     let start = Instant::now();
     let deadline = start + d;
     let mut tasks = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        let mut conn = Conn::new(base)?;
+    for mut conn in conns {
         let path = path.to_string();
         tasks.push(tokio::spawn(async move {
             let mut r = Run::empty(false)?;
@@ -150,13 +165,7 @@ pub async fn open_loop(
 ) -> anyhow::Result<Run> {
     let total = (d.as_secs_f64() * rate) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
-    // Connect first, so connection set-up is not charged to the first requests.
-    let mut conns = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        let mut conn = Conn::new(base)?;
-        conn.connect().await?;
-        conns.push(conn);
-    }
+    let conns = connect_all(base, connections).await?;
     let mut senders = Vec::with_capacity(connections);
     let mut tasks = Vec::with_capacity(connections);
     for mut conn in conns {
