@@ -254,7 +254,7 @@ mod tests {
             run.errors
         );
         assert_eq!(run.latency_us.len(), run.ok);
-        // Nobody listening: every request fails and the run says so.
+        // Nobody listening: the connections cannot be opened and the run says so.
         let gone = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             format!("http://{}", l.local_addr()?)
