@@ -255,6 +255,12 @@ async fn main() -> anyhow::Result<()> {
             p99_goal_ms,
             open_rate,
         } => {
+            if let Some(r) = open_rate {
+                anyhow::ensure!(
+                    r.is_finite() && r >= 1.0,
+                    "--open-rate must be at least 1 request per second, got {r}"
+                );
+            }
             let d = Duration::from_secs(seconds);
             // Warm both up (connections, caches, the broker's first batches).
             load::closed_loop(&baseline, &path, connections, Duration::from_secs(2)).await?;
@@ -280,20 +286,20 @@ async fn main() -> anyhow::Result<()> {
                 base.describe()
             );
             println!("{name} subject, all rounds: {}", subj.describe());
-            let (half, which) = match open_rate {
+            let (rate, which) = match open_rate {
                 Some(r) => (r, "fixed by --open-rate"),
                 None => (subj.rate() / 2.0, "half its maximum"),
             };
-            let lat = load::open_loop(&subject, &path, half, connections, d).await?;
+            let lat = load::open_loop(&subject, &path, rate, connections, d).await?;
             println!(
-                "{name} subject at {half:.0} req/s ({which}): {}",
+                "{name} subject at {rate:.0} req/s ({which}): {}",
                 lat.describe()
             );
             // The same schedule against the no-op server: the tail that the machine, the
             // kernel and the generator add on their own at this rate.
-            let floor = load::open_loop(&baseline, &path, half, connections, d).await?;
+            let floor = load::open_loop(&baseline, &path, rate, connections, d).await?;
             println!(
-                "{name} baseline (no-op hyper) at {half:.0} req/s: {}",
+                "{name} baseline (no-op hyper) at {rate:.0} req/s: {}",
                 floor.describe()
             );
             let ratio = subj.rate() / base.rate();
@@ -305,7 +311,7 @@ async fn main() -> anyhow::Result<()> {
             };
             println!(
                 "{name}: {:.0} accepted/s (no-op hyper {:.0} req/s), p50 {:.2} ms p99 {:.2} ms at {:.0}/s (no-op hyper p99 {:.2} ms), errors {} ratio {:.2} (goal >= {goal}, p99 <= {p99_goal_ms} ms: {verdict})",
-                subj.rate(), base.rate(), lat.p50_ms(), lat.p99_ms(), half, floor.p99_ms(), subj.errors + lat.errors, ratio
+                subj.rate(), base.rate(), lat.p50_ms(), lat.p99_ms(), rate, floor.p99_ms(), subj.errors + lat.errors, ratio
             );
             Ok(())
         }
