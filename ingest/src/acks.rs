@@ -63,6 +63,8 @@ pub enum StartError {
     Kafka(#[from] KafkaError),
     #[error("cannot create the delivery-report wake-up socket: {0}")]
     Socket(#[from] std::io::Error),
+    #[error("librdkafka returned no main queue for the producer")]
+    NoMainQueue,
 }
 
 /// Client context: statistics and errors go to [`KafkaStats`]; each delivery report
@@ -124,7 +126,7 @@ impl ReactorProducer {
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
         let wake_rx = UnixStream::from_std(wake_rx)?;
-        let queue = MainQueue::of(&producer);
+        let queue = MainQueue::of(&producer).ok_or(StartError::NoMainQueue)?;
         queue.wake_on(&wake_tx);
         let this = Arc::new(ReactorProducer {
             queue,
@@ -138,11 +140,6 @@ impl ReactorProducer {
     /// The producer, for `send`. Never `poll` it with a timeout on a tokio worker.
     pub fn producer(&self) -> &BaseProducer<AckContext> {
         &self.producer
-    }
-
-    /// Waits for every record in flight, up to `timeout`. Blocks the calling thread.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
     }
 
     /// Serves up to [`EVENTS_PER_TURN`] events without blocking; true if more are
@@ -188,7 +185,7 @@ async fn serve(producer: Weak<ReactorProducer>, wake_rx: UnixStream) {
 
 /// Serves delivery reports on a timer; only if the wake-up socket failed.
 async fn fallback(producer: Weak<ReactorProducer>, error: std::io::Error) {
-    tracing::error!(%error, "delivery-report wake-up socket failed; polling every 5 ms instead");
+    tracing::error!(%error, interval = ?FALLBACK_POLL, "delivery-report wake-up socket failed; polling on an interval instead");
     let mut tick = tokio::time::interval(FALLBACK_POLL);
     loop {
         tick.tick().await;
@@ -212,14 +209,14 @@ unsafe impl Sync for MainQueue {}
 
 impl MainQueue {
     #[allow(unsafe_code)]
-    fn of(producer: &BaseProducer<AckContext>) -> Self {
+    fn of(producer: &BaseProducer<AckContext>) -> Option<Self> {
         // SAFETY: the client pointer is valid while `producer` lives, and the returned
         // handle is destroyed (Drop) before the producer: `ReactorProducer` declares the
         // queue before the producer.
         let ptr = unsafe { rdsys::rd_kafka_queue_get_main(producer.client().native_ptr()) };
         // librdkafka returns NULL only for queues a client lacks; every client has a
-        // main queue.
-        MainQueue(NonNull::new(ptr).expect("librdkafka returned no main queue"))
+        // main queue, so None is not expected.
+        NonNull::new(ptr).map(MainQueue)
     }
 
     /// Asks librdkafka to write one byte to `socket` when an event enters the empty

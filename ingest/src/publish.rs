@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::HistogramVec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::BaseRecord;
+use rdkafka::producer::{BaseRecord, Producer};
 use tokio::sync::oneshot;
 
 use crate::acks::ReactorProducer;
@@ -76,8 +76,8 @@ impl Publisher {
         result
     }
 
-    /// Waits for every record in flight, up to `timeout`.
+    /// Waits for every record in flight, up to `timeout`. Blocks the calling thread.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+        self.producer.producer().flush(timeout)
     }
 }
