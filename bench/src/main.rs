@@ -4,7 +4,9 @@
 //! - `compare`: drives the same requests at a baseline and at a subject with the same load
 //!   generator in one run, prints both and their ratio, then measures the subject's latency
 //!   at half its maximum rate, and the baseline's at the same rate (the tail that the
-//!   machine, the kernel and the generator add without the subject's work);
+//!   machine, the kernel and the generator add without the subject's work); with
+//!   `--subject-admin`, also the subject's own latency histograms over its open-loop
+//!   phase (see `server_side.rs`);
 //! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`);
 //! - `delivery`: the delivery benchmark (see `delivery.rs`);
 //! - `e2e`: the whole pipeline, end to end (see `e2e.rs`).
@@ -19,6 +21,7 @@ mod console;
 mod delivery;
 mod e2e;
 mod load;
+mod server_side;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -90,6 +93,21 @@ enum Cmd {
         /// p99 goal is then not judged.
         #[arg(long)]
         open_rate: Option<f64>,
+        /// The subject's admin address (host:port): its own latency histograms are read
+        /// before and after its open-loop phase and printed next to the client's figures.
+        #[arg(long)]
+        subject_admin: Option<SocketAddr>,
+        /// A histogram series to read there, `name{label="value"}`; repeatable. The first
+        /// (by default ingest's request time) goes into the summary line; the default
+        /// second is the wait for the broker's acknowledgement within it.
+        #[arg(
+            long,
+            default_values = [
+                r#"ingest_http_request_duration_seconds{route="/postback"}"#,
+                r#"ingest_produce_duration_seconds{kind="postback"}"#,
+            ]
+        )]
+        subject_histogram: Vec<String>,
     },
     /// Fill one attributor store with clicks; report bytes per click and memory at each
     /// checkpoint.
@@ -254,6 +272,8 @@ async fn main() -> anyhow::Result<()> {
             goal,
             p99_goal_ms,
             open_rate,
+            subject_admin,
+            subject_histogram,
         } => {
             if let Some(r) = open_rate {
                 anyhow::ensure!(
@@ -290,11 +310,37 @@ async fn main() -> anyhow::Result<()> {
                 Some(r) => (r, "fixed by --open-rate"),
                 None => (subj.rate() / 2.0, "half its maximum"),
             };
+            let own_before = match subject_admin {
+                Some(a) => Some(own_histograms(a, &subject_histogram).await?),
+                None => None,
+            };
             let lat = load::open_loop(&subject, &path, rate, connections, d).await?;
             println!(
                 "{name} subject at {rate:.0} req/s ({which}): {}",
                 lat.describe()
             );
+            // The subject's own view of the same requests: what it spent, without the
+            // waits for a core that the shared machine adds around it.
+            let own = match (subject_admin, own_before) {
+                (Some(a), Some(before)) => {
+                    let after = own_histograms(a, &subject_histogram).await?;
+                    let mut summary = String::new();
+                    for ((selector, after), before) in
+                        subject_histogram.iter().zip(after).zip(before)
+                    {
+                        let phase = after.since(&before)?;
+                        println!(
+                            "{name} subject's own {selector} over that phase: {}",
+                            describe_own(&phase)
+                        );
+                        if summary.is_empty() {
+                            summary = own_p99(&phase);
+                        }
+                    }
+                    summary
+                }
+                _ => String::new(),
+            };
             // The same schedule against the no-op server: the tail that the machine, the
             // kernel and the generator add on their own at this rate.
             let floor = load::open_loop(&baseline, &path, rate, connections, d).await?;
@@ -310,12 +356,63 @@ async fn main() -> anyhow::Result<()> {
                 _ => "NOT met",
             };
             println!(
-                "{name}: {:.0} accepted/s (no-op hyper {:.0} req/s), p50 {:.2} ms p99 {:.2} ms at {:.0}/s (no-op hyper p99 {:.2} ms), errors {} ratio {:.2} (goal >= {goal}, p99 <= {p99_goal_ms} ms: {verdict})",
+                "{name}: {:.0} accepted/s (no-op hyper {:.0} req/s), p50 {:.2} ms p99 {:.2} ms at {:.0}/s ({own}no-op hyper p99 {:.2} ms), errors {} ratio {:.2} (goal >= {goal}, p99 <= {p99_goal_ms} ms: {verdict})",
                 subj.rate(), base.rate(), lat.p50_ms(), lat.p99_ms(), rate, floor.p99_ms(), subj.errors + lat.errors, ratio
             );
             Ok(())
         }
     }
+}
+
+/// Each of `selectors`' histograms from one scrape of the subject's /metrics.
+async fn own_histograms(
+    admin: SocketAddr,
+    selectors: &[String],
+) -> anyhow::Result<Vec<server_side::Buckets>> {
+    let page = attributor::scrape(admin).await?;
+    selectors
+        .iter()
+        .map(|s| server_side::buckets(&page, s))
+        .collect()
+}
+
+/// Milliseconds of a bucket bound given in seconds.
+fn ms(secs: f64) -> String {
+    if secs.is_finite() {
+        // Rounded to a microsecond: 0.025 s is not 25.000000000000004 ms.
+        format!("{}", (secs * 1e6).round() / 1e3)
+    } else {
+        "+Inf".into()
+    }
+}
+
+/// `requests, p99 in (a, b] ms, x% <= 5 ms, y% <= 10 ms` of one phase's histogram.
+fn describe_own(phase: &server_side::Buckets) -> String {
+    let share = |le: f64| {
+        phase.share_at_most(le).map_or(String::new(), |s| {
+            format!(", {:.2}% <= {} ms", s * 100.0, ms(le))
+        })
+    };
+    let p99 = phase
+        .quantile_bucket(0.99)
+        .map_or("no requests".into(), |(lo, hi)| {
+            format!("p99 in ({}, {}] ms", ms(lo), ms(hi))
+        });
+    format!(
+        "{} requests, {p99}{}{}",
+        phase.total(),
+        share(0.005),
+        share(0.01)
+    )
+}
+
+/// `server-side p99 <= b ms; ` for the summary line, or nothing without requests.
+fn own_p99(phase: &server_side::Buckets) -> String {
+    phase
+        .quantile_bucket(0.99)
+        .map_or(String::new(), |(_, hi)| {
+            format!("server-side p99 <= {} ms; ", ms(hi))
+        })
 }
 
 async fn noop(listen: SocketAddr) -> anyhow::Result<()> {
@@ -435,4 +532,25 @@ fn client(connections: usize) -> HttpClient {
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_histogram_lines_name_bucket_bounds_in_milliseconds() -> anyhow::Result<()> {
+        let page =
+            "h_bucket{le=\"0.0025\"} 10\nh_bucket{le=\"0.025\"} 100\nh_bucket{le=\"+Inf\"} 100\n";
+        let phase = server_side::buckets(page, "h")?;
+        assert_eq!(
+            describe_own(&phase),
+            "100 requests, p99 in (2.5, 25] ms",
+            "no 5 or 10 ms bound here, so no share for them"
+        );
+        assert_eq!(own_p99(&phase), "server-side p99 <= 25 ms; ");
+        assert_eq!(ms(f64::INFINITY), "+Inf");
+        assert_eq!(own_p99(&phase.since(&phase)?), "");
+        Ok(())
+    }
 }
