@@ -319,8 +319,10 @@ async fn main() -> anyhow::Result<()> {
                 "{name} subject at {rate:.0} req/s ({which}): {}",
                 lat.describe()
             );
-            // The subject's own view of the same requests: what it spent, without the
-            // waits for a core that the shared machine adds around it.
+            // The subject's own view of the same requests, from its handler's start to its
+            // answer: without the generator, the kernel and the wait for a worker to pick
+            // a request up, but with every wait inside the handler (for ingest, the
+            // broker's acknowledgement, whose threads share the same cores).
             let own = match (subject_admin, own_before) {
                 (Some(a), Some(before)) => {
                     let after = own_histograms(a, &subject_histogram).await?;

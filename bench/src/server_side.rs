@@ -1,9 +1,9 @@
-//! The subject's own request-latency histogram over one phase of `compare`, read from its
+//! The subject's own latency histograms over one phase of `compare`, read from its
 //! Prometheus page before and after the phase.
 //!
 //! Why: on this machine the load generator, the broker and the subject share two cores,
 //! so the latency a client sees is the subject's time plus every wait for a core along
-//! the way. The subject's own histogram over the same requests separates the two in
+//! the way. The subject's own histograms over the same requests separate the two in
 //! every run, instead of in one-off experiments.
 //!
 //! Only what is needed to read one histogram from our own exporters' text format
@@ -19,7 +19,8 @@ pub struct Buckets(Vec<(f64, u64)>);
 
 /// The buckets of the series that `selector` names on `page`. `selector` is
 /// `name{label="value",…}` or a bare `name`; every given label must match exactly, and
-/// together they must pick a single series.
+/// together they must pick a single series. Label values are taken to hold no commas
+/// (true of every label our services export).
 pub fn buckets(page: &str, selector: &str) -> anyhow::Result<Buckets> {
     let (name, wanted) = match selector.split_once('{') {
         Some((n, rest)) => (
