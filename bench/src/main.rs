@@ -94,7 +94,8 @@ enum Cmd {
         #[arg(long)]
         open_rate: Option<f64>,
         /// The subject's admin address (host:port): its own latency histograms are read
-        /// before and after its open-loop phase and printed next to the client's figures.
+        /// at the start, and before and after its open-loop phase, and printed for that
+        /// phase (next to the client's figures) and for the whole run.
         #[arg(long)]
         subject_admin: Option<SocketAddr>,
         /// A histogram series to read there, `name{label="value"}`; repeatable. The first
@@ -282,6 +283,11 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             let d = Duration::from_secs(seconds);
+            // Before any request, so that the whole run's slow answers can be counted.
+            let watch = match subject_admin {
+                Some(a) => Some(server_side::Watch::start(a, subject_histogram).await?),
+                None => None,
+            };
             // Warm both up (connections, caches, the broker's first batches).
             load::closed_loop(&baseline, &path, connections, Duration::from_secs(2)).await?;
             load::closed_loop(&subject, &path, connections, Duration::from_secs(2)).await?;
@@ -310,8 +316,8 @@ async fn main() -> anyhow::Result<()> {
                 Some(r) => (r, "fixed by --open-rate"),
                 None => (subj.rate() / 2.0, "half its maximum"),
             };
-            let own_before = match subject_admin {
-                Some(a) => Some(own_histograms(a, &subject_histogram).await?),
+            let before = match &watch {
+                Some(w) => Some((w, w.now().await?)),
                 None => None,
             };
             let lat = load::open_loop(&subject, &path, rate, connections, d).await?;
@@ -323,25 +329,9 @@ async fn main() -> anyhow::Result<()> {
             // answer: without the generator, the kernel and the wait for a worker to pick
             // a request up, but with every wait inside the handler (for ingest, the
             // broker's acknowledgement, whose threads share the same cores).
-            let own = match (subject_admin, own_before) {
-                (Some(a), Some(before)) => {
-                    let after = own_histograms(a, &subject_histogram).await?;
-                    let mut summary = String::new();
-                    for ((selector, after), before) in
-                        subject_histogram.iter().zip(after).zip(before)
-                    {
-                        let phase = after.since(&before)?;
-                        println!(
-                            "{name} subject's own {selector} over that phase: {}",
-                            describe_own(&phase)
-                        );
-                        if summary.is_empty() {
-                            summary = own_p99(&phase);
-                        }
-                    }
-                    summary
-                }
-                _ => String::new(),
+            let own = match before {
+                Some((w, before)) => w.report(&name, &before).await?,
+                None => String::new(),
             };
             // The same schedule against the no-op server: the tail that the machine, the
             // kernel and the generator add on their own at this rate.
@@ -364,57 +354,6 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// Each of `selectors`' histograms from one scrape of the subject's /metrics.
-async fn own_histograms(
-    admin: SocketAddr,
-    selectors: &[String],
-) -> anyhow::Result<Vec<server_side::Buckets>> {
-    let page = attributor::scrape(admin).await?;
-    selectors
-        .iter()
-        .map(|s| server_side::buckets(&page, s))
-        .collect()
-}
-
-/// Milliseconds of a bucket bound given in seconds.
-fn ms(secs: f64) -> String {
-    if secs.is_finite() {
-        // Rounded to a microsecond: 0.025 s is not 25.000000000000004 ms.
-        format!("{}", (secs * 1e6).round() / 1e3)
-    } else {
-        "+Inf".into()
-    }
-}
-
-/// `requests, p99 in (a, b] ms, x% <= 5 ms, y% <= 10 ms` of one phase's histogram.
-fn describe_own(phase: &server_side::Buckets) -> String {
-    let share = |le: f64| {
-        phase.share_at_most(le).map_or(String::new(), |s| {
-            format!(", {:.2}% <= {} ms", s * 100.0, ms(le))
-        })
-    };
-    let p99 = phase
-        .quantile_bucket(0.99)
-        .map_or("no requests".into(), |(lo, hi)| {
-            format!("p99 in ({}, {}] ms", ms(lo), ms(hi))
-        });
-    format!(
-        "{} requests, {p99}{}{}",
-        phase.total(),
-        share(0.005),
-        share(0.01)
-    )
-}
-
-/// `server-side p99 <= b ms; ` for the summary line, or nothing without requests.
-fn own_p99(phase: &server_side::Buckets) -> String {
-    phase
-        .quantile_bucket(0.99)
-        .map_or(String::new(), |(_, hi)| {
-            format!("server-side p99 <= {} ms; ", ms(hi))
-        })
 }
 
 async fn noop(listen: SocketAddr) -> anyhow::Result<()> {
@@ -534,25 +473,4 @@ fn client(connections: usize) -> HttpClient {
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_histogram_lines_name_bucket_bounds_in_milliseconds() -> anyhow::Result<()> {
-        let page =
-            "h_bucket{le=\"0.0025\"} 10\nh_bucket{le=\"0.025\"} 100\nh_bucket{le=\"+Inf\"} 100\n";
-        let phase = server_side::buckets(page, "h")?;
-        assert_eq!(
-            describe_own(&phase),
-            "100 requests, p99 in (2.5, 25] ms",
-            "no 5 or 10 ms bound here, so no share for them"
-        );
-        assert_eq!(own_p99(&phase), "server-side p99 <= 25 ms; ");
-        assert_eq!(ms(f64::INFINITY), "+Inf");
-        assert_eq!(own_p99(&phase.since(&phase)?), "");
-        Ok(())
-    }
 }

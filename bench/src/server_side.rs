@@ -4,13 +4,85 @@
 //! Why: on this machine the load generator, the broker and the subject share two cores,
 //! so the latency a client sees is the subject's time plus every wait for a core along
 //! the way. The subject's own histograms over the same requests separate the two in
-//! every run, instead of in one-off experiments.
+//! every run, instead of in one-off experiments. Over the whole run they also count the
+//! answers slower than 250 ms (for ingest's acknowledgements: a broker in trouble).
 //!
 //! Only what is needed to read one histogram from our own exporters' text format
 //! (`name_bucket{labels,le="x"} n`): a Prometheus text parser crate would bring a data
 //! model for every metric type to read a dozen lines.
 
+use std::net::SocketAddr;
+
 use anyhow::{bail, Context};
+
+use crate::attributor::scrape;
+
+/// Histograms of one subject, watched from the start of a run.
+#[derive(Debug)]
+pub struct Watch {
+    admin: SocketAddr,
+    selectors: Vec<String>,
+    /// None for a series not exported yet: a labelled series appears with its first
+    /// observation, so before the first request there is nothing to read.
+    start: Vec<Option<Buckets>>,
+}
+
+impl Watch {
+    /// Reads `selectors` (see [`buckets`]) from `admin`'s /metrics: the run's start.
+    pub async fn start(admin: SocketAddr, selectors: Vec<String>) -> anyhow::Result<Self> {
+        let page = scrape(admin).await?;
+        let start = selectors
+            .iter()
+            .map(|s| find(&page, s))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            admin,
+            selectors,
+            start,
+        })
+    }
+
+    /// The histograms as they are now, for a later [`Watch::report`].
+    pub async fn now(&self) -> anyhow::Result<Vec<Buckets>> {
+        read(self.admin, &self.selectors).await
+    }
+
+    /// Prints each histogram over the phase since `before` and over the whole run, and
+    /// returns the first one's phase p99 for the summary line ("" without requests).
+    pub async fn report(&self, name: &str, before: &[Buckets]) -> anyhow::Result<String> {
+        let after = self.now().await?;
+        let mut summary = None;
+        for (((selector, after), before), start) in self
+            .selectors
+            .iter()
+            .zip(&after)
+            .zip(before)
+            .zip(&self.start)
+        {
+            let phase = after.since(before)?;
+            println!(
+                "{name} subject's own {selector} over that phase: {}",
+                phase.describe()
+            );
+            let whole = match start {
+                Some(start) => after.since(start)?,
+                None => after.clone(),
+            };
+            println!(
+                "{name} subject's own {selector} over the whole run: {}",
+                whole.describe()
+            );
+            summary.get_or_insert_with(|| phase.p99_summary());
+        }
+        Ok(summary.unwrap_or_default())
+    }
+}
+
+/// Each of `selectors`' histograms from one scrape of `admin`'s /metrics.
+async fn read(admin: SocketAddr, selectors: &[String]) -> anyhow::Result<Vec<Buckets>> {
+    let page = scrape(admin).await?;
+    selectors.iter().map(|s| buckets(&page, s)).collect()
+}
 
 /// A histogram's cumulative buckets: (upper bound in the metric's unit, count ≤ bound),
 /// ascending, the last bound `+Inf`.
@@ -22,6 +94,14 @@ pub struct Buckets(Vec<(f64, u64)>);
 /// together they must pick a single series. Label values are taken to hold no commas
 /// (true of every label our services export).
 pub fn buckets(page: &str, selector: &str) -> anyhow::Result<Buckets> {
+    find(page, selector)?.with_context(|| {
+        let name = selector.split_once('{').map_or(selector, |(n, _)| n);
+        format!("no {name}_bucket series matching {selector:?} on the page")
+    })
+}
+
+/// As [`buckets`], but Ok(None) when no series matches.
+fn find(page: &str, selector: &str) -> anyhow::Result<Option<Buckets>> {
     let (name, wanted) = match selector.split_once('{') {
         Some((n, rest)) => (
             n,
@@ -67,7 +147,7 @@ pub fn buckets(page: &str, selector: &str) -> anyhow::Result<Buckets> {
         found.push((series.join(","), bound, count));
     }
     let Some(first) = found.first().map(|f| f.0.clone()) else {
-        bail!("no {name}_bucket series matching {selector:?} on the page");
+        return Ok(None);
     };
     if let Some(other) = found.iter().find(|f| f.0 != first) {
         bail!(
@@ -80,7 +160,7 @@ pub fn buckets(page: &str, selector: &str) -> anyhow::Result<Buckets> {
     if b.last().is_none_or(|l| l.0 != f64::INFINITY) {
         bail!("{selector:?} has no +Inf bucket");
     }
-    Ok(Buckets(b))
+    Ok(Some(Buckets(b)))
 }
 
 impl Buckets {
@@ -111,6 +191,33 @@ impl Buckets {
         (total > 0).then(|| *n as f64 / total as f64)
     }
 
+    /// `requests, p99 in (a, b] ms`, then the shares at or below 5 and 10 ms and the count
+    /// above 250 ms, for those of these bounds the histogram has.
+    pub fn describe(&self) -> String {
+        let p99 = self
+            .quantile_bucket(0.99)
+            .map_or("no requests".into(), |(lo, hi)| {
+                format!("p99 in ({}, {}] ms", ms(lo), ms(hi))
+            });
+        let mut out = format!("{} requests, {p99}", self.total());
+        for le in [0.005, 0.01] {
+            if let Some(s) = self.share_at_most(le) {
+                out += &format!(", {:.2}% <= {} ms", s * 100.0, ms(le));
+            }
+        }
+        if let Some((_, n)) = self.0.iter().find(|b| b.0 == 0.25) {
+            out += &format!(", {} over 250 ms", self.total() - n);
+        }
+        out
+    }
+
+    /// `server-side p99 <= b ms; ` for the summary line, or nothing without requests.
+    pub fn p99_summary(&self) -> String {
+        self.quantile_bucket(0.99).map_or(String::new(), |(_, hi)| {
+            format!("server-side p99 <= {} ms; ", ms(hi))
+        })
+    }
+
     /// The bucket `(lower, upper]` that holds quantile `q`: all a histogram can say.
     pub fn quantile_bucket(&self, q: f64) -> Option<(f64, f64)> {
         let total = self.total();
@@ -126,6 +233,16 @@ impl Buckets {
             lower = le;
         }
         None
+    }
+}
+
+/// Milliseconds of a bucket bound given in seconds.
+fn ms(secs: f64) -> String {
+    if secs.is_finite() {
+        // Rounded to a microsecond: 0.025 s is not 25.000000000000004 ms.
+        format!("{}", (secs * 1e6).round() / 1e3)
+    } else {
+        "+Inf".into()
     }
 }
 
@@ -191,8 +308,36 @@ x_seconds_bucket{route="/b",le="+Inf"} 1
     }
 
     #[test]
+    fn own_histogram_lines_name_bucket_bounds_in_milliseconds() -> anyhow::Result<()> {
+        let page =
+            "h_bucket{le=\"0.0025\"} 10\nh_bucket{le=\"0.025\"} 100\nh_bucket{le=\"+Inf\"} 100\n";
+        let phase = buckets(page, "h")?;
+        assert_eq!(
+            phase.describe(),
+            "100 requests, p99 in (2.5, 25] ms",
+            "no 5, 10 or 250 ms bound here, so no figure for them"
+        );
+        assert_eq!(phase.p99_summary(), "server-side p99 <= 25 ms; ");
+        assert_eq!(ms(f64::INFINITY), "+Inf");
+        assert_eq!(phase.since(&phase)?.p99_summary(), "");
+        Ok(())
+    }
+
+    #[test]
+    fn the_count_above_250_ms_is_what_the_slowest_buckets_hold() -> anyhow::Result<()> {
+        let page = "h_bucket{le=\"0.005\"} 90\nh_bucket{le=\"0.01\"} 95\nh_bucket{le=\"0.25\"} 97\nh_bucket{le=\"+Inf\"} 100\n";
+        assert_eq!(
+            buckets(page, "h")?.describe(),
+            "100 requests, p99 in (250, +Inf] ms, 90.00% <= 5 ms, 95.00% <= 10 ms, 3 over 250 ms"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn nothing_observed_has_no_quantile() -> anyhow::Result<()> {
         let b = buckets(PAGE, r#"x_seconds{route="/a"}"#)?;
+        // Before its first observation a labelled series is not on the page at all.
+        assert_eq!(find(PAGE, r#"x_seconds{route="/c"}"#)?, None);
         let none = b.since(&b)?;
         assert_eq!(none.total(), 0);
         assert_eq!(none.quantile_bucket(0.99), None);
