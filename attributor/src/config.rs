@@ -9,7 +9,7 @@ use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::TopicsConfig;
 use serde::Deserialize;
 
-use crate::join::{OfferRules, Rules};
+use crate::join::{Lifecycle, OfferRules, Rules, TooFast, APPROVED, PENDING};
 pub use s2s_state::RocksConfig;
 
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/attributor.toml");
@@ -50,7 +50,16 @@ pub struct AttributorConfig {
     pub once_per_click_events: Vec<String>,
     /// How long a conversion is kept for dedup and status updates after its last change.
     pub conversion_retention_seconds: u64,
+    /// How long after it happened a conversion may still be reported with its
+    /// `event_time`: ingest's `[postback] max_event_time_age`. Clicks are kept this much
+    /// longer than the longest window.
+    #[serde(deserialize_with = "s2s_common::config::duration")]
+    pub max_event_time_age: std::time::Duration,
     pub default_currency: String,
+    /// Allowed status changes: status → the statuses it may change to.
+    pub status_transitions: BTreeMap<String, Vec<String>>,
+    /// Statuses in which a conversion pays nothing (payout 0, the delta takes it back).
+    pub unpaid_statuses: Vec<String>,
     pub rocksdb: RocksConfig,
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
@@ -58,7 +67,7 @@ pub struct AttributorConfig {
     pub offers: BTreeMap<String, OfferConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OfferConfig {
     pub currency: Option<String>,
@@ -68,8 +77,35 @@ pub struct OfferConfig {
     pub event_window_seconds: BTreeMap<String, u64>,
     #[serde(default)]
     pub payouts: BTreeMap<String, Decimal>,
-    /// Conversions sooner than this after their click are flagged `suspicious`.
+    /// Conversions sooner than this after their click are `suspicious`.
     pub min_click_to_conversion_seconds: Option<u64>,
+    /// What a suspicious conversion gets: flag, hold or reject.
+    #[serde(default)]
+    pub on_too_fast: TooFastConfig,
+    /// Approve a `pending` conversion this long after it became pending (humantime,
+    /// e.g. "14d"), unless it changed in the meantime.
+    pub hold: Option<String>,
+    /// Whether postbacks from a browser (pixel, iframe) count; default true.
+    pub accept_pixel: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TooFastConfig {
+    #[default]
+    Flag,
+    Hold,
+    Reject,
+}
+
+impl From<TooFastConfig> for TooFast {
+    fn from(c: TooFastConfig) -> Self {
+        match c {
+            TooFastConfig::Flag => TooFast::Flag,
+            TooFastConfig::Hold => TooFast::Hold,
+            TooFastConfig::Reject => TooFast::Reject,
+        }
+    }
 }
 
 impl AttributorConfig {
@@ -145,6 +181,7 @@ impl AttributorConfig {
                 self.default_currency
             ));
         }
+        let lifecycle = self.lifecycle()?;
         let mut offers = BTreeMap::new();
         for (id, o) in &self.offers {
             let currency = o
@@ -169,6 +206,16 @@ impl AttributorConfig {
                     "offers.{id}.payouts.{event} = {p} must not be negative"
                 ));
             }
+            if o.on_too_fast != TooFastConfig::Flag && o.min_click_to_conversion_seconds.is_none() {
+                return Err(format!(
+                    "offers.{id}.on_too_fast needs offers.{id}.min_click_to_conversion_seconds: \
+                     without a minimum no conversion is too fast"
+                ));
+            }
+            let hold_ms = match &o.hold {
+                None => None,
+                Some(raw) => Some(self.hold_ms(id, raw, &lifecycle)?),
+            };
             offers.insert(
                 id.clone(),
                 OfferRules {
@@ -177,6 +224,9 @@ impl AttributorConfig {
                     event_windows_ms: windows_ms(&o.event_window_seconds),
                     payouts: o.payouts.clone(),
                     min_click_to_conversion_ms: o.min_click_to_conversion_seconds.map(secs_to_ms),
+                    too_fast: o.on_too_fast.into(),
+                    hold_ms,
+                    refuse_pixel: o.accept_pixel == Some(false),
                 },
             );
         }
@@ -186,7 +236,70 @@ impl AttributorConfig {
             default_currency: self.default_currency.clone(),
             offers,
             once_per_click: self.once_per_click_events.iter().cloned().collect(),
+            lifecycle,
         })
+    }
+
+    /// The status lifecycle from `status_transitions` and `unpaid_statuses`.
+    fn lifecycle(&self) -> Result<Lifecycle, String> {
+        let mut transitions = BTreeMap::new();
+        for (from, tos) in &self.status_transitions {
+            if from.trim().is_empty() || tos.iter().any(|t| t.trim().is_empty()) {
+                return Err(format!(
+                    "status_transitions.{from} names an empty status; statuses are the ones \
+                     ingest accepts (postback_rules.statuses)"
+                ));
+            }
+            if tos.contains(from) {
+                return Err(format!(
+                    "status_transitions.{from} lists '{from}' itself: the same status again \
+                     is a duplicate, not a change"
+                ));
+            }
+            transitions.insert(from.clone(), tos.iter().cloned().collect());
+        }
+        if let Some(s) = self.unpaid_statuses.iter().find(|s| s.trim().is_empty()) {
+            return Err(format!("unpaid_statuses has an empty status: {s:?}"));
+        }
+        Ok(Lifecycle {
+            transitions,
+            unpaid: self.unpaid_statuses.iter().cloned().collect(),
+        })
+    }
+
+    /// An offer's hold in ms, checked: a duration, allowed to end in approval, and shorter
+    /// than conversions are kept.
+    fn hold_ms(&self, id: &str, raw: &str, lifecycle: &Lifecycle) -> Result<i64, String> {
+        let hold = humantime::parse_duration(raw).map_err(|e| {
+            format!("offers.{id}.hold = {raw:?} is not a duration such as \"14d\" ({e})")
+        })?;
+        let ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
+        if ms <= 0 {
+            return Err(format!("offers.{id}.hold must be longer than 0"));
+        }
+        if !lifecycle.allows(PENDING, APPROVED) {
+            return Err(format!(
+                "offers.{id}.hold needs status_transitions.{PENDING} to allow '{APPROVED}': a \
+                 hold ends in approval"
+            ));
+        }
+        if ms >= self.conversion_retention_ms() {
+            return Err(format!(
+                "offers.{id}.hold ({raw}) must be shorter than conversion_retention_seconds \
+                 ({} s): the conversion must still be kept when its hold ends",
+                self.conversion_retention_seconds
+            ));
+        }
+        Ok(ms)
+    }
+
+    /// How long a click is kept (and looked up): the longest window, plus how late a
+    /// conversion inside it may be reported, plus the grace period.
+    pub fn click_retention_ms(&self, rules: &Rules) -> i64 {
+        rules
+            .max_window_ms()
+            .saturating_add(i64::try_from(self.max_event_time_age.as_millis()).unwrap_or(i64::MAX))
+            .saturating_add(i64::try_from(self.grace_period_ms).unwrap_or(i64::MAX))
     }
 
     /// How long conversions are kept after their last change.
@@ -233,6 +346,73 @@ mod tests {
             .validate()
             .expect_err("owned")
             .contains("transactional.id"));
+    }
+
+    fn base() -> AttributorConfig {
+        let mut c: AttributorConfig =
+            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        c.transactional_id = Some("test-0".into());
+        c
+    }
+
+    fn offer(toml: &str) -> OfferConfig {
+        use figment::providers::{Format, Toml};
+        figment::Figment::from(Toml::string(toml))
+            .extract()
+            .expect("an offer")
+    }
+
+    #[test]
+    fn the_default_lifecycle_is_the_documented_one() {
+        let rules = base().validate().expect("valid");
+        assert_eq!(rules.lifecycle, Lifecycle::default());
+    }
+
+    #[test]
+    fn holds_and_too_fast_policies_are_checked_naming_the_key() {
+        let mut c = base();
+        c.offers.insert(
+            "9".into(),
+            offer("currency = \"EUR\"\nhold = \"14d\"\non_too_fast = \"hold\"\nmin_click_to_conversion_seconds = 10"),
+        );
+        let rules = c.validate().expect("valid");
+        let o = rules.offers.get("9").expect("offer 9");
+        assert_eq!(o.hold_ms, Some(14 * 86_400_000));
+        assert_eq!(o.too_fast, TooFast::Hold);
+
+        let err = |c: &AttributorConfig| c.validate().expect_err("invalid");
+        let mut bad = c.clone();
+        bad.offers.insert("9".into(), offer("hold = \"two weeks\""));
+        assert!(err(&bad).starts_with("offers.9.hold"), "{}", err(&bad));
+        bad.offers.insert("9".into(), offer("hold = \"120d\""));
+        assert!(
+            err(&bad).contains("shorter than conversion_retention"),
+            "{}",
+            err(&bad)
+        );
+        bad.offers
+            .insert("9".into(), offer("on_too_fast = \"reject\""));
+        assert!(
+            err(&bad).contains("min_click_to_conversion_seconds"),
+            "{}",
+            err(&bad)
+        );
+        bad.offers.insert("9".into(), offer("hold = \"1d\""));
+        bad.status_transitions
+            .insert("pending".into(), vec!["rejected".into()]);
+        assert!(
+            err(&bad).contains("a hold ends in approval"),
+            "{}",
+            err(&bad)
+        );
+        let mut bad = base();
+        bad.status_transitions
+            .insert("approved".into(), vec!["approved".into()]);
+        assert!(
+            err(&bad).starts_with("status_transitions.approved"),
+            "{}",
+            err(&bad)
+        );
     }
 
     #[test]

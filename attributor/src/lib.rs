@@ -49,7 +49,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use s2s_common::contract::{self, Click, Postback};
+use s2s_common::contract::{self, Click, PayoutRule, Postback};
 use s2s_common::kafka::{ensure_topics, produce_all, KafkaSetupError, OutRecord};
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{Admin, BindError};
@@ -130,7 +130,7 @@ impl Attributor {
             StoreLimits {
                 block_cache_bytes: config.rocksdb.block_cache_bytes,
                 write_buffer_bytes: config.rocksdb.write_buffer_bytes,
-                click_retention_ms: rules.max_window_ms().saturating_add(grace_ms),
+                click_retention_ms: config.click_retention_ms(&rules),
                 conversion_retention_ms: config.conversion_retention_ms(),
             },
         );
@@ -165,7 +165,12 @@ impl Attributor {
             blocking(&producer, |p| p.init_transactions(TXN_TIMEOUT)).await?;
         }
         Ok(Attributor {
-            joiner: Joiner { rules, grace_ms },
+            joiner: Joiner {
+                click_retention_ms: config.click_retention_ms(&rules),
+                conversion_retention_ms: config.conversion_retention_ms(),
+                rules,
+                grace_ms,
+            },
             config,
             ownership,
             consumer,
@@ -636,16 +641,35 @@ impl Worker<'_> {
                             if c.suspicious {
                                 m.suspicious.inc();
                             }
-                            ("none", c.event_ts_ms)
+                            if c.payout_rule != PayoutRule::OfferEvent {
+                                tracing::warn!(
+                                    conversion_id = %c.conversion_id,
+                                    offer_id = %c.offer_id,
+                                    event = %c.event,
+                                    rule = c.payout_rule.as_str(),
+                                    "conversion priced at 0: no payout configured for it"
+                                );
+                                m.unpriced
+                                    .with_label_values(&[c.payout_rule.as_str()])
+                                    .inc();
+                            }
+                            ("none", c.received_ts_ms)
                         }
-                        Outcome::Updated(c) => ("none", c.event_ts_ms),
+                        Outcome::Updated(c) => (
+                            c.status_reason.map_or("none", |r| r.as_str()),
+                            c.received_ts_ms,
+                        ),
                         Outcome::Rejected(r) => (
                             r.reason.as_str(),
                             r.postback.as_ref().map_or(now, |p| p.ts_ms),
                         ),
                     };
                     m.outcomes.with_label_values(&[o.label(), reason]).inc();
-                    m.postback_latency.observe(ms_to_secs(now - pb_ts));
+                    let automatic =
+                        matches!(&**o, Outcome::Updated(c) if c.status_reason.is_some());
+                    if !automatic && !matches!(&**o, Outcome::Rejected(r) if r.postback.is_none()) {
+                        m.postback_latency.observe(ms_to_secs(now - pb_ts));
+                    }
                 }
                 Output::Poison { msg, kind, reason } => {
                     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason, "undecodable input record set aside on the poison topic");

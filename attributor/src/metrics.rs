@@ -3,15 +3,20 @@
 //! cycle that produced the event was committed.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use s2s_common::contract::PayoutRule;
 use s2s_state::StateMetrics;
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
     /// `attributor_records_consumed_total{kind}`: click, postback.
     pub consumed: IntCounterVec,
-    /// `attributor_outcomes_total{outcome, reason}`: attributed, updated (reason "none") or
-    /// rejected (unknown_click, outside_window, duplicate).
+    /// `attributor_outcomes_total{outcome, reason}`: attributed (reason "none"), updated
+    /// (reason "none" when a postback asked for it, "hold_ended" for an automatic approval)
+    /// or rejected (the [`RejectReason`](s2s_common::contract::RejectReason)s).
     pub outcomes: IntCounterVec,
+    /// `attributor_unpriced_conversions_total{rule}`: new conversions priced at 0 because
+    /// no payout is configured (no_payout_for_event, unknown_offer).
+    pub unpriced: IntCounterVec,
     /// `attributor_suspicious_conversions_total`: sooner after the click than the offer's
     /// minimum.
     pub suspicious: IntCounter,
@@ -46,6 +51,13 @@ impl Metrics {
                     "Postback outcomes: attributed, updated, or rejected with a reason.",
                 ),
                 &["outcome", "reason"],
+            )?,
+            unpriced: IntCounterVec::new(
+                Opts::new(
+                    "attributor_unpriced_conversions_total",
+                    "New conversions priced at 0 because no payout is configured, by rule.",
+                ),
+                &["rule"],
             )?,
             suspicious: IntCounter::new(
                 "attributor_suspicious_conversions_total",
@@ -98,6 +110,10 @@ impl Metrics {
         }
         m.outcomes.with_label_values(&["attributed", "none"]);
         m.outcomes.with_label_values(&["updated", "none"]);
+        m.outcomes.with_label_values(&["updated", "hold_ended"]);
+        for rule in [PayoutRule::NoPayoutForEvent, PayoutRule::UnknownOffer] {
+            m.unpriced.with_label_values(&[rule.as_str()]);
+        }
         for reason in s2s_common::contract::RejectReason::ALL {
             m.outcomes.with_label_values(&["rejected", reason.as_str()]);
         }
@@ -109,6 +125,7 @@ impl Metrics {
         registry.register(Box::new(m.consumed.clone()))?;
         registry.register(Box::new(m.outcomes.clone()))?;
         registry.register(Box::new(m.suspicious.clone()))?;
+        registry.register(Box::new(m.unpriced.clone()))?;
         registry.register(Box::new(m.poison.clone()))?;
         registry.register(Box::new(m.cycle_seconds.clone()))?;
         registry.register(Box::new(m.postback_latency.clone()))?;

@@ -10,12 +10,18 @@
 //!   → postback JSON; ordered by deadline, so the timer reads only what is due.
 //! - `pending_by_click`: `[click_id][0][offset, 8 bytes BE][postback_id]` → `[due ms]`;
 //!   found by prefix when the click arrives, in arrival (offset) order.
+//! - `holds_by_due`: `[due ms, 8 bytes BE][click_id][0][event][0][txn_id]` → `[version, 4
+//!   bytes BE]`: pending conversions waiting for their offer's hold to end; an entry whose
+//!   conversion has moved past that version by then is dropped.
 //! - `meta`: the input offsets the state reflects (`offset/<topic>`) and the journal of the
 //!   cycle in flight (see [`Journal`]).
 //!
-//! Expiry: clicks older than the longest attribution window plus the grace period, and
+//! Expiry: clicks older than the longest attribution window plus the latest allowed report
+//! of an `event_time` plus the grace period, and
 //! conversions whose last change is older than `conversion_retention`, are dropped by the
-//! compaction filter (see [`s2s_state::store`]).
+//! compaction filter (see [`s2s_state::store`]). Until compaction drops them, the join
+//! treats them as gone by the same rule ([`crate::process`]), so what it decides does not
+//! depend on when RocksDB compacted.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +36,7 @@ pub enum Cf {
     Conversions,
     PendingByDue,
     PendingByClick,
+    HoldsByDue,
     Meta,
 }
 
@@ -39,6 +46,7 @@ impl Family for Cf {
         Cf::Conversions,
         Cf::PendingByDue,
         Cf::PendingByClick,
+        Cf::HoldsByDue,
         Cf::Meta,
     ];
     const META: Cf = Cf::Meta;
@@ -50,6 +58,7 @@ impl Family for Cf {
             Cf::PendingByDue => 3,
             Cf::PendingByClick => 4,
             Cf::Meta => 5,
+            Cf::HoldsByDue => 6,
         }
     }
 
@@ -59,6 +68,7 @@ impl Family for Cf {
             Cf::Conversions => "conversions",
             Cf::PendingByDue => "pending_by_due",
             Cf::PendingByClick => "pending_by_click",
+            Cf::HoldsByDue => "holds_by_due",
             Cf::Meta => "meta",
         }
     }

@@ -98,6 +98,8 @@ pub fn state(dir: &Path, checkpoints: &[u64], out: &Path) -> anyhow::Result<()> 
     let joiner = Joiner {
         rules,
         grace_ms: 60_000,
+        click_retention_ms: i64::MAX,
+        conversion_retention_ms: i64::MAX,
     };
     let mut report = String::new();
     let mut done = 0u64;

@@ -66,6 +66,8 @@ fn story(now: i64) -> Story {
         params: Default::default(),
         ip: Some("198.51.100.7".into()),
         ts_ms: now,
+        event_time_ms: None,
+        trust: Default::default(),
     };
     let conversion = Conversion {
         schema_version: SCHEMA_VERSION,
@@ -84,10 +86,16 @@ fn story(now: i64) -> Story {
         currency: postback.currency.clone(),
         payout: Decimal::new(5_000, 2),
         payout_currency: "USD".into(),
+        payout_delta: Decimal::new(5_000, 2),
+        priced_payout: Decimal::new(5_000, 2),
+        payout_rule: Default::default(),
         click_ts_ms: click.ts_ms,
         event_ts_ms: now,
+        received_ts_ms: now,
         attributed_at_ms: now + 3,
         previous_status: None,
+        status_reason: None,
+        trust: Default::default(),
         suspicious: false,
     };
     let endpoint = format!("aff-{}", click.aff_id);

@@ -61,10 +61,16 @@ fn conversion(i: usize, now: i64) -> Conversion {
         currency: Some("EUR".into()),
         payout: Decimal::new(5_000, 2),
         payout_currency: "USD".into(),
+        payout_delta: Decimal::new(5_000, 2),
+        priced_payout: Decimal::new(5_000, 2),
+        payout_rule: Default::default(),
         click_ts_ms: now - 3_600_000,
         event_ts_ms: now,
+        received_ts_ms: now,
         attributed_at_ms: now,
         previous_status: None,
+        status_reason: None,
+        trust: Default::default(),
         suspicious: false,
     }
 }

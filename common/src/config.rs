@@ -53,3 +53,14 @@ pub fn load<T: DeserializeOwned>(
     fig = fig.merge(Env::prefixed(env_prefix).split("__"));
     fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
 }
+
+/// `#[serde(deserialize_with = "s2s_common::config::duration")]`: a humantime duration
+/// string such as `"5m"` or `"14d"`.
+pub fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let raw = <String as serde::Deserialize>::deserialize(d)?;
+    humantime::parse_duration(&raw).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{raw:?} is not a duration such as \"5m\" or \"14d\": {e}"
+        ))
+    })
+}

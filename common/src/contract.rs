@@ -62,8 +62,43 @@ pub struct Postback {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: Params,
     pub ip: Option<String>,
-    /// When ingest received it: the event time used for the attribution window.
+    /// When ingest received it.
     pub ts_ms: i64,
+    /// When the conversion happened, as the operator reported it (`event_time`), checked
+    /// by ingest against `ts_ms`. Absent when the operator did not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time_ms: Option<i64>,
+    /// How it reached us: server to server, or from a browser (pixel, iframe).
+    #[serde(default)]
+    pub trust: Trust,
+}
+
+/// How a postback reached ingest: how far its word can be trusted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trust {
+    /// The operator's server called a postback route (authenticated as its source says).
+    #[default]
+    S2s,
+    /// A browser loaded the pixel or the iframe: anyone can forge one.
+    Pixel,
+}
+
+impl Trust {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trust::S2s => "s2s",
+            Trust::Pixel => "pixel",
+        }
+    }
+}
+
+impl Postback {
+    /// The time the attribution window is judged on: the operator's event time when it
+    /// gave one, else when ingest received the postback.
+    pub fn event_ts_ms(&self) -> i64 {
+        self.event_time_ms.unwrap_or(self.ts_ms)
+    }
 }
 
 /// An attributed conversion, published by the attributor and delivered to affiliates.
@@ -88,20 +123,86 @@ pub struct Conversion {
     /// What the operator reported (deposit size, order value), if anything.
     pub amount: Option<Decimal>,
     pub currency: Option<String>,
-    /// What the affiliate earns for this event (CPA), from the attributor's offer config.
+    /// What the affiliate is owed for this conversion at this version: `priced_payout`
+    /// while the status pays, 0 in a status that pays nothing (rejected, reversed).
     pub payout: Decimal,
     pub payout_currency: String,
+    /// The change of `payout` against the previous version (on version 1, the payout):
+    /// summing the deltas per affiliate and currency gives the balance.
+    #[serde(default)]
+    pub payout_delta: Decimal,
+    /// What the pricing rule gives this conversion, whatever its status.
+    #[serde(default)]
+    pub priced_payout: Decimal,
+    /// Which pricing rule set `priced_payout`.
+    #[serde(default)]
+    pub payout_rule: PayoutRule,
     pub click_ts_ms: i64,
+    /// When the conversion happened: the operator's `event_time` when it gave one, else
+    /// when ingest received the first postback. The same in every version.
     pub event_ts_ms: i64,
+    /// When ingest received the postback behind this version (for an automatic change, the
+    /// one behind the version it changed).
+    #[serde(default)]
+    pub received_ts_ms: i64,
     /// When this version was decided (processing time; the only field a replay may change).
     pub attributed_at_ms: i64,
     /// The status of the previous version, on a status update (version > 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_status: Option<String>,
+    /// Why the status is what it is when no postback asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<StatusReason>,
+    /// How the postback behind this version reached us.
+    #[serde(default)]
+    pub trust: Trust,
     /// The conversion came sooner after its click than the offer's minimum
-    /// (`min_click_to_conversion_seconds`): flagged for review, not dropped.
+    /// (`min_click_to_conversion`): flagged for review (and held, if the offer says so).
     #[serde(default, skip_serializing_if = "is_false")]
     pub suspicious: bool,
+}
+
+/// Which rule priced a conversion. Label values of metrics: keep the set small.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayoutRule {
+    /// The offer's payout for the event.
+    #[default]
+    OfferEvent,
+    /// The offer is known but names no payout for the event: 0.
+    NoPayoutForEvent,
+    /// The attributor knows no such offer: 0, in the default currency.
+    UnknownOffer,
+}
+
+impl PayoutRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayoutRule::OfferEvent => "offer_event",
+            PayoutRule::NoPayoutForEvent => "no_payout_for_event",
+            PayoutRule::UnknownOffer => "unknown_offer",
+        }
+    }
+}
+
+/// Why a conversion has its status when the pipeline, not a postback, decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusReason {
+    /// Too fast after its click, on an offer that holds such conversions: `pending` until
+    /// the operator decides, never approved automatically.
+    Suspicious,
+    /// Approved automatically when the offer's hold ended with the conversion `pending`.
+    HoldEnded,
+}
+
+impl StatusReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusReason::Suspicious => "suspicious",
+            StatusReason::HoldEnded => "hold_ended",
+        }
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -119,13 +220,27 @@ pub enum RejectReason {
     /// The same conversion, with the same status, was already attributed; or a second
     /// conversion of an event that counts once per click (FTD).
     Duplicate,
+    /// The status change the postback asks for is not in the transition table.
+    InvalidTransition,
+    /// Sooner after its click than the offer's minimum, on an offer that rejects such
+    /// conversions.
+    TooFast,
+    /// A click registration whose ID is already registered to another affiliate, offer or
+    /// sub IDs: the first registration stays (the rejection carries the refused click).
+    ClickConflict,
+    /// A pixel (browser) conversion for an offer that accepts server-to-server ones only.
+    PixelNotAllowed,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::UnknownClick,
         RejectReason::OutsideWindow,
         RejectReason::Duplicate,
+        RejectReason::InvalidTransition,
+        RejectReason::TooFast,
+        RejectReason::ClickConflict,
+        RejectReason::PixelNotAllowed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +248,10 @@ impl RejectReason {
             RejectReason::UnknownClick => "unknown_click",
             RejectReason::OutsideWindow => "outside_window",
             RejectReason::Duplicate => "duplicate",
+            RejectReason::InvalidTransition => "invalid_transition",
+            RejectReason::TooFast => "too_fast",
+            RejectReason::ClickConflict => "click_conflict",
+            RejectReason::PixelNotAllowed => "pixel_not_allowed",
         }
     }
 }
@@ -148,7 +267,21 @@ pub struct Rejection {
     pub detail: String,
     /// The postback that was rejected.
     pub postback: Option<Postback>,
+    /// The click registration that was rejected (`click_conflict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub click: Option<Click>,
     pub rejected_at_ms: i64,
+}
+
+impl Rejection {
+    /// The click ID the rejection is about: its Kafka key.
+    pub fn click_id(&self) -> &str {
+        match (&self.postback, &self.click) {
+            (Some(p), _) => &p.click_id,
+            (None, Some(c)) => &c.click_id,
+            (None, None) => "",
+        }
+    }
 }
 
 /// How one HTTP attempt to an affiliate endpoint ended.
@@ -197,13 +330,46 @@ pub struct DeliveryAttempt {
     pub next_attempt_at_ms: Option<i64>,
 }
 
-/// A delivery that exhausted its attempts, published to the dead-letter topic.
+/// Why a delivery was given up. Label values of metrics: keep the set small.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterReason {
+    /// Every attempt of the retry schedule failed with a retryable error.
+    #[default]
+    AttemptsExhausted,
+    /// The endpoint answered in a way retrying will not change (a 4xx, a redirect), or the
+    /// request could not be built.
+    PermanentFailure,
+    /// The postback (endpoint) was removed from the configuration while the delivery
+    /// waited.
+    PostbackRemoved,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 3] = [
+        DeadLetterReason::AttemptsExhausted,
+        DeadLetterReason::PermanentFailure,
+        DeadLetterReason::PostbackRemoved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::AttemptsExhausted => "attempts_exhausted",
+            DeadLetterReason::PermanentFailure => "permanent_failure",
+            DeadLetterReason::PostbackRemoved => "postback_removed",
+        }
+    }
+}
+
+/// A delivery that was given up, published to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub schema_version: u32,
     pub delivery_id: String,
     pub endpoint: String,
     pub conversion: Conversion,
+    #[serde(default)]
+    pub reason: DeadLetterReason,
     pub attempts: u32,
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
@@ -248,6 +414,35 @@ pub struct DeliveryCommand {
     pub reason: Option<String>,
 }
 
+/// A postback or batch record ingest refused with a 4xx, published to the refusals topic
+/// (keyed by source) so that an operator's engineer can see why postbacks do not arrive.
+/// Secrets are removed from `params` and every field is bounded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub schema_version: u32,
+    /// Unique (ULID).
+    pub refusal_id: String,
+    /// `postback` or `click`.
+    pub kind: String,
+    /// The source the request named (`default` for the plain routes).
+    pub source: String,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// The error code of the answer (`missing_field`, `unauthorized`, …).
+    pub reason: String,
+    /// The field the error is about, if one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub message: String,
+    pub client_ip: Option<String>,
+    pub path: String,
+    /// The request's parameters (a batch record's own fields), secrets replaced by
+    /// `[redacted]`, truncated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: Params,
+    pub ts_ms: i64,
+}
+
 /// Failure to read a record from the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum ContractError {
@@ -272,6 +467,7 @@ macro_rules! versioned {
 versioned!(
     Click,
     Postback,
+    Refusal,
     Conversion,
     Rejection,
     DeliveryAttempt,

@@ -49,6 +49,8 @@ pub struct TopicsConfig {
     /// The delivery worker's state changes (its schedule and the deliveries it has done),
     /// partition N for conversions partition N.
     pub delivery_changelog: TopicConfig,
+    /// Postbacks and batch records ingest refused (4xx), keyed by source, for the console.
+    pub refusals: TopicConfig,
 }
 
 impl TopicsConfig {
@@ -79,11 +81,12 @@ impl TopicsConfig {
                 config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
                 ..t("delivery-changelog")
             },
+            refusals: t("refusals"),
         }
     }
 
     /// Every topic with its key in the `[topics]` config section.
-    pub fn by_key(&self) -> [(&'static str, &TopicConfig); 10] {
+    pub fn by_key(&self) -> [(&'static str, &TopicConfig); 11] {
         [
             ("clicks", &self.clicks),
             ("postbacks", &self.postbacks),
@@ -95,6 +98,7 @@ impl TopicsConfig {
             ("changelog", &self.changelog),
             ("delivery_commands", &self.delivery_commands),
             ("delivery_changelog", &self.delivery_changelog),
+            ("refusals", &self.refusals),
         ]
     }
 
@@ -114,7 +118,7 @@ impl TopicsConfig {
         toml
     }
 
-    pub fn all(&self) -> [&TopicConfig; 10] {
+    pub fn all(&self) -> [&TopicConfig; 11] {
         self.by_key().map(|(_, t)| t)
     }
 

@@ -39,7 +39,7 @@ pub const APP_JS: &str = include_str!("../web/app.js");
 pub const STYLE_CSS: &str = include_str!("../web/style.css");
 
 /// Every route and its methods; the OpenAPI document lists the same (a test checks).
-pub const ROUTES: [(&str, &[&str]); 16] = [
+pub const ROUTES: [(&str, &[&str]); 17] = [
     ("/", &["GET"]),
     ("/app.js", &["GET"]),
     ("/style.css", &["GET"]),
@@ -56,6 +56,7 @@ pub const ROUTES: [(&str, &[&str]); 16] = [
     ("/api/v1/totals", &["GET"]),
     ("/api/v1/feed", &["GET"]),
     ("/api/v1/status", &["GET"]),
+    ("/api/v1/refusals", &["GET"]),
 ];
 
 /// Re-fired in one bulk request at most.
@@ -173,6 +174,7 @@ pub fn router(state: Shared) -> Router {
         .route(ROUTES[13].0, get(totals))
         .route(ROUTES[14].0, get(feed))
         .route(ROUTES[15].0, get(status))
+        .route(ROUTES[16].0, get(refusals))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -286,6 +288,29 @@ async fn conversions(
 }
 
 #[derive(Debug, Deserialize)]
+struct RefusalsQuery {
+    #[serde(flatten)]
+    window: Window,
+    source: Option<String>,
+    reason: Option<String>,
+}
+
+/// What ingest refused, newest first, of one source or all, of one reason or any.
+async fn refusals(
+    State(s): State<Shared>,
+    q: Result<Query<RefusalsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    Ok(Json(
+        read(&s, move |r| {
+            r.refusals(q.source.as_deref(), q.reason.as_deref(), &q.window)
+        })
+        .await?,
+    )
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
 struct RejectionsQuery {
     #[serde(flatten)]
     window: Window,
@@ -305,7 +330,14 @@ async fn rejections(
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_query",
-                "reason must be unknown_click, outside_window or duplicate",
+                format!(
+                    "reason must be one of {}",
+                    s2s_common::contract::RejectReason::ALL
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
     }

@@ -210,6 +210,7 @@ fn inputs(c: &ConsoleConfig) -> Vec<String> {
         &t.delivery_log,
         &t.dead_letter,
         &t.delivery_commands,
+        &t.refusals,
     ]
     .iter()
     .map(|t| t.name.clone())

@@ -81,6 +81,7 @@ impl Metrics {
             "attempt",
             "dead_letter",
             "command",
+            "refusal",
         ] {
             m.consumed.with_label_values(&[kind]);
             m.poison.with_label_values(&[kind]);

@@ -3,10 +3,9 @@
 //! crash here) changes nothing the second time: entries are keyed by IDs, and counters
 //! move only when a record's story entry is new.
 
-use rust_decimal::Decimal;
 use s2s_common::contract::{
     AttemptOutcome, Click, CommandAction, Conversion, DeadLetter, DeliveryAttempt, DeliveryCommand,
-    Postback, Rejection,
+    Postback, Refusal, Rejection,
 };
 use s2s_state::StoreError;
 use serde::Serialize;
@@ -27,6 +26,7 @@ pub enum Input<'a> {
     Attempt(&'a [u8], Box<DeliveryAttempt>),
     DeadLetter(&'a [u8], Box<DeadLetter>),
     Command(&'a [u8], Box<DeliveryCommand>),
+    Refusal(&'a [u8], Box<Refusal>),
 }
 
 /// A line of the live feed: something new that happened.
@@ -94,12 +94,12 @@ pub fn apply(st: &mut Stage<'_>, input: &Input<'_>) -> Result<Option<LiveEvent>,
                 timed(&prefix(&c.aff_id), c.event_ts_ms, &id),
                 encode(&row),
             );
-            if new && c.version == 1 {
+            if new {
+                // Every version counts once, under the conversion's event time (the same in
+                // every version): the net payout moves by its delta, and the conversion
+                // moves from its previous status to its new one.
                 add_totals(st, c.event_ts_ms, &c.aff_id, &c.offer_id, &c.event, |t| {
-                    t.conversions += 1;
-                    *t.payout
-                        .entry(c.payout_currency.clone())
-                        .or_insert(Decimal::ZERO) += c.payout;
+                    t.count_version(c)
                 })?;
             }
             if new {
@@ -140,13 +140,25 @@ pub fn apply(st: &mut Stage<'_>, input: &Input<'_>) -> Result<Option<LiveEvent>,
                 delivery_id: None,
             }))
         }
+        Input::Refusal(raw, r) => {
+            // Keyed by its unique ID: a replay lands on itself.
+            let id = r.refusal_id.as_bytes();
+            put(st, Cf::Refusals, timed(&[], r.ts_ms, id), raw.to_vec());
+            put(
+                st,
+                Cf::RefusalsBySource,
+                timed(&prefix(&r.source), r.ts_ms, id),
+                raw.to_vec(),
+            );
+            Ok(None)
+        }
         Input::Rejection(raw, r) => {
             let (click_id, postback_id, event, ts) = r.postback.as_ref().map_or(
                 (
+                    r.click_id().to_string(),
                     String::new(),
                     String::new(),
-                    String::new(),
-                    r.rejected_at_ms,
+                    r.click.as_ref().map_or(r.rejected_at_ms, |c| c.ts_ms),
                 ),
                 |p| {
                     (

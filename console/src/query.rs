@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use s2s_common::contract::{Conversion, DeadLetter, DeliveryCommand};
+use s2s_common::contract::{Conversion, DeadLetter, DeliveryCommand, Refusal};
 use s2s_state::StoreError;
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +113,31 @@ pub struct ConversionFilter {
     pub offer_id: Option<String>,
     pub event: Option<String>,
     pub status: Option<String>,
+    /// Only conversions flagged suspicious (`true`) or only the others (`false`).
+    #[serde(default, deserialize_with = "bool_or_text")]
+    pub suspicious: Option<bool>,
+}
+
+/// A boolean given as a boolean or as the text `true` / `false` (see [`number_or_text`]).
+fn bool_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Bool(bool),
+        Text(String),
+    }
+    match Option::<Either>::deserialize(d)? {
+        None => Ok(None),
+        Some(Either::Bool(b)) => Ok(Some(b)),
+        Some(Either::Text(t)) => match t.as_str() {
+            "" => Ok(None),
+            "true" => Ok(Some(true)),
+            "false" => Ok(Some(false)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{t:?} is not true or false"
+            ))),
+        },
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -274,8 +299,28 @@ impl<'a> Reader<'a> {
             let row: ConversionRow = decode(cf, v)?;
             let keep = f.offer_id.as_ref().is_none_or(|o| *o == row.offer_id)
                 && f.event.as_ref().is_none_or(|e| *e == row.event)
-                && f.status.as_ref().is_none_or(|s| *s == row.status);
+                && f.status.as_ref().is_none_or(|s| *s == row.status)
+                && f.suspicious.is_none_or(|s| s == row.suspicious);
             Ok(keep.then_some(row))
+        })
+    }
+
+    /// Refused postbacks and batch records, newest first: of one source (its index) or
+    /// all, of one reason (filtered while reading) or any.
+    pub fn refusals(
+        &self,
+        source: Option<&str>,
+        reason: Option<&str>,
+        w: &Window,
+    ) -> Result<Page<Refusal>, QueryError> {
+        let (cf, p) = match source {
+            Some(s) => (Cf::RefusalsBySource, prefix(s)),
+            None => (Cf::Refusals, Vec::new()),
+        };
+        let sources = self.stores.iter().map(|s| (&**s, p.clone())).collect();
+        list(cf, sources, w, |_, _, v| {
+            let r: Refusal = decode(cf, v)?;
+            Ok(reason.is_none_or(|x| x == r.reason).then_some(r))
         })
     }
 
@@ -566,10 +611,16 @@ mod tests {
             currency: None,
             payout: Decimal::new(5000, 2),
             payout_currency: "USD".into(),
+            payout_delta: Decimal::new(5000, 2),
+            priced_payout: Decimal::new(5000, 2),
+            payout_rule: Default::default(),
             click_ts_ms: ts,
             event_ts_ms: ts,
+            received_ts_ms: ts,
             attributed_at_ms: ts + 5,
             previous_status: None,
+            status_reason: None,
+            trust: Default::default(),
             suspicious: false,
         }
     }
@@ -610,6 +661,7 @@ mod tests {
             delivery_id: s2s_delivery::endpoint::delivery_id(c, "aff"),
             endpoint: "aff".into(),
             conversion: c.clone(),
+            reason: Default::default(),
             attempts,
             last_status: Some(503),
             last_error: Some("HTTP 503: busy".into()),
@@ -653,6 +705,95 @@ mod tests {
     }
 
     #[test]
+    fn refusals_newest_first_per_source_and_reason_across_stores() {
+        let dir = tempfile::tempdir().expect("dir");
+        let st = stores(dir.path(), 2);
+        let refusal = |id: &str, source: &str, reason: &str, ts: i64| Refusal {
+            schema_version: 1,
+            refusal_id: id.into(),
+            kind: "postback".into(),
+            source: source.into(),
+            status: 401,
+            reason: reason.into(),
+            field: None,
+            message: "no".into(),
+            client_ip: None,
+            path: "/postback".into(),
+            params: Default::default(),
+            ts_ms: ts,
+        };
+        let all = [
+            refusal("r1", "acme", "unauthorized", 10),
+            refusal("r2", "bingo", "missing_field", 20),
+            refusal("r3", "acme", "missing_field", 30),
+            refusal("r4", "acme", "unauthorized", 40),
+        ];
+        let raws: Vec<Vec<u8>> = all.iter().map(s2s_common::contract::encode).collect();
+        let inputs = all
+            .iter()
+            .zip(&raws)
+            .map(|(r, raw)| {
+                (
+                    r.refusal_id.clone() + &r.source,
+                    Input::Refusal(raw, Box::new(r.clone())),
+                )
+            })
+            .collect();
+        feed(&st, inputs);
+        // The same again: a replay changes nothing.
+        feed(
+            &st,
+            vec![(
+                "r1acme".into(),
+                Input::Refusal(&raws[0], Box::new(all[0].clone())),
+            )],
+        );
+        let r = Reader::new(&st);
+        let ids = |p: Page<Refusal>| -> Vec<String> {
+            p.items.into_iter().map(|r| r.refusal_id).collect()
+        };
+        let w = Window::default();
+        assert_eq!(
+            ids(r.refusals(None, None, &w).expect("read")),
+            ["r4", "r3", "r2", "r1"]
+        );
+        assert_eq!(
+            ids(r.refusals(Some("acme"), None, &w).expect("read")),
+            ["r4", "r3", "r1"]
+        );
+        assert_eq!(
+            ids(r
+                .refusals(Some("acme"), Some("unauthorized"), &w)
+                .expect("read")),
+            ["r4", "r1"]
+        );
+        assert_eq!(
+            ids(r.refusals(None, Some("missing_field"), &w).expect("read")),
+            ["r3", "r2"]
+        );
+        let first = r
+            .refusals(
+                Some("acme"),
+                None,
+                &Window {
+                    limit: Some(1),
+                    ..Window::default()
+                },
+            )
+            .expect("read");
+        let next = Window {
+            cursor: first.next_cursor.clone(),
+            limit: Some(5),
+            ..Window::default()
+        };
+        assert_eq!(ids(first), ["r4"]);
+        assert_eq!(
+            ids(r.refusals(Some("acme"), None, &next).expect("read")),
+            ["r3", "r1"]
+        );
+    }
+
+    #[test]
     fn a_clicks_story_and_where_its_delivery_is_now() {
         let dir = tempfile::tempdir().expect("dir");
         let st = stores(dir.path(), 2);
@@ -670,6 +811,8 @@ mod tests {
             params: Default::default(),
             ip: None,
             ts_ms: 2_000,
+            event_time_ms: None,
+            trust: Default::default(),
         };
         let cv = conversion("c1", "42", 1, 1, 2_000);
         let a1 = attempt(&cv, 1, AttemptOutcome::Retryable, Some(9_000), 3_000);
@@ -1003,6 +1146,26 @@ mod tests {
             page.items.iter().map(|c| c.event_ts_ms).collect::<Vec<_>>(),
             expected
         );
+        let flagged = ConversionFilter {
+            suspicious: Some(true),
+            ..ConversionFilter::default()
+        };
+        assert!(
+            r.conversions(&flagged, &Window::default())
+                .expect("read")
+                .items
+                .is_empty(),
+            "none flagged"
+        );
+        let unflagged = ConversionFilter {
+            suspicious: Some(false),
+            ..ConversionFilter::default()
+        };
+        assert!(!r
+            .conversions(&unflagged, &Window::default())
+            .expect("read")
+            .items
+            .is_empty());
         let by_status = ConversionFilter {
             status: Some("approved".into()),
             ..ConversionFilter::default()
@@ -1039,6 +1202,7 @@ mod tests {
             reason: RejectReason::Duplicate,
             detail: "again".into(),
             postback: None,
+            click: None,
             rejected_at_ms: hour + 20,
         };
         let raws: Vec<Vec<u8>> = clicks.iter().map(contract::encode).collect();

@@ -26,6 +26,9 @@
 //! - `uncounted`: `[click ID][0][conversion ID][0][version][attempt ID]` → attempt ts: a
 //!   delivered attempt read before its conversion, which the totals count under; the
 //!   conversion counts it on arrival and removes the entry (so the family stays near empty).
+//! - `refusals`: `[refused ts][refusal ID]` → the refusal as published, and
+//!   `refusals_by_source`: `[source][0][refused ts][refusal ID]` → the same: what ingest
+//!   refused, newest first (the refusals topic is keyed by source, not click ID).
 //!
 //! Retention ([`Retention`]): values of every family but `endpoints` and `meta` begin with
 //! their write time (8 bytes, [`s2s_state::stamped`]), which the stores' compaction
@@ -53,6 +56,8 @@ pub enum Cf {
     Totals,
     Meta,
     Uncounted,
+    Refusals,
+    RefusalsBySource,
 }
 
 impl Family for Cf {
@@ -70,6 +75,8 @@ impl Family for Cf {
         Cf::Totals,
         Cf::Meta,
         Cf::Uncounted,
+        Cf::Refusals,
+        Cf::RefusalsBySource,
     ];
     const META: Cf = Cf::Meta;
 
@@ -92,6 +99,8 @@ impl Family for Cf {
             Cf::Totals => "totals",
             Cf::Meta => "meta",
             Cf::Uncounted => "uncounted",
+            Cf::Refusals => "refusals",
+            Cf::RefusalsBySource => "refusals_by_source",
         }
     }
 }
@@ -287,26 +296,72 @@ pub struct EndpointRow {
     pub last_error_delivery_id: Option<String>,
 }
 
-/// Counts of one bucket of one (affiliate, offer, event).
+/// Counts of one bucket of one (affiliate, offer, event). Conversions count under their
+/// event time, whatever version changed them later.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     pub clicks: u64,
+    /// Conversions (not versions).
     pub conversions: u64,
-    /// Payout per currency.
+    /// Net payout per currency: what the conversions pay in their current status (the sum
+    /// of every version's `payout_delta`).
     pub payout: BTreeMap<String, Decimal>,
+    /// Per status: the conversions now in it and what they pay, per currency.
+    #[serde(default)]
+    pub by_status: BTreeMap<String, StatusTotals>,
     pub deliveries_ok: u64,
     pub deliveries_dead: u64,
+}
+
+/// The conversions of a bucket that are in one status now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusTotals {
+    pub conversions: u64,
+    pub payout: BTreeMap<String, Decimal>,
+}
+
+impl StatusTotals {
+    fn add(&mut self, o: &StatusTotals) {
+        self.conversions += o.conversions;
+        add_money(&mut self.payout, &o.payout);
+    }
+}
+
+fn add_money(to: &mut BTreeMap<String, Decimal>, from: &BTreeMap<String, Decimal>) {
+    for (c, v) in from {
+        *to.entry(c.clone()).or_default() += *v;
+    }
 }
 
 impl Totals {
     pub fn add(&mut self, o: &Totals) {
         self.clicks += o.clicks;
         self.conversions += o.conversions;
-        for (c, v) in &o.payout {
-            *self.payout.entry(c.clone()).or_default() += *v;
+        add_money(&mut self.payout, &o.payout);
+        for (status, t) in &o.by_status {
+            self.by_status.entry(status.clone()).or_default().add(t);
         }
         self.deliveries_ok += o.deliveries_ok;
         self.deliveries_dead += o.deliveries_dead;
+    }
+
+    /// Counts one version of a conversion, read once, in version order: version 1 adds a
+    /// conversion; each version moves the conversion (and what it paid) out of its
+    /// previous status into its new one.
+    pub fn count_version(&mut self, c: &s2s_common::contract::Conversion) {
+        let currency = &c.payout_currency;
+        if c.version <= 1 {
+            self.conversions += 1;
+        }
+        *self.payout.entry(currency.clone()).or_default() += c.payout_delta;
+        if let Some(prev) = &c.previous_status {
+            let was = self.by_status.entry(prev.clone()).or_default();
+            was.conversions = was.conversions.saturating_sub(1);
+            *was.payout.entry(currency.clone()).or_default() -= c.payout - c.payout_delta;
+        }
+        let now = self.by_status.entry(c.status.clone()).or_default();
+        now.conversions += 1;
+        *now.payout.entry(currency.clone()).or_default() += c.payout;
     }
 }
 
@@ -395,6 +450,69 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn version(
+        v: u32,
+        status: &str,
+        prev: Option<&str>,
+        payout: i64,
+        delta: i64,
+    ) -> s2s_common::contract::Conversion {
+        let json = serde_json::json!({
+            "schema_version": 1, "conversion_id": "cv", "version": v, "outcome_id": "o",
+            "postback_id": "p", "click_id": "c", "offer_id": "7", "aff_id": "42",
+            "event": "ftd", "txn_id": null, "status": status, "amount": null,
+            "currency": null, "payout": payout.to_string(), "payout_currency": "EUR",
+            "payout_delta": delta.to_string(), "click_ts_ms": 0, "event_ts_ms": 0,
+            "attributed_at_ms": 0, "previous_status": prev,
+        });
+        serde_json::from_value(json).expect("a conversion")
+    }
+
+    #[test]
+    fn totals_count_net_payout_by_current_status() {
+        let mut t = Totals::default();
+        t.count_version(&version(1, "pending", None, 50, 50));
+        t.count_version(&version(2, "approved", Some("pending"), 50, 0));
+        let mut other = version(1, "approved", None, 20, 20);
+        other.conversion_id = "cv2".into();
+        t.count_version(&other);
+        let eur = |m: &BTreeMap<String, Decimal>| m.get("EUR").copied().unwrap_or_default();
+        assert_eq!((t.conversions, eur(&t.payout)), (2, Decimal::new(70, 0)));
+        let approved = &t.by_status["approved"];
+        assert_eq!(
+            (approved.conversions, eur(&approved.payout)),
+            (2, Decimal::new(70, 0))
+        );
+        assert_eq!(
+            (
+                t.by_status["pending"].conversions,
+                eur(&t.by_status["pending"].payout)
+            ),
+            (0, Decimal::ZERO)
+        );
+        // A reversal takes the payout back and moves the conversion.
+        t.count_version(&version(3, "reversed", Some("approved"), 0, -50));
+        assert_eq!((t.conversions, eur(&t.payout)), (2, Decimal::new(20, 0)));
+        let reversed = &t.by_status["reversed"];
+        assert_eq!(
+            (reversed.conversions, eur(&reversed.payout)),
+            (1, Decimal::ZERO)
+        );
+        assert_eq!(
+            (
+                t.by_status["approved"].conversions,
+                eur(&t.by_status["approved"].payout)
+            ),
+            (1, Decimal::new(20, 0))
+        );
+        // Buckets add up status by status.
+        let mut sum = Totals::default();
+        sum.add(&t);
+        sum.add(&t);
+        assert_eq!(sum.by_status["approved"].conversions, 2);
+        assert_eq!(eur(&sum.payout), Decimal::new(40, 0));
+    }
 
     #[test]
     fn buckets_and_totals_keys() {

@@ -144,6 +144,8 @@ fn decode<'m>(c: &Console, m: &'m OwnedMessage) -> (&'static str, Result<Input<'
         ("attempt", as_input(raw, Input::Attempt))
     } else if topic == t.dead_letter.name {
         ("dead_letter", as_input(raw, Input::DeadLetter))
+    } else if topic == t.refusals.name {
+        ("refusal", as_input(raw, Input::Refusal))
     } else {
         ("command", as_input(raw, Input::Command))
     }

@@ -168,6 +168,8 @@ const conversions = pager({
     const tr = tbody.insertRow();
     cell(tr, fmtTime(c.event_ts_ms)); clickLink(tr, c.click_id); cell(tr, c.aff_id); cell(tr, c.offer_id);
     cell(tr, c.event); cell(tr, c.status); cell(tr, c.version); cell(tr, `${c.payout} ${c.currency}`);
+    const flag = cell(tr, c.suspicious ? "suspicious" : "");
+    if (c.suspicious) flag.className = "flag";
   },
 });
 
@@ -176,6 +178,20 @@ function deadRange() {
   const ms = (sel) => { const v = $(sel).value; return v ? Date.parse(v + "Z") : null; };
   return { from: ms("#dead-from"), to: ms("#dead-to") };
 }
+
+// What ingest refused, newest first: the screen for "my postbacks don't arrive".
+const refusals = pager({
+  table: "#refusals",
+  more: "#refusals-more",
+  load: (cursor) => api("/api/v1/refusals?" + query({ ...Object.fromEntries(new FormData($("#refusals-filter"))), cursor, limit: 50 })),
+  render: (tbody, r) => {
+    const tr = tbody.insertRow();
+    cell(tr, fmtTime(r.ts_ms)); cell(tr, r.source); cell(tr, r.status); cell(tr, r.reason);
+    cell(tr, r.field); cell(tr, r.message); cell(tr, r.client_ip);
+    const params = Object.entries(r.params || {}).map(([k, v]) => `${k}=${v}`).join("&");
+    cell(tr, params ? `${r.path}?${params}` : r.path);
+  },
+});
 
 const deadLetters = pager({
   table: "#dead-letters",
@@ -288,7 +304,10 @@ async function loadTotals() {
       const tr = tbody.insertRow();
       cell(tr, fmtTime(r.bucket_ms)); cell(tr, r.aff_id); cell(tr, r.offer_id); cell(tr, r.event);
       cell(tr, r.clicks); cell(tr, r.conversions);
-      cell(tr, Object.entries(r.payout || {}).map(([c, v]) => `${v} ${c}`).join(", "));
+      const money = (m) => Object.entries(m || {}).map(([c, v]) => `${v} ${c}`).join(", ");
+      cell(tr, money(r.payout));
+      cell(tr, Object.entries(r.by_status || {}).filter(([, t]) => t.conversions > 0)
+        .map(([s, t]) => `${s} ${t.conversions} (${money(t.payout)})`).join(" · "));
       cell(tr, pct(r.conversion_rate)); cell(tr, pct(r.delivery_success_rate));
     }
     drawChart(rows, from, to, bucketMs);
@@ -360,7 +379,7 @@ function route() {
   if (!token) { showError("Enter your operator token above."); return; }
   if (page === "live") conversions(true);
   if (page === "click" && arg) showStory(decodeURIComponent(arg));
-  if (page === "failures") { loadEndpoints(); deadLetters(true); }
+  if (page === "failures") { loadEndpoints(); deadLetters(true); refusals(true); }
   if (page === "totals") loadTotals();
 }
 
@@ -385,6 +404,7 @@ $("#click-form").addEventListener("submit", (e) => {
 });
 $("#conversions-filter").addEventListener("submit", (e) => { e.preventDefault(); conversions(true); });
 $("#dead-filter").addEventListener("submit", (e) => { e.preventDefault(); deadLetters(true); });
+$("#refusals-filter").addEventListener("submit", (e) => { e.preventDefault(); refusals(true); });
 $("#dead-refire-all").addEventListener("click", async () => {
   const endpoint = $("#dead-endpoint").value.trim();
   const msg = $("#dead-message");

@@ -98,6 +98,9 @@ pub struct PostbackConfig {
     /// Updates to these statuses; empty = all.
     #[serde(default)]
     pub update_statuses: Vec<String>,
+    /// Leave out conversions flagged `suspicious`.
+    #[serde(default)]
+    pub exclude_suspicious: bool,
     pub max_in_flight: Option<usize>,
     pub timeout_ms: Option<u64>,
     /// Standard Webhooks signing secret (`whsec_…`), or the name of an environment
@@ -303,6 +306,7 @@ impl DeliveryConfig {
                 statuses: p.statuses.clone(),
                 send_updates: p.send_updates,
                 update_statuses: p.update_statuses.clone(),
+                exclude_suspicious: p.exclude_suspicious,
             },
             max_in_flight: p.max_in_flight.unwrap_or(self.endpoint_max_in_flight),
             timeout: Duration::from_millis(p.timeout_ms.unwrap_or(self.request_timeout_ms)),
@@ -338,10 +342,16 @@ fn sample_conversion() -> Conversion {
         currency: Some("EUR".into()),
         payout: Decimal::new(5000, 2),
         payout_currency: "USD".into(),
+        payout_delta: Decimal::new(5000, 2),
+        priced_payout: Decimal::new(5000, 2),
+        payout_rule: Default::default(),
         click_ts_ms: 0,
         event_ts_ms: 0,
+        received_ts_ms: 0,
         attributed_at_ms: 0,
         previous_status: None,
+        status_reason: None,
+        trust: Default::default(),
         suspicious: false,
     }
 }

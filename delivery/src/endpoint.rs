@@ -29,11 +29,17 @@ pub const MACROS: &[&str] = &[
     "event",
     "txn_id",
     "amount",
+    "amount_currency",
     "payout",
+    "payout_delta",
     "currency",
     "status",
+    "previous_status",
+    "version",
+    "suspicious",
     "conversion_id",
     "timestamp",
+    "event_time",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -94,6 +100,8 @@ pub struct Filter {
     pub send_updates: bool,
     /// Updates to these statuses; empty: any.
     pub update_statuses: Vec<String>,
+    /// Whether conversions flagged `suspicious` are left out.
+    pub exclude_suspicious: bool,
 }
 
 impl Filter {
@@ -107,6 +115,7 @@ impl Filter {
         self.aff_id.as_ref().is_none_or(|a| *a == c.aff_id)
             && self.offer_id.as_ref().is_none_or(|o| *o == c.offer_id)
             && (self.events.is_empty() || self.events.contains(&c.event))
+            && !(self.exclude_suspicious && c.suspicious)
             && status_ok
     }
 }
@@ -187,21 +196,35 @@ pub fn delivery_id(c: &Conversion, endpoint: &str) -> String {
     )
 }
 
-/// The value of macro `name` for `c` (`None`: empty).
+/// The value of macro `name` for `c` (`None`: empty). Money as decimal strings; the
+/// payout's currency is `{currency}`, the operator's amount's `{amount_currency}`;
+/// `{suspicious}` is 1 or 0; `{timestamp}` is the event time in Unix seconds, `{event_time}`
+/// the same in RFC 3339 (UTC, milliseconds).
 pub fn macro_value<'a>(c: &'a Conversion, name: &str) -> Option<Cow<'a, str>> {
     let b = |s: &'a String| Some(Cow::Borrowed(s.as_str()));
+    let owned = |s: String| Some(Cow::Owned(s));
     match name {
         "click_id" => b(&c.click_id),
         "aff_id" => b(&c.aff_id),
         "offer_id" => b(&c.offer_id),
         "event" => b(&c.event),
         "txn_id" => c.txn_id.as_ref().and_then(b),
-        "amount" => c.amount.map(|a| Cow::Owned(a.to_string())),
-        "payout" => Some(Cow::Owned(c.payout.to_string())),
+        "amount" => c.amount.and_then(|a| owned(a.to_string())),
+        "amount_currency" => c.currency.as_ref().and_then(b),
+        "payout" => owned(c.payout.to_string()),
+        "payout_delta" => owned(c.payout_delta.to_string()),
         "currency" => b(&c.payout_currency),
         "status" => b(&c.status),
+        "previous_status" => c.previous_status.as_ref().and_then(b),
+        "version" => owned(c.version.to_string()),
+        "suspicious" => Some(Cow::Borrowed(if c.suspicious { "1" } else { "0" })),
         "conversion_id" => b(&c.conversion_id),
-        "timestamp" => Some(Cow::Owned((c.event_ts_ms / 1000).to_string())),
+        "timestamp" => owned(c.event_ts_ms.div_euclid(1000).to_string()),
+        "event_time" => {
+            let ms = u64::try_from(c.event_ts_ms).ok()?;
+            let t = std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
+            owned(humantime::format_rfc3339_millis(t).to_string())
+        }
         sub => c.subs.get(sub).and_then(b),
     }
 }
@@ -251,10 +274,16 @@ pub(crate) mod tests {
             currency: Some("EUR".into()),
             payout: Decimal::new(5000, 2),
             payout_currency: "USD".into(),
+            payout_delta: Decimal::new(5000, 2),
+            priced_payout: Decimal::new(5000, 2),
+            payout_rule: Default::default(),
             click_ts_ms: 0,
             event_ts_ms: 1_700_000_000_123,
+            received_ts_ms: 1_700_000_000_123,
             attributed_at_ms: 0,
             previous_status: None,
+            status_reason: None,
+            trust: Default::default(),
             suspicious: false,
         }
     }
@@ -403,6 +432,37 @@ pub(crate) mod tests {
         assert!(!f.wants(&c));
         f.update_statuses.push("reversed".into());
         assert!(f.wants(&c));
+
+        c.suspicious = true;
+        assert!(f.wants(&c), "suspicious conversions go out unless excluded");
+        f.exclude_suspicious = true;
+        assert!(!f.wants(&c));
+        c.suspicious = false;
+        assert!(f.wants(&c));
+    }
+
+    #[test]
+    fn lifecycle_macros_name_version_status_delta_and_times() {
+        let e = endpoint("https://a/pb?v={version}&st={status}&was={previous_status}&d={payout_delta}&sus={suspicious}&et={event_time}&amt={amount}+{amount_currency}&p={payout}+{currency}");
+        let mut c = conv();
+        assert_eq!(
+            e.request(&c, "d", 5).url,
+            "https://a/pb?v=1&st=approved&was=&d=50.00&sus=0&et=2023-11-14T22%3A13%3A20.123Z&amt=19.99+EUR&p=50.00+USD"
+        );
+        c.version = 2;
+        c.status = "reversed".into();
+        c.previous_status = Some("approved".into());
+        c.payout = Decimal::ZERO;
+        c.payout_delta = Decimal::new(-5000, 2);
+        c.suspicious = true;
+        c.currency = None;
+        assert_eq!(
+            e.request(&c, "d", 5).url,
+            "https://a/pb?v=2&st=reversed&was=approved&d=-50.00&sus=1&et=2023-11-14T22%3A13%3A20.123Z&amt=19.99+&p=0+USD"
+        );
+        c.event_ts_ms = -1;
+        assert_eq!(macro_value(&c, "event_time"), None, "before 1970: empty");
+        assert_eq!(macro_value(&c, "timestamp").as_deref(), Some("-1"));
     }
 
     #[test]

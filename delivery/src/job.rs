@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use s2s_common::contract::{AttemptOutcome, Conversion};
+use s2s_common::contract::{AttemptOutcome, Conversion, DeadLetterReason};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::RetryPolicy;
@@ -63,6 +63,16 @@ pub enum Next {
     Delivered,
     Retry { due_ms: i64 },
     DeadLettered,
+}
+
+/// Why a delivery whose last attempt ended `outcome` was dead-lettered: its endpoint was
+/// removed (`unconfigured`), the answer was permanent, or the schedule ran out.
+pub fn dead_letter_reason(outcome: AttemptOutcome, unconfigured: bool) -> DeadLetterReason {
+    match (unconfigured, outcome) {
+        (true, _) => DeadLetterReason::PostbackRemoved,
+        (false, AttemptOutcome::Permanent) => DeadLetterReason::PermanentFailure,
+        (false, _) => DeadLetterReason::AttemptsExhausted,
+    }
 }
 
 /// What a re-delivery did.
@@ -173,6 +183,23 @@ impl Job {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dead_letters_say_why() {
+        use AttemptOutcome::*;
+        assert_eq!(
+            dead_letter_reason(Retryable, false),
+            DeadLetterReason::AttemptsExhausted
+        );
+        assert_eq!(
+            dead_letter_reason(Permanent, false),
+            DeadLetterReason::PermanentFailure
+        );
+        assert_eq!(
+            dead_letter_reason(Permanent, true),
+            DeadLetterReason::PostbackRemoved
+        );
+    }
+
     use super::*;
     use crate::endpoint::tests::conv;
 

@@ -23,7 +23,8 @@ pub struct Metrics {
     pub duplicates: IntCounterVec,
     /// `delivery_retries_scheduled_total{endpoint}`.
     pub retries: IntCounterVec,
-    /// `delivery_dead_lettered_total{endpoint}`.
+    /// `delivery_dead_lettered_total{endpoint, reason}`: attempts_exhausted,
+    /// permanent_failure, postback_removed.
     pub dead_lettered: IntCounterVec,
     /// `delivery_attributed_to_delivered_seconds`: conversion decided → affiliate's 2xx.
     pub end_to_end_seconds: Histogram,
@@ -92,8 +93,8 @@ impl Metrics {
             )?,
             dead_lettered: counter(
                 "delivery_dead_lettered_total",
-                "Deliveries sent to the dead-letter topic.",
-                &["endpoint"],
+                "Deliveries sent to the dead-letter topic, by why.",
+                &["endpoint", "reason"],
             )?,
             end_to_end_seconds: Histogram::with_opts(
                 HistogramOpts::new(

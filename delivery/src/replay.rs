@@ -288,6 +288,7 @@ mod tests {
             delivery_id: "d".into(),
             endpoint: endpoint.into(),
             conversion: c,
+            reason: Default::default(),
             attempts: 8,
             last_status: Some(500),
             last_error: None,

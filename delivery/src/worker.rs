@@ -36,8 +36,8 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use s2s_common::contract::{
-    self, AttemptOutcome, CommandAction, Conversion, DeadLetter, DeliveryAttempt, DeliveryCommand,
-    SCHEMA_VERSION,
+    self, AttemptOutcome, CommandAction, Conversion, DeadLetter, DeadLetterReason, DeliveryAttempt,
+    DeliveryCommand, SCHEMA_VERSION,
 };
 use s2s_common::kafka::{produce_all, OutRecord};
 use s2s_common::topics::partition_key;
@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::circuit::{Admit, Circuit, State};
 use crate::endpoint::{classify, delivery_id, status_class, Endpoint};
-use crate::job::{Attempted, Job, Next};
+use crate::job::{dead_letter_reason, Attempted, Job, Next};
 use crate::schedule::{self, Cf, PendingDeltas, Queue, Stage, Store};
 use crate::sender::{Failure, Sent};
 use crate::{Delivery, DeliveryError};
@@ -180,8 +180,12 @@ impl<'a> Worker<'a> {
             set_circuit_gauge(m, &ep.name, State::Closed);
             // Counters of every configured endpoint start at 0, so that rate() sees the
             // first event and dashboards show a zero rather than no data.
-            for counter in [&m.scheduled, &m.duplicates, &m.retries, &m.dead_lettered] {
+            for counter in [&m.scheduled, &m.duplicates, &m.retries] {
                 counter.with_label_values(&[&ep.name]);
+            }
+            for reason in DeadLetterReason::ALL {
+                m.dead_lettered
+                    .with_label_values(&[&ep.name, reason.as_str()]);
             }
         }
         for kind in ["conversion", "command"] {
@@ -854,6 +858,10 @@ impl<'a> Worker<'a> {
                     delivery_id: job.delivery_id.clone(),
                     endpoint: job.endpoint.clone(),
                     conversion: c.clone(),
+                    reason: dead_letter_reason(
+                        outcome,
+                        r.sent.failure == Some(Failure::Unconfigured),
+                    ),
                     attempts: job.attempts,
                     last_status: r.sent.status,
                     last_error: r.sent.error.clone(),
@@ -919,8 +927,10 @@ impl<'a> Worker<'a> {
                     tracing::warn!(endpoint = %dl.endpoint, delivery_id = %dl.delivery_id,
                         conversion_id = %dl.conversion.conversion_id, attempts = dl.attempts,
                         last_status = ?dl.last_status, last_error = ?dl.last_error,
-                        "delivery dead-lettered");
-                    m.dead_lettered.with_label_values(&[&dl.endpoint]).inc();
+                        reason = dl.reason.as_str(), "delivery dead-lettered");
+                    m.dead_lettered
+                        .with_label_values(&[&dl.endpoint, dl.reason.as_str()])
+                        .inc();
                 }
                 Event::Command { command, result } => {
                     tracing::info!(command_id = %command.command_id, action = command.action.as_str(),

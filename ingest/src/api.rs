@@ -6,6 +6,7 @@
 //! | `GET, POST /postback[/{source}]` | one postback: query string, form or JSON body |
 //! | `POST /v1/postbacks[/{source}]` | a batch of postbacks: JSON object, array or NDJSON |
 //! | `POST /v1/clicks[/{source}]` | a batch of clicks whose IDs the operator minted |
+//! | `GET /pixel`, `GET /iframe` | a postback from a browser (`[pixel]`): always a 1×1 GIF / an empty page |
 //! | `GET /openapi.json` | the OpenAPI document of all this (`ingest/openapi.json`) |
 //!
 //! Every request is answered only after its records were acknowledged by the broker.
@@ -28,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::join_all;
-use s2s_common::contract::{encode, Click, Postback};
+use s2s_common::contract::{encode, Click, Postback, Trust};
 use s2s_common::ids::new_ulid;
 use s2s_common::now_ms;
 use s2s_common::template::Template;
@@ -36,12 +37,13 @@ use s2s_common::topics::partition_key;
 use serde::Serialize;
 
 use crate::batch::parse_batch;
-use crate::config::PostbackRules;
+use crate::config::{PixelConfig, PostbackRules};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::params::{parse_json_object, parse_urlencoded, take, Pairs};
 use crate::publish::{PublishError, Publisher};
 use crate::records::{build_click, build_operator_click, build_postback, RequestMeta};
+use crate::refusals::{is_refusal, Origin, Refusals};
 use crate::source::{ProxyTrust, Source};
 
 /// Largest total size of request headers accepted (431 above).
@@ -59,13 +61,15 @@ pub struct App {
     pub postbacks_topic: String,
     pub max_body_bytes: usize,
     pub metrics: Metrics,
+    pub refusals: Refusals,
+    pub pixel: PixelConfig,
 }
 
 /// The OpenAPI document of these routes, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Every route with its methods: the single list the router and the OpenAPI check use.
-pub const ROUTES: [(&str, &[&str]); 8] = [
+pub const ROUTES: [(&str, &[&str]); 10] = [
     ("/click", &["GET"]),
     ("/postback", &["GET", "POST"]),
     ("/postback/{source}", &["GET", "POST"]),
@@ -74,6 +78,8 @@ pub const ROUTES: [(&str, &[&str]); 8] = [
     ("/v1/clicks", &["POST"]),
     ("/v1/clicks/{source}", &["POST"]),
     ("/openapi.json", &["GET"]),
+    ("/pixel", &["GET"]),
+    ("/iframe", &["GET"]),
 ];
 
 pub fn router(app: Arc<App>) -> Router {
@@ -89,6 +95,8 @@ pub fn router(app: Arc<App>) -> Router {
             ROUTES[7].0,
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
+        .route(ROUTES[8].0, get(pixel))
+        .route(ROUTES[9].0, get(iframe))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -217,6 +225,31 @@ impl App {
             .inc();
     }
 
+    /// Publishes the refusal event of a record answered `err`, if it is one (a 4xx).
+    fn refused(&self, kind: &'static str, origin: &Origin<'_>, pairs: &Pairs, err: &ApiError) {
+        if is_refusal(err) {
+            self.refusals.record(kind, origin, pairs, err);
+        }
+    }
+
+    /// Where a request came from, for its refusal events.
+    fn origin<'a>(
+        &self,
+        source: Option<&'a str>,
+        peer: SocketAddr,
+        parts: &'a Parts,
+    ) -> Origin<'a> {
+        Origin {
+            source: source.unwrap_or("default"),
+            client_ip: Some(
+                self.proxies
+                    .client_ip(peer.ip(), &parts.headers)
+                    .to_string(),
+            ),
+            path: parts.uri.path(),
+        }
+    }
+
     /// Source lookup (404), IP allow-list (403), rate limit (429), body size (413), query
     /// parsing, and authentication (401) over the body (POST) or the raw query (GET).
     async fn admit(
@@ -313,11 +346,126 @@ async fn click(
         let meta = request_meta(app.proxies.client_ip(peer.ip(), headers), headers);
         let (click, location) = build_click(pairs, &app.offers, meta, new_ulid(), now_ms())?;
         app.publish(&click).await?;
-        Ok(location)
+        Ok((location, app.pixel.set_cookie(&click.click_id)))
     }
     .await;
     app.count("click", &result);
-    Ok((StatusCode::FOUND, [(header::LOCATION, result?)]).into_response())
+    let (location, cookie) = result?;
+    let mut resp = (StatusCode::FOUND, [(header::LOCATION, location)]).into_response();
+    if let Some(c) = cookie.and_then(|c| header::HeaderValue::try_from(c).ok()) {
+        resp.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    Ok(resp)
+}
+
+/// A transparent 1×1 GIF.
+pub const GIF: &[u8] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x21\xf9\x04\x01\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b";
+
+/// What `/iframe` answers.
+const EMPTY_PAGE: &str = "<!doctype html><title></title>";
+
+async fn pixel(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let postback_id = browser_postback(&app, peer, req).await;
+    browser_answer("image/gif", GIF.to_vec(), postback_id)
+}
+
+async fn iframe(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let postback_id = browser_postback(&app, peer, req).await;
+    browser_answer("text/html; charset=utf-8", EMPTY_PAGE.into(), postback_id)
+}
+
+/// The same answer whatever happened (a browser can neither retry nor read an error),
+/// never cached; `X-Postback-Id` names the postback when it was stored.
+fn browser_answer(
+    content_type: &'static str,
+    body: Vec<u8>,
+    postback_id: Option<String>,
+) -> Response {
+    let mut resp = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-store, no-cache, must-revalidate"),
+        ],
+        body,
+    )
+        .into_response();
+    if let Some(id) = postback_id.and_then(|id| header::HeaderValue::try_from(id).ok()) {
+        resp.headers_mut().insert("x-postback-id", id);
+    }
+    resp
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers. (One name in one header:
+/// a cookie crate would bring more than it saves.)
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// A postback from a browser: `/postback`'s parameters, the click ID from the query or the
+/// cookie, `trust = "pixel"`. Stored only when `[pixel]` is enabled; every outcome is
+/// counted (kind `pixel`), refusals published like the other routes'. Returns the stored
+/// postback's ID.
+async fn browser_postback(app: &App, peer: SocketAddr, req: Request) -> Option<String> {
+    let (parts, _) = req.into_parts();
+    let query = parts.uri.query().unwrap_or_default();
+    let ip = app.proxies.client_ip(peer.ip(), &parts.headers);
+    let result = async {
+        if !app.pixel.enabled {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "pixel_disabled",
+                "pixel and iframe conversions are off ([pixel] enabled = false)",
+            ));
+        }
+        let mut pairs = parse_urlencoded(query.as_bytes())?;
+        // `token` is never stored, as on the other routes.
+        take(&mut pairs, "token");
+        let from_cookie = app
+            .pixel
+            .cookie
+            .as_deref()
+            .and_then(|n| cookie(&parts.headers, n));
+        if !pairs.iter().any(|(n, v)| n == "click_id" && !v.is_empty()) {
+            if let Some(id) = from_cookie {
+                pairs.push(("click_id".into(), id));
+            }
+        }
+        let mut pb = build_postback(
+            pairs,
+            &app.rules,
+            None,
+            request_meta(ip, &parts.headers),
+            new_ulid(),
+            now_ms(),
+        )?;
+        pb.trust = Trust::Pixel;
+        app.publish(&pb).await?;
+        Ok(pb.postback_id)
+    }
+    .await;
+    app.count("pixel", &result);
+    if let Err(e) = &result {
+        let pairs = parse_urlencoded(query.as_bytes()).unwrap_or_default();
+        app.refused("pixel", &app.origin(Some("pixel"), peer, &parts), &pairs, e);
+    }
+    result.ok()
 }
 
 async fn postback(
@@ -327,8 +475,12 @@ async fn postback(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
+    let source = source.map(|p| p.0);
+    // The body as read, for a refusal's parameters (only looked at on a refusal).
+    let mut read_body = Bytes::new();
     let result = async {
-        let a = app.admit(source.map(|p| p.0), peer, &parts, body).await?;
+        let a = app.admit(source.clone(), peer, &parts, body).await?;
+        read_body = a.body.clone();
         let mut pairs = a.pairs;
         if parts.method == Method::POST && !a.body.is_empty() {
             let ct = content_type(&parts.headers);
@@ -360,6 +512,23 @@ async fn postback(
     }
     .await;
     app.count("postback", &result);
+    if let Err(e) = &result {
+        let mut pairs =
+            parse_urlencoded(parts.uri.query().unwrap_or_default().as_bytes()).unwrap_or_default();
+        if !read_body.is_empty() {
+            let body = match content_type(&parts.headers).as_str() {
+                "application/json" => parse_json_object(&read_body),
+                _ => parse_urlencoded(&read_body),
+            };
+            pairs.extend(body.unwrap_or_default());
+        }
+        app.refused(
+            "postback",
+            &app.origin(source.as_deref(), peer, &parts),
+            &pairs,
+            e,
+        );
+    }
     let pb = result?;
     Ok(Json(Accepted {
         status: "accepted",
@@ -404,7 +573,7 @@ async fn click_batch(
     req: Request,
 ) -> Result<Response, ApiError> {
     run_batch::<Click>(&app, (source.map(|p| p.0), peer, req), |_, pairs| {
-        build_operator_click(pairs, now_ms())
+        build_operator_click(pairs, &app.offers, now_ms())
     })
     .await
 }
@@ -428,9 +597,10 @@ async fn run_batch<R: Record>(
     build: impl Fn(&Admitted, Pairs) -> Result<R, ApiError>,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
+    let origin = app.origin(source.as_deref(), peer, &parts);
     let admitted = async {
         // The batch routes take POST only (405 otherwise), so authentication is over the body.
-        let a = app.admit(source, peer, &parts, body).await?;
+        let a = app.admit(source.clone(), peer, &parts, body).await?;
         let ct = content_type(&parts.headers);
         if !matches!(
             ct.as_str(),
@@ -442,8 +612,10 @@ async fn run_batch<R: Record>(
         Ok((a, records))
     }
     .await;
-    if admitted.is_err() {
+    if let Err(e) = &admitted {
         app.count(R::KIND, &admitted);
+        let query = parse_urlencoded(parts.uri.query().unwrap_or_default().as_bytes());
+        app.refused(R::KIND, &origin, &query.unwrap_or_default(), e);
     }
     let (a, records) = admitted?;
     let built: Vec<Result<R, ApiError>> = records
@@ -457,6 +629,16 @@ async fn run_batch<R: Record>(
         }
     }))
     .await;
+    if published.iter().any(|r| r.as_ref().is_err_and(is_refusal)) {
+        // The records' own fields, parsed again: only when some were refused.
+        let again = parse_batch(&content_type(&parts.headers), &a.body).unwrap_or_default();
+        for (i, r) in published.iter().enumerate() {
+            if let Err(e) = r {
+                let pairs = again.get(i).and_then(|p| p.as_ref().ok());
+                app.refused(R::KIND, &origin, pairs.unwrap_or(&Vec::new()), e);
+            }
+        }
+    }
     let (mut rejected, mut unavailable) = (0, 0);
     let results: Vec<ItemResult> = published
         .into_iter()

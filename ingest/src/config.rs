@@ -27,6 +27,8 @@ pub struct IngestConfig {
     pub admin_listen: SocketAddr,
     pub produce_timeout_ms: u64,
     pub max_body_bytes: usize,
+    /// Refusal events published per second at most for each (source, reason).
+    pub refusal_events_per_second: u32,
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
     pub postback: PostbackRules,
@@ -36,6 +38,56 @@ pub struct IngestConfig {
     pub sources: BTreeMap<String, SourceConfig>,
     #[serde(default)]
     pub trusted_proxies: TrustedProxiesConfig,
+    pub pixel: PixelConfig,
+}
+
+/// `GET /pixel` and `GET /iframe`, and the click cookie.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PixelConfig {
+    pub enabled: bool,
+    /// The cookie `/click` sets with the click ID; `None`: no cookie.
+    pub cookie: Option<String>,
+    pub cookie_domain: Option<String>,
+    #[serde(deserialize_with = "s2s_common::config::duration")]
+    pub cookie_max_age: std::time::Duration,
+}
+
+impl PixelConfig {
+    /// The cookie name, if one is set: a token of letters, digits, `_` and `-`.
+    fn validate(&self) -> Result<(), String> {
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        };
+        if let Some(name) = self.cookie.as_deref().filter(|n| !token(n)) {
+            return Err(format!(
+                "pixel.cookie '{name}' must be letters, digits, '_', '-' or '.'"
+            ));
+        }
+        if let Some(d) = self.cookie_domain.as_deref().filter(|d| !token(d)) {
+            return Err(format!("pixel.cookie_domain '{d}' is not a domain name"));
+        }
+        if self.cookie.is_some() && self.cookie_max_age.is_zero() {
+            return Err("pixel.cookie_max_age must be longer than 0".into());
+        }
+        Ok(())
+    }
+
+    /// The `Set-Cookie` value that hands `click_id` to later pixels, if a cookie is set.
+    pub fn set_cookie(&self, click_id: &str) -> Option<String> {
+        let name = self.cookie.as_deref().filter(|_| self.enabled)?;
+        let domain = self
+            .cookie_domain
+            .as_deref()
+            .map(|d| format!("; Domain={d}"))
+            .unwrap_or_default();
+        Some(format!(
+            "{name}={click_id}; Max-Age={}; Path=/{domain}; Secure; HttpOnly; SameSite=Lax",
+            self.cookie_max_age.as_secs()
+        ))
+    }
 }
 
 /// How an operator integration authenticates.
@@ -95,8 +147,14 @@ pub struct TrustedProxiesConfig {
 }
 
 /// Canonical postback fields an alias may map to.
-pub const CANONICAL_FIELDS: [&str; 6] = [
-    "click_id", "event", "txn_id", "amount", "currency", "status",
+pub const CANONICAL_FIELDS: [&str; 7] = [
+    "click_id",
+    "event",
+    "txn_id",
+    "amount",
+    "currency",
+    "status",
+    "event_time",
 ];
 
 fn parse_net(s: &str) -> Option<IpNet> {
@@ -120,6 +178,13 @@ pub struct PostbackRules {
     pub events: Vec<String>,
     pub statuses: Vec<String>,
     pub default_status: String,
+    /// How far after its receipt an operator's `event_time` may lie (clock skew).
+    #[serde(deserialize_with = "s2s_common::config::duration")]
+    pub max_event_time_skew: std::time::Duration,
+    /// How far before its receipt an operator's `event_time` may lie: the longest
+    /// attribution window.
+    #[serde(deserialize_with = "s2s_common::config::duration")]
+    pub max_event_time_age: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +220,10 @@ impl IngestConfig {
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes must be > 0".into());
         }
+        if self.refusal_events_per_second == 0 {
+            return Err("refusal_events_per_second must be > 0".into());
+        }
+        self.pixel.validate()?;
         let p = &self.postback;
         if p.events.is_empty() || p.statuses.is_empty() {
             return Err("postback.events and postback.statuses must not be empty".into());

@@ -15,9 +15,11 @@ pub mod metrics;
 pub mod params;
 pub mod publish;
 pub mod records;
+pub mod refusals;
 pub mod source;
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,12 +86,22 @@ impl Ingest {
                 .set("message.timeout.ms", config.produce_timeout_ms.to_string()),
             stats,
         )?;
+        let publisher = publish::Publisher::new(producer, metrics.produce_seconds.clone());
+        let refusals = refusals::Refusals::new(
+            publisher.clone(),
+            config.topics.refusals.name.clone(),
+            NonZeroU32::new(config.refusal_events_per_second).unwrap_or(NonZeroU32::MIN),
+            compiled.sources.keys().cloned().collect(),
+            &admin.registry,
+        )?;
         let app = Arc::new(App {
-            publisher: publish::Publisher::new(producer, metrics.produce_seconds.clone()),
+            publisher,
+            refusals,
             offers: compiled.offers,
             sources: compiled.sources,
             proxies: compiled.proxies,
             max_body_bytes: config.max_body_bytes,
+            pixel: config.pixel.clone(),
             rules: config.postback.clone(),
             clicks_topic: config.topics.clicks.name.clone(),
             postbacks_topic: config.topics.postbacks.name.clone(),

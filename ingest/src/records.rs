@@ -26,6 +26,21 @@ pub struct RequestMeta {
 /// Longest click ID accepted (operators may send IDs minted by other trackers).
 pub const MAX_CLICK_ID_LEN: usize = 128;
 
+/// The offer's redirect template, or 404 `unknown_offer`.
+fn known_offer<'o>(
+    offers: &'o BTreeMap<String, Template>,
+    offer_id: &str,
+) -> Result<&'o Template, ApiError> {
+    offers.get(offer_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_offer",
+            format!("offer '{offer_id}' is not configured"),
+        )
+        .field("offer_id")
+    })
+}
+
 /// A click from `/click` parameters, and the offer URL to redirect to.
 pub fn build_click(
     mut pairs: Pairs,
@@ -35,25 +50,23 @@ pub fn build_click(
     now_ms: i64,
 ) -> Result<(Click, String), ApiError> {
     let offer_id = take_non_empty(&mut pairs, "offer_id").ok_or(ApiError::missing("offer_id"))?;
-    let template = offers.get(&offer_id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_offer",
-            format!("offer '{offer_id}' is not configured"),
-        )
-        .field("offer_id")
-    })?;
+    let template = known_offer(offers, &offer_id)?;
     let click = click_record(pairs, offer_id, click_id, meta, now_ms)?;
     let location = template.render(|m| click_macro(&click, m), Encoding::UrlComponent);
     Ok((click, location))
 }
 
-/// A click whose ID the operator minted (`POST /v1/clicks`). Optional fields `ip`,
-/// `user_agent`, `referrer` describe the visitor; `ts_ms` is when the click happened
-/// (default: now; at most 5 minutes in the future).
-pub fn build_operator_click(mut pairs: Pairs, now_ms: i64) -> Result<Click, ApiError> {
+/// A click whose ID the operator minted (`POST /v1/clicks`), for a configured offer.
+/// Optional fields `ip`, `user_agent`, `referrer` describe the visitor; `ts_ms` is when
+/// the click happened (default: now; at most 5 minutes in the future).
+pub fn build_operator_click(
+    mut pairs: Pairs,
+    offers: &BTreeMap<String, Template>,
+    now_ms: i64,
+) -> Result<Click, ApiError> {
     let click_id = valid_click_id(take_non_empty(&mut pairs, "click_id"))?;
     let offer_id = take_non_empty(&mut pairs, "offer_id").ok_or(ApiError::missing("offer_id"))?;
+    known_offer(offers, &offer_id)?;
     let meta = RequestMeta {
         ip: take_non_empty(&mut pairs, "ip"),
         user_agent: take_non_empty(&mut pairs, "user_agent"),
@@ -167,6 +180,9 @@ pub fn build_postback(
     let currency = take_non_empty(&mut pairs, "currency")
         .map(|c| parse_currency(&c))
         .transpose()?;
+    let event_time_ms = take_non_empty(&mut pairs, "event_time")
+        .map(|t| parse_event_time(&t, rules, now_ms))
+        .transpose()?;
     Ok(Postback {
         schema_version: SCHEMA_VERSION,
         postback_id,
@@ -180,7 +196,58 @@ pub fn build_postback(
         params: pairs.into_iter().collect(),
         ip: meta.ip,
         ts_ms: now_ms,
+        event_time_ms,
+        trust: Default::default(),
     })
+}
+
+/// An operator's `event_time`: epoch milliseconds or RFC 3339 (any offset), at most
+/// `max_event_time_skew` after `now_ms` and `max_event_time_age` before it.
+pub fn parse_event_time(raw: &str, rules: &PostbackRules, now_ms: i64) -> Result<i64, ApiError> {
+    let raw = raw.trim();
+    let ms = if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+        raw.parse::<i64>().ok()
+    } else {
+        time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+    };
+    let Some(ms) = ms else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_event_time",
+            "event_time must be milliseconds since the Unix epoch or an RFC 3339 time such \
+             as 2026-12-02T10:15:00+01:00",
+        )
+        .field("event_time"));
+    };
+    let to_ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let skew = to_ms(rules.max_event_time_skew);
+    let age = to_ms(rules.max_event_time_age);
+    let out_of_range = |detail: String| {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "event_time_out_of_range",
+            detail,
+        )
+        .field("event_time"))
+    };
+    if ms > now_ms.saturating_add(skew) {
+        return out_of_range(format!(
+            "event_time {raw} lies {} s in the future; at most {} s are allowed",
+            (ms - now_ms) / 1000,
+            skew / 1000
+        ));
+    }
+    if ms < now_ms.saturating_sub(age) {
+        return out_of_range(format!(
+            "event_time {raw} lies {} s in the past; at most {} s (the longest attribution \
+             window) are allowed",
+            now_ms.saturating_sub(ms) / 1000,
+            age / 1000
+        ));
+    }
+    Ok(ms)
 }
 
 fn one_of(field: &str, value: String, allowed: &[String]) -> Result<String, ApiError> {
@@ -255,6 +322,8 @@ mod tests {
             events: vec!["registration".into(), "ftd".into()],
             statuses: vec!["pending".into(), "approved".into()],
             default_status: "approved".into(),
+            max_event_time_skew: std::time::Duration::from_secs(300),
+            max_event_time_age: std::time::Duration::from_secs(30 * 86_400),
         }
     }
 
@@ -315,7 +384,8 @@ mod tests {
     #[test]
     fn operator_clicks_need_their_id_and_a_sane_time() {
         let c = build_operator_click(
-            q("click_id=op-1&offer_id=9&aff_id=3&ts_ms=1000&ip=192.0.2.1&x=y"),
+            q("click_id=op-1&offer_id=7&aff_id=3&ts_ms=1000&ip=192.0.2.1&x=y"),
+            &offers(),
             5_000,
         )
         .expect("valid");
@@ -324,21 +394,87 @@ mod tests {
             ("op-1", 1000, Some("192.0.2.1"))
         );
         assert_eq!(c.params.get("x").map(String::as_str), Some("y"));
-        let e = |s: &str| build_operator_click(q(s), 5_000).expect_err("error");
-        assert_eq!(e("offer_id=9&aff_id=3").field.as_deref(), Some("click_id"));
+        let e = |s: &str| build_operator_click(q(s), &offers(), 5_000).expect_err("error");
+        assert_eq!(e("offer_id=7&aff_id=3").field.as_deref(), Some("click_id"));
         assert_eq!(e("click_id=a&aff_id=3").field.as_deref(), Some("offer_id"));
+        let unknown = e("click_id=a&offer_id=9&aff_id=3");
         assert_eq!(
-            e("click_id=a&offer_id=9&aff_id=3&ts_ms=999999999")
+            (unknown.status, unknown.code, unknown.field.as_deref()),
+            (StatusCode::NOT_FOUND, "unknown_offer", Some("offer_id")),
+            "checked against the known offers like /click"
+        );
+        assert_eq!(
+            e("click_id=a&offer_id=7&aff_id=3&ts_ms=999999999")
                 .field
                 .as_deref(),
             Some("ts_ms")
         );
         assert_eq!(
-            e("click_id=a&offer_id=9&aff_id=3&ts_ms=-1")
+            e("click_id=a&offer_id=7&aff_id=3&ts_ms=-1")
                 .field
                 .as_deref(),
             Some("ts_ms")
         );
+    }
+
+    #[test]
+    fn event_time_is_epoch_ms_or_rfc3339_within_skew_and_age() {
+        let now = 1_764_670_500_000; // 2025-12-02T10:15:00Z
+        let t = |s: &str| parse_event_time(s, &rules(), now);
+        assert_eq!(t("1764670500000").ok(), Some(now));
+        assert_eq!(t("2025-12-02T10:15:00Z").ok(), Some(now));
+        assert_eq!(t("2025-12-02T11:15:00+01:00").ok(), Some(now), "offsets");
+        assert_eq!(t("2025-12-02T10:14:59.250Z").ok(), Some(now - 750));
+        assert_eq!(
+            t("2025-12-02T10:20:00Z").ok(),
+            Some(now + 300_000),
+            "skew edge"
+        );
+        let e = |s: &str| t(s).expect_err("refused");
+        let future = e("2025-12-02T10:20:01Z");
+        assert_eq!(
+            (future.status, future.code, future.field.as_deref()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "event_time_out_of_range",
+                Some("event_time")
+            )
+        );
+        assert!(future.message.contains("future"), "{}", future.message);
+        assert_eq!(
+            t(&(now - 30 * 86_400_000).to_string()).ok(),
+            Some(now - 30 * 86_400_000)
+        );
+        let old = e(&(now - 30 * 86_400_000 - 1).to_string());
+        assert!(old.message.contains("in the past"), "{}", old.message);
+        let seconds = e("1764670500");
+        assert_eq!(
+            seconds.code, "event_time_out_of_range",
+            "epoch seconds read as ms: 1970"
+        );
+        for bad in ["yesterday", "2025-12-02", "-5", "2025-12-02T10:15:00"] {
+            let b = e(bad);
+            assert_eq!(
+                (b.status, b.code, b.field.as_deref()),
+                (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_event_time",
+                    Some("event_time")
+                ),
+                "{bad}"
+            );
+        }
+        let pb = build_postback(
+            q("click_id=c&event=ftd&event_time=2025-12-02T10:00:00Z"),
+            &rules(),
+            None,
+            RequestMeta::default(),
+            "p".into(),
+            now,
+        )
+        .expect("valid");
+        assert_eq!((pb.event_time_ms, pb.ts_ms), (Some(now - 900_000), now));
+        assert!(!pb.params.contains_key("event_time"));
     }
 
     #[test]

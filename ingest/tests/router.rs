@@ -29,6 +29,7 @@ fn app_on(bootstrap: &str) -> Arc<App> {
             .expect("defaults");
     config.kafka.bootstrap_servers = bootstrap.to_string();
     config.max_body_bytes = 2048;
+    config.pixel.enabled = true;
     config.offers.insert(
         "1".into(),
         s2s_ingest::config::OfferConfig {
@@ -57,8 +58,18 @@ fn app_on(bootstrap: &str) -> Arc<App> {
     // Never connected: creating a producer does not contact the broker.
     let producer = s2s_ingest::acks::ReactorProducer::start(&config.kafka.producer_config(), stats)
         .expect("producer");
+    let publisher = s2s_ingest::publish::Publisher::new(producer, metrics.produce_seconds.clone());
+    let refusals = s2s_ingest::refusals::Refusals::new(
+        publisher.clone(),
+        "refusals".into(),
+        std::num::NonZeroU32::MIN,
+        compiled.sources.keys().cloned().collect(),
+        &registry,
+    )
+    .expect("refusals");
     Arc::new(App {
-        publisher: s2s_ingest::publish::Publisher::new(producer, metrics.produce_seconds.clone()),
+        publisher,
+        refusals,
         offers: compiled.offers,
         rules: config.postback.clone(),
         sources: compiled.sources,
@@ -67,6 +78,7 @@ fn app_on(bootstrap: &str) -> Arc<App> {
         postbacks_topic: POSTBACKS.into(),
         max_body_bytes: config.max_body_bytes,
         metrics,
+        pixel: config.pixel.clone(),
     })
 }
 
@@ -205,6 +217,7 @@ mod random_requests {
             Just("/postback/other".to_string()),
             Just("/v1/postbacks".to_string()),
             Just("/v1/clicks/acme".to_string()),
+            Just("/pixel".to_string()),
             "/[a-z/]{0,12}",
         ];
         let ct = prop_oneof![
@@ -302,6 +315,7 @@ mod random_requests {
             http_req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
             let resp = rt.block_on(app.clone().oneshot(http_req)).expect("response");
             let status = resp.status();
+            let stored = resp.headers().contains_key("x-postback-id");
             let body = rt.block_on(axum::body::to_bytes(resp.into_body(), 1 << 20)).expect("body");
             let after = high_watermark(&watcher, CLICKS) + high_watermark(&watcher, POSTBACKS);
             prop_assert!(!status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE, "{status} for {req:?}");
@@ -314,6 +328,10 @@ mod random_requests {
                     .and_then(|v| v["accepted"].as_i64())
                     .unwrap_or(0);
                 prop_assert_eq!(published, accepted, "{} {:?}", status, req);
+            } else if req.path == "/pixel" && req.method == Method::GET {
+                // Always a GIF; stored when it names the postback.
+                prop_assert_eq!(status, StatusCode::OK);
+                prop_assert_eq!(published, i64::from(stored), "{:?}", req);
             } else {
                 let ok = status.is_success() || status == StatusCode::FOUND;
                 prop_assert_eq!(published, i64::from(ok), "{} {:?}", status, req);

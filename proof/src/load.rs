@@ -30,6 +30,20 @@ pub struct Entry {
     pub ambiguous: u32,
     /// When ingest accepted it (ms since the epoch).
     pub accepted_at_ms: i64,
+    /// The affiliate the click was first registered to, when the story knows it before
+    /// this postback: a conversion must go to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aff: Option<String>,
+    /// The `event_time` sent, if any: a new conversion must carry it as its event time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time_ms: Option<i64>,
+    /// Ingest accepted a conflicting registration of the click before this postback:
+    /// exactly one `click_conflict` rejection must name the click.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub click_conflict: bool,
+    /// Sent through the pixel: the conversion must say `trust: "pixel"`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pixel: bool,
 }
 
 /// What the load generator sent and ingest accepted.
@@ -159,9 +173,18 @@ async fn play(
     progress: &Progress,
 ) -> bool {
     let mut click_id = String::new();
+    // The affiliate the click is registered to, and whether a conflicting registration
+    // was accepted (to be refused by the attributor).
+    let mut owner: Option<String> = None;
+    let mut conflicted = false;
+    // `name=value` of the click cookie the redirect set, if it set one.
+    let mut cookie: Option<String> = None;
+    // When the story's minted click happened.
+    let mut click_ts: Option<i64> = None;
     for step in &story.steps {
         match step {
             Step::Click { offer, aff, sub1 } => {
+                owner = Some(aff.clone());
                 let url = format!(
                     "{}/click?offer_id={offer}&aff_id={aff}&sub1={sub1}",
                     opts.ingest
@@ -170,6 +193,12 @@ async fn play(
                 let Answer::Done(resp) = answer else {
                     return refused(story, answer);
                 };
+                cookie = resp
+                    .headers()
+                    .get(reqwest::header::SET_COOKIE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split(';').next())
+                    .map(str::to_string);
                 let location = resp
                     .headers()
                     .get(reqwest::header::LOCATION)
@@ -195,16 +224,25 @@ async fn play(
                 offer,
                 aff,
                 ago_ms,
+                conflict,
             } => {
                 click_id.clone_from(id);
+                let ts_ms = s2s_common::now_ms() - ago_ms;
+                if !*conflict {
+                    click_ts = Some(ts_ms);
+                }
                 let body = serde_json::json!({
-                    "click_id": id, "offer_id": offer, "aff_id": aff,
-                    "ts_ms": s2s_common::now_ms() - ago_ms,
+                    "click_id": id, "offer_id": offer, "aff_id": aff, "ts_ms": ts_ms,
                 });
                 let url = format!("{}/v1/clicks", opts.ingest);
                 let (answer, _) = send(opts, progress, || client.post(&url).json(&body)).await;
                 if !matches!(answer, Answer::Done(_)) {
                     return refused(story, answer);
+                }
+                if *conflict {
+                    conflicted = true;
+                } else {
+                    owner = Some(aff.clone());
                 }
             }
             Step::Postback {
@@ -213,16 +251,32 @@ async fn play(
                 txn_id,
                 status,
                 expect,
+                event_after_click_ms,
             } => {
                 let click = target.clone().unwrap_or_else(|| click_id.clone());
-                let query: String = form_urlencoded::Serializer::new(String::new())
+                let event_time_ms = match (event_after_click_ms, click_ts) {
+                    (Some(after), Some(ts)) => Some(ts + after),
+                    (Some(_), None) => {
+                        tracing::error!(
+                            story = story.id,
+                            "an event time needs a minted click first"
+                        );
+                        return false;
+                    }
+                    (None, _) => None,
+                };
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                query
                     .append_pair("click_id", &click)
                     .append_pair("event", event)
                     .append_pair("txn_id", txn_id)
                     .append_pair("status", status)
                     .append_pair("amount", "100")
-                    .append_pair("currency", "EUR")
-                    .finish();
+                    .append_pair("currency", "EUR");
+                if let Some(t) = event_time_ms {
+                    query.append_pair("event_time", &t.to_string());
+                }
+                let query = query.finish();
                 let url = format!("{}/postback?{query}", opts.ingest);
                 let (answer, ambiguous) = send(opts, progress, || client.get(&url)).await;
                 let Answer::Done(resp) = answer else {
@@ -244,11 +298,95 @@ async fn play(
                     expect: *expect,
                     ambiguous,
                     accepted_at_ms: s2s_common::now_ms(),
+                    aff: owner.clone(),
+                    event_time_ms,
+                    click_conflict: conflicted,
+                    pixel: false,
+                });
+            }
+            Step::Pixel {
+                event,
+                txn_id,
+                status,
+                expect,
+            } => {
+                let Some(cookie) = cookie.clone() else {
+                    tracing::error!(
+                        story = story.id,
+                        "the click set no cookie: a pixel story needs ingest's [pixel] with a \
+                         cookie (or --pixel 0)"
+                    );
+                    return false;
+                };
+                let query: String = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("event", event)
+                    .append_pair("txn_id", txn_id)
+                    .append_pair("status", status)
+                    .finish();
+                let url = format!("{}/pixel?{query}", opts.ingest);
+                let request = || {
+                    client
+                        .get(&url)
+                        .header(reqwest::header::COOKIE, cookie.as_str())
+                };
+                let Some((postback_id, ambiguous)) = send_pixel(opts, progress, request).await
+                else {
+                    return refused(story, Answer::GaveUp);
+                };
+                progress.postbacks_accepted.fetch_add(1, Ordering::Relaxed);
+                ledger.push(Entry {
+                    story: story.id,
+                    postback_id,
+                    click_id: click_id.clone(),
+                    event: event.clone(),
+                    txn_id: txn_id.clone(),
+                    status: status.clone(),
+                    expect: *expect,
+                    ambiguous,
+                    accepted_at_ms: s2s_common::now_ms(),
+                    aff: owner.clone(),
+                    event_time_ms: None,
+                    click_conflict: conflicted,
+                    pixel: true,
                 });
             }
         }
     }
     true
+}
+
+/// Loads the pixel until ingest says it stored the postback (`X-Postback-Id`: the GIF comes
+/// whatever happened), or `give_up_after`. Returns the postback ID and how many attempts
+/// before it may have been stored.
+async fn send_pixel(
+    opts: &Options,
+    progress: &Progress,
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> Option<(String, u32)> {
+    let deadline = Instant::now() + opts.give_up_after;
+    let mut ambiguous = 0;
+    loop {
+        let (answer, before) = send(opts, progress, &request).await;
+        ambiguous += before;
+        let Answer::Done(resp) = answer else {
+            return None;
+        };
+        let id = resp
+            .headers()
+            .get("x-postback-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Some(id) = id {
+            return Some((id, ambiguous));
+        }
+        // Not stored (the broker did not acknowledge in time): maybe stored all the same.
+        ambiguous += 1;
+        progress.retries.fetch_add(1, Ordering::Relaxed);
+        if Instant::now() + Duration::from_millis(200) > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll: the operator's retry wait
+    }
 }
 
 fn refused(story: &Story, answer: Answer) -> bool {
@@ -323,6 +461,10 @@ mod tests {
             expect: Expect::Updated { version: 2 },
             ambiguous: 1,
             accepted_at_ms: 5,
+            aff: Some("42".into()),
+            event_time_ms: Some(4),
+            click_conflict: true,
+            pixel: true,
         });
         let back = Ledger::from_jsonl(&ledger.to_jsonl()).expect("parses");
         assert_eq!(back.entries(), ledger.entries());

@@ -52,6 +52,15 @@ enum Cmd {
         unknown_click: f64,
         #[arg(long, default_value_t = 0.05)]
         late: f64,
+        #[arg(long, default_value_t = 0.05)]
+        event_time: f64,
+        #[arg(long, default_value_t = 0.05)]
+        reversals: f64,
+        #[arg(long, default_value_t = 0.05)]
+        conflicts: f64,
+        /// Needs ingest's [pixel] enabled with a cookie (the local run has it).
+        #[arg(long, default_value_t = 0.05)]
+        pixel: f64,
         /// Shares of plain and out-of-order stories.
         #[arg(long, default_value_t = 0.2)]
         updates: f64,
@@ -115,6 +124,10 @@ async fn main() -> anyhow::Result<()> {
             out_of_order,
             unknown_click,
             late,
+            event_time,
+            reversals,
+            conflicts,
+            pixel,
             updates,
             duplicates,
             seed,
@@ -131,6 +144,10 @@ async fn main() -> anyhow::Result<()> {
                 out_of_order,
                 unknown_click,
                 late,
+                event_time,
+                reversals,
+                conflicts,
+                pixel,
                 updates,
                 duplicates,
                 seed,

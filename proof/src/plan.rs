@@ -7,7 +7,16 @@
 //! - out of order: an operator-minted click ID whose postback is sent *before* the click
 //!   (`POST /v1/clicks`) → held by the attributor, then attributed;
 //! - unknown click: a postback for a click that never comes → `unknown_click`;
-//! - late: a minted click dated just over the attribution window ago → `outside_window`.
+//! - late: a minted click dated just over the attribution window ago → `outside_window`;
+//! - event time: the same old click, but the postback says (`event_time`) that the
+//!   conversion happened inside the window → attributed, with that event time;
+//! - reversal: a click, an approved FTD, then its reversal → an update (version 2) that
+//!   pays nothing and takes the payout back (`payout_delta`);
+//! - conflict: a minted click registered, then registered again to another affiliate →
+//!   one `click_conflict` rejection, and the FTD is attributed to the first affiliate;
+//! - pixel: a click through `GET /click`, then its FTD from a browser (`GET /pixel` with
+//!   the click cookie, no click ID) → attributed, `trust: "pixel"` (needs ingest's
+//!   `[pixel]` with a cookie).
 //!
 //! On plain and out-of-order stories, two extras: a status update (the FTD first
 //! `pending`, then `approved` → an update, version 2) and a duplicate (the last postback
@@ -34,19 +43,35 @@ pub enum Step {
         sub1: String,
     },
     /// `POST /v1/clicks`: an operator-minted click ID, dated `ago_ms` before now.
+    /// `conflict`: the ID is already registered to another affiliate; this registration
+    /// must be refused (`click_conflict`) and the first one stay.
     MintedClick {
         click_id: String,
         offer: String,
         aff: String,
         ago_ms: i64,
+        #[serde(default)]
+        conflict: bool,
     },
-    /// `GET /postback` for the story's click, or for `click_id` when set.
+    /// `GET /pixel` with the cookie the story's click set, and no click ID.
+    Pixel {
+        event: String,
+        txn_id: String,
+        status: String,
+        expect: Expect,
+    },
+    /// `GET /postback` for the story's click, or for `click_id` when set; with
+    /// `event_time` = the story's minted click's time + `event_after_click_ms` when that is
+    /// set (relative to the click, so that however long the steps took the conversion
+    /// stays where the plan put it).
     Postback {
         click_id: Option<String>,
         event: String,
         txn_id: String,
         status: String,
         expect: Expect,
+        #[serde(default)]
+        event_after_click_ms: Option<i64>,
     },
 }
 
@@ -57,6 +82,10 @@ pub enum Kind {
     OutOfOrder,
     UnknownClick,
     Late,
+    EventTime,
+    Reversal,
+    Conflict,
+    Pixel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +102,10 @@ pub struct Mix {
     pub out_of_order: f64,
     pub unknown_click: f64,
     pub late: f64,
+    pub event_time: f64,
+    pub reversals: f64,
+    pub conflicts: f64,
+    pub pixel: f64,
     /// Of plain and out-of-order stories: with a status update.
     pub updates: f64,
     /// Of plain and out-of-order stories: with the last postback sent twice.
@@ -96,6 +129,10 @@ impl Default for Mix {
             out_of_order: 0.1,
             unknown_click: 0.05,
             late: 0.05,
+            event_time: 0.05,
+            reversals: 0.05,
+            conflicts: 0.05,
+            pixel: 0.05,
             updates: 0.2,
             duplicates: 0.1,
             seed: 1,
@@ -121,14 +158,85 @@ fn story(mix: &Mix, rng: &mut fastrand::Rng, id: usize) -> Story {
     let minted = format!("{}-{id}", mix.run);
     let draw = rng.f64();
     let txn = |n: u32| format!("T{id}-{n}");
-    let postback =
-        |click_id: Option<String>, txn_id: String, status: &str, expect| Step::Postback {
-            click_id,
-            event: "ftd".into(),
-            txn_id,
-            status: status.into(),
-            expect,
-        };
+    let postback_at = |click_id: Option<String>,
+                       txn_id: String,
+                       status: &str,
+                       expect,
+                       event_after_click_ms: Option<i64>| Step::Postback {
+        click_id,
+        event: "ftd".into(),
+        txn_id,
+        status: status.into(),
+        expect,
+        event_after_click_ms,
+    };
+    let postback = |click_id: Option<String>, txn_id: String, status: &str, expect| {
+        postback_at(click_id, txn_id, status, expect, None)
+    };
+    let minted_click = |aff: &str, ago_ms: i64, conflict: bool| Step::MintedClick {
+        click_id: minted.clone(),
+        offer: mix.offer.clone(),
+        aff: aff.to_string(),
+        ago_ms,
+        conflict,
+    };
+    let told = |kind, steps| Story { id, kind, steps };
+    // The shares, in the order they are drawn.
+    let mut edge = 0.0;
+    let mut next = |share: f64| {
+        edge += share;
+        draw < edge
+    };
+    if next(mix.event_time) {
+        // The click is as old as a late one; the conversion happened inside the window.
+        let pb = postback_at(
+            Some(minted.clone()),
+            txn(1),
+            "approved",
+            Expect::Attributed,
+            Some(mix.window_ms - mix.late_by_ms),
+        );
+        let click = minted_click(&aff, mix.window_ms + mix.late_by_ms, false);
+        return told(Kind::EventTime, vec![click, pb]);
+    }
+    if next(mix.reversals) {
+        let steps = vec![
+            Step::Click {
+                offer: mix.offer.clone(),
+                aff,
+                sub1,
+            },
+            postback(None, txn(1), "approved", Expect::Attributed),
+            postback(None, txn(1), "reversed", Expect::Updated { version: 2 }),
+        ];
+        return told(Kind::Reversal, steps);
+    }
+    if next(mix.conflicts) {
+        let thief = format!("{}", 1000 + rng.u32(1..=200));
+        let steps = vec![
+            minted_click(&aff, 0, false),
+            minted_click(&thief, 0, true),
+            postback(Some(minted.clone()), txn(1), "approved", Expect::Attributed),
+        ];
+        return told(Kind::Conflict, steps);
+    }
+    if next(mix.pixel) {
+        let steps = vec![
+            Step::Click {
+                offer: mix.offer.clone(),
+                aff,
+                sub1,
+            },
+            Step::Pixel {
+                event: "ftd".into(),
+                txn_id: txn(1),
+                status: "approved".into(),
+                expect: Expect::Attributed,
+            },
+        ];
+        return told(Kind::Pixel, steps);
+    }
+    let draw = (draw - edge).max(0.0);
     let (kind, mut steps) = if draw < mix.unknown_click {
         let pb = postback(
             Some(format!("{minted}-never")),
@@ -144,12 +252,7 @@ fn story(mix: &Mix, rng: &mut fastrand::Rng, id: usize) -> Story {
             steps: vec![pb],
         };
     } else if draw < mix.unknown_click + mix.late {
-        let click = Step::MintedClick {
-            click_id: minted.clone(),
-            offer: mix.offer.clone(),
-            aff,
-            ago_ms: mix.window_ms + mix.late_by_ms,
-        };
+        let click = minted_click(&aff, mix.window_ms + mix.late_by_ms, false);
         let pb = postback(
             Some(minted),
             txn(1),
@@ -186,12 +289,7 @@ fn story(mix: &Mix, rng: &mut fastrand::Rng, id: usize) -> Story {
         Expect::Attributed,
     ));
     if kind == Kind::OutOfOrder {
-        steps.push(Step::MintedClick {
-            click_id: minted,
-            offer: mix.offer.clone(),
-            aff,
-            ago_ms: 0,
-        });
+        steps.push(minted_click(&aff, 0, false));
     }
     if update {
         steps.push(postback(
@@ -222,7 +320,7 @@ mod tests {
         s.steps
             .iter()
             .filter_map(|st| match st {
-                Step::Postback { expect, .. } => Some(*expect),
+                Step::Postback { expect, .. } | Step::Pixel { expect, .. } => Some(*expect),
                 _ => None,
             })
             .collect()
@@ -247,11 +345,15 @@ mod tests {
         assert!((share(Kind::UnknownClick) - 0.05).abs() < 0.02);
         assert!((share(Kind::Late) - 0.05).abs() < 0.02);
         assert!((share(Kind::OutOfOrder) - 0.1).abs() < 0.02);
+        for k in [Kind::EventTime, Kind::Reversal, Kind::Conflict, Kind::Pixel] {
+            assert!((share(k) - 0.05).abs() < 0.02, "{k:?}");
+        }
         let updated = a
             .iter()
+            .filter(|s| matches!(s.kind, Kind::Plain | Kind::OutOfOrder))
             .filter(|s| expects(s).contains(&Expect::Updated { version: 2 }))
             .count() as f64;
-        assert!((updated / (4000.0 * 0.8) - 0.2).abs() < 0.03, "{updated}");
+        assert!((updated / (4000.0 * 0.6) - 0.2).abs() < 0.03, "{updated}");
     }
 
     #[test]
@@ -275,6 +377,41 @@ mod tests {
                             reason: RejectReason::OutsideWindow
                         }]
                     );
+                }
+                Kind::EventTime => {
+                    assert!(
+                        matches!(s.steps[0], Step::MintedClick { ago_ms, .. } if ago_ms > 30 * 24 * 3_600_000)
+                    );
+                    assert!(
+                        matches!(s.steps[1], Step::Postback { event_after_click_ms: Some(after), expect: Expect::Attributed, .. } if after < 30 * 24 * 3_600_000),
+                        "happened inside the window: {:?}",
+                        s.steps[1]
+                    );
+                }
+                Kind::Pixel => {
+                    assert!(matches!(s.steps[0], Step::Click { .. }));
+                    assert!(matches!(s.steps[1], Step::Pixel { .. }));
+                    assert_eq!(e, [Expect::Attributed]);
+                }
+                Kind::Reversal => {
+                    assert_eq!(e, [Expect::Attributed, Expect::Updated { version: 2 }])
+                }
+                Kind::Conflict => {
+                    let registrations: Vec<(&str, bool)> = s
+                        .steps
+                        .iter()
+                        .filter_map(|st| match st {
+                            Step::MintedClick { aff, conflict, .. } => {
+                                Some((aff.as_str(), *conflict))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    assert!(
+                        matches!(registrations.as_slice(), [(a, false), (b, true)] if a != b),
+                        "{registrations:?}"
+                    );
+                    assert_eq!(e, [Expect::Attributed]);
                 }
                 Kind::Plain | Kind::OutOfOrder => {
                     assert_eq!(e[0], Expect::Attributed);

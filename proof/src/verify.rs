@@ -13,7 +13,12 @@
 //!    or lost answer, counted by the load generator);
 //! 3. every attributed conversion and update reached each endpoint configured for it
 //!    (by `webhook-id`) or the dead-letter topic;
-//! 4. nothing was set aside as undecodable (the poison topic stays empty).
+//! 4. nothing was set aside as undecodable (the poison topic stays empty);
+//! 5. the money: a conversion belongs to the affiliate the click was first registered to;
+//!    a conflicting registration got exactly one `click_conflict` rejection; a new
+//!    conversion carries the operator's `event_time`; each version's `payout_delta` is its
+//!    change against the previous version, and a rejected or reversed conversion pays
+//!    nothing (the pipeline's default lifecycle); a pixel's conversion says so (`trust`).
 //!
 //! [`check`] is pure; [`Watcher`] reads the topics incrementally.
 
@@ -88,6 +93,8 @@ impl Outcome {
                 params: Default::default(),
                 ip: None,
                 ts_ms: 0,
+                event_time_ms: None,
+                trust: Default::default(),
             });
         Outcome {
             outcome_id: r.outcome_id.clone(),
@@ -115,6 +122,9 @@ pub struct Observed {
     pub received: HashMap<String, usize>,
     /// Records set aside as undecodable (the load generator sends none).
     pub poison: usize,
+    /// `click_conflict` rejections: (outcome ID, click ID, the record without its
+    /// processing time).
+    pub click_conflicts: Vec<(String, String, String)>,
 }
 
 /// The verdict.
@@ -248,6 +258,7 @@ pub fn check(ledger: &[Entry], observed: &Observed, endpoints: &[Endpoint]) -> R
             ));
         }
     }
+    check_money(ledger, observed, &distinct, &mut r);
     // 3. Deliveries of every conversion version.
     for o in distinct.values() {
         let Some(c) = &o.conversion else { continue };
@@ -268,6 +279,103 @@ pub fn check(ledger: &[Entry], observed: &Observed, endpoints: &[Endpoint]) -> R
         }
     }
     r
+}
+
+/// 5. Who is paid, when it happened, what each version pays, and refused registrations.
+fn check_money(
+    ledger: &[Entry],
+    observed: &Observed,
+    distinct: &BTreeMap<&str, &Outcome>,
+    r: &mut Report,
+) {
+    let entries: HashMap<&str, &Entry> =
+        ledger.iter().map(|e| (e.postback_id.as_str(), e)).collect();
+    let mut versions: BTreeMap<&str, BTreeMap<u32, &Conversion>> = BTreeMap::new();
+    for (pb, o) in distinct {
+        let Some(c) = &o.conversion else { continue };
+        versions
+            .entry(c.conversion_id.as_str())
+            .or_default()
+            .insert(c.version, c);
+        let Some(e) = entries.get(pb) else { continue };
+        if let Some(aff) = e.aff.as_ref().filter(|a| **a != c.aff_id) {
+            r.violations.push(format!(
+                "conversion {} of click {} went to affiliate {}, the click is registered to {aff}",
+                c.conversion_id, c.click_id, c.aff_id
+            ));
+        }
+        if e.pixel && c.trust != s2s_common::contract::Trust::Pixel {
+            r.violations.push(format!(
+                "conversion {} came through the pixel but says trust {}",
+                c.conversion_id,
+                c.trust.as_str()
+            ));
+        }
+        if let Some(t) = e
+            .event_time_ms
+            .filter(|t| c.version == 1 && *t != c.event_ts_ms)
+        {
+            r.violations.push(format!(
+                "conversion {} has event time {}, the operator said {t}",
+                c.conversion_id, c.event_ts_ms
+            ));
+        }
+    }
+    for (id, vs) in &versions {
+        let mut before = rust_decimal::Decimal::ZERO;
+        for (n, (v, c)) in vs.iter().enumerate() {
+            if usize::try_from(*v).ok() != Some(n + 1) {
+                break; // an earlier version is still on its way
+            }
+            if c.payout_delta != c.payout - before {
+                r.violations.push(format!(
+                    "conversion {id} v{v}: payout {} after {before}, but payout_delta {}",
+                    c.payout, c.payout_delta
+                ));
+            }
+            if ["rejected", "reversed"].contains(&c.status.as_str()) && !c.payout.is_zero() {
+                r.violations.push(format!(
+                    "conversion {id} v{v} is {} and still pays {}",
+                    c.status, c.payout
+                ));
+            }
+            before = c.payout;
+        }
+    }
+    let mut conflicts: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
+    for (outcome, click, identity) in &observed.click_conflicts {
+        let seen = conflicts.entry(click.as_str()).or_default();
+        match seen.get(outcome.as_str()) {
+            Some(first) if first != identity => r.violations.push(format!(
+                "click_conflict {outcome} of click {click} read twice with different contents"
+            )),
+            Some(_) => r.replays += 1,
+            None => {
+                seen.insert(outcome, identity);
+            }
+        }
+    }
+    let expected: BTreeSet<&str> = ledger
+        .iter()
+        .filter(|e| e.click_conflict)
+        .map(|e| e.click_id.as_str())
+        .collect();
+    for click in &expected {
+        match conflicts.get(click).map_or(0, BTreeMap::len) {
+            0 => r.missing.push(format!(
+                "the conflicting registration of click {click} has no click_conflict rejection"
+            )),
+            1 => {}
+            n => r.violations.push(format!(
+                "click {click}: one conflicting registration, {n} click_conflict rejections"
+            )),
+        }
+    }
+    for click in conflicts.keys().filter(|c| !expected.contains(*c)) {
+        r.violations.push(format!(
+            "click {click} got a click_conflict rejection, but no conflicting registration was sent"
+        ));
+    }
 }
 
 /// Reads the conversions, rejections, dead-letter and poison topics from the beginning, a little
@@ -341,6 +449,15 @@ fn take(topics: &TopicsConfig, observed: &mut Observed, m: &rdkafka::message::Bo
         }
     } else if topic == topics.rejections.name {
         match contract::decode::<Rejection>(payload) {
+            Ok(rj) if rj.postback.is_none() => {
+                let mut blank = rj.clone();
+                blank.rejected_at_ms = 0;
+                observed.click_conflicts.push((
+                    rj.outcome_id.clone(),
+                    rj.click_id().to_string(),
+                    String::from_utf8_lossy(&contract::encode(&blank)).into_owned(),
+                ));
+            }
             Ok(rj) => observed.outcomes.push(Outcome::from_rejection(&rj)),
             Err(e) => bad(&e),
         }
@@ -394,6 +511,10 @@ mod tests {
             expect,
             ambiguous,
             accepted_at_ms: 0,
+            aff: None,
+            event_time_ms: None,
+            click_conflict: false,
+            pixel: false,
         }
     }
 
@@ -415,10 +536,20 @@ mod tests {
             currency: None,
             payout: Decimal::new(5000, 2),
             payout_currency: "USD".into(),
+            payout_delta: if version == 1 {
+                Decimal::new(5000, 2)
+            } else {
+                Decimal::ZERO
+            },
+            priced_payout: Decimal::new(5000, 2),
+            payout_rule: Default::default(),
             click_ts_ms: 0,
             event_ts_ms: 0,
+            received_ts_ms: 0,
             attributed_at_ms: at,
             previous_status: None,
+            status_reason: None,
+            trust: Default::default(),
             suspicious: false,
         })
     }
@@ -430,6 +561,7 @@ mod tests {
             reason,
             detail: String::new(),
             postback: None,
+            click: None,
             rejected_at_ms: 0,
         });
         o.postback_id = pb.into();
@@ -556,5 +688,71 @@ mod tests {
         observed.received.insert(id, 3);
         let r = check(&ledger, &observed, &[endpoint()]);
         assert_eq!((r.delivered, r.repeated_requests), (1, 2));
+    }
+
+    #[test]
+    fn money_checks_who_is_paid_what_and_refused_registrations() {
+        let mut e1 = entry("p1", "approved", Expect::Attributed, 0);
+        e1.aff = Some("42".into());
+        e1.event_time_ms = Some(0);
+        let e2 = entry("p2", "reversed", Expect::Updated { version: 2 }, 0);
+        let ledger = vec![e1.clone(), e2];
+        let v1 = conversion("p1", 1, "approved", 1);
+        let mut v2 = conversion("p2", 2, "reversed", 2);
+        let observed = |outcomes: Vec<Outcome>| Observed {
+            outcomes,
+            ..Observed::default()
+        };
+        // A reversal that still pays.
+        let r = check(&ledger, &observed(vec![v1.clone(), v2.clone()]), &[]);
+        assert!(
+            r.violations
+                .iter()
+                .any(|v| v.contains("is reversed and still pays")),
+            "{:?}",
+            r.violations
+        );
+        // The right one: payout 0, the delta takes the 50 back.
+        if let Some(c) = v2.conversion.as_mut() {
+            c.payout = Decimal::ZERO;
+            c.payout_delta = Decimal::new(-5000, 2);
+        }
+        let r = check(&ledger, &observed(vec![v1.clone(), v2.clone()]), &[]);
+        assert!(r.ok(), "{r:?}");
+        // A delta that does not add up.
+        let mut bad = v2.clone();
+        if let Some(c) = bad.conversion.as_mut() {
+            c.payout_delta = Decimal::ZERO;
+        }
+        let r = check(&ledger, &observed(vec![v1.clone(), bad]), &[]);
+        assert!(
+            r.violations.iter().any(|v| v.contains("payout_delta")),
+            "{r:?}"
+        );
+        // Another affiliate, another event time.
+        let mut stolen = v1.clone();
+        if let Some(c) = stolen.conversion.as_mut() {
+            c.aff_id = "43".into();
+            c.event_ts_ms = 7;
+        }
+        let r = check(&ledger, &observed(vec![stolen, v2.clone()]), &[]);
+        assert_eq!(r.violations.len(), 2, "{:?}", r.violations);
+
+        // Conflicts: one expected, one rejection (read twice) → fine.
+        let mut conflicted = e1;
+        conflicted.click_conflict = true;
+        let ledger = vec![conflicted];
+        let conflict =
+            |id: &str, click: &str| (id.to_string(), click.to_string(), format!("{id}{click}"));
+        let mut o = observed(vec![v1]);
+        let r = check(&ledger, &o, &[]);
+        assert_eq!(r.missing.len(), 1, "not read yet: {r:?}");
+        o.click_conflicts = vec![conflict("x", "c"), conflict("x", "c")];
+        let r = check(&ledger, &o, &[]);
+        assert!(r.ok() && r.replays == 1, "{r:?}");
+        o.click_conflicts.push(conflict("y", "c"));
+        o.click_conflicts.push(conflict("z", "other"));
+        let r = check(&ledger, &o, &[]);
+        assert_eq!(r.violations.len(), 2, "{:?}", r.violations);
     }
 }

@@ -541,6 +541,7 @@ impl Pipeline {
                     .into_iter()
                     .map(|(e, cents)| (e.to_string(), rust_decimal::Decimal::new(cents, 2)))
                     .collect(),
+                ..Default::default()
             },
         );
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 use rdkafka::message::{Headers, Message};
 use s2s_common::ids::derived;
 use s2s_common::topics::TopicsConfig;
-use s2s_tests::{attributor_config, metric, topics, RawProducer, RunningAttributor, TopicReader};
+use s2s_tests::{
+    attributor_config, metric, poll_until, topics, RawProducer, RunningAttributor, TopicReader,
+};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -82,6 +84,7 @@ async fn every_rule_on_the_real_broker() {
             event_window_seconds: Default::default(),
             payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
             min_click_to_conversion_seconds: Some(60),
+            ..Default::default()
         },
     );
     let running = RunningAttributor::start(config).await;
@@ -712,4 +715,234 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
         );
     }
     a.stop().await;
+}
+
+fn postback_at(id: &str, click: &str, status: &str, ts: i64, event_time: Option<i64>) -> Vec<u8> {
+    json!({"schema_version": 1, "postback_id": id, "click_id": click, "event": "ftd",
+           "txn_id": null, "amount": null, "currency": null, "status": status, "source": null,
+           "ip": null, "ts_ms": ts, "event_time_ms": event_time})
+    .to_string()
+    .into_bytes()
+}
+
+/// The rules money depends on, on the real broker: a late reversal after the click
+/// expired, conflicting click registrations, the transition table, payouts that follow the
+/// status, the operator's event time, too-fast policies, holds and unpriced offers.
+#[tokio::test]
+async fn money_rules_on_the_real_broker() {
+    use s2s_attributor::config::{OfferConfig, TooFastConfig};
+    let topics = topics(2);
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = attributor_config(&topics, state.path());
+    config.grace_period_ms = 1_000;
+    // Clicks kept 30 days + 1 day + 1 s: the 46-day-old click below is gone.
+    config.max_event_time_age = Duration::from_secs(86_400);
+    let fifty = rust_decimal::Decimal::new(5000, 2);
+    let offer = |hold: Option<&str>, too_fast: TooFastConfig, min: Option<u64>| OfferConfig {
+        currency: Some("EUR".into()),
+        payouts: [("ftd".to_string(), fifty)].into(),
+        hold: hold.map(str::to_string),
+        on_too_fast: too_fast,
+        min_click_to_conversion_seconds: min,
+        ..Default::default()
+    };
+    config
+        .offers
+        .insert("7".into(), offer(Some("1s"), TooFastConfig::Flag, None));
+    config
+        .offers
+        .insert("8".into(), offer(None, TooFastConfig::Reject, Some(60)));
+    config
+        .offers
+        .insert("9".into(), offer(Some("1s"), TooFastConfig::Hold, Some(60)));
+    let running = RunningAttributor::start(config).await;
+    let admin = running.admin;
+
+    let now = s2s_common::now_ms();
+    let day = 86_400_000;
+    let p = RawProducer::new();
+    let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
+    let on = |id: &str, offer: &str, aff: &str, ts: i64| {
+        json!({"schema_version": 1, "click_id": id, "offer_id": offer, "aff_id": aff,
+               "ip": null, "user_agent": null, "referrer": null, "ts_ms": ts})
+        .to_string()
+        .into_bytes()
+    };
+    // A 30-day-window FTD, reversed 45 days later.
+    p.send(clicks, "late", &on("late", "7", "42", now - 46 * day))
+        .await;
+    p.send(
+        pbs,
+        "late",
+        &postback_at("late-ftd", "late", "approved", now - 45 * day, None),
+    )
+    .await;
+    p.send(
+        pbs,
+        "late",
+        &postback_at("late-rev", "late", "reversed", now, None),
+    )
+    .await;
+    // A click registered twice with another affiliate: the first stays.
+    p.send(clicks, "reg", &on("reg", "7", "42", now - day))
+        .await;
+    p.send(clicks, "reg", &on("reg", "7", "42", now - day))
+        .await;
+    p.send(clicks, "reg", &on("reg", "7", "thief", now - day))
+        .await;
+    p.send(
+        pbs,
+        "reg",
+        &postback_at("reg-ftd", "reg", "approved", now, None),
+    )
+    .await;
+    // approved → pending is not in the table; approved → rejected neither.
+    p.send(clicks, "tt", &on("tt", "7", "42", now - day)).await;
+    p.send(pbs, "tt", &postback_at("tt-1", "tt", "approved", now, None))
+        .await;
+    p.send(pbs, "tt", &postback_at("tt-2", "tt", "pending", now, None))
+        .await;
+    // Happened 29.5 days after its click, reported 30.5 days after it.
+    p.send(clicks, "et", &on("et", "7", "42", now - 30 * day - day / 2))
+        .await;
+    p.send(
+        pbs,
+        "et",
+        &postback_at("et-1", "et", "approved", now, Some(now - day)),
+    )
+    .await;
+    p.send(clicks, "nt", &on("nt", "7", "42", now - 30 * day - day / 2))
+        .await;
+    p.send(pbs, "nt", &postback_at("nt-1", "nt", "approved", now, None))
+        .await;
+    // Too fast: rejected on offer 8, held on offer 9 (and never approved by its hold).
+    p.send(clicks, "f8", &on("f8", "8", "42", now - 1_000))
+        .await;
+    p.send(pbs, "f8", &postback_at("f8-1", "f8", "approved", now, None))
+        .await;
+    p.send(clicks, "f9", &on("f9", "9", "42", now - 1_000))
+        .await;
+    p.send(pbs, "f9", &postback_at("f9-1", "f9", "approved", now, None))
+        .await;
+    // Pending on offer 7 (hold 1 s): approved by the timer.
+    p.send(clicks, "hd", &on("hd", "7", "42", now - day)).await;
+    p.send(
+        pbs,
+        "hd",
+        &postback_at("hd-1", "hd", "pending", now - 10_000, None),
+    )
+    .await;
+    // An offer the attributor does not know.
+    p.send(clicks, "un", &on("un", "nope", "42", now - day))
+        .await;
+    p.send(pbs, "un", &postback_at("un-1", "un", "approved", now, None))
+        .await;
+
+    let conversion = |click: &str| derived("conversion", &[click, "ftd", ""]);
+    let held = derived("outcome", &["hold", &conversion("hd"), "1"]);
+    let mut want: BTreeSet<String> = [
+        "late-ftd", "late-rev", "reg-ftd", "tt-1", "tt-2", "et-1", "nt-1", "f8-1", "f9-1", "hd-1",
+        "un-1",
+    ]
+    .iter()
+    .map(|id| outcome_id(id))
+    .collect();
+    want.insert(held.clone());
+    let day_ago = (now - day).to_string();
+    want.insert(derived(
+        "click-conflict",
+        &["reg", "thief", "7", "", &day_ago],
+    ));
+    let all = outcomes(&topics, &want).await;
+    let one = |id: &str| {
+        let records = &all[id];
+        assert_eq!(records.len(), 1, "{id}: one outcome, got {records:?}");
+        records[0].clone()
+    };
+    let by_pb = |pb: &str| one(&outcome_id(pb));
+
+    let (ftd, rev) = (by_pb("late-ftd"), by_pb("late-rev"));
+    assert_eq!(rev["conversion_id"], ftd["conversion_id"], "{rev}");
+    assert_eq!(
+        (&rev["version"], &rev["status"], &rev["previous_status"]),
+        (&json!(2), &json!("reversed"), &json!("approved")),
+        "{rev}"
+    );
+    assert_eq!(
+        (&ftd["payout"], &rev["payout"], &rev["payout_delta"]),
+        (&json!("50.00"), &json!("0"), &json!("-50.00")),
+        "a reversal pays nothing and takes the payout back"
+    );
+
+    let reg = by_pb("reg-ftd");
+    assert_eq!(reg["aff_id"], "42", "the first registration stays: {reg}");
+    let conflicts: Vec<&Value> = all
+        .values()
+        .flatten()
+        .filter(|r| r["reason"] == "click_conflict")
+        .collect();
+    assert_eq!(
+        conflicts.len(),
+        1,
+        "the identical replay is no conflict: {conflicts:?}"
+    );
+    assert_eq!(conflicts[0]["click"]["aff_id"], "thief");
+
+    let tt = by_pb("tt-2");
+    assert_eq!(tt["reason"], "invalid_transition", "{tt}");
+    assert!(
+        tt["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("from 'approved' to 'pending'")),
+        "{tt}"
+    );
+
+    let et = by_pb("et-1");
+    assert_eq!(
+        (&et["version"], &et["event_ts_ms"], &et["received_ts_ms"]),
+        (&json!(1), &json!(now - day), &json!(now)),
+        "judged on the operator's event time: {et}"
+    );
+    assert_eq!(by_pb("nt-1")["reason"], "outside_window");
+
+    assert_eq!(by_pb("f8-1")["reason"], "too_fast");
+    let f9 = by_pb("f9-1");
+    assert_eq!(
+        (&f9["status"], &f9["status_reason"], &f9["suspicious"]),
+        (&json!("pending"), &json!("suspicious"), &json!(true)),
+        "{f9}"
+    );
+
+    let approved = one(&held);
+    assert_eq!(
+        (
+            &approved["version"],
+            &approved["status"],
+            &approved["status_reason"]
+        ),
+        (&json!(2), &json!("approved"), &json!("hold_ended")),
+        "{approved}"
+    );
+    assert_eq!(approved["conversion_id"], json!(conversion("hd")));
+
+    let un = by_pb("un-1");
+    assert_eq!(
+        (&un["payout"], &un["payout_rule"], &un["payout_currency"]),
+        (&json!("0"), &json!("unknown_offer"), &json!("USD")),
+        "{un}"
+    );
+    // Counted once the cycle that published them is committed.
+    for series in [
+        "attributor_unpriced_conversions_total{rule=\"unknown_offer\"}",
+        "attributor_outcomes_total{outcome=\"updated\",reason=\"hold_ended\"}",
+        "attributor_outcomes_total{outcome=\"rejected\",reason=\"click_conflict\"}",
+        "attributor_outcomes_total{outcome=\"rejected\",reason=\"too_fast\"}",
+        "attributor_outcomes_total{outcome=\"rejected\",reason=\"invalid_transition\"}",
+    ] {
+        poll_until(series, WAIT, || async {
+            (metric(admin, series).await == Some(1.0)).then_some(())
+        })
+        .await;
+    }
+    running.stop().await;
 }

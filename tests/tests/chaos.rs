@@ -150,7 +150,8 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
                  produce_timeout_ms = 2000\n{kafka}{topics_toml}\
-                 [offers.1]\nurl = \"https://offer.example/land?click_id={{click_id}}&aff={{aff_id}}\"\n"
+                 [offers.1]\nurl = \"https://offer.example/land?click_id={{click_id}}&aff={{aff_id}}\"\n\
+                 [pixel]\nenabled = true\ncookie = \"s2s_click\"\n"
             ),
         );
         let group = unique("attributor");

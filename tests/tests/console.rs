@@ -54,6 +54,15 @@ async fn scenario() -> Scenario {
             .expect("postback");
         assert_eq!(r.status(), 200);
     }
+    // A postback ingest refuses (an event it does not know), with a secret in it.
+    let r = client
+        .get(p.ingest_url(&format!(
+            "/postback?click_id={click_id}&event=sale&token=hunter2&sub1=a"
+        )))
+        .send()
+        .await
+        .expect("postback");
+    assert_eq!(r.status(), 422);
     Scenario {
         p,
         flaky,
@@ -194,6 +203,37 @@ async fn the_console_tells_each_story_and_refires_a_dead_letter() {
             .contains("500"),
         "{flaky_ep}"
     );
+    // The refused postback, as the operator's engineer sees it: why, and what was sent,
+    // without the secret.
+    let refused = poll_until("the refused postback", WAIT, || async {
+        let (code, page) = api(&s.p, "/api/v1/refusals?source=default").await;
+        (code == 200 && page["items"].as_array().is_some_and(|i| !i.is_empty())).then_some(page)
+    })
+    .await;
+    let r = &refused["items"][0];
+    assert_eq!(
+        (&r["status"], &r["reason"], &r["field"], &r["source"]),
+        (
+            &Value::from(422),
+            &Value::from("unknown_value"),
+            &Value::from("event"),
+            &Value::from("default")
+        ),
+        "{r}"
+    );
+    assert_eq!(r["params"]["event"], "sale");
+    assert_eq!(r["params"]["token"], "[redacted]", "{r}");
+    assert!(!r.to_string().contains("hunter2"), "{r}");
+    assert_eq!(
+        s2s_tests::metric(
+            s.p.ingest_admin,
+            "ingest_refusals_total{reason=\"unknown_value\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    let (_, other) = api(&s.p, "/api/v1/refusals?source=default&reason=unauthorized").await;
+    assert_eq!(other["items"].as_array().map(Vec::len), Some(0));
     let (_, rejections) = api(&s.p, "/api/v1/rejections?reason=unknown_click").await;
     assert_eq!(rejections["items"][0]["click_id"], s.unknown_click.as_str());
     let (_, convs) = api(&s.p, "/api/v1/conversions?aff_id=42").await;

@@ -12,7 +12,8 @@ use base64::Engine;
 use hmac::Mac;
 use rust_decimal::Decimal;
 use s2s_common::contract::{
-    encode, AttemptOutcome, Conversion, DeadLetter, DeliveryAttempt, SCHEMA_VERSION,
+    encode, AttemptOutcome, Conversion, DeadLetter, DeadLetterReason, DeliveryAttempt,
+    SCHEMA_VERSION,
 };
 use s2s_common::topics::TopicsConfig;
 use s2s_delivery::config::PostbackConfig;
@@ -43,10 +44,16 @@ fn conversion(aff: &str) -> Conversion {
         currency: Some("EUR".into()),
         payout: Decimal::new(5000, 2),
         payout_currency: "USD".into(),
+        payout_delta: Decimal::new(5000, 2),
+        priced_payout: Decimal::new(5000, 2),
+        payout_rule: Default::default(),
         click_ts_ms: s2s_common::now_ms() - 60_000,
         event_ts_ms: s2s_common::now_ms(),
+        received_ts_ms: s2s_common::now_ms(),
         attributed_at_ms: s2s_common::now_ms(),
         previous_status: None,
+        status_reason: None,
+        trust: Default::default(),
         suspicious: false,
     }
 }
@@ -106,12 +113,20 @@ async fn every_endpoint_behaviour_ends_as_it_should() {
         ["gone", "hung", "slow"]
     );
     assert_eq!(
-        (dead["gone"].attempts, dead["gone"].last_status),
-        (1, Some(404))
+        (
+            dead["gone"].attempts,
+            dead["gone"].last_status,
+            dead["gone"].reason
+        ),
+        (1, Some(404), DeadLetterReason::PermanentFailure)
     );
     for name in ["slow", "hung"] {
         let dl = dead[name];
-        assert_eq!((dl.attempts, dl.last_status), (3, None), "{name}");
+        assert_eq!(
+            (dl.attempts, dl.last_status, dl.reason),
+            (3, None, DeadLetterReason::AttemptsExhausted),
+            "{name}"
+        );
         let err = dl.last_error.clone().unwrap_or_default();
         assert!(err.contains("timed out"), "{name}: {err}");
         assert_eq!(dl.conversion, c, "the dead letter carries the conversion");
@@ -182,7 +197,7 @@ async fn every_endpoint_behaviour_ends_as_it_should() {
         ("delivery_attempts_total{endpoint=\"hung\",outcome=\"retryable\",status_class=\"timeout\"}", 3.0),
         ("delivery_attempts_total{endpoint=\"gone\",outcome=\"permanent\",status_class=\"4xx\"}", 1.0),
         ("delivery_retries_scheduled_total{endpoint=\"flaky\"}", 2.0),
-        ("delivery_dead_lettered_total{endpoint=\"slow\"}", 1.0),
+        ("delivery_dead_lettered_total{endpoint=\"slow\",reason=\"attempts_exhausted\"}", 1.0),
         ("delivery_scheduled_total{endpoint=\"ok\"}", 1.0),
         ("delivery_attributed_to_delivered_seconds_count", 3.0),
     ] {
@@ -855,6 +870,7 @@ async fn another_instance_takes_over_pending_retries_from_the_changelog() {
         .read_until::<DeadLetter>("retired's dead letters", WAIT, |d| d.len() >= 10)
         .await;
     assert!(dead.iter().all(|d| d.endpoint == "retired"
+        && d.reason == DeadLetterReason::PostbackRemoved
         && d.attempts == 2
         && d.last_error
             .as_deref()

@@ -177,7 +177,7 @@ async fn live_metrics_pass_promtool_and_have_every_name_the_rules_and_dashboard_
                 && flaky.received().len() == 2
                 && s2s_tests::metric(
                     p.delivery_admin,
-                    "delivery_dead_lettered_total{endpoint=\"gone\"}",
+                    "delivery_dead_lettered_total{endpoint=\"gone\",reason=\"permanent_failure\"}",
                 )
                 .await
                     == Some(1.0);

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use s2s_common::contract::{Click, Postback};
+use s2s_common::contract::{Click, Postback, Trust};
 use s2s_ingest::config::{AuthKind, SourceConfig};
 use s2s_ingest::source::sign;
 use s2s_tests::{http, ingest_config, topics, IngestHandle, TopicReader};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "tok-0123456789abcdef";
@@ -322,7 +322,7 @@ async fn sources_map_aliases_and_authenticate() {
         .post(ingest.url("/v1/clicks/acme"))
         .bearer_auth(TOKEN)
         .header("content-type", "application/json")
-        .body(r#"{"click_id":"OP-9","offer_id":"3","aff_id":"z"}"#)
+        .body(r#"{"click_id":"OP-9","offer_id":"1","aff_id":"z"}"#)
         .send()
         .await
         .expect("req");
@@ -330,7 +330,7 @@ async fn sources_map_aliases_and_authenticate() {
     let r = c
         .post(ingest.url("/v1/clicks/acme"))
         .header("content-type", "application/json")
-        .body(r#"{"click_id":"OP-10","offer_id":"3","aff_id":"z"}"#)
+        .body(r#"{"click_id":"OP-10","offer_id":"1","aff_id":"z"}"#)
         .send()
         .await
         .expect("req");
@@ -425,8 +425,9 @@ async fn batches_report_each_record() {
         })
         .collect();
 
-    let ndjson = "{\"click_id\":\"OP-1\",\"offer_id\":\"9\",\"aff_id\":\"a1\",\"sub1\":\"s\"}\n\
-                  {\"click_id\":\"OP-2\",\"offer_id\":\"9\",\"aff_id\":\"a2\",\"ts_ms\":1700000000000}\n";
+    let ndjson = "{\"click_id\":\"OP-1\",\"offer_id\":\"1\",\"aff_id\":\"a1\",\"sub1\":\"s\"}\n\
+                  {\"click_id\":\"OP-3\",\"offer_id\":\"9\",\"aff_id\":\"a3\"}\n\
+                  {\"click_id\":\"OP-2\",\"offer_id\":\"1\",\"aff_id\":\"a2\",\"ts_ms\":1700000000000}\n";
     let r = c
         .post(ingest.url("/v1/clicks"))
         .header("content-type", "application/x-ndjson")
@@ -434,9 +435,22 @@ async fn batches_report_each_record() {
         .send()
         .await
         .expect("req");
-    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.status(), StatusCode::MULTI_STATUS);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["results"][0]["id"], "OP-1");
+    assert_eq!(
+        (
+            &v["results"][1]["status"],
+            &v["results"][1]["error"]["code"],
+            &v["results"][1]["error"]["field"]
+        ),
+        (
+            &json!("rejected"),
+            &json!("unknown_offer"),
+            &json!("offer_id")
+        ),
+        "a registered click's offer is checked like /click's: {v}"
+    );
 
     let pbs = TopicReader::new(&topics.postbacks)
         .read_until::<Postback>("two postbacks", WAIT, |p| p.len() >= 2)
@@ -453,4 +467,110 @@ async fn batches_report_each_record() {
         ("OP-2", 1_700_000_000_000)
     );
     ingest.stop().await;
+}
+
+/// The pixel and the iframe: always their image or page, the click ID from the cookie the
+/// click redirect set, stored with trust "pixel" after the broker acknowledged; off, they
+/// store nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pixel_conversions_come_from_the_click_cookie_and_are_marked() {
+    let topics = topics(1);
+    let off = IngestHandle::start(ingest_config(&topics)).await;
+    let c = http();
+    let r = c
+        .get(off.url("/pixel?click_id=c1&event=ftd"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers().get("x-postback-id").is_none(),
+        "off: not stored"
+    );
+    assert_eq!(
+        r.bytes().await.expect("body").get(..6),
+        Some(&b"GIF89a"[..]),
+        "a GIF all the same"
+    );
+    off.stop().await;
+
+    let mut config = ingest_config(&topics);
+    config.pixel.enabled = true;
+    config.pixel.cookie = Some("s2s_click".into());
+    let on = IngestHandle::start(config).await;
+    let r = c
+        .get(on.url("/click?offer_id=1&aff_id=42"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::FOUND);
+    let set_cookie = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("the click cookie")
+        .to_string();
+    let click_id = set_cookie
+        .strip_prefix("s2s_click=")
+        .and_then(|v| v.split(';').next())
+        .expect("s2s_click=<id>")
+        .to_string();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("Max-Age=2592000"),
+        "{set_cookie}"
+    );
+    let r = c
+        .get(on.url("/pixel?event=ftd&txn_id=P1&amount=10&currency=EUR&token=t"))
+        .header("cookie", format!("other=1; s2s_click={click_id}"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("image/gif")
+    );
+    let pixel_id = r
+        .headers()
+        .get("x-postback-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("stored")
+        .to_string();
+    let r = c
+        .get(on.url(&format!(
+            "/iframe?click_id={click_id}&event=deposit&txn_id=P2"
+        )))
+        .send()
+        .await
+        .expect("req");
+    assert!(r.headers().get("x-postback-id").is_some());
+    assert!(r.text().await.expect("page").contains("<!doctype html>"));
+    // Refused (unknown event), and still a GIF.
+    let r = c
+        .get(on.url(&format!("/pixel?click_id={click_id}&event=sale")))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("x-postback-id").is_none());
+    let pbs = TopicReader::new(&topics.postbacks)
+        .read_until::<Postback>("two pixel postbacks", WAIT, |p| p.len() >= 2)
+        .await;
+    assert_eq!(pbs[0].postback_id, pixel_id);
+    assert_eq!(
+        (pbs[0].click_id.as_str(), pbs[0].trust, pbs[1].trust),
+        (click_id.as_str(), Trust::Pixel, Trust::Pixel)
+    );
+    assert!(!pbs[0].params.contains_key("token"), "never stored");
+    assert_eq!(
+        s2s_tests::metric(
+            on.admin,
+            "ingest_records_total{kind=\"pixel\",outcome=\"invalid\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    on.stop().await;
 }
