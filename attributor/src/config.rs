@@ -10,23 +10,10 @@ use s2s_common::topics::TopicsConfig;
 use serde::Deserialize;
 
 use crate::join::{Lifecycle, OfferRules, Rules, TooFast, APPROVED, PENDING};
-pub use s2s_state::RocksConfig;
+pub use s2s_state::{Guarantee, RocksConfig};
 
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/attributor.toml");
 pub const ENV_PREFIX: &str = "S2S_ATTRIBUTOR__";
-
-/// How outputs, state and input offsets are committed, like Kafka Streams'
-/// `processing.guarantee`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Guarantee {
-    /// One Kafka transaction per cycle covers the outputs, the changelog records and the
-    /// input offsets; zombie instances are fenced. Needs a broker with transactions.
-    ExactlyOnce,
-    /// Outputs and changelog acknowledged (idempotent producer) before state and offsets
-    /// are committed; a crash can repeat outcomes, identically.
-    AtLeastOnce,
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,6 +12,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     s2s_common::telemetry::init();
+    // Process-wide: the stores' memory budget is the process's (see the module).
+    s2s_state::memory::bound_heap_retention();
     let config =
         s2s_attributor::AttributorConfig::load(args.config.as_deref()).context("loading config")?;
     s2s_attributor::run(config, s2s_common::shutdown::on_signals())

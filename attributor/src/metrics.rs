@@ -1,15 +1,12 @@
-//! The attributor's Prometheus metrics. Each is updated in one place: restore progress in
-//! `s2s_state::ownership`, everything else in `lib.rs` after the
-//! cycle that produced the event was committed.
+//! The attributor's own Prometheus metrics (the runtime's are `stream_*{service="attributor"}`),
+//! each updated in one place: `lib.rs`, after the cycle that produced the event was
+//! committed.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use s2s_common::contract::PayoutRule;
-use s2s_state::StateMetrics;
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// `attributor_records_consumed_total{kind}`: click, postback.
-    pub consumed: IntCounterVec,
     /// `attributor_outcomes_total{outcome, reason}`: attributed (reason "none"), updated
     /// (reason "none" when a postback asked for it, "hold_ended" for an automatic approval)
     /// or rejected (the [`RejectReason`](s2s_common::contract::RejectReason)s).
@@ -20,31 +17,17 @@ pub struct Metrics {
     /// `attributor_suspicious_conversions_total`: sooner after the click than the offer's
     /// minimum.
     pub suspicious: IntCounter,
-    /// `attributor_poison_records_total{kind}`: undecodable inputs set aside.
-    pub poison: IntCounterVec,
-    /// `attributor_cycle_duration_seconds`: process, publish, wait for acks, commit.
-    pub cycle_seconds: Histogram,
     /// `attributor_postback_latency_seconds`: from ingest accepting a postback to its
     /// outcome being committed (includes the wait of postbacks held for their click).
     pub postback_latency: Histogram,
     /// `attributor_click_to_conversion_seconds`: event time minus click time of new
     /// conversions.
     pub click_to_conversion: Histogram,
-    /// `attributor_state_keys{cf}`, `attributor_state_bytes{cf}`,
-    /// `attributor_consumer_lag_records{topic}`, `attributor_partitions_owned`,
-    /// `attributor_restored_records_total`, `attributor_restoring_partitions`.
-    pub state: StateMetrics,
-    /// `attributor_transactions_total{result}`: committed, aborted (exactly_once).
-    pub transactions: IntCounterVec,
 }
 
 impl Metrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Metrics {
-            consumed: IntCounterVec::new(
-                Opts::new("attributor_records_consumed_total", "Input records by kind."),
-                &["kind"],
-            )?,
             outcomes: IntCounterVec::new(
                 Opts::new(
                     "attributor_outcomes_total",
@@ -63,20 +46,6 @@ impl Metrics {
                 "attributor_suspicious_conversions_total",
                 "Conversions flagged as sooner after their click than the offer's minimum.",
             )?,
-            poison: IntCounterVec::new(
-                Opts::new(
-                    "attributor_poison_records_total",
-                    "Undecodable input records copied to the poison topic.",
-                ),
-                &["kind"],
-            )?,
-            cycle_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "attributor_cycle_duration_seconds",
-                    "One processing cycle: process, publish, wait for acks, commit state and offsets.",
-                )
-                .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
-            )?,
             postback_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "attributor_postback_latency_seconds",
@@ -94,20 +63,9 @@ impl Metrics {
                     1209600.0, 2592000.0, 7776000.0,
                 ]),
             )?,
-            state: StateMetrics::new(registry, "attributor")?,
-            transactions: IntCounterVec::new(
-                Opts::new(
-                    "attributor_transactions_total",
-                    "Cycle transactions by result (exactly_once).",
-                ),
-                &["result"],
-            )?,
         };
         // Every bounded label value starts at 0, so that rate() sees the first event and
         // dashboards show a zero rather than no data.
-        for result in ["committed", "aborted"] {
-            m.transactions.with_label_values(&[result]);
-        }
         m.outcomes.with_label_values(&["attributed", "none"]);
         m.outcomes.with_label_values(&["updated", "none"]);
         m.outcomes.with_label_values(&["updated", "hold_ended"]);
@@ -117,17 +75,9 @@ impl Metrics {
         for reason in s2s_common::contract::RejectReason::ALL {
             m.outcomes.with_label_values(&["rejected", reason.as_str()]);
         }
-        for kind in ["click", "postback"] {
-            m.consumed.with_label_values(&[kind]);
-            m.poison.with_label_values(&[kind]);
-        }
-        registry.register(Box::new(m.transactions.clone()))?;
-        registry.register(Box::new(m.consumed.clone()))?;
         registry.register(Box::new(m.outcomes.clone()))?;
         registry.register(Box::new(m.suspicious.clone()))?;
         registry.register(Box::new(m.unpriced.clone()))?;
-        registry.register(Box::new(m.poison.clone()))?;
-        registry.register(Box::new(m.cycle_seconds.clone()))?;
         registry.register(Box::new(m.postback_latency.clone()))?;
         registry.register(Box::new(m.click_to_conversion.clone()))?;
         Ok(m)

@@ -14,7 +14,7 @@
 //!   bytes BE]`: pending conversions waiting for their offer's hold to end; an entry whose
 //!   conversion has moved past that version by then is dropped.
 //! - `meta`: the input offsets the state reflects (`offset/<topic>`) and the journal of the
-//!   cycle in flight (see [`Journal`]).
+//!   cycle in flight (see [`s2s_state::runtime::Journal`]).
 //!
 //! Expiry: clicks older than the longest attribution window plus the latest allowed report
 //! of an `event_time` plus the grace period, and
@@ -23,10 +23,7 @@
 //! treats them as gone by the same rule ([`crate::process`]), so what it decides does not
 //! depend on when RocksDB compacted.
 
-use std::collections::BTreeMap;
-
 use s2s_state::{Family, Limits};
-use serde::{Deserialize, Serialize};
 
 pub use s2s_state::{stamped, unstamped, Entries, StoreError};
 
@@ -110,19 +107,6 @@ impl From<StoreLimits> for Limits<Cf> {
     }
 }
 
-/// The cycle in flight, written before its outputs are published and removed by the commit
-/// that follows their acknowledgement. After a crash in between, the partition's next cycle
-/// replays exactly this cycle — the same input records, the same `now`, the same timer
-/// decision — so the outputs that may already be on the topics are reproduced identically.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Journal {
-    pub now_ms: i64,
-    /// Whether the cycle released postbacks whose grace period ended.
-    pub timers: bool,
-    /// Per input topic: the offset after the last record of the cycle.
-    pub ends: BTreeMap<String, i64>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +138,8 @@ mod tests {
         assert!(kept(Cf::Conversions), "within the conversion retention");
         assert!(kept(Cf::PendingByClick), "pending postbacks do not expire");
     }
+
+    use s2s_state::runtime::Journal;
 
     #[test]
     fn journal_round_trips_and_commit_closes_it() {

@@ -267,7 +267,7 @@ async fn attributor_loop(
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let page = scrape(admin).await?;
-        let consumed = metric_sum(&page, "attributor_records_consumed_total");
+        let consumed = metric_sum(&page, "stream_records_consumed_total");
         if consumed > 0.0 {
             first.get_or_insert_with(Instant::now);
         }

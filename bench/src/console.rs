@@ -240,7 +240,7 @@ async fn console_ingest(config: ConsoleConfig, total: u64) -> anyhow::Result<f64
     let mut span = Span::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let consumed = metric_sum(&scrape(admin).await?, "console_records_consumed_total") as u64;
+        let consumed = metric_sum(&scrape(admin).await?, "stream_records_consumed_total") as u64;
         span.observe(consumed, total);
         if consumed >= total {
             break;

@@ -257,7 +257,8 @@ pub async fn run(
         write(
             "ingest",
             format!(
-                "listen = \"127.0.0.1:{ingest_port}\"\nadmin_listen = \"127.0.0.1:{}\"\n{common}",
+                "listen = \"127.0.0.1:{ingest_port}\"\nadmin_listen = \"127.0.0.1:{}\"\n{common}\
+                 [offers.1]\nurl = \"http://{affiliate}/landing?c={{click_id}}\"\n",
                 admin[0]
             ),
         )?,
@@ -307,7 +308,7 @@ pub async fn run(
         metric_at_least(&admin_url(i), &up, 1.0, Duration::from_secs(60)).await?;
     }
     let ingest = format!("http://127.0.0.1:{ingest_port}");
-    let clicks_taken = "attributor_records_consumed_total{kind=\"click\"}";
+    let clicks_taken = "stream_records_consumed_total{input=\"click\",service=\"attributor\"}";
 
     // 1. Sustained throughput.
     clicks(&ingest, &run, 0, postbacks).await?;

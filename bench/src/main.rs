@@ -202,6 +202,8 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // As the services' binaries do: the stores' memory budget is the process's.
+    s2s_state::memory::bound_heap_retention();
     match Args::parse().cmd {
         Cmd::Noop { listen } => noop(listen).await,
         Cmd::AttributorState { dir, clicks, out } => attributor::state(&dir, &clicks, &out),

@@ -14,210 +14,145 @@
 //!   totals per hour or day;
 //! - [`api`]: the page, the API, the live feed, re-fire (a command to the delivery
 //!   worker, never a second HTTP sender);
-//! - `worker`: the consumer loop, committing read model and offsets atomically.
+//! - [`reader`]: the read model as a processor of the stream runtime
+//!   ([`s2s_state::runtime`]), which commits it with the input offsets atomically.
 
 pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod query;
+pub mod reader;
 pub mod schema;
-mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
-use s2s_common::kafka::{ensure_topics, KafkaSetupError};
-use s2s_common::kafka_stats::KafkaStats;
-use s2s_common::ops::{Admin, BindError};
-use s2s_state::{Ownership, OwnershipContext, StoreError};
+use s2s_common::kafka::ensure_topics;
+use s2s_state::runtime::{Input, Runtime, RuntimeError, Settings};
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsoleConfig;
-use model::LiveEvent;
-use schema::{Cf, StoreSet};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConsoleError {
-    #[error("configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Kafka(#[from] KafkaSetupError),
-    #[error("kafka: {0}")]
-    Client(#[from] KafkaError),
-    #[error("state store: {0}")]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Bind(#[from] BindError),
-    #[error("binding {addr}: {error}")]
-    Listen {
-        addr: SocketAddr,
-        error: std::io::Error,
-    },
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("{0}")]
-    Ownership(String),
-}
-
-type Consumer_ = StreamConsumer<OwnershipContext<Cf>>;
+use schema::Cf;
 
 /// A started console: topics checked, stores ready, API and admin listeners bound.
+#[derive(Debug)]
 pub struct Console {
-    config: ConsoleConfig,
-    ownership: Arc<Ownership<Cf>>,
-    consumer: Consumer_,
-    metrics: metrics::Metrics,
-    feed: broadcast::Sender<LiveEvent>,
+    runtime: Runtime<Cf>,
+    reader: reader::Reader,
     api: Arc<api::ApiState>,
-    listener: Option<TcpListener>,
-    admin: Option<Admin>,
-}
-
-impl std::fmt::Debug for Console {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Console")
-            .field("group", &self.config.group_id)
-            .finish()
-    }
+    listener: TcpListener,
 }
 
 impl Console {
-    pub async fn bind(config: ConsoleConfig) -> Result<Self, ConsoleError> {
-        config.validate().map_err(ConsoleError::Config)?;
+    pub async fn bind(config: ConsoleConfig) -> Result<Self, RuntimeError> {
+        config.validate().map_err(RuntimeError::Config)?;
         let counts = ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
         let inputs = inputs(&config);
         let n = |t: &String| counts.get(t).copied().unwrap_or_default();
-        if let Some(odd) = inputs.iter().find(|t| n(t) != n(&inputs[0])) {
-            return Err(ConsoleError::Config(format!(
-                "topic '{odd}' has {} partitions and '{}' has {}: the console keeps everything \
-                 about a click in one store, so every topic it reads needs the same partition \
-                 count (they are all keyed by click ID); set topics.*.partitions alike",
+        let first = &inputs[0].topic;
+        if let Some(odd) = inputs.iter().map(|i| &i.topic).find(|t| n(t) != n(first)) {
+            return Err(RuntimeError::Config(format!(
+                "topic '{odd}' has {} partitions and '{first}' has {}: the console keeps \
+                 everything about a click in one store, so every topic it reads needs the same \
+                 partition count (they are all keyed by click ID); set topics.*.partitions alike",
                 n(odd),
-                inputs[0],
-                n(&inputs[0])
+                n(first)
             )));
         }
-        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-            ConsoleError::Config(format!(
-                "state_dir {}: {e}; point it at a writable persistent directory",
-                config.state_dir.display()
-            ))
-        })?;
-        let admin = Admin::bind(config.admin_listen).await?;
-        let metrics = metrics::Metrics::new(&admin.registry)?;
-        let stores = StoreSet::new(&config.state_dir, config.limits());
-        let ownership = Arc::new(Ownership::new(stores, inputs.clone(), None));
-        let consumer: Consumer_ = config
-            .kafka
-            .consumer_config(&config.group_id)
-            .create_with_context(OwnershipContext(Arc::clone(&ownership)))?;
-        let topic_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        consumer.subscribe(&topic_refs)?;
-        let stats = KafkaStats::new(&admin.registry, "console", admin.health.clone())?;
-        let producer: FutureProducer<KafkaStats> =
-            config.kafka.producer_config().create_with_context(stats)?;
+        let runtime = Runtime::bind(Settings {
+            service: "console",
+            kafka: config.kafka.clone(),
+            group_id: config.group_id.clone(),
+            inputs: inputs.clone(),
+            state_dir: config.state_dir.clone(),
+            limits: config.limits(),
+            changelog: None,
+            poison: None,
+            guarantee: s2s_state::Guarantee::AtLeastOnce,
+            transactional_id: None,
+            commit_interval: Duration::from_millis(config.commit_interval_ms),
+            max_batch: config.max_batch,
+            admin_listen: config.admin_listen,
+        })
+        .await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
-                .map_err(|error| ConsoleError::Listen {
+                .map_err(|error| RuntimeError::Listen {
                     addr: config.listen,
                     error,
                 })?;
-        let feed = worker::feed();
+        let metrics = metrics::Metrics::new(runtime.registry())?;
+        let reader = reader::Reader::new(&config.topics);
         let api = Arc::new(api::ApiState {
-            ownership: ownership.clone(),
-            producer,
+            ownership: runtime.ownership().clone(),
+            producer: runtime.producer().clone(),
             commands_topic: config.topics.delivery_commands.name.clone(),
-            inputs: inputs.clone(),
+            inputs: inputs.into_iter().map(|i| i.topic).collect(),
             operators: config.operators.clone().into_iter().collect(),
-            metrics: metrics.clone(),
-            feed: feed.clone(),
+            metrics,
+            feed: reader.feed(),
         });
         Ok(Console {
-            config,
-            ownership,
-            consumer,
-            metrics,
-            feed,
+            runtime,
+            reader,
             api,
-            listener: Some(listener),
-            admin: Some(admin),
+            listener,
         })
     }
 
     /// Where the API and the page are served.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        match &self.listener {
-            Some(l) => l.local_addr(),
-            None => Err(std::io::Error::other("already serving")),
-        }
+        self.listener.local_addr()
     }
 
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
-        match &self.admin {
-            Some(a) => a.local_addr(),
-            None => Err(std::io::Error::other("already serving")),
-        }
-    }
-
-    fn inputs(&self) -> Vec<String> {
-        inputs(&self.config)
+        self.runtime.admin_addr()
     }
 
     /// Serves and keeps the read model current until `shutdown`.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsoleError> {
-        let (Some(listener), Some(admin)) = (self.listener.take(), self.admin.take()) else {
-            return Err(ConsoleError::Config("run called twice".into()));
-        };
-        tracing::info!(addr = ?listener.local_addr().ok(), admin = ?admin.local_addr().ok(), "console serving");
-        let health = admin.health.clone();
-        let admin_task = admin.spawn(shutdown.clone());
-        let app = api::router(self.api.clone());
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        tracing::info!(addr = ?self.listener.local_addr().ok(), "console serving");
+        let app = api::router(self.api);
         let stop = shutdown.clone();
+        let listener = self.listener;
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         });
-        let result = worker::run(&self, &shutdown).await;
-        health.drain();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "console stopped on error");
-        }
+        let result = self.runtime.run(self.reader, shutdown.clone()).await;
         shutdown.cancel();
-        let _ = admin_task.await;
         let _ = server.await;
-        tracing::info!("console stopped");
         result
     }
 }
 
 /// The topics the console reads, all keyed by click ID.
-fn inputs(c: &ConsoleConfig) -> Vec<String> {
+fn inputs(c: &ConsoleConfig) -> Vec<Input> {
     let t = &c.topics;
     [
-        &t.clicks,
-        &t.postbacks,
-        &t.conversions,
-        &t.rejections,
-        &t.delivery_log,
-        &t.dead_letter,
-        &t.delivery_commands,
-        &t.refusals,
+        (&t.clicks, "click"),
+        (&t.postbacks, "postback"),
+        (&t.conversions, "conversion"),
+        (&t.rejections, "rejection"),
+        (&t.delivery_log, "attempt"),
+        (&t.dead_letter, "dead_letter"),
+        (&t.delivery_commands, "command"),
+        (&t.refusals, "refusal"),
     ]
-    .iter()
-    .map(|t| t.name.clone())
+    .into_iter()
+    .map(|(t, kind)| Input {
+        topic: t.name.clone(),
+        kind,
+    })
     .collect()
 }
 
 /// Binds and runs until `shutdown`.
-pub async fn run(config: ConsoleConfig, shutdown: CancellationToken) -> Result<(), ConsoleError> {
+pub async fn run(config: ConsoleConfig, shutdown: CancellationToken) -> Result<(), RuntimeError> {
     Console::bind(config).await?.run(shutdown).await
 }

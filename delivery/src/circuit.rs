@@ -104,8 +104,8 @@ impl Circuit {
         }
     }
 
-    /// Reports how a sent attempt ended: `healthy` unless it was a network error, a
-    /// timeout, 408, 429 or 5xx; `probe` if [`Circuit::admit`] made it the probe.
+    /// Reports how a sent attempt ended (`healthy` per
+    /// [`crate::policy::circuit_health`]); `probe` if [`Circuit::admit`] made it the probe.
     pub fn record(&mut self, now: Instant, probe: bool, healthy: bool) {
         let base = self.config.open_for;
         self.inner = match (self.inner, probe, healthy) {

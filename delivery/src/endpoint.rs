@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use s2s_common::contract::{AttemptOutcome, Conversion};
+use s2s_common::contract::Conversion;
 use s2s_common::ids::derived;
 use s2s_common::template::{Encoding, Template};
 
@@ -229,28 +229,6 @@ pub fn macro_value<'a>(c: &'a Conversion, name: &str) -> Option<Cow<'a, str>> {
     }
 }
 
-/// Success is a 2xx. Network errors and timeouts (`None`), 408, 429 and 5xx are worth a
-/// retry; anything else (other 4xx, redirects, which are not followed) is not.
-pub fn classify(status: Option<u16>) -> AttemptOutcome {
-    match status {
-        Some(200..=299) => AttemptOutcome::Delivered,
-        None | Some(408) | Some(429) | Some(500..=599) => AttemptOutcome::Retryable,
-        Some(_) => AttemptOutcome::Permanent,
-    }
-}
-
-/// `2xx`, `4xx`, … for an answer: a bounded metric label. Attempts without an answer are
-/// labelled by what happened instead (see [`crate::sender::Failure`]).
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -463,18 +441,6 @@ pub(crate) mod tests {
         c.event_ts_ms = -1;
         assert_eq!(macro_value(&c, "event_time"), None, "before 1970: empty");
         assert_eq!(macro_value(&c, "timestamp").as_deref(), Some("-1"));
-    }
-
-    #[test]
-    fn classification() {
-        assert_eq!(classify(Some(204)), AttemptOutcome::Delivered);
-        for s in [None, Some(408), Some(429), Some(500), Some(503)] {
-            assert_eq!(classify(s), AttemptOutcome::Retryable, "{s:?}");
-        }
-        for s in [Some(301), Some(302), Some(400), Some(404), Some(410)] {
-            assert_eq!(classify(s), AttemptOutcome::Permanent, "{s:?}");
-        }
-        assert_eq!((status_class(302), status_class(503)), ("3xx", "5xx"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A delivery: one conversion (version) to one endpoint, and its life — pending (waiting
 //! for its next attempt), delivered, or dead-lettered. Pure state transitions, unit-tested;
-//! [`crate::schedule`] stores jobs and [`crate::worker`] drives them.
+//! [`crate::schedule`] stores jobs, [`crate::settle`] applies attempts to them and
+//! [`crate::processor`] drives them.
 //!
 //! - A new job is due at once.
 //! - After an attempt: a 2xx delivers it; a retryable failure (network error, timeout,
@@ -217,7 +218,16 @@ mod tests {
 
     fn attempted(status: Option<u16>) -> Attempted {
         Attempted {
-            outcome: crate::endpoint::classify(status),
+            outcome: match status {
+                Some(s) => crate::policy::outcome(&crate::sender::Sent {
+                    status: Some(s),
+                    failure: None,
+                    error: None,
+                    retry_after: None,
+                    latency: Duration::ZERO,
+                }),
+                None => AttemptOutcome::Retryable,
+            },
             status,
             error: status.is_none().then(|| "connection refused".to_string()),
             retry_after: None,

@@ -8,7 +8,9 @@
 //! ([`circuit`]); a failure is retried per the schedule ([`policy`]) or dead-lettered; every
 //! attempt goes to the delivery-log topic. Operators re-deliver dead letters with the
 //! `replay` subcommand ([`replay`]), which sends commands through Kafka to the instance
-//! that owns the delivery. The loop itself, and the guarantees, are in [`worker`].
+//! that owns the delivery. It runs on the stream runtime ([`s2s_state::runtime`]); the
+//! processor and the guarantees are in [`processor`], attempts are started by
+//! [`dispatch`] and settled by [`settle`].
 //!
 //! Guarantees: an input offset is committed only once its deliveries are durably
 //! scheduled (or done); a crash re-sends at most the attempts that were in flight —
@@ -18,86 +20,44 @@
 
 pub mod circuit;
 pub mod config;
+pub mod dispatch;
 pub mod endpoint;
+pub mod events;
 pub mod job;
 pub mod metrics;
 pub mod policy;
+pub mod processor;
 pub mod replay;
 pub mod schedule;
 pub mod sender;
+pub mod settle;
 pub mod signing;
-mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
-use s2s_common::kafka::{ensure_topics, KafkaSetupError};
-use s2s_common::kafka_stats::KafkaStats;
-use s2s_common::ops::{Admin, BindError};
-use s2s_state::{Ownership, OwnershipContext, StoreError};
+use s2s_common::kafka::ensure_topics;
+use s2s_state::runtime::{Input, Runtime, RuntimeError, Settings};
 use tokio_util::sync::CancellationToken;
 
 pub use config::DeliveryConfig;
-use endpoint::Endpoint;
-use policy::RetryPolicy;
-use schedule::{Cf, StoreSet};
+use dispatch::Dispatcher;
+use processor::{Deliveries, Rules};
+use schedule::Cf;
 use sender::Sender;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DeliveryError {
-    #[error("configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Kafka(#[from] KafkaSetupError),
-    #[error("kafka: {0}")]
-    Client(#[from] KafkaError),
-    #[error("http client: {0}")]
-    Http(#[from] reqwest::Error),
-    #[error("state store: {0}")]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Bind(#[from] BindError),
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("publishing failed, nothing committed: {0}")]
-    Publish(String),
-    #[error("{0}")]
-    Ownership(String),
-}
-
-type Consumer_ = StreamConsumer<OwnershipContext<Cf>>;
 
 /// A started delivery worker: config checked, topics provisioned, clients created, admin
 /// bound.
+#[derive(Debug)]
 pub struct Delivery {
-    config: DeliveryConfig,
-    policy: RetryPolicy,
-    endpoints: Vec<Endpoint>,
-    ownership: Arc<Ownership<Cf>>,
-    consumer: Consumer_,
-    producer: FutureProducer<KafkaStats>,
-    sender: Sender,
-    /// Taken by [`Delivery::run`] to serve it.
-    admin: Option<Admin>,
-    metrics: metrics::Metrics,
-}
-
-impl std::fmt::Debug for Delivery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery")
-            .field("group", &self.config.group_id)
-            .field("endpoints", &self.endpoints.len())
-            .finish()
-    }
+    runtime: Runtime<Cf>,
+    processor: Deliveries,
 }
 
 impl Delivery {
-    pub async fn bind(config: DeliveryConfig) -> Result<Self, DeliveryError> {
-        let endpoints = config.validate().map_err(DeliveryError::Config)?;
+    pub async fn bind(config: DeliveryConfig) -> Result<Self, RuntimeError> {
+        let endpoints = config.validate().map_err(RuntimeError::Config)?;
         if endpoints.is_empty() {
             tracing::warn!(
                 "no [[postbacks]] configured: conversions will be consumed and committed \
@@ -105,86 +65,74 @@ impl Delivery {
             );
         }
         ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
-        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-            DeliveryError::Config(format!(
-                "state_dir {}: {e}; point it at a writable persistent directory",
-                config.state_dir.display()
-            ))
-        })?;
-        let admin = Admin::bind(config.admin_listen).await?;
-        let metrics = metrics::Metrics::new(&admin.registry)?;
-        let stores = StoreSet::new(&config.state_dir, config.rocksdb.limits());
         let topics = &config.topics;
-        let ownership = Arc::new(Ownership::new(
-            stores,
-            vec![
-                topics.conversions.name.clone(),
-                topics.delivery_commands.name.clone(),
+        let runtime = Runtime::bind(Settings {
+            service: "delivery",
+            kafka: config.kafka.clone(),
+            group_id: config.group_id.clone(),
+            inputs: vec![
+                Input {
+                    topic: topics.conversions.name.clone(),
+                    kind: "conversion",
+                },
+                Input {
+                    topic: topics.delivery_commands.name.clone(),
+                    kind: "command",
+                },
             ],
-            Some(metrics.state.changelog(
-                &config.kafka,
-                &config.group_id,
-                &topics.delivery_changelog.name,
-            )),
-        ));
-        let consumer: Consumer_ = config
-            .kafka
-            .consumer_config(&config.group_id)
-            .create_with_context(OwnershipContext(Arc::clone(&ownership)))?;
-        consumer.subscribe(&[&topics.conversions.name, &topics.delivery_commands.name])?;
-        let stats = KafkaStats::new(&admin.registry, "delivery", admin.health.clone())?;
-        let producer: FutureProducer<KafkaStats> =
-            config.kafka.producer_config().create_with_context(stats)?;
+            state_dir: config.state_dir.clone(),
+            limits: config.rocksdb.limits(),
+            changelog: Some(topics.delivery_changelog.name.clone()),
+            poison: Some(topics.poison.name.clone()),
+            guarantee: s2s_state::Guarantee::AtLeastOnce,
+            transactional_id: None,
+            commit_interval: Duration::from_millis(config.commit_interval_ms),
+            max_batch: config.max_batch,
+            admin_listen: config.admin_listen,
+        })
+        .await?;
+        let metrics = metrics::Metrics::new(runtime.registry())?;
         let per_host = endpoints
             .iter()
             .map(|e| e.max_in_flight)
             .max()
             .unwrap_or(config.endpoint_max_in_flight);
-        let sender = Sender::new(Duration::from_millis(config.connect_timeout_ms), per_host)?;
-        Ok(Delivery {
-            policy: config.retry_policy(),
-            config,
+        let sender = Sender::new(Duration::from_millis(config.connect_timeout_ms), per_host)
+            .map_err(|e| RuntimeError::Config(format!("http client: {e}")))?;
+        tracing::info!(endpoints = endpoints.len(), "delivery endpoints configured");
+        let dispatcher = Dispatcher::new(
             endpoints,
-            ownership,
-            consumer,
-            producer,
-            sender,
-            admin: Some(admin),
-            metrics,
+            config.circuit(),
+            config.max_in_flight,
+            dispatch::http(sender),
+            metrics.clone(),
+        );
+        let rules = Rules {
+            policy: config.retry_policy(),
+            finished_retention_ms: config.finished_retention_ms(),
+            shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+            conversions: topics.conversions.name.clone(),
+            delivery_log: Arc::from(topics.delivery_log.name.as_str()),
+            dead_letter: Arc::from(topics.dead_letter.name.as_str()),
+        };
+        Ok(Delivery {
+            runtime,
+            processor: Deliveries::new(rules, dispatcher, metrics),
         })
     }
 
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
-        match &self.admin {
-            Some(a) => a.local_addr(),
-            None => Err(std::io::Error::other("the admin server is running")),
-        }
+        self.runtime.admin_addr()
     }
 
     /// Delivers until `shutdown`, then lets requests in flight finish (up to
     /// `shutdown_grace_ms`) and commits what they did.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), DeliveryError> {
-        tracing::info!(admin = ?self.admin_addr().ok(), endpoints = self.endpoints.len(),
-            group = %self.config.group_id, "delivery running");
-        let admin = self
-            .admin
-            .take()
-            .ok_or_else(|| DeliveryError::Config("run called twice".into()))?;
-        let health = admin.health.clone();
-        let admin_task = admin.spawn(shutdown.clone());
-        let result = worker::Worker::new(&self).run(&shutdown).await;
-        health.drain();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "delivery stopped on error");
-        }
-        shutdown.cancel();
-        let _ = admin_task.await;
-        tracing::info!("delivery stopped");
-        result
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        self.runtime.run(self.processor, shutdown).await
     }
 }
 
 /// Binds and runs until `shutdown`.
-pub async fn run(config: DeliveryConfig, shutdown: CancellationToken) -> Result<(), DeliveryError> {
+pub async fn run(config: DeliveryConfig, shutdown: CancellationToken) -> Result<(), RuntimeError> {
     Delivery::bind(config).await?.run(shutdown).await
 }

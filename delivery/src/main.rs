@@ -58,6 +58,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     s2s_common::telemetry::init();
+    // Process-wide: the stores' memory budget is the process's (see the module).
+    s2s_state::memory::bound_heap_retention();
     let config = s2s_delivery::DeliveryConfig::load(cli.service.config.as_deref())
         .context("loading config")?;
     match cli.cmd {

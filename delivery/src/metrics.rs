@@ -1,12 +1,11 @@
-//! Delivery's Prometheus metrics. Each event is counted in one place: restore progress in
-//! [`s2s_state::ownership`], circuit transitions where the breaker is fed, everything else
-//! in the worker after the cycle that produced the event was committed. The `endpoint`
+//! Delivery's own Prometheus metrics (the runtime's are `stream_*{service="delivery"}`).
+//! Each event is counted in one place: circuit transitions where the breaker is fed,
+//! everything else after the cycle that produced the event was committed. The `endpoint`
 //! label takes configured postback names only, so it is bounded by the config.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
-use s2s_state::StateMetrics;
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -40,18 +39,11 @@ pub struct Metrics {
     pub circuit_transitions: IntCounterVec,
     /// `delivery_commands_total{action, result}`: operator commands applied.
     pub commands: IntCounterVec,
-    /// `delivery_records_consumed_total{kind}`: conversion, command.
-    pub consumed: IntCounterVec,
-    /// `delivery_poison_records_total{kind}`: undecodable inputs set aside.
-    pub poison: IntCounterVec,
+    /// `delivery_attempts_lost_total{endpoint}`: attempts that did not complete (a panic);
+    /// their deliveries stay due.
+    pub attempts_lost: IntCounterVec,
     /// `delivery_expired_total`: finished deliveries forgotten after their retention.
     pub expired: IntCounter,
-    /// `delivery_cycle_duration_seconds`: process, publish, wait for acks, commit.
-    pub cycle_seconds: Histogram,
-    /// `delivery_state_keys{cf}`, `delivery_state_bytes{cf}`,
-    /// `delivery_consumer_lag_records{topic}`, `delivery_partitions_owned`,
-    /// `delivery_restored_records_total`, `delivery_restoring_partitions`.
-    pub state: StateMetrics,
 }
 
 impl Metrics {
@@ -133,28 +125,15 @@ impl Metrics {
                 "Operator commands applied, by action and result.",
                 &["action", "result"],
             )?,
-            consumed: counter(
-                "delivery_records_consumed_total",
-                "Input records by kind (after their cycle was committed).",
-                &["kind"],
-            )?,
-            poison: counter(
-                "delivery_poison_records_total",
-                "Undecodable input records set aside on the poison topic.",
-                &["kind"],
+            attempts_lost: counter(
+                "delivery_attempts_lost_total",
+                "Attempts that did not complete (a bug: a panic); their deliveries stay due.",
+                &["endpoint"],
             )?,
             expired: IntCounter::new(
                 "delivery_expired_total",
                 "Finished deliveries forgotten after finished_retention_seconds.",
             )?,
-            cycle_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "delivery_cycle_duration_seconds",
-                    "One cycle: process, publish, wait for acknowledgements, commit.",
-                )
-                .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
-            )?,
-            state: StateMetrics::new(registry, "delivery")?,
         };
         registry.register(Box::new(m.attempts.clone()))?;
         registry.register(Box::new(m.attempt_seconds.clone()))?;
@@ -169,10 +148,8 @@ impl Metrics {
         registry.register(Box::new(m.circuit_state.clone()))?;
         registry.register(Box::new(m.circuit_transitions.clone()))?;
         registry.register(Box::new(m.commands.clone()))?;
-        registry.register(Box::new(m.consumed.clone()))?;
-        registry.register(Box::new(m.poison.clone()))?;
+        registry.register(Box::new(m.attempts_lost.clone()))?;
         registry.register(Box::new(m.expired.clone()))?;
-        registry.register(Box::new(m.cycle_seconds.clone()))?;
         Ok(m)
     }
 }

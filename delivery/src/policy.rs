@@ -1,6 +1,13 @@
-//! When to try again: the retry schedule with jitter, and the endpoint's `Retry-After`.
-//! Pure functions (the random draw is a parameter), unit-tested here.
+//! What an attempt's result means, and when to try again. Pure functions (the random draw
+//! is a parameter), unit-tested here.
 //!
+//! - [`outcome`]: delivered (2xx), retryable (no answer, 408, 429, 5xx, or not sent because
+//!   the circuit is open) or permanent (any other answer; a request that cannot be built;
+//!   an endpoint no longer configured) — the one place that decides what is retried.
+//! - [`circuit_health`]: what an attempt tells the endpoint's circuit breaker — the one
+//!   place that decides what trips it. An answer the affiliate's server chose (2xx, 4xx)
+//!   is health; a timeout, a refused connection or a 5xx is not; an attempt not made says
+//!   nothing.
 //! - Attempt `n + 1` waits `schedule[n - 1]`, spread by ± `jitter` (a fraction) so that
 //!   endpoints recovering from an outage are not hit by every retry at the same instant.
 //! - A `Retry-After` answer (delay-seconds or HTTP-date) is honoured when it asks for more
@@ -9,6 +16,53 @@
 //! - When the schedule is exhausted there is no next attempt: the delivery is dead-lettered.
 
 use std::time::{Duration, SystemTime};
+
+use s2s_common::contract::AttemptOutcome;
+
+use crate::sender::{Failure, Sent};
+
+/// What one attempt's result means for its delivery.
+pub fn outcome(sent: &Sent) -> AttemptOutcome {
+    match (sent.status, sent.failure) {
+        (Some(200..=299), _) => AttemptOutcome::Delivered,
+        (Some(408 | 429 | 500..=599), _) => AttemptOutcome::Retryable,
+        (Some(_), _) => AttemptOutcome::Permanent,
+        (None, Some(Failure::InvalidRequest | Failure::Unconfigured)) => AttemptOutcome::Permanent,
+        (None, _) => AttemptOutcome::Retryable,
+    }
+}
+
+/// What one attempt tells its endpoint's circuit: `Some(healthy)`, or `None` for an
+/// attempt that was not made (the circuit was open, the request could not be built).
+pub fn circuit_health(sent: &Sent) -> Option<bool> {
+    match (sent.status, sent.failure) {
+        (Some(_), _) => Some(outcome(sent) != AttemptOutcome::Retryable),
+        (None, Some(Failure::Timeout | Failure::Connect | Failure::Network)) => Some(false),
+        (None, _) => None,
+    }
+}
+
+/// A bounded metric label for how an attempt ended: the status class (`2xx`, `4xx`, …), or
+/// without an answer what happened instead (`timeout`, `connect_error`, …).
+pub fn status_class(sent: &Sent) -> &'static str {
+    match (sent.status, sent.failure) {
+        (Some(100..=199), _) => "1xx",
+        (Some(200..=299), _) => "2xx",
+        (Some(300..=399), _) => "3xx",
+        (Some(400..=499), _) => "4xx",
+        (Some(_), _) => "5xx",
+        (None, Some(f)) => f.label(),
+        (None, None) => "network_error",
+    }
+}
+
+/// Whether the request went out (its latency means something).
+pub fn was_sent(sent: &Sent) -> bool {
+    !matches!(
+        sent.failure,
+        Some(Failure::CircuitOpen | Failure::Unconfigured | Failure::InvalidRequest)
+    )
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
@@ -62,6 +116,79 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answered(status: u16) -> Sent {
+        Sent {
+            status: Some(status),
+            failure: None,
+            error: None,
+            retry_after: None,
+            latency: Duration::from_millis(3),
+        }
+    }
+
+    #[test]
+    fn outcome_of_answers_and_failures() {
+        assert_eq!(outcome(&answered(204)), AttemptOutcome::Delivered);
+        for s in [408, 429, 500, 503] {
+            assert_eq!(outcome(&answered(s)), AttemptOutcome::Retryable, "{s}");
+        }
+        for s in [301, 400, 404, 410] {
+            assert_eq!(outcome(&answered(s)), AttemptOutcome::Permanent, "{s}");
+        }
+        for f in [
+            Failure::Timeout,
+            Failure::Connect,
+            Failure::Network,
+            Failure::CircuitOpen,
+        ] {
+            let sent = Sent::not_sent(f, String::new());
+            assert_eq!(outcome(&sent), AttemptOutcome::Retryable, "{f:?}");
+        }
+        for f in [Failure::InvalidRequest, Failure::Unconfigured] {
+            let sent = Sent::not_sent(f, String::new());
+            assert_eq!(outcome(&sent), AttemptOutcome::Permanent, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn what_trips_a_circuit() {
+        assert_eq!(circuit_health(&answered(200)), Some(true));
+        assert_eq!(
+            circuit_health(&answered(404)),
+            Some(true),
+            "the server answered"
+        );
+        assert_eq!(circuit_health(&answered(503)), Some(false));
+        assert_eq!(circuit_health(&answered(429)), Some(false));
+        for f in [Failure::Timeout, Failure::Connect, Failure::Network] {
+            assert_eq!(
+                circuit_health(&Sent::not_sent(f, String::new())),
+                Some(false)
+            );
+        }
+        for f in [
+            Failure::CircuitOpen,
+            Failure::InvalidRequest,
+            Failure::Unconfigured,
+        ] {
+            let sent = Sent::not_sent(f, String::new());
+            assert_eq!(circuit_health(&sent), None, "{f:?}: not made");
+            assert!(!was_sent(&sent));
+        }
+        assert!(was_sent(&Sent::not_sent(Failure::Timeout, String::new())));
+    }
+
+    #[test]
+    fn status_classes_are_bounded_labels() {
+        assert_eq!(status_class(&answered(302)), "3xx");
+        assert_eq!(status_class(&answered(503)), "5xx");
+        assert_eq!(status_class(&answered(999)), "5xx");
+        assert_eq!(
+            status_class(&Sent::not_sent(Failure::Timeout, String::new())),
+            "timeout"
+        );
+    }
 
     fn policy(jitter: f64) -> RetryPolicy {
         RetryPolicy {

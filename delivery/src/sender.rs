@@ -42,11 +42,6 @@ impl Failure {
             Failure::Unconfigured => "unconfigured",
         }
     }
-
-    /// Whether another attempt could succeed.
-    pub fn retryable(self) -> bool {
-        !matches!(self, Failure::InvalidRequest | Failure::Unconfigured)
-    }
 }
 
 /// How one attempt ended.
@@ -193,17 +188,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failure_labels_and_retryability() {
-        for f in [
-            Failure::Timeout,
-            Failure::Connect,
-            Failure::Network,
-            Failure::CircuitOpen,
-        ] {
-            assert!(f.retryable(), "{f:?}");
-        }
-        assert!(!Failure::InvalidRequest.retryable());
-        assert!(!Failure::Unconfigured.retryable());
+    fn failure_labels() {
         assert_eq!(Failure::CircuitOpen.label(), "circuit_open");
+        assert_eq!(Failure::Connect.label(), "connect_error");
     }
 }

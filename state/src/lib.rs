@@ -13,11 +13,13 @@ pub mod input;
 pub mod memory;
 pub mod metrics;
 pub mod ownership;
+pub mod runtime;
 pub mod store;
 
 pub use input::Positions;
-pub use metrics::StateMetrics;
+pub use metrics::RuntimeMetrics;
 pub use ownership::{Changelog, Ownership, OwnershipContext};
+pub use runtime::{Guarantee, Runtime, RuntimeError};
 pub use store::{
     changelog_key, expired, stamp, stamped, unstamped, Entries, Family, Limits, RocksConfig,
     Staged, Store, StoreError, StoreSet,

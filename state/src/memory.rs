@@ -22,9 +22,8 @@ use std::sync::OnceLock;
 /// The trim threshold, and with it the fixed mmap threshold: glibc's own starting value.
 pub const TRIM_THRESHOLD_BYTES: usize = 128 * 1024;
 
-/// Fixes glibc's trim and mmap thresholds for this process, once; called by
-/// [`crate::StoreSet::new`], so every process that holds stores has it. A no-op on other
-/// C libraries. Returns whether the setting is in force.
+/// Fixes glibc's trim and mmap thresholds for this process, once; called by the `main` of
+/// every binary that holds stores. A no-op on other C libraries. Returns whether the setting is in force.
 pub fn bound_heap_retention() -> bool {
     static IN_FORCE: OnceLock<bool> = OnceLock::new();
     *IN_FORCE.get_or_init(|| {

@@ -1,9 +1,12 @@
-//! The metrics every stateful service has, named after the service
-//! (`<component>_state_keys{cf}` …): state size per column family, consumer lag, partitions
-//! owned, and restore progress. Restore progress is counted where it happens
-//! ([`crate::ownership`]); the gauges are set by [`StateMetrics::refresh`].
+//! The metrics of the stream runtime, the same for every stateful service and told apart by
+//! a `service` label: records consumed and set aside, cycle duration, transactions, state
+//! size per column family, consumer lag, partitions owned and restore progress. Restore
+//! progress is counted where it happens ([`crate::ownership`]); the gauges are set by
+//! [`RuntimeMetrics::refresh`].
 
-use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use s2s_common::kafka::KafkaConfig;
 
 use crate::input::Positions;
@@ -11,57 +14,108 @@ use crate::ownership::{Changelog, Ownership};
 use crate::store::{Family, Store};
 
 #[derive(Debug, Clone)]
-pub struct StateMetrics {
-    /// `<component>_state_keys{cf}`, `<component>_state_bytes{cf}`: RocksDB's estimates
-    /// summed over the owned partitions.
+pub struct RuntimeMetrics {
+    /// `stream_records_consumed_total{input}`: input records taken in by committed cycles.
+    pub consumed: IntCounterVec,
+    /// `stream_poison_records_total{input}`: undecodable input records set aside.
+    pub poison: IntCounterVec,
+    /// `stream_cycle_duration_seconds`: process, publish, wait for acks, commit.
+    pub cycle_seconds: Histogram,
+    /// `stream_transactions_total{result}`: under exactly_once, committed or aborted.
+    pub transactions: IntCounterVec,
+    /// `stream_state_keys{cf}`, `stream_state_bytes{cf}`: RocksDB's estimates summed over
+    /// the owned partitions.
     pub state_keys: IntGaugeVec,
     pub state_bytes: IntGaugeVec,
-    /// `<component>_consumer_lag_records{topic}`: records the broker has that are not
-    /// taken in yet, summed over the owned partitions (from librdkafka statistics, ~1 s old).
+    /// `stream_consumer_lag_records{topic}`: records the broker has that are not taken in
+    /// yet, summed over the owned partitions (from librdkafka statistics, ~1 s old).
     pub lag: IntGaugeVec,
-    /// `<component>_partitions_owned`.
+    /// `stream_partitions_owned`.
     pub partitions: IntGauge,
-    /// `<component>_restored_records_total`: changelog records applied to local stores.
+    /// `stream_restored_records_total`: changelog records applied to local stores.
     pub restored: IntCounter,
-    /// `<component>_restoring_partitions`: partitions being rebuilt from the changelog now.
+    /// `stream_restoring_partitions`: partitions being rebuilt from the changelog now.
     pub restoring: IntGauge,
 }
 
-impl StateMetrics {
-    pub fn new(registry: &Registry, component: &str) -> prometheus::Result<Self> {
-        let name = |what: &str| format!("{component}_{what}");
-        let m = StateMetrics {
+impl RuntimeMetrics {
+    /// Registers the runtime's metrics with the constant label `service`.
+    pub fn new(registry: &Registry, service: &str) -> prometheus::Result<Self> {
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("service", service);
+        let m = RuntimeMetrics {
+            consumed: IntCounterVec::new(
+                opts(
+                    "stream_records_consumed_total",
+                    "Input records taken in by committed cycles, per input.",
+                ),
+                &["input"],
+            )?,
+            poison: IntCounterVec::new(
+                opts(
+                    "stream_poison_records_total",
+                    "Undecodable input records set aside (on the poison topic where the \
+                     service has one), per input.",
+                ),
+                &["input"],
+            )?,
+            cycle_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "stream_cycle_duration_seconds",
+                    "One processing cycle: process, publish, wait for acks, commit state and \
+                     offsets.",
+                )
+                .const_label("service", service)
+                .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
+            )?,
+            transactions: IntCounterVec::new(
+                opts(
+                    "stream_transactions_total",
+                    "Kafka transactions under exactly_once, by result (committed, aborted).",
+                ),
+                &["result"],
+            )?,
             state_keys: IntGaugeVec::new(
-                Opts::new(
-                    name("state_keys"),
+                opts(
+                    "stream_state_keys",
                     "Keys in the state stores per column family (RocksDB estimate).",
                 ),
                 &["cf"],
             )?,
             state_bytes: IntGaugeVec::new(
-                Opts::new(
-                    name("state_bytes"),
+                opts(
+                    "stream_state_bytes",
                     "Bytes of the state stores per column family (SST files and memtables).",
                 ),
                 &["cf"],
             )?,
             lag: IntGaugeVec::new(
-                Opts::new(
-                    name("consumer_lag_records"),
+                opts(
+                    "stream_consumer_lag_records",
                     "Records the broker has that are not taken in yet, over owned partitions.",
                 ),
                 &["topic"],
             )?,
-            partitions: IntGauge::new(name("partitions_owned"), "Input partitions owned.")?,
-            restored: IntCounter::new(
-                name("restored_records_total"),
+            partitions: IntGauge::with_opts(opts(
+                "stream_partitions_owned",
+                "Input partitions owned.",
+            ))?,
+            restored: IntCounter::with_opts(opts(
+                "stream_restored_records_total",
                 "Changelog records applied to local state stores.",
-            )?,
-            restoring: IntGauge::new(
-                name("restoring_partitions"),
+            ))?,
+            restoring: IntGauge::with_opts(opts(
+                "stream_restoring_partitions",
                 "Partitions being rebuilt from the changelog now.",
-            )?,
+            ))?,
         };
+        // Every bounded label value starts at 0, so that rate() sees the first event.
+        for result in ["committed", "aborted"] {
+            m.transactions.with_label_values(&[result]);
+        }
+        registry.register(Box::new(m.consumed.clone()))?;
+        registry.register(Box::new(m.poison.clone()))?;
+        registry.register(Box::new(m.cycle_seconds.clone()))?;
+        registry.register(Box::new(m.transactions.clone()))?;
         registry.register(Box::new(m.state_keys.clone()))?;
         registry.register(Box::new(m.state_bytes.clone()))?;
         registry.register(Box::new(m.lag.clone()))?;

@@ -139,10 +139,10 @@ impl<F: Family> std::fmt::Debug for StoreSet<F> {
 }
 
 impl<F: Family> StoreSet<F> {
-    /// Also fixes the allocator's thresholds for the process ([`crate::memory`]), without
-    /// which freed memory stays resident and the budget is not the process's budget.
+    /// The process should also bound its allocator's retention
+    /// ([`crate::memory::bound_heap_retention`], in `main`), without which freed memory
+    /// stays resident and the budget is not the process's budget.
     pub fn new(dir: &Path, limits: impl Into<Limits<F>>) -> Self {
-        crate::memory::bound_heap_retention();
         let limits = limits.into();
         let cache = Cache::new_lru_cache(limits.block_cache_bytes);
         // allow_stall = false: with stalling, a write to one partition's store waits for

@@ -304,21 +304,19 @@ impl<E: std::fmt::Debug + Send + 'static> Running<E> {
     }
 }
 
-pub type RunningAttributor = Running<s2s_attributor::AttributorError>;
-pub type RunningDelivery = Running<s2s_delivery::DeliveryError>;
+/// A stateful service on the stream runtime, running in this process.
+pub type RunningService = Running<s2s_state::RuntimeError>;
 
-impl RunningAttributor {
-    pub async fn start(config: s2s_attributor::AttributorConfig) -> Self {
+impl RunningService {
+    pub async fn attributor(config: s2s_attributor::AttributorConfig) -> Self {
         let attributor = s2s_attributor::Attributor::bind(config)
             .await
             .expect("the attributor starts");
         let admin = attributor.admin_addr().expect("admin address");
         Running::spawn(admin, |stop| attributor.run(stop))
     }
-}
 
-impl RunningDelivery {
-    pub async fn start(config: s2s_delivery::DeliveryConfig) -> Self {
+    pub async fn delivery(config: s2s_delivery::DeliveryConfig) -> Self {
         let delivery = s2s_delivery::Delivery::bind(config)
             .await
             .expect("delivery starts");

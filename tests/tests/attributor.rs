@@ -13,7 +13,7 @@ use rdkafka::message::{Headers, Message};
 use s2s_common::ids::derived;
 use s2s_common::topics::TopicsConfig;
 use s2s_tests::{
-    attributor_config, metric, poll_until, topics, RawProducer, RunningAttributor, TopicReader,
+    attributor_config, metric, poll_until, topics, RawProducer, RunningService, TopicReader,
 };
 use serde_json::{json, Value};
 
@@ -87,7 +87,7 @@ async fn every_rule_on_the_real_broker() {
             ..Default::default()
         },
     );
-    let running = RunningAttributor::start(config).await;
+    let running = RunningService::attributor(config).await;
     let admin = running.admin;
 
     let now = s2s_common::now_ms();
@@ -270,7 +270,11 @@ async fn every_rule_on_the_real_broker() {
         "kept byte for byte"
     );
     assert_eq!(
-        metric(admin, "attributor_poison_records_total{kind=\"postback\"}").await,
+        metric(
+            admin,
+            "stream_poison_records_total{input=\"postback\",service=\"attributor\"}"
+        )
+        .await,
         Some(1.0)
     );
     assert_eq!(
@@ -299,13 +303,13 @@ async fn restart_resumes_from_offsets_stored_with_the_state() {
     )
     .await;
 
-    let running = RunningAttributor::start(attributor_config(&topics, state.path())).await;
+    let running = RunningService::attributor(attributor_config(&topics, state.path())).await;
     outcomes(&topics, &[outcome_id("q1")].into()).await;
     running.stop().await;
 
     // Same state, another consumer group: the group has no offsets, so only the offsets in
     // the store can keep the instance from reading everything again.
-    let running = RunningAttributor::start(attributor_config(&topics, state.path())).await;
+    let running = RunningService::attributor(attributor_config(&topics, state.path())).await;
     let admin = running.admin;
     p.send(
         pbs,
@@ -324,7 +328,9 @@ async fn restart_resumes_from_offsets_stored_with_the_state() {
         1,
         "attributed with the stored click"
     );
-    let series = |kind: &str| format!("attributor_records_consumed_total{{kind=\"{kind}\"}}");
+    let series = |kind: &str| {
+        format!("stream_records_consumed_total{{input=\"{kind}\",service=\"attributor\"}}")
+    };
     assert_eq!(
         metric(admin, &series("postback")).await,
         Some(1.0),
@@ -494,8 +500,8 @@ async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
 }
 
 /// Runs an attributor on `state` under a new consumer group.
-async fn start(topics: &TopicsConfig, state: &Path) -> RunningAttributor {
-    RunningAttributor::start(attributor_config(topics, state)).await
+async fn start(topics: &TopicsConfig, state: &Path) -> RunningService {
+    RunningService::attributor(attributor_config(topics, state)).await
 }
 
 #[tokio::test]
@@ -511,8 +517,8 @@ async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() 
     let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
     let p = RawProducer::new();
     let now = s2s_common::now_ms();
-    let restored = "attributor_restored_records_total";
-    let consumed = "attributor_records_consumed_total{kind=\"postback\"}";
+    let restored = "stream_restored_records_total{service=\"attributor\"}";
+    let consumed = "stream_records_consumed_total{input=\"postback\",service=\"attributor\"}";
 
     // Instance A sees the click and an FTD.
     let running = start(&topics, dir_a.path()).await;
@@ -632,13 +638,13 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
         c.kafka
             .properties
             .insert("heartbeat.interval.ms".into(), "500".into());
-        RunningAttributor::start(c)
+        RunningService::attributor(c)
     };
     let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
     let p = RawProducer::new();
     let now = s2s_common::now_ms();
     let ids = spread_clicks("g", 40);
-    let owned = "attributor_partitions_owned";
+    let owned = "stream_partitions_owned{service=\"attributor\"}";
 
     // A alone owns all four partitions and sees every click.
     let a = start_in_group(dir_a.path()).await;
@@ -646,7 +652,7 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
     for c in &ids {
         p.send(clicks, c, &click(c, "1", now)).await;
     }
-    let clicks_seen = "attributor_records_consumed_total{kind=\"click\"}";
+    let clicks_seen = "stream_records_consumed_total{input=\"click\",service=\"attributor\"}";
     s2s_tests::poll_until("A to take in every click", WAIT, || async {
         (metric(admin_a, clicks_seen).await == Some(ids.len() as f64)).then_some(())
     })
@@ -678,7 +684,11 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
             all[id][0]
         );
     }
-    let restored_b = metric(admin_b, "attributor_restored_records_total").await;
+    let restored_b = metric(
+        admin_b,
+        "stream_restored_records_total{service=\"attributor\"}",
+    )
+    .await;
     assert!(
         restored_b.unwrap_or(0.0) >= 1.0,
         "B restored: {restored_b:?}"
@@ -755,7 +765,7 @@ async fn money_rules_on_the_real_broker() {
     config
         .offers
         .insert("9".into(), offer(Some("1s"), TooFastConfig::Hold, Some(60)));
-    let running = RunningAttributor::start(config).await;
+    let running = RunningService::attributor(config).await;
     let admin = running.admin;
 
     let now = s2s_common::now_ms();

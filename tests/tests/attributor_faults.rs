@@ -18,9 +18,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use s2s_attributor::store::{Store, StoreLimits};
 use s2s_attributor::{AttributorConfig, Guarantee};
 use s2s_common::topics::TopicsConfig;
-use s2s_tests::{
-    attributor_config, metric, poll_until, topics, Mock, RunningAttributor, TopicReader,
-};
+use s2s_tests::{attributor_config, metric, poll_until, topics, Mock, RunningService, TopicReader};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -121,7 +119,11 @@ fn exactly_once_on_mock() -> (Mock, TopicsConfig, tempfile::TempDir, AttributorC
 /// Waits until the service reports `n` committed transactions.
 async fn committed(admin: std::net::SocketAddr, n: f64) {
     poll_until("committed transactions", WAIT, || async {
-        let got = metric(admin, "attributor_transactions_total{result=\"committed\"}").await;
+        let got = metric(
+            admin,
+            "stream_transactions_total{result=\"committed\",service=\"attributor\"}",
+        )
+        .await;
         (got >= Some(n)).then_some(())
     })
     .await;
@@ -134,11 +136,15 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     let mut config = config_on(&mock, &topics, state.path());
     // First the click alone, processed and committed, so that the failing cycle below
     // holds exactly the postback (a cycle with no outputs writes no journal).
-    let running = RunningAttributor::start(config.clone()).await;
+    let running = RunningService::attributor(config.clone()).await;
     let admin = running.admin;
     send_json(&mock, &topics.clicks.name, "m1", click("m1")).await;
     poll_until("the click committed", WAIT, || async {
-        let n = metric(admin, "attributor_records_consumed_total{kind=\"click\"}").await;
+        let n = metric(
+            admin,
+            "stream_records_consumed_total{input=\"click\",service=\"attributor\"}",
+        )
+        .await;
         (n == Some(1.0)).then_some(())
     })
     .await;
@@ -153,13 +159,13 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 200],
     );
-    let err = RunningAttributor::start(config.clone())
+    let err = RunningService::attributor(config.clone())
         .await
         .failure(WAIT)
         .await;
     assert!(
-        err.to_string().contains("publishing outcomes failed"),
-        "{err}"
+        matches!(err, s2s_state::RuntimeError::Publish(_)),
+        "stopped because publishing failed: {err}"
     );
 
     // Nothing was committed; the journal of the failed cycle is there.
@@ -167,7 +173,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
         let store = open_store(state.path());
         assert_eq!(store.offset(&topics.postbacks.name).expect("offset"), None);
         store
-            .journal::<s2s_attributor::store::Journal>()
+            .journal::<s2s_state::runtime::Journal>()
             .expect("read")
             .expect("journal of the failed cycle")
     };
@@ -177,7 +183,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     let restarted_at = s2s_common::now_ms();
     assert!(restarted_at > journal.now_ms);
     config.group_id = s2s_tests::unique("attributor");
-    let running = RunningAttributor::start(config).await;
+    let running = RunningService::attributor(config).await;
     let out: Vec<Value> = TopicReader::on(&mock.bootstrap_servers(), &topics.conversions)
         .read_until("the replayed conversion", WAIT, |seen: &[Value]| {
             !seen.is_empty()
@@ -194,7 +200,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_commits_outputs_changelog_and_offsets_in_one_transaction() {
     let (mock, topics, state, config) = exactly_once_on_mock();
-    let running = RunningAttributor::start(config.clone()).await;
+    let running = RunningService::attributor(config.clone()).await;
     let admin = running.admin;
     send_pair(&mock, &topics, "e1", "ep1").await;
 
@@ -223,7 +229,7 @@ async fn a_failure_inside_the_transaction_aborts_it_and_commits_nothing() {
         RDKafkaApiKey::AddPartitionsToTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50],
     );
-    let err = RunningAttributor::start(config.clone())
+    let err = RunningService::attributor(config.clone())
         .await
         .failure(WAIT)
         .await;
@@ -233,7 +239,7 @@ async fn a_failure_inside_the_transaction_aborts_it_and_commits_nothing() {
     mock.clear_request_errors(RDKafkaApiKey::AddPartitionsToTxn);
     let mut config = config;
     config.group_id = s2s_tests::unique("attributor");
-    let running = RunningAttributor::start(config.clone()).await;
+    let running = RunningService::attributor(config.clone()).await;
     let admin = running.admin;
     committed(admin, 1.0).await;
     running.stop().await;
@@ -243,7 +249,7 @@ async fn a_failure_inside_the_transaction_aborts_it_and_commits_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_end_txn_errors_are_retried_and_the_cycle_commits() {
     let (mock, topics, state, config) = exactly_once_on_mock();
-    let running = RunningAttributor::start(config.clone()).await;
+    let running = RunningService::attributor(config.clone()).await;
     let admin = running.admin;
     mock.request_errors(
         RDKafkaApiKey::EndTxn,
@@ -251,7 +257,11 @@ async fn transient_end_txn_errors_are_retried_and_the_cycle_commits() {
     );
     send_pair(&mock, &topics, "t1", "tp1").await;
     committed(admin, 1.0).await;
-    let aborted = metric(admin, "attributor_transactions_total{result=\"aborted\"}").await;
+    let aborted = metric(
+        admin,
+        "stream_transactions_total{result=\"aborted\",service=\"attributor\"}",
+    )
+    .await;
     assert_eq!(aborted, Some(0.0), "nothing aborted");
     running.stop().await;
     assert_eq!(stored_offset(state.path(), &topics), Some(1));
@@ -278,7 +288,7 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
         c
     };
     let id = s2s_tests::unique("tx");
-    let zombie = RunningAttributor::start(exactly_once(on_kafka(dir_a.path()), &id)).await;
+    let zombie = RunningService::attributor(exactly_once(on_kafka(dir_a.path()), &id)).await;
     let producer: rdkafka::producer::FutureProducer = {
         let mut k = s2s_tests::kafka();
         k.bootstrap_servers = brokers.clone();
@@ -327,7 +337,7 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
         .await;
 
     // B takes over the transactional.id (its own group, so both read the next input).
-    let successor = RunningAttributor::start(exactly_once(on_kafka(dir_b.path()), &id)).await;
+    let successor = RunningService::attributor(exactly_once(on_kafka(dir_b.path()), &id)).await;
     send("z2", "zp2").await;
 
     let err = zombie.failure(WAIT).await;

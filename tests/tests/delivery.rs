@@ -19,7 +19,7 @@ use s2s_common::topics::TopicsConfig;
 use s2s_delivery::config::PostbackConfig;
 use s2s_delivery::endpoint::Method;
 use s2s_tests::{
-    delivery_config, poll_until, topics, unique, RawProducer, RunningDelivery, SilentEndpoint,
+    delivery_config, poll_until, topics, unique, RawProducer, RunningService, SilentEndpoint,
     TestEndpoint, TopicReader,
 };
 
@@ -99,7 +99,7 @@ async fn every_endpoint_behaviour_ends_as_it_should() {
         ],
     );
     config.request_timeout_ms = 1000;
-    let d = RunningDelivery::start(config).await;
+    let d = RunningService::delivery(config).await;
     let c = conversion("42");
     publish(&t, std::slice::from_ref(&c)).await;
 
@@ -237,7 +237,7 @@ async fn a_hung_endpoint_does_not_hold_up_the_others() {
     config.request_timeout_ms = 1000;
     config.endpoint_max_in_flight = 4;
     config.circuit.failure_threshold = 1_000; // keep the breaker out of this test
-    let d = RunningDelivery::start(config).await;
+    let d = RunningService::delivery(config).await;
     let conversions: Vec<Conversion> = (0..N).map(|_| conversion("7")).collect();
     let started = Instant::now();
     publish(&t, &conversions).await;
@@ -301,7 +301,7 @@ async fn the_circuit_opens_holds_back_and_closes_again() {
     config.circuit.open_ms = 1000;
     config.circuit.max_open_ms = 1000;
     config.endpoint_max_in_flight = 1; // failures arrive one by one: exactly 3 open it
-    let d = RunningDelivery::start(config).await;
+    let d = RunningService::delivery(config).await;
     publish(&t, &(0..5).map(|_| conversion("1")).collect::<Vec<_>>()).await;
 
     let dead = TopicReader::new(&t.dead_letter)
@@ -398,7 +398,7 @@ async fn post_bodies_headers_and_standard_webhooks_signatures() {
             ..Default::default()
         },
     ];
-    let d = RunningDelivery::start(config).await;
+    let d = RunningService::delivery(config).await;
     let mine = conversion("42");
     let other = conversion("43");
     publish(&t, &[other, mine.clone()]).await;
@@ -473,7 +473,7 @@ async fn replays_are_not_delivered_twice_and_updates_go_where_asked() {
         update_statuses: vec!["reversed".into()],
         ..Default::default()
     });
-    let d = RunningDelivery::start(config).await;
+    let d = RunningService::delivery(config).await;
     let c = conversion("9");
     // The attributor replays after a crash: the same outcome twice.
     publish(&t, &[c.clone(), c.clone()]).await;
@@ -613,7 +613,7 @@ async fn dead_letters_are_redelivered_by_replay_once() {
             ..Default::default()
         })
         .collect();
-    let d = RunningDelivery::start(config).await;
+    let d = RunningService::delivery(config).await;
     let conversions: Vec<Conversion> = (0..3).map(|_| conversion("5")).collect();
     publish(&t, &conversions).await;
     let dead_reader = TopicReader::new(&t.dead_letter);
@@ -840,7 +840,7 @@ async fn another_instance_takes_over_pending_retries_from_the_changelog() {
     );
     a.group_id = group.clone();
     a.retry_schedule_ms = vec![3000, 3000];
-    let instance_a = RunningDelivery::start(a.clone()).await;
+    let instance_a = RunningService::delivery(a.clone()).await;
     let conversions: Vec<Conversion> = (0..10).map(|_| conversion("8")).collect();
     publish(&t, &conversions).await;
     TopicReader::new(&t.delivery_log)
@@ -861,7 +861,7 @@ async fn another_instance_takes_over_pending_retries_from_the_changelog() {
     b.state_dir = state_b.path().to_path_buf();
     b.admin_listen = "127.0.0.1:0".parse().expect("addr");
     b.postbacks.retain(|p| p.name == "down");
-    let instance_b = RunningDelivery::start(b).await;
+    let instance_b = RunningService::delivery(b).await;
     poll_until("B delivers what A scheduled", WAIT, || async {
         (down.received().len() == 20).then_some(())
     })
@@ -875,7 +875,12 @@ async fn another_instance_takes_over_pending_retries_from_the_changelog() {
         && d.last_error
             .as_deref()
             .is_some_and(|e| e.contains("no postback named 'retired'"))));
-    assert!(instance_b.metric("delivery_restored_records_total").await >= 20.0);
+    assert!(
+        instance_b
+            .metric("stream_restored_records_total{service=\"delivery\"}")
+            .await
+            >= 20.0
+    );
     let ids: BTreeMap<String, usize> = down.received().iter().fold(BTreeMap::new(), |mut m, r| {
         *m.entry(r.header("webhook-id").unwrap_or_default().to_string())
             .or_insert(0) += 1;
@@ -899,7 +904,7 @@ async fn undecodable_conversions_are_set_aside_and_the_stream_goes_on() {
     let ep = TestEndpoint::start(&[]).await;
     let t = topics(1);
     let state = tempfile::tempdir().expect("dir");
-    let d = RunningDelivery::start(delivery_config(
+    let d = RunningService::delivery(delivery_config(
         &t,
         state.path(),
         &[global("aff", ep.url("/pb"))],
@@ -930,7 +935,7 @@ async fn undecodable_conversions_are_set_aside_and_the_stream_goes_on() {
         .map(|v| String::from_utf8_lossy(v).into_owned());
     assert_eq!(source.as_deref(), Some(t.conversions.name.as_str()));
     assert_eq!(
-        d.metric("delivery_poison_records_total{kind=\"conversion\"}")
+        d.metric("stream_poison_records_total{input=\"conversion\",service=\"delivery\"}")
             .await,
         1.0
     );

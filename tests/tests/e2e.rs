@@ -173,7 +173,7 @@ async fn postback_before_its_click_is_held_and_attributed() {
     let metrics = format!("http://{}/metrics", p.attributor_admin);
     poll_until("the attributor to consume the postback", WAIT, || async {
         let (_, body) = get_text(metrics.clone()).await;
-        body.contains("attributor_records_consumed_total{kind=\"postback\"} 1")
+        body.contains("stream_records_consumed_total{input=\"postback\",service=\"attributor\"} 1")
             .then_some(())
     })
     .await;

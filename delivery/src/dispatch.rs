@@ -1,0 +1,373 @@
+//! Starting attempts: request slots, circuits and the report channel. HTTP attempts run as
+//! tasks of their own and report back over a channel, so no endpoint — slow, failing or
+//! dead — ever holds up another or the input.
+//!
+//! Slots are semaphores, one per endpoint (`max_in_flight` of the postback) and one for the
+//! instance; an attempt's permits move into its task and are released when it ends, however
+//! it ends. An attempt that panics reports back without a result: its slot is free and its
+//! delivery stays due (the processor puts it back in its queue). Every attempt goes through
+//! its endpoint's circuit breaker ([`crate::circuit`]), fed by what the results say
+//! ([`crate::policy::circuit_health`]).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::circuit::{Admit, Circuit, CircuitConfig, State};
+use crate::endpoint::{Endpoint, Request};
+use crate::metrics::Metrics;
+use crate::sender::{Sender, Sent};
+use crate::settle::AttemptResult;
+
+/// Sends one request with a timeout: the HTTP client, or a stand-in in tests.
+pub type SendFn = Arc<dyn Fn(Request, Duration) -> BoxFuture<'static, Sent> + Send + Sync>;
+
+/// The HTTP client as a [`SendFn`].
+pub fn http(sender: Sender) -> SendFn {
+    Arc::new(move |request, timeout| {
+        let sender = sender.clone();
+        async move { sender.send(&request, timeout).await }.boxed()
+    })
+}
+
+/// An attempt's report to the processor.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub partition: i32,
+    /// The ownership of the partition the attempt was started under; a report of an
+    /// earlier one is void.
+    pub generation: u64,
+    /// The due key the delivery was taken from.
+    pub key: Vec<u8>,
+    pub delivery_id: String,
+    pub endpoint: String,
+    /// A half-open circuit's probe.
+    pub probe: bool,
+    /// `None`: the attempt did not complete (it panicked); the delivery stays due.
+    pub result: Option<AttemptResult>,
+}
+
+pub struct Dispatcher {
+    endpoints: Vec<Endpoint>,
+    by_name: HashMap<String, usize>,
+    slots: Vec<Arc<Semaphore>>,
+    total: Arc<Semaphore>,
+    max_total: usize,
+    circuits: Vec<Circuit>,
+    send: SendFn,
+    tx: mpsc::UnboundedSender<Report>,
+    rx: Option<mpsc::UnboundedReceiver<Report>>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("endpoints", &self.endpoints.len())
+            .field("in_flight", &self.in_flight_total())
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    pub fn new(
+        endpoints: Vec<Endpoint>,
+        circuit: CircuitConfig,
+        max_in_flight: usize,
+        send: SendFn,
+        metrics: Metrics,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let d = Dispatcher {
+            by_name: endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.name.clone(), i))
+                .collect(),
+            slots: endpoints
+                .iter()
+                .map(|e| Arc::new(Semaphore::new(e.max_in_flight)))
+                .collect(),
+            circuits: endpoints.iter().map(|_| Circuit::new(circuit)).collect(),
+            total: Arc::new(Semaphore::new(max_in_flight)),
+            max_total: max_in_flight,
+            endpoints,
+            send,
+            tx,
+            rx: Some(rx),
+            metrics,
+        };
+        for ep in &d.endpoints {
+            set_circuit_gauge(&d.metrics, &ep.name, State::Closed);
+        }
+        d
+    }
+
+    /// The reports of every attempt started; taken once.
+    pub fn reports(&mut self) -> Option<mpsc::UnboundedReceiver<Report>> {
+        self.rx.take()
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Attempts endpoint `i` may start now.
+    pub fn room(&self, i: usize) -> usize {
+        self.slots[i]
+            .available_permits()
+            .min(self.total.available_permits())
+    }
+
+    /// Whether every slot of the instance is taken.
+    pub fn full(&self) -> bool {
+        self.total.available_permits() == 0
+    }
+
+    pub fn in_flight(&self, i: usize) -> usize {
+        self.endpoints[i]
+            .max_in_flight
+            .saturating_sub(self.slots[i].available_permits())
+    }
+
+    pub fn in_flight_total(&self) -> usize {
+        self.max_total
+            .saturating_sub(self.total.available_permits())
+    }
+
+    /// Asks endpoint `i`'s circuit whether an attempt may go out now.
+    pub fn admit(&mut self, i: usize, now: Instant) -> Admit {
+        let before = self.circuits[i].state();
+        let admit = self.circuits[i].admit(now);
+        self.circuit_moved(i, before);
+        admit
+    }
+
+    /// Starts `request` to endpoint `i` as a task holding a slot; its report comes back
+    /// on [`Dispatcher::reports`] with the result filled in. `false` when no slot is free.
+    pub fn start(&self, i: usize, request: Request, attempt: u32, mut report: Report) -> bool {
+        let Ok(slot) = Arc::clone(&self.slots[i]).try_acquire_owned() else {
+            return false;
+        };
+        let Ok(total) = Arc::clone(&self.total).try_acquire_owned() else {
+            return false;
+        };
+        let (send, tx, timeout) = (
+            Arc::clone(&self.send),
+            self.tx.clone(),
+            self.endpoints[i].timeout,
+        );
+        tokio::spawn(async move {
+            let url = request.url.clone();
+            let sent = AssertUnwindSafe(send(request, timeout))
+                .catch_unwind()
+                .await;
+            report.result = sent.ok().map(|sent| AttemptResult {
+                attempt,
+                url,
+                sent,
+                at_ms: s2s_common::now_ms(),
+            });
+            // The slots are free before the report arrives, so that the processor can start
+            // the next attempt at once.
+            drop((slot, total));
+            // The processor is gone only when the service stops; the attempt is made again
+            // after the restart.
+            let _ = tx.send(report);
+        });
+        true
+    }
+
+    /// Feeds a report to its endpoint's circuit.
+    pub fn on_report(&mut self, r: &Report) {
+        let Some(i) = self.index(&r.endpoint) else {
+            return;
+        };
+        let Some(healthy) = r
+            .result
+            .as_ref()
+            .and_then(|res| crate::policy::circuit_health(&res.sent))
+        else {
+            return;
+        };
+        let before = self.circuits[i].state();
+        self.circuits[i].record(Instant::now(), r.probe, healthy);
+        self.circuit_moved(i, before);
+    }
+
+    /// Sets the in-flight gauges.
+    pub fn gauges(&self) {
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            self.metrics
+                .in_flight
+                .with_label_values(&[&ep.name])
+                .set(i64::try_from(self.in_flight(i)).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Counts and logs a circuit transition of endpoint `i`, if there was one.
+    fn circuit_moved(&self, i: usize, before: State) {
+        let after = self.circuits[i].state();
+        if after == before {
+            return;
+        }
+        let name = &self.endpoints[i].name;
+        self.metrics
+            .circuit_transitions
+            .with_label_values(&[name, after.as_str()])
+            .inc();
+        set_circuit_gauge(&self.metrics, name, after);
+        match after {
+            State::Open => {
+                tracing::warn!(endpoint = %name, "circuit opened: attempts to this endpoint are held back")
+            }
+            State::HalfOpen => {
+                tracing::info!(endpoint = %name, "circuit half-open: probing the endpoint")
+            }
+            State::Closed => {
+                tracing::info!(endpoint = %name, "circuit closed: the endpoint answers again")
+            }
+        }
+    }
+}
+
+fn set_circuit_gauge(m: &Metrics, name: &str, current: State) {
+    for s in State::ALL {
+        m.circuit_state
+            .with_label_values(&[name, s.as_str()])
+            .set(i64::from(s == current));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::endpoint::tests::{conv, endpoint};
+
+    fn report() -> Report {
+        Report {
+            partition: 0,
+            generation: 1,
+            key: b"due".to_vec(),
+            delivery_id: "d1".into(),
+            endpoint: "e".into(),
+            probe: false,
+            result: None,
+        }
+    }
+
+    fn dispatcher(send: SendFn) -> Dispatcher {
+        let mut ep = endpoint("https://aff.example/pb?c={click_id}");
+        ep.max_in_flight = 1;
+        let circuit = CircuitConfig {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(30),
+            max_open_for: Duration::from_secs(300),
+        };
+        let metrics = Metrics::new(&prometheus::Registry::new()).expect("metrics");
+        Dispatcher::new(vec![ep], circuit, 8, send, metrics)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_attempt_frees_its_slot_and_reports_no_result() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = Arc::clone(&calls);
+        let send: SendFn = Arc::new(move |_request, _timeout| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    panic!("a bug in the attempt");
+                }
+                Sent {
+                    status: Some(200),
+                    failure: None,
+                    error: None,
+                    retry_after: None,
+                    latency: Duration::from_millis(1),
+                }
+            }
+            .boxed()
+        });
+        let mut d = dispatcher(send);
+        let mut reports = d.reports().expect("reports");
+        let request = d.endpoints()[0].request(&conv(), "d1", 0);
+        assert!(d.start(0, request.clone(), 1, report()));
+        assert_eq!(d.room(0), 0, "the endpoint's one slot is taken");
+        assert!(
+            !d.start(0, request.clone(), 1, report()),
+            "no second attempt while it is"
+        );
+        let r = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+            .await
+            .expect("a report within 10 s")
+            .expect("report");
+        assert_eq!(r.result, None, "the attempt did not complete");
+        assert_eq!(r.key, b"due", "the report names the due key to put back");
+        assert_eq!((d.room(0), d.in_flight_total()), (1, 0), "its slot is free");
+        d.on_report(&r);
+        assert_eq!(
+            d.circuits[0].state(),
+            State::Closed,
+            "a panic says nothing about the endpoint"
+        );
+        assert!(d.start(0, request, 1, report()), "the next attempt starts");
+        let r = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+            .await
+            .expect("a report within 10 s")
+            .expect("report");
+        let result = r.result.expect("a result");
+        assert_eq!((result.attempt, result.sent.status), (1, Some(200)));
+        assert_eq!(result.url, "https://aff.example/pb?c=c%201");
+    }
+
+    #[tokio::test]
+    async fn failures_trip_the_circuit_and_answers_close_it() {
+        let send: SendFn = Arc::new(|_r, _t| {
+            async { Sent::not_sent(crate::sender::Failure::Network, String::new()) }.boxed()
+        });
+        let mut d = dispatcher(send);
+        let failed = |status: Option<u16>| Report {
+            result: Some(AttemptResult {
+                attempt: 1,
+                url: String::new(),
+                sent: Sent {
+                    status,
+                    failure: status.is_none().then_some(crate::sender::Failure::Timeout),
+                    error: None,
+                    retry_after: None,
+                    latency: Duration::ZERO,
+                },
+                at_ms: 0,
+            }),
+            ..report()
+        };
+        for _ in 0..5 {
+            d.on_report(&failed(Some(503)));
+        }
+        assert_eq!(d.circuits[0].state(), State::Open, "five 503s open it");
+        assert_eq!(d.admit(0, Instant::now()), Admit::Reject);
+        let mut fresh = dispatcher(Arc::new(|_r, _t| {
+            async { Sent::not_sent(crate::sender::Failure::Network, String::new()) }.boxed()
+        }));
+        for _ in 0..4 {
+            fresh.on_report(&failed(None));
+        }
+        fresh.on_report(&failed(Some(404)));
+        assert_eq!(
+            fresh.circuits[0].state(),
+            State::Closed,
+            "a 404 is the server's answer: the count starts again"
+        );
+    }
+}

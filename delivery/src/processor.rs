@@ -1,0 +1,617 @@
+//! Delivery as a processor of the stream runtime ([`s2s_state::runtime`]). Per partition,
+//! against the staged overlay of its store, a cycle:
+//! - schedules each new delivery (conversion version × matching endpoint) unless its ID is
+//!   known (a replay upstream: counted as a duplicate, not sent twice);
+//! - applies operator commands (re-delivery);
+//! - settles each attempt reported back ([`crate::settle`]): delivered, retry at a due
+//!   time, or dead-lettered, with its delivery-log record;
+//! - forgets finished deliveries past `finished_retention` (once a second).
+//!
+//! The runtime publishes the delivery log and dead letters, logs the changed jobs to the
+//! changelog, and commits state and offsets atomically. Then, from committed state only,
+//! due jobs are dispatched ([`crate::dispatch`]) while their endpoint and the instance have
+//! request slots: a delivery is attempted only once it is durably scheduled, and stays due
+//! in the store until its attempt's result is committed.
+//!
+//! Hence: an input offset is committed only when its deliveries are durably scheduled (or
+//! done); a crash re-sends at most the attempts in flight or not yet committed, with the
+//! same `webhook-id` — at-least-once towards HTTP endpoints, deduplicable by that ID. The
+//! delivery log may then show such an attempt twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Message, OwnedMessage};
+use s2s_common::contract::{self, CommandAction, Conversion, DeadLetterReason, DeliveryCommand};
+use s2s_common::topics::partition_key;
+use s2s_state::runtime::{Cx, Output, Processor, RuntimeError};
+use tokio::sync::mpsc;
+
+use crate::circuit::Admit;
+use crate::dispatch::{Dispatcher, Report};
+use crate::endpoint::delivery_id;
+use crate::events::{self, Event};
+use crate::job::Job;
+use crate::metrics::Metrics;
+use crate::policy::RetryPolicy;
+use crate::schedule::{self, Cf, PendingDeltas, Queue, Store};
+use crate::sender::{Failure, Sent};
+use crate::settle::{is_current, settle, AttemptResult};
+
+/// Finished deliveries forgotten per partition and sweep, to keep cycles short.
+const EXPIRY_BATCH: usize = 1_000;
+/// How often gauges are refreshed and expired deliveries swept.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// The longest an idle worker sleeps before looking at its queues again.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// What the processor holds for one owned partition.
+struct Part {
+    store: Arc<Store>,
+    /// Distinguishes this ownership of the partition from an earlier one, whose reports
+    /// are void.
+    generation: u64,
+    reports: Vec<Report>,
+    queues: BTreeMap<String, Queue>,
+    /// Pending deliveries per endpoint.
+    pending: BTreeMap<String, i64>,
+}
+
+/// What a cycle did, for [`Processor::committed`].
+#[derive(Debug)]
+pub enum Done {
+    Event(Event),
+    /// A partition's committed writes to its due index, keys to put back in its queues,
+    /// and the change of its pending counts.
+    Partition {
+        partition: i32,
+        due: Vec<(Vec<u8>, bool)>,
+        put_back: Vec<Vec<u8>>,
+        deltas: PendingDeltas,
+    },
+}
+
+/// The settings the processor needs.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub policy: RetryPolicy,
+    pub finished_retention_ms: i64,
+    pub shutdown_grace: Duration,
+    pub conversions: String,
+    pub delivery_log: Arc<str>,
+    pub dead_letter: Arc<str>,
+}
+
+pub struct Deliveries {
+    rules: Rules,
+    dispatcher: Dispatcher,
+    metrics: Metrics,
+    parts: BTreeMap<i32, Part>,
+    generation: u64,
+    /// Turns the partition dispatch starts at.
+    round: usize,
+    swept_at: Instant,
+}
+
+impl std::fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliveries")
+            .field("partitions", &self.parts.len())
+            .field("dispatcher", &self.dispatcher)
+            .finish()
+    }
+}
+
+impl Deliveries {
+    pub fn new(rules: Rules, dispatcher: Dispatcher, metrics: Metrics) -> Self {
+        for ep in dispatcher.endpoints() {
+            // Counters of every configured endpoint start at 0, so that rate() sees the
+            // first event and dashboards show a zero rather than no data.
+            for counter in [&metrics.scheduled, &metrics.duplicates, &metrics.retries] {
+                counter.with_label_values(&[&ep.name]);
+            }
+            for reason in DeadLetterReason::ALL {
+                metrics
+                    .dead_lettered
+                    .with_label_values(&[&ep.name, reason.as_str()]);
+            }
+        }
+        Deliveries {
+            rules,
+            dispatcher,
+            metrics,
+            parts: BTreeMap::new(),
+            generation: 0,
+            round: 0,
+            swept_at: Instant::now(),
+        }
+    }
+
+    /// Takes due jobs and starts their attempts, while slots last; `only` limits it to one
+    /// endpoint (the one whose slot was just freed).
+    fn dispatch(&mut self, only: Option<usize>) -> Result<(), RuntimeError> {
+        let mut partitions: Vec<i32> = self.parts.keys().copied().collect();
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        // Start at another partition each time, so that free slots go round them all.
+        self.round = self.round.wrapping_add(1);
+        let start = self.round % partitions.len();
+        partitions.rotate_left(start);
+        let (now_ms, now) = (s2s_common::now_ms(), Instant::now());
+        for p in partitions {
+            let names: Vec<String> = match (only, self.parts.get(&p)) {
+                (_, None) => continue,
+                (Some(i), Some(_)) => vec![self.dispatcher.endpoints()[i].name.clone()],
+                (None, Some(part)) => part.queues.keys().cloned().collect(),
+            };
+            for name in names {
+                let idx = self.dispatcher.index(&name);
+                let room = match idx {
+                    Some(i) => self.dispatcher.room(i),
+                    // Not sent anywhere: dead-lettered in the next cycle.
+                    None => EXPIRY_BATCH,
+                };
+                if room > 0 {
+                    self.dispatch_queue(p, &name, idx, room, now_ms, now)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch_queue(
+        &mut self,
+        p: i32,
+        name: &str,
+        idx: Option<usize>,
+        room: usize,
+        now_ms: i64,
+        now: Instant,
+    ) -> Result<(), RuntimeError> {
+        let Some(part) = self.parts.get_mut(&p) else {
+            return Ok(());
+        };
+        let Some(queue) = part.queues.get_mut(name) else {
+            return Ok(());
+        };
+        let keys = queue.take(&part.store, now_ms, room)?;
+        for key in keys {
+            let Some((_, _, id)) = schedule::parse_queue_key(&key) else {
+                continue;
+            };
+            let job = match schedule::load_committed(&part.store, id)? {
+                Some(j) if j.is_pending() && schedule::due_key(&j) == key => j,
+                // The index is written with its job in one batch, so this does not happen;
+                // if it did, the key is simply not attempted.
+                _ => {
+                    tracing::error!(
+                        partition = p,
+                        delivery_id = id,
+                        "due entry without a pending job; skipped"
+                    );
+                    continue;
+                }
+            };
+            let report = Report {
+                partition: p,
+                generation: part.generation,
+                key,
+                delivery_id: job.delivery_id.clone(),
+                endpoint: job.endpoint.clone(),
+                probe: false,
+                result: None,
+            };
+            let not_sent = |failure, error: String, url: String| AttemptResult {
+                attempt: job.next_attempt(),
+                url,
+                sent: Sent::not_sent(failure, error),
+                at_ms: now_ms,
+            };
+            let Some(i) = idx else {
+                let error = format!("no postback named '{name}' is configured");
+                part.reports.push(Report {
+                    result: Some(not_sent(Failure::Unconfigured, error, String::new())),
+                    ..report
+                });
+                continue;
+            };
+            let admit = self.dispatcher.admit(i, now);
+            let request = self.dispatcher.endpoints()[i].request(
+                &job.conversion,
+                &job.delivery_id,
+                now_ms / 1000,
+            );
+            if admit == Admit::Reject {
+                let error = "not sent: the endpoint's circuit is open".to_string();
+                part.reports.push(Report {
+                    result: Some(not_sent(Failure::CircuitOpen, error, request.url)),
+                    ..report
+                });
+                continue;
+            }
+            let report = Report {
+                probe: admit == Admit::Probe,
+                ..report
+            };
+            if !self
+                .dispatcher
+                .start(i, request, job.next_attempt(), report.clone())
+            {
+                // No slot after all (room was checked): due again at the next dispatch.
+                if let Some(q) = queue_of(part, &report.key) {
+                    q.put_back(report.key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one input record: a conversion schedules its deliveries, a command is
+    /// carried out, anything undecodable is set aside.
+    fn apply_input(
+        &self,
+        cx: &mut Cx<'_, '_, Cf, Done>,
+        msg: &OwnedMessage,
+        deltas: &mut PendingDeltas,
+    ) -> Result<(), RuntimeError> {
+        let payload = msg.payload().unwrap_or_default();
+        let now = cx.now_ms;
+        if msg.topic() == self.rules.conversions {
+            let c = match contract::decode::<Conversion>(payload) {
+                Ok(c) => c,
+                Err(e) => {
+                    cx.poison(msg, "conversion", e.to_string());
+                    return Ok(());
+                }
+            };
+            for ep in self
+                .dispatcher
+                .endpoints()
+                .iter()
+                .filter(|e| e.filter.wants(&c))
+            {
+                let id = delivery_id(&c, &ep.name);
+                if schedule::load(cx.state, &id)?.is_some() {
+                    cx.event(Done::Event(Event::Duplicate(ep.name.clone())));
+                    continue;
+                }
+                let job = Job::new(id, ep.name.clone(), c.clone(), now);
+                *deltas.entry(ep.name.clone()).or_insert(0) +=
+                    schedule::write(cx.state, None, Some(&job));
+                cx.event(Done::Event(Event::Scheduled(ep.name.clone())));
+            }
+            return Ok(());
+        }
+        let cmd = match contract::decode::<DeliveryCommand>(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                cx.poison(msg, "command", e.to_string());
+                return Ok(());
+            }
+        };
+        let result = match cmd.action {
+            CommandAction::Redeliver if self.dispatcher.index(&cmd.endpoint).is_none() => {
+                "unknown_endpoint"
+            }
+            CommandAction::Redeliver => {
+                let id = delivery_id(&cmd.conversion, &cmd.endpoint);
+                let (old, new, result) = match schedule::load(cx.state, &id)? {
+                    None => (
+                        None,
+                        Job::new(id, cmd.endpoint.clone(), cmd.conversion.clone(), now),
+                        "created",
+                    ),
+                    Some(old) => {
+                        let mut new = old.clone();
+                        let r = new.redeliver(now);
+                        (Some(old), new, r.as_str())
+                    }
+                };
+                if old.as_ref() != Some(&new) {
+                    *deltas.entry(cmd.endpoint.clone()).or_insert(0) +=
+                        schedule::write(cx.state, old.as_ref(), Some(&new));
+                }
+                result
+            }
+        };
+        cx.event(Done::Event(Event::Command {
+            command: Box::new(cmd),
+            result,
+        }));
+        Ok(())
+    }
+
+    /// Stages the result of one attempt; a report that no longer matches its job (the job
+    /// moved on meanwhile) is void.
+    fn apply_report(
+        &self,
+        cx: &mut Cx<'_, '_, Cf, Done>,
+        r: &Report,
+        deltas: &mut PendingDeltas,
+        put_back: &mut Vec<Vec<u8>>,
+    ) -> Result<(), RuntimeError> {
+        let Some(result) = &r.result else {
+            return Ok(());
+        };
+        let old = match schedule::load(cx.state, &r.delivery_id)? {
+            Some(j) if is_current(&j, result) => j,
+            other => {
+                if let Some(j) = other.filter(|j| j.is_pending() && schedule::due_key(j) == r.key) {
+                    put_back.push(schedule::due_key(&j));
+                }
+                tracing::debug!(delivery_id = %r.delivery_id, attempt = result.attempt, "void attempt report: the delivery moved on");
+                return Ok(());
+            }
+        };
+        let s = settle(&old, result, &self.rules.policy, cx.now_ms, fastrand::f64());
+        *deltas.entry(s.job.endpoint.clone()).or_insert(0) +=
+            schedule::write(cx.state, Some(&old), Some(&s.job));
+        let key = partition_key(&s.job.conversion.click_id);
+        cx.emit(Output::keyed(
+            &self.rules.delivery_log,
+            key,
+            contract::encode(&s.attempt),
+        ));
+        if let Some(dl) = &s.dead_letter {
+            cx.emit(Output::keyed(
+                &self.rules.dead_letter,
+                key,
+                contract::encode(dl),
+            ));
+        }
+        for e in s.events {
+            cx.event(Done::Event(e));
+        }
+        Ok(())
+    }
+
+    /// Until the earliest due job of an endpoint with a free request slot, at most
+    /// [`IDLE_TICK`].
+    fn next_due_in(&self) -> Duration {
+        if self.dispatcher.full() {
+            // Every slot is taken: a report frees one and wakes the processor.
+            return IDLE_TICK;
+        }
+        let now = s2s_common::now_ms();
+        let earliest = self
+            .parts
+            .values()
+            .flat_map(|p| p.queues.iter())
+            .filter(|(name, _)| match self.dispatcher.index(name) {
+                Some(i) => self.dispatcher.room(i) > 0,
+                None => true,
+            })
+            .filter_map(|(_, q)| q.next_due())
+            .min();
+        match earliest {
+            Some(due) => Duration::from_millis(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
+                .min(IDLE_TICK),
+            None => IDLE_TICK,
+        }
+    }
+}
+
+fn queue_of<'p>(part: &'p mut Part, key: &[u8]) -> Option<&'p mut Queue> {
+    let (endpoint, _, _) = schedule::parse_queue_key(key)?;
+    part.queues.get_mut(endpoint)
+}
+
+impl Processor<Cf> for Deliveries {
+    type Event = Done;
+    type Wake = Report;
+
+    fn opened(&mut self, partition: i32, store: &Arc<Store>) -> Result<(), RuntimeError> {
+        self.generation += 1;
+        let mut names: Vec<String> = self
+            .dispatcher
+            .endpoints()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        for name in schedule::endpoints_with_pending(store)? {
+            if !names.contains(&name) {
+                tracing::warn!(endpoint = %name, "pending deliveries for an endpoint that is no longer configured; they will be dead-lettered");
+                names.push(name);
+            }
+        }
+        let mut queues = BTreeMap::new();
+        let mut pending = BTreeMap::new();
+        for name in names {
+            let (count, _) = schedule::pending_of(store, &name)?;
+            pending.insert(name.clone(), count);
+            queues.insert(name.clone(), Queue::new(&name));
+        }
+        self.parts.insert(
+            partition,
+            Part {
+                store: Arc::clone(store),
+                generation: self.generation,
+                reports: Vec::new(),
+                queues,
+                pending,
+            },
+        );
+        Ok(())
+    }
+
+    fn closed(&mut self, partition: i32) {
+        self.parts.remove(&partition);
+    }
+
+    fn process(
+        &mut self,
+        cx: &mut Cx<'_, '_, Cf, Done>,
+        records: &[OwnedMessage],
+    ) -> Result<(), RuntimeError> {
+        let mut deltas = PendingDeltas::new();
+        let mut put_back = Vec::new();
+        for msg in records {
+            self.apply_input(cx, msg, &mut deltas)?;
+        }
+        let reports = match self.parts.get_mut(&cx.partition) {
+            Some(part) => std::mem::take(&mut part.reports),
+            None => Vec::new(),
+        };
+        for r in &reports {
+            self.apply_report(cx, r, &mut deltas, &mut put_back)?;
+        }
+        let due: Vec<(Vec<u8>, bool)> = cx
+            .state
+            .writes(Cf::Due)
+            .map(|(k, v)| (k.to_vec(), v.is_some()))
+            .collect();
+        if !due.is_empty() || !put_back.is_empty() || !deltas.is_empty() {
+            cx.event(Done::Partition {
+                partition: cx.partition,
+                due,
+                put_back,
+                deltas,
+            });
+        }
+        Ok(())
+    }
+
+    /// Forgets finished deliveries past their retention, at most once a second.
+    fn tick(&mut self, cx: &mut Cx<'_, '_, Cf, Done>) -> Result<(), RuntimeError> {
+        let Some(part) = self.parts.get(&cx.partition) else {
+            return Ok(());
+        };
+        let forget_before = cx.now_ms.saturating_sub(self.rules.finished_retention_ms);
+        for id in schedule::expired(&part.store, forget_before, EXPIRY_BATCH)? {
+            // Still finished: a re-delivery may have revived it meanwhile.
+            if let Some(job) = schedule::load(cx.state, &id)?.filter(|j| !j.is_pending()) {
+                schedule::write(cx.state, Some(&job), None);
+                cx.event(Done::Event(Event::Expired));
+            }
+        }
+        Ok(())
+    }
+
+    fn timers_ready(&self, _partition: i32, _view: &s2s_state::runtime::View<'_>) -> bool {
+        self.swept_at.elapsed() >= HOUSEKEEPING
+    }
+
+    fn committed(&mut self, done: Vec<Done>) {
+        let mut counted = Vec::new();
+        for d in done {
+            match d {
+                Done::Event(e) => counted.push(e),
+                Done::Partition {
+                    partition,
+                    due,
+                    put_back,
+                    deltas,
+                } => {
+                    let Some(part) = self.parts.get_mut(&partition) else {
+                        continue;
+                    };
+                    for (key, put) in due {
+                        if let Some((endpoint, _, _)) = schedule::parse_queue_key(&key) {
+                            part.queues
+                                .entry(endpoint.to_string())
+                                .or_insert_with(|| Queue::new(endpoint))
+                                .on_commit(&key, put);
+                        }
+                    }
+                    for key in put_back {
+                        if let Some(q) = queue_of(part, &key) {
+                            q.put_back(key);
+                        }
+                    }
+                    for (endpoint, delta) in deltas {
+                        *part.pending.entry(endpoint).or_insert(0) += delta;
+                    }
+                }
+            }
+        }
+        events::count(&self.metrics, counted);
+    }
+
+    fn after_cycle(&mut self) -> Result<(), RuntimeError> {
+        if self.swept_at.elapsed() >= HOUSEKEEPING {
+            self.swept_at = Instant::now();
+        }
+        self.dispatch(None)
+    }
+
+    fn wake_source(&mut self) -> Option<mpsc::UnboundedReceiver<Report>> {
+        self.dispatcher.reports()
+    }
+
+    /// A report came back: its slot is free; it feeds the circuit and waits for the next
+    /// cycle if its partition is still owned as it was. Then the endpoint's next due
+    /// deliveries start, unless the service is stopping.
+    fn on_wake(&mut self, r: Report, draining: bool) -> Result<(), RuntimeError> {
+        self.dispatcher.on_report(&r);
+        let endpoint = self.dispatcher.index(&r.endpoint);
+        match self.parts.get_mut(&r.partition) {
+            Some(part) if part.generation == r.generation => {
+                if r.result.is_none() {
+                    tracing::error!(delivery_id = %r.delivery_id, endpoint = %r.endpoint,
+                        "attempt panicked; the delivery stays due");
+                    self.metrics
+                        .attempts_lost
+                        .with_label_values(&[&r.endpoint])
+                        .inc();
+                    if let Some(q) = queue_of(part, &r.key) {
+                        q.put_back(r.key);
+                    }
+                } else {
+                    part.reports.push(r);
+                }
+            }
+            _ => tracing::debug!(partition = r.partition, delivery_id = %r.delivery_id,
+                "report of a partition no longer owned as it was; its new owner attempts again"),
+        }
+        if draining {
+            return Ok(());
+        }
+        self.dispatch(endpoint)
+    }
+
+    fn backlog(&self) -> usize {
+        self.parts.values().map(|p| p.reports.len()).sum()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.dispatcher.in_flight_total()
+    }
+
+    fn shutdown_grace(&self) -> Duration {
+        self.rules.shutdown_grace
+    }
+
+    fn idle_wait(&self) -> Option<Duration> {
+        Some(self.next_due_in())
+    }
+
+    fn gauges(&self) {
+        let m = &self.metrics;
+        let now = s2s_common::now_ms();
+        let mut pending: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut oldest: BTreeMap<&str, i64> = BTreeMap::new();
+        for part in self.parts.values() {
+            for (ep, n) in &part.pending {
+                *pending.entry(ep).or_insert(0) += n;
+                if *n > 0 {
+                    if let Ok(Some(created)) = schedule::oldest_pending(&part.store, ep) {
+                        let o = oldest.entry(ep).or_insert(created);
+                        *o = (*o).min(created);
+                    }
+                }
+            }
+        }
+        let configured = self.dispatcher.endpoints().iter().map(|e| e.name.as_str());
+        for ep in configured.chain(pending.keys().copied().collect::<Vec<_>>()) {
+            m.pending
+                .with_label_values(&[ep])
+                .set(pending.get(ep).copied().unwrap_or(0));
+            m.oldest_pending_seconds
+                .with_label_values(&[ep])
+                .set(oldest.get(ep).map_or(0, |c| (now - c).max(0) / 1000));
+        }
+        self.dispatcher.gauges();
+    }
+}
