@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use rust_decimal::Decimal;
-use s2s_common::kafka::KafkaConfig;
-use s2s_common::topics::TopicsConfig;
+use std::time::Duration;
+
+use s2s_common::config::duration;
+pub use s2s_common::pipeline::{OfferConfig, PipelineConfig, ServiceConfig, TooFastConfig};
 use serde::Deserialize;
 
 use crate::join::{Lifecycle, OfferRules, Rules, TooFast, APPROVED, PENDING};
@@ -26,63 +27,30 @@ pub struct AttributorConfig {
     #[serde(default)]
     pub transactional_id: Option<String>,
     pub state_dir: PathBuf,
-    pub commit_interval_ms: u64,
+    #[serde(with = "duration")]
+    pub commit_interval: Duration,
     pub max_batch: usize,
-    pub grace_period_ms: u64,
-    pub default_window_seconds: u64,
+    #[serde(with = "duration")]
+    pub grace_period: Duration,
+    #[serde(with = "duration")]
+    pub default_window: Duration,
     /// Windows per event type, for offers that do not set their own.
-    #[serde(default)]
-    pub event_window_seconds: BTreeMap<String, u64>,
+    #[serde(default, with = "duration::map")]
+    pub event_windows: BTreeMap<String, Duration>,
     /// Events that count at most once per click.
     pub once_per_click_events: Vec<String>,
     /// How long a conversion is kept for dedup and status updates after its last change.
-    pub conversion_retention_seconds: u64,
-    /// How long after it happened a conversion may still be reported with its
-    /// `event_time`: ingest's `[postback] max_event_time_age`. Clicks are kept this much
-    /// longer than the longest window.
-    #[serde(deserialize_with = "s2s_common::config::duration")]
-    pub max_event_time_age: std::time::Duration,
+    #[serde(with = "duration")]
+    pub conversion_retention: Duration,
     pub default_currency: String,
     /// Allowed status changes: status → the statuses it may change to.
     pub status_transitions: BTreeMap<String, Vec<String>>,
     /// Statuses in which a conversion pays nothing (payout 0, the delta takes it back).
     pub unpaid_statuses: Vec<String>,
     pub rocksdb: RocksConfig,
-    pub kafka: KafkaConfig,
-    pub topics: TopicsConfig,
-    #[serde(default)]
-    pub offers: BTreeMap<String, OfferConfig>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OfferConfig {
-    pub currency: Option<String>,
-    pub window_seconds: Option<u64>,
-    /// The offer's windows per event type.
-    #[serde(default)]
-    pub event_window_seconds: BTreeMap<String, u64>,
-    #[serde(default)]
-    pub payouts: BTreeMap<String, Decimal>,
-    /// Conversions sooner than this after their click are `suspicious`.
-    pub min_click_to_conversion_seconds: Option<u64>,
-    /// What a suspicious conversion gets: flag, hold or reject.
-    #[serde(default)]
-    pub on_too_fast: TooFastConfig,
-    /// Approve a `pending` conversion this long after it became pending (humantime,
-    /// e.g. "14d"), unless it changed in the meantime.
-    pub hold: Option<String>,
-    /// Whether postbacks from a browser (pixel, iframe) count; default true.
-    pub accept_pixel: Option<bool>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TooFastConfig {
-    #[default]
-    Flag,
-    Hold,
-    Reject,
+    /// From the pipeline config ([`AttributorConfig::with_pipeline`]).
+    #[serde(skip, default = "PipelineConfig::defaults")]
+    pub pipeline: PipelineConfig,
 }
 
 impl From<TooFastConfig> for TooFast {
@@ -96,12 +64,6 @@ impl From<TooFastConfig> for TooFast {
 }
 
 impl AttributorConfig {
-    pub fn load(file: Option<&Path>) -> Result<Self, s2s_common::config::ConfigError> {
-        let mut c: Self = s2s_common::config::load(DEFAULT_TOML, file, ENV_PREFIX)?;
-        c.kafka.apply_env_properties(std::env::vars());
-        Ok(c)
-    }
-
     /// The `transactional.id` to use: none under at_least_once; under exactly_once the
     /// configured one, else `<group_id>-<$HOSTNAME>` (a StatefulSet pod's stable name).
     pub fn transactional_id(&self) -> Result<Option<String>, String> {
@@ -131,33 +93,38 @@ impl AttributorConfig {
 
     /// Checks the config and builds the join rules; the error names the key to fix.
     pub fn validate(&self) -> Result<Rules, String> {
-        self.kafka.validate().map_err(|e| e.to_string())?;
+        self.pipeline.validate()?;
         self.transactional_id()?;
-        if self.kafka.properties.contains_key("transactional.id") {
+        if self
+            .pipeline
+            .kafka
+            .properties
+            .contains_key("transactional.id")
+        {
             return Err(
                 "kafka.properties must not set transactional.id: the attributor sets \
                         it from transactional_id under exactly_once"
                     .into(),
             );
         }
-        self.topics.validate()?;
         if self.group_id.trim().is_empty() {
             return Err("group_id must not be empty".into());
         }
-        if self.commit_interval_ms == 0 || self.max_batch == 0 {
-            return Err("commit_interval_ms and max_batch must be > 0".into());
+        if self.commit_interval.is_zero() || self.max_batch == 0 {
+            return Err("commit_interval and max_batch must be > 0".into());
         }
-        if self.default_window_seconds == 0 {
-            return Err("default_window_seconds must be > 0".into());
+        if self.default_window.is_zero() {
+            return Err("default_window must be > 0".into());
         }
-        if let Some((event, _)) = self.event_window_seconds.iter().find(|(_, w)| **w == 0) {
-            return Err(format!("event_window_seconds.{event} must be > 0"));
+        if let Some((event, _)) = self.event_windows.iter().find(|(_, w)| w.is_zero()) {
+            return Err(format!("event_windows.{event} must be > 0"));
         }
-        if self.conversion_retention_seconds < self.default_window_seconds {
+        if self.conversion_retention < self.default_window {
             return Err(format!(
-                "conversion_retention_seconds ({}) must be at least default_window_seconds ({}): \
-                 conversions must outlive the window in which duplicates can arrive",
-                self.conversion_retention_seconds, self.default_window_seconds
+                "conversion_retention ({}) must be at least default_window ({}): conversions \
+                 must outlive the window in which duplicates can arrive",
+                duration::format(self.conversion_retention),
+                duration::format(self.default_window)
             ));
         }
         self.rocksdb.validate()?;
@@ -170,7 +137,7 @@ impl AttributorConfig {
         }
         let lifecycle = self.lifecycle()?;
         let mut offers = BTreeMap::new();
-        for (id, o) in &self.offers {
+        for (id, o) in &self.pipeline.offers {
             let currency = o
                 .currency
                 .clone()
@@ -180,37 +147,29 @@ impl AttributorConfig {
                     "offers.{id}.currency '{currency}' is not an ISO 4217 code"
                 ));
             }
-            if o.window_seconds == Some(0) {
-                return Err(format!("offers.{id}.window_seconds must be > 0"));
-            }
-            if let Some((event, _)) = o.event_window_seconds.iter().find(|(_, w)| **w == 0) {
-                return Err(format!(
-                    "offers.{id}.event_window_seconds.{event} must be > 0"
-                ));
-            }
             if let Some((event, p)) = o.payouts.iter().find(|(_, p)| p.is_sign_negative()) {
                 return Err(format!(
                     "offers.{id}.payouts.{event} = {p} must not be negative"
                 ));
             }
-            if o.on_too_fast != TooFastConfig::Flag && o.min_click_to_conversion_seconds.is_none() {
+            if o.on_too_fast != TooFastConfig::Flag && o.min_click_to_conversion.is_none() {
                 return Err(format!(
-                    "offers.{id}.on_too_fast needs offers.{id}.min_click_to_conversion_seconds: \
+                    "offers.{id}.on_too_fast needs offers.{id}.min_click_to_conversion: \
                      without a minimum no conversion is too fast"
                 ));
             }
-            let hold_ms = match &o.hold {
+            let hold_ms = match o.hold {
                 None => None,
-                Some(raw) => Some(self.hold_ms(id, raw, &lifecycle)?),
+                Some(hold) => Some(self.hold_ms(id, hold, &lifecycle)?),
             };
             offers.insert(
                 id.clone(),
                 OfferRules {
                     currency,
-                    window_ms: o.window_seconds.map(secs_to_ms),
-                    event_windows_ms: windows_ms(&o.event_window_seconds),
+                    window_ms: o.window.map(ms),
+                    event_windows_ms: windows_ms(&o.event_windows),
                     payouts: o.payouts.clone(),
-                    min_click_to_conversion_ms: o.min_click_to_conversion_seconds.map(secs_to_ms),
+                    min_click_to_conversion_ms: o.min_click_to_conversion.map(ms),
                     too_fast: o.on_too_fast.into(),
                     hold_ms,
                     refuse_pixel: o.accept_pixel == Some(false),
@@ -218,8 +177,8 @@ impl AttributorConfig {
             );
         }
         Ok(Rules {
-            default_window_ms: secs_to_ms(self.default_window_seconds),
-            event_windows_ms: windows_ms(&self.event_window_seconds),
+            default_window_ms: ms(self.default_window),
+            event_windows_ms: windows_ms(&self.event_windows),
             default_currency: self.default_currency.clone(),
             offers,
             once_per_click: self.once_per_click_events.iter().cloned().collect(),
@@ -256,12 +215,9 @@ impl AttributorConfig {
 
     /// An offer's hold in ms, checked: a duration, allowed to end in approval, and shorter
     /// than conversions are kept.
-    fn hold_ms(&self, id: &str, raw: &str, lifecycle: &Lifecycle) -> Result<i64, String> {
-        let hold = humantime::parse_duration(raw).map_err(|e| {
-            format!("offers.{id}.hold = {raw:?} is not a duration such as \"14d\" ({e})")
-        })?;
-        let ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
-        if ms <= 0 {
+    fn hold_ms(&self, id: &str, hold: Duration, lifecycle: &Lifecycle) -> Result<i64, String> {
+        let hold_ms = ms(hold);
+        if hold_ms <= 0 {
             return Err(format!("offers.{id}.hold must be longer than 0"));
         }
         if !lifecycle.allows(PENDING, APPROVED) {
@@ -270,14 +226,15 @@ impl AttributorConfig {
                  hold ends in approval"
             ));
         }
-        if ms >= self.conversion_retention_ms() {
+        if hold >= self.conversion_retention {
             return Err(format!(
-                "offers.{id}.hold ({raw}) must be shorter than conversion_retention_seconds \
-                 ({} s): the conversion must still be kept when its hold ends",
-                self.conversion_retention_seconds
+                "offers.{id}.hold ({}) must be shorter than conversion_retention ({}): the \
+                 conversion must still be kept when its hold ends",
+                duration::format(hold),
+                duration::format(self.conversion_retention)
             ));
         }
-        Ok(ms)
+        Ok(hold_ms)
     }
 
     /// How long a click is kept (and looked up): the longest window, plus how late a
@@ -285,26 +242,40 @@ impl AttributorConfig {
     pub fn click_retention_ms(&self, rules: &Rules) -> i64 {
         rules
             .max_window_ms()
-            .saturating_add(i64::try_from(self.max_event_time_age.as_millis()).unwrap_or(i64::MAX))
-            .saturating_add(i64::try_from(self.grace_period_ms).unwrap_or(i64::MAX))
+            .saturating_add(ms(self.pipeline.postbacks.max_event_time_age))
+            .saturating_add(ms(self.grace_period))
     }
 
     /// How long conversions are kept after their last change.
     pub fn conversion_retention_ms(&self) -> i64 {
-        secs_to_ms(self.conversion_retention_seconds)
+        ms(self.conversion_retention)
     }
 }
 
-fn windows_ms(w: &BTreeMap<String, u64>) -> BTreeMap<String, i64> {
-    w.iter().map(|(e, s)| (e.clone(), secs_to_ms(*s))).collect()
+fn windows_ms(w: &BTreeMap<String, Duration>) -> BTreeMap<String, i64> {
+    w.iter().map(|(e, d)| (e.clone(), ms(*d))).collect()
 }
 
-fn secs_to_ms(s: u64) -> i64 {
-    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
+/// Milliseconds, as the rules count them.
+pub fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl ServiceConfig for AttributorConfig {
+    const NAME: &'static str = "attributor";
+    const DEFAULT_TOML: &'static str = DEFAULT_TOML;
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+
+    fn with_pipeline(mut self, pipeline: PipelineConfig) -> Self {
+        self.pipeline = pipeline;
+        self
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -326,7 +297,8 @@ mod tests {
         assert_eq!(c.transactional_id_on(None), Ok(Some("pod-0".into())));
         c.processing_guarantee = Guarantee::AtLeastOnce;
         assert_eq!(c.transactional_id_on(None), Ok(None));
-        c.kafka
+        c.pipeline
+            .kafka
             .properties
             .insert("transactional.id".into(), "x".into());
         assert!(c
@@ -342,11 +314,22 @@ mod tests {
         c
     }
 
-    fn offer(toml: &str) -> OfferConfig {
+    fn parse_offer(toml: &str) -> Result<OfferConfig, String> {
         use figment::providers::{Format, Toml};
-        figment::Figment::from(Toml::string(toml))
+        let toml = format!("url = \"https://o.example/?c={{click_id}}\"\n{toml}");
+        figment::Figment::from(Toml::string(&toml))
             .extract()
-            .expect("an offer")
+            .map_err(|e| e.to_string())
+    }
+
+    fn offer(toml: &str) -> OfferConfig {
+        parse_offer(toml).expect("an offer")
+    }
+
+    /// A config of `deploy/<dir>/`, its own file and the pipeline's.
+    fn deployed(dir: &str) -> AttributorConfig {
+        AttributorConfig::from_deployment(&Path::new("../deploy").join(dir))
+            .unwrap_or_else(|e| panic!("deploy/{dir}: {e}"))
     }
 
     #[test]
@@ -358,9 +341,9 @@ mod tests {
     #[test]
     fn holds_and_too_fast_policies_are_checked_naming_the_key() {
         let mut c = base();
-        c.offers.insert(
+        c.pipeline.offers.insert(
             "9".into(),
-            offer("currency = \"EUR\"\nhold = \"14d\"\non_too_fast = \"hold\"\nmin_click_to_conversion_seconds = 10"),
+            offer("currency = \"EUR\"\nhold = \"14d\"\non_too_fast = \"hold\"\nmin_click_to_conversion = \"10s\""),
         );
         let rules = c.validate().expect("valid");
         let o = rules.offers.get("9").expect("offer 9");
@@ -369,22 +352,30 @@ mod tests {
 
         let err = |c: &AttributorConfig| c.validate().expect_err("invalid");
         let mut bad = c.clone();
-        bad.offers.insert("9".into(), offer("hold = \"two weeks\""));
-        assert!(err(&bad).starts_with("offers.9.hold"), "{}", err(&bad));
-        bad.offers.insert("9".into(), offer("hold = \"120d\""));
+        let unparsable = parse_offer("hold = \"two weeks\"").expect_err("not a duration");
+        assert!(
+            unparsable.contains("not a duration such as"),
+            "{unparsable}"
+        );
+        bad.pipeline
+            .offers
+            .insert("9".into(), offer("hold = \"120d\""));
         assert!(
             err(&bad).contains("shorter than conversion_retention"),
             "{}",
             err(&bad)
         );
-        bad.offers
+        bad.pipeline
+            .offers
             .insert("9".into(), offer("on_too_fast = \"reject\""));
         assert!(
-            err(&bad).contains("min_click_to_conversion_seconds"),
+            err(&bad).contains("offers.9.on_too_fast needs offers.9.min_click_to_conversion"),
             "{}",
             err(&bad)
         );
-        bad.offers.insert("9".into(), offer("hold = \"1d\""));
+        bad.pipeline
+            .offers
+            .insert("9".into(), offer("hold = \"1d\""));
         bad.status_transitions
             .insert("pending".into(), vec!["rejected".into()]);
         assert!(
@@ -414,20 +405,9 @@ mod tests {
             "no demo offer in production defaults"
         );
 
-        let local: AttributorConfig = s2s_common::config::load(
-            DEFAULT_TOML,
-            Some(Path::new("../deploy/local/attributor.toml")),
-            "S2S_TEST_UNUSED__",
-        )
-        .expect("the local-run overlay parses");
-        let rules = local.validate().expect("valid");
-        for path in [
-            "../deploy/compose/attributor.toml",
-            "../deploy/k8s/config/attributor.toml",
-        ] {
-            let mut c: AttributorConfig =
-                s2s_common::config::load(DEFAULT_TOML, Some(Path::new(path)), "S2S_TEST_UNUSED__")
-                    .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let rules = deployed("local").validate().expect("valid");
+        for path in ["compose", "k8s/config"] {
+            let mut c = deployed(path);
             // A StatefulSet pod's name; compose sets transactional_id itself.
             let id = c.transactional_id_on(Some("attributor-0".into()));
             c.transactional_id = id.expect("a transactional id");
@@ -442,7 +422,7 @@ mod tests {
                 .get("1")
                 .and_then(|o| o.payouts.get("ftd"))
                 .copied(),
-            Some(Decimal::new(5000, 2))
+            Some(rust_decimal::Decimal::new(5000, 2))
         );
     }
 }

@@ -53,13 +53,18 @@ pub struct Attributor {
 impl Attributor {
     pub async fn bind(config: AttributorConfig) -> Result<Self, RuntimeError> {
         let rules = config.validate().map_err(RuntimeError::Config)?;
-        ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
-        let topics = &config.topics;
+        ensure_topics(
+            &config.pipeline.kafka,
+            &config.pipeline.topics,
+            Duration::from_secs(30),
+        )
+        .await?;
+        let topics = &config.pipeline.topics;
         let click_retention_ms = config.click_retention_ms(&rules);
         let conversion_retention_ms = config.conversion_retention_ms();
         let runtime = Runtime::bind(Settings {
             service: "attributor",
-            kafka: config.kafka.clone(),
+            kafka: config.pipeline.kafka.clone(),
             group_id: config.group_id.clone(),
             inputs: vec![
                 Input {
@@ -83,7 +88,7 @@ impl Attributor {
             poison: Some(topics.poison.name.clone()),
             guarantee: config.processing_guarantee,
             transactional_id: config.transactional_id().map_err(RuntimeError::Config)?,
-            commit_interval: Duration::from_millis(config.commit_interval_ms),
+            commit_interval: config.commit_interval,
             max_batch: config.max_batch,
             admin_listen: config.admin_listen,
         })
@@ -94,7 +99,7 @@ impl Attributor {
                 click_retention_ms,
                 conversion_retention_ms,
                 rules,
-                grace_ms: i64::try_from(config.grace_period_ms).unwrap_or(i64::MAX),
+                grace_ms: config::ms(config.grace_period),
             },
             clicks: topics.clicks.name.clone(),
             conversions: Arc::from(topics.conversions.name.as_str()),

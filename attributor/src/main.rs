@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use s2s_common::config::ServiceArgs;
+use s2s_common::pipeline::ServiceConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -15,7 +16,8 @@ async fn main() -> anyhow::Result<()> {
     // Process-wide: the stores' memory budget is the process's (see the module).
     s2s_state::memory::bound_heap_retention();
     let config =
-        s2s_attributor::AttributorConfig::load(args.config.as_deref()).context("loading config")?;
+        s2s_attributor::AttributorConfig::load(args.config.as_deref(), args.pipeline.as_deref())
+            .context("loading config")?;
     s2s_attributor::run(config, s2s_common::shutdown::on_signals())
         .await
         .context("attributor failed")

@@ -181,7 +181,7 @@ async fn raw_loop(
     total: u64,
 ) -> anyhow::Result<f64> {
     let defaults = defaults()?;
-    let interval = Duration::from_millis(defaults.commit_interval_ms);
+    let interval = defaults.commit_interval;
     let consumer: StreamConsumer = kafka
         .consumer_config(&format!("bench-raw-{}", ulid::Ulid::new()))
         .create()?;
@@ -254,8 +254,8 @@ async fn attributor_loop(
     total: u64,
 ) -> anyhow::Result<f64> {
     let mut config = defaults()?;
-    config.kafka = kafka.clone();
-    config.topics = topics.clone();
+    config.pipeline.kafka = kafka.clone();
+    config.pipeline.topics = topics.clone();
     config.state_dir = state;
     config.admin_listen = "127.0.0.1:0".parse()?;
     config.group_id = format!("bench-attributor-{}", ulid::Ulid::new());

@@ -182,8 +182,8 @@ fn console_config(
     c.admin_listen = "127.0.0.1:0".parse()?;
     c.group_id = format!("bench-console-{}", ulid::Ulid::new());
     c.state_dir = state.to_path_buf();
-    c.kafka = kafka.clone();
-    c.topics = topics.clone();
+    c.pipeline.kafka = kafka.clone();
+    c.pipeline.topics = topics.clone();
     c.operators.insert("bench".into(), TOKEN.into());
     Ok(c)
 }

@@ -147,24 +147,30 @@ async fn phase(
     let b_addr = if dead { dead_endpoint().await? } else { b_addr };
     let state = dir.join(format!("{name}-state"));
     let config = dir.join(format!("{name}.toml"));
+    let mut pipeline = s2s_common::pipeline::PipelineConfig::defaults();
+    pipeline
+        .kafka
+        .bootstrap_servers
+        .clone_from(&kafka.bootstrap_servers);
+    pipeline.topics = topics.clone();
+    let pipeline_path = dir.join(format!("{name}-pipeline.toml"));
+    std::fs::write(&pipeline_path, pipeline.to_toml())?;
     std::fs::write(
         &config,
         format!(
             "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{run}\"\nstate_dir = \"{}\"\n\
-             request_timeout_ms = 2000\n\
-             [kafka]\nbootstrap_servers = \"{}\"\n[kafka.properties]\n\"linger.ms\" = \"2\"\n\
-             {}\
+             request_timeout = \"2s\"\n\
              [[postbacks]]\nname = \"a\"\nurl = \"http://{a_addr}/pb?c={{click_id}}&p={{payout}}&s={{sub1}}\"\n\
              [[postbacks]]\nname = \"b\"\nurl = \"http://{b_addr}/pb?c={{click_id}}&p={{payout}}&s={{sub1}}\"\n",
             state.display(),
-            kafka.bootstrap_servers,
-            topics.to_toml(),
         ),
     )?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut child = tokio::process::Command::new(delivery_bin)
         .arg("--config")
         .arg(&config)
+        .arg("--pipeline")
+        .arg(&pipeline_path)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))

@@ -87,6 +87,7 @@ impl Service {
         let child = tokio::process::Command::new(bin)
             .arg("--config")
             .arg(config)
+            .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -244,21 +245,37 @@ pub async fn run(
     // Tansu seems to answer a fetch when that wait ends rather than when records arrive.
     // Apache Kafka answers as soon as records arrive, so production configs keep the
     // default.
-    let common = format!(
-        "[kafka]\nbootstrap_servers = \"{brokers}\"\n[kafka.properties]\n\"linger.ms\" = \"2\"\n\"compression.type\" = \"lz4\"\n\"fetch.wait.max.ms\" = \"20\"\n{}",
-        topics.to_toml()
+    let mut pipeline = s2s_common::pipeline::PipelineConfig::defaults();
+    pipeline.kafka.bootstrap_servers = brokers.to_string();
+    for (k, v) in [
+        ("linger.ms", "2"),
+        ("compression.type", "lz4"),
+        ("fetch.wait.max.ms", "20"),
+    ] {
+        pipeline.kafka.properties.insert(k.into(), v.into());
+    }
+    pipeline.topics = topics.clone();
+    pipeline.offers.insert(
+        "1".into(),
+        s2s_common::pipeline::OfferConfig {
+            url: format!("http://{affiliate}/landing?c={{click_id}}"),
+            currency: Some("USD".into()),
+            payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+            ..Default::default()
+        },
     );
     let write = |name: &str, body: String| -> anyhow::Result<PathBuf> {
         let p = dir.join(format!("{name}.toml"));
         std::fs::write(&p, body)?;
         Ok(p)
     };
+    // Every service finds it through S2S_PIPELINE ([`Service::spawn`]).
+    write("pipeline", pipeline.to_toml())?;
     let configs = [
         write(
             "ingest",
             format!(
-                "listen = \"127.0.0.1:{ingest_port}\"\nadmin_listen = \"127.0.0.1:{}\"\n{common}\
-                 [offers.1]\nurl = \"http://{affiliate}/landing?c={{click_id}}\"\n",
+                "listen = \"127.0.0.1:{ingest_port}\"\nadmin_listen = \"127.0.0.1:{}\"\n",
                 admin[0]
             ),
         )?,
@@ -266,8 +283,7 @@ pub async fn run(
             "attributor",
             format!(
                 "admin_listen = \"127.0.0.1:{}\"\ngroup_id = \"{run}-a\"\nstate_dir = \"{}\"\n\
-                 processing_guarantee = \"at_least_once\"\n{common}\
-                 [offers.1]\ncurrency = \"USD\"\n[offers.1.payouts]\nftd = \"50.00\"\n",
+                 processing_guarantee = \"at_least_once\"\n",
                 admin[1],
                 dir.join("attributor-state").display()
             ),
@@ -275,7 +291,7 @@ pub async fn run(
         write(
             "delivery",
             format!(
-                "admin_listen = \"127.0.0.1:{}\"\ngroup_id = \"{run}-d\"\nstate_dir = \"{}\"\n{common}\
+                "admin_listen = \"127.0.0.1:{}\"\ngroup_id = \"{run}-d\"\nstate_dir = \"{}\"\n\
                  [[postbacks]]\nname = \"aff\"\nurl = \"http://{affiliate}/pb?c={{click_id}}\"\n",
                 admin[2],
                 dir.join("delivery-state").display()

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod kafka;
 pub mod kafka_stats;
 pub mod ops;
+pub mod pipeline;
 pub mod shutdown;
 pub mod telemetry;
 pub mod template;

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use s2s_common::kafka::KafkaConfig;
-use s2s_common::topics::TopicsConfig;
+use s2s_common::config::duration;
+pub use s2s_common::pipeline::{PipelineConfig, ServiceConfig};
 use s2s_state::RocksConfig;
 use serde::Deserialize;
 
@@ -21,35 +22,33 @@ pub struct ConsoleConfig {
     pub admin_listen: SocketAddr,
     pub group_id: String,
     pub state_dir: PathBuf,
-    pub commit_interval_ms: u64,
+    #[serde(with = "duration")]
+    pub commit_interval: Duration,
     pub max_batch: usize,
     /// Clicks, stories, lists and deliveries are dropped this long after last written.
-    pub retention_days: u32,
+    #[serde(with = "duration")]
+    pub retention: Duration,
     /// Hourly and daily totals likewise.
-    pub totals_retention_days: u32,
+    #[serde(with = "duration")]
+    pub totals_retention: Duration,
     /// Operator name → API token. Set tokens through the environment:
     /// `S2S_CONSOLE__OPERATORS__<NAME>=…`.
     #[serde(default)]
     pub operators: BTreeMap<String, String>,
     pub rocksdb: RocksConfig,
-    pub kafka: KafkaConfig,
-    pub topics: TopicsConfig,
+    /// From the pipeline config ([`ConsoleConfig::with_pipeline`]).
+    #[serde(skip, default = "PipelineConfig::defaults")]
+    pub pipeline: PipelineConfig,
 }
 
 impl ConsoleConfig {
-    pub fn load(file: Option<&Path>) -> Result<Self, s2s_common::config::ConfigError> {
-        let mut c: Self = s2s_common::config::load(DEFAULT_TOML, file, ENV_PREFIX)?;
-        c.kafka.apply_env_properties(std::env::vars());
-        Ok(c)
-    }
-
     /// The stores' limits, with the retention of the families that expire.
     pub fn limits(&self) -> s2s_state::Limits<crate::schema::Cf> {
-        const DAY_MS: i64 = 24 * 3600 * 1000;
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         s2s_state::Limits {
             retention_ms: crate::schema::retention_ms(
-                i64::from(self.retention_days) * DAY_MS,
-                i64::from(self.totals_retention_days) * DAY_MS,
+                ms(self.retention),
+                ms(self.totals_retention),
             ),
             ..self.rocksdb.limits()
         }
@@ -57,19 +56,20 @@ impl ConsoleConfig {
 
     /// Checks the config; the error names the key to fix.
     pub fn validate(&self) -> Result<(), String> {
-        self.kafka.validate().map_err(|e| e.to_string())?;
-        self.topics.validate()?;
+        self.pipeline.validate()?;
         self.rocksdb.validate()?;
         if self.group_id.trim().is_empty() {
             return Err("group_id must not be empty".into());
         }
-        if self.commit_interval_ms == 0 || self.max_batch == 0 {
-            return Err("commit_interval_ms and max_batch must be > 0".into());
+        if self.commit_interval.is_zero() || self.max_batch == 0 {
+            return Err("commit_interval and max_batch must be > 0".into());
         }
-        if self.retention_days == 0 || self.totals_retention_days == 0 {
+        if self.retention < Duration::from_secs(3600)
+            || self.totals_retention < Duration::from_secs(3600)
+        {
             return Err(
-                "retention_days and totals_retention_days must be at least 1 (days of history \
-                 the read model keeps)"
+                "retention and totals_retention must be at least 1h (the history the read \
+                 model keeps)"
                     .into(),
             );
         }
@@ -91,41 +91,46 @@ impl ConsoleConfig {
     }
 }
 
+impl ServiceConfig for ConsoleConfig {
+    const NAME: &'static str = "console";
+    const DEFAULT_TOML: &'static str = DEFAULT_TOML;
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+
+    fn with_pipeline(mut self, pipeline: PipelineConfig) -> Self {
+        self.pipeline = pipeline;
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+
+    /// A config of `deploy/<dir>/`, its own file and the pipeline's.
+    fn deployed(dir: &str) -> ConsoleConfig {
+        ConsoleConfig::from_deployment(&Path::new("../deploy").join(dir))
+            .unwrap_or_else(|e| panic!("deploy/{dir}: {e}"))
+    }
 
     #[test]
     fn defaults_need_an_operator_and_the_local_overlay_has_one() {
-        let c: ConsoleConfig =
-            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        let c: ConsoleConfig = s2s_common::config::load_files(DEFAULT_TOML, None).expect("parses");
         let e = c.validate().expect_err("no operator");
         assert!(e.contains("S2S_CONSOLE__OPERATORS__"), "{e}");
-        let local: ConsoleConfig = s2s_common::config::load(
-            DEFAULT_TOML,
-            Some(Path::new("../deploy/local/console.toml")),
-            "S2S_TEST_UNUSED__",
-        )
-        .expect("the local-run overlay parses");
+        let local = deployed("local");
         local.validate().expect("valid");
         // Compose and Kubernetes: valid once the environment names an operator, as
         // their compose.yaml and Secret do.
-        for overlay in [
-            "../deploy/compose/console.toml",
-            "../deploy/k8s/config/console.toml",
-        ] {
-            let mut c: ConsoleConfig = s2s_common::config::load(
-                DEFAULT_TOML,
-                Some(Path::new(overlay)),
-                "S2S_TEST_UNUSED__",
-            )
-            .unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        for overlay in ["compose", "k8s/config"] {
+            let mut c = deployed(overlay);
             c.operators
                 .insert("alice".into(), "a-token-from-the-secret".into());
             c.validate().unwrap_or_else(|e| panic!("{overlay}: {e}"));
             assert_eq!(c.state_dir, Path::new("/var/lib/s2s/state"), "{overlay}");
             assert!(
-                !c.topics.create,
+                !c.pipeline.topics.create,
                 "{overlay}: topics are made by the cluster's tooling"
             );
         }

@@ -49,7 +49,12 @@ pub struct Console {
 impl Console {
     pub async fn bind(config: ConsoleConfig) -> Result<Self, RuntimeError> {
         config.validate().map_err(RuntimeError::Config)?;
-        let counts = ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
+        let counts = ensure_topics(
+            &config.pipeline.kafka,
+            &config.pipeline.topics,
+            Duration::from_secs(30),
+        )
+        .await?;
         let inputs = inputs(&config);
         let n = |t: &String| counts.get(t).copied().unwrap_or_default();
         let first = &inputs[0].topic;
@@ -64,7 +69,7 @@ impl Console {
         }
         let runtime = Runtime::bind(Settings {
             service: "console",
-            kafka: config.kafka.clone(),
+            kafka: config.pipeline.kafka.clone(),
             group_id: config.group_id.clone(),
             inputs: inputs.clone(),
             state_dir: config.state_dir.clone(),
@@ -73,7 +78,7 @@ impl Console {
             poison: None,
             guarantee: s2s_state::Guarantee::AtLeastOnce,
             transactional_id: None,
-            commit_interval: Duration::from_millis(config.commit_interval_ms),
+            commit_interval: config.commit_interval,
             max_batch: config.max_batch,
             admin_listen: config.admin_listen,
         })
@@ -86,11 +91,11 @@ impl Console {
                     error,
                 })?;
         let metrics = metrics::Metrics::new(runtime.registry())?;
-        let reader = reader::Reader::new(&config.topics);
+        let reader = reader::Reader::new(&config.pipeline.topics);
         let api = Arc::new(api::ApiState {
             ownership: runtime.ownership().clone(),
             producer: runtime.producer().clone(),
-            commands_topic: config.topics.delivery_commands.name.clone(),
+            commands_topic: config.pipeline.topics.delivery_commands.name.clone(),
             inputs: inputs.into_iter().map(|i| i.topic).collect(),
             operators: config.operators.clone().into_iter().collect(),
             metrics,
@@ -133,7 +138,7 @@ impl Console {
 
 /// The topics the console reads, all keyed by click ID.
 fn inputs(c: &ConsoleConfig) -> Vec<Input> {
-    let t = &c.topics;
+    let t = &c.pipeline.topics;
     [
         (&t.clicks, "click"),
         (&t.postbacks, "postback"),

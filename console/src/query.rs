@@ -1279,7 +1279,7 @@ mod tests {
     }
 
     /// History expires (by the stores' compaction filter, at compaction) once past
-    /// `retention_days`; totals by their own retention; endpoint rows never.
+    /// `retention`; totals by their own retention; endpoint rows never.
     #[test]
     fn history_expires_at_compaction_and_totals_and_endpoints_stay() {
         let dir = tempfile::tempdir().expect("dir");

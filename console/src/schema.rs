@@ -32,7 +32,7 @@
 //!
 //! Retention ([`Retention`]): values of every family but `endpoints` and `meta` begin with
 //! their write time (8 bytes, [`s2s_state::stamped`]), which the stores' compaction
-//! filter compares with `retention_days` (`totals_retention_days` for `totals`); the
+//! filter compares with `retention` (`totals_retention` for `totals`); the
 //! readers strip it ([`decode`]).
 
 use std::collections::BTreeMap;
@@ -106,7 +106,7 @@ impl Family for Cf {
 }
 
 /// How long a family's entries are kept once last written ([`crate::config`]:
-/// `retention_days`, `totals_retention_days`).
+/// `retention`, `totals_retention`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retention {
     /// Clicks, stories, lists, deliveries: the history operators look into.

@@ -5,14 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
+use s2s_common::config::duration;
 use s2s_common::contract::Conversion;
-use s2s_common::kafka::KafkaConfig;
+pub use s2s_common::pipeline::{PipelineConfig, ServiceConfig};
 use s2s_common::template::Template;
-use s2s_common::topics::TopicsConfig;
 use s2s_state::RocksConfig;
 use serde::Deserialize;
 
@@ -30,38 +30,48 @@ pub struct DeliveryConfig {
     pub admin_listen: SocketAddr,
     pub group_id: String,
     pub state_dir: PathBuf,
-    pub commit_interval_ms: u64,
+    #[serde(with = "duration")]
+    pub commit_interval: Duration,
     pub max_batch: usize,
-    pub request_timeout_ms: u64,
-    pub connect_timeout_ms: u64,
-    pub retry_schedule_ms: Vec<u64>,
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration::list")]
+    pub retry_schedule: Vec<Duration>,
     /// Spread of each retry wait, a fraction in [0, 1).
     pub retry_jitter: f64,
     /// Longest wait an endpoint's `Retry-After` may ask for.
-    pub retry_after_cap_ms: u64,
+    #[serde(with = "duration")]
+    pub retry_after_cap: Duration,
     /// Requests in flight at most, all endpoints together.
     pub max_in_flight: usize,
     /// Requests in flight at most per endpoint, unless the postback sets its own.
     pub endpoint_max_in_flight: usize,
     /// How long delivered and dead-lettered deliveries are remembered, so that a
     /// conversion replayed upstream is not delivered twice.
-    pub finished_retention_seconds: u64,
+    #[serde(with = "duration")]
+    pub finished_retention: Duration,
     /// At shutdown, how long requests in flight may take to finish.
-    pub shutdown_grace_ms: u64,
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
     pub circuit: CircuitSection,
     pub rocksdb: RocksConfig,
-    pub kafka: KafkaConfig,
-    pub topics: TopicsConfig,
     #[serde(default)]
     pub postbacks: Vec<PostbackConfig>,
+    /// From the pipeline config ([`DeliveryConfig::with_pipeline`]).
+    #[serde(skip, default = "PipelineConfig::defaults")]
+    pub pipeline: PipelineConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitSection {
     pub failure_threshold: u32,
-    pub open_ms: u64,
-    pub max_open_ms: u64,
+    #[serde(with = "duration")]
+    pub open_for: Duration,
+    #[serde(with = "duration")]
+    pub max_open_for: Duration,
 }
 
 /// One outbound postback.
@@ -102,7 +112,8 @@ pub struct PostbackConfig {
     #[serde(default)]
     pub exclude_suspicious: bool,
     pub max_in_flight: Option<usize>,
-    pub timeout_ms: Option<u64>,
+    #[serde(default, with = "duration::option")]
+    pub timeout: Option<Duration>,
     /// Standard Webhooks signing secret (`whsec_…`), or the name of an environment
     /// variable holding it in `secret_env` (keeps it out of config files).
     pub secret: Option<String>,
@@ -110,35 +121,25 @@ pub struct PostbackConfig {
 }
 
 impl DeliveryConfig {
-    pub fn load(file: Option<&Path>) -> Result<Self, s2s_common::config::ConfigError> {
-        let mut c: Self = s2s_common::config::load(DEFAULT_TOML, file, ENV_PREFIX)?;
-        c.kafka.apply_env_properties(std::env::vars());
-        Ok(c)
-    }
-
     /// The retry policy this config describes.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
-            schedule: self
-                .retry_schedule_ms
-                .iter()
-                .map(|ms| Duration::from_millis(*ms))
-                .collect(),
+            schedule: self.retry_schedule.clone(),
             jitter: self.retry_jitter,
-            retry_after_cap: Duration::from_millis(self.retry_after_cap_ms),
+            retry_after_cap: self.retry_after_cap,
         }
     }
 
     pub fn circuit(&self) -> CircuitConfig {
         CircuitConfig {
             failure_threshold: self.circuit.failure_threshold,
-            open_for: Duration::from_millis(self.circuit.open_ms),
-            max_open_for: Duration::from_millis(self.circuit.max_open_ms),
+            open_for: self.circuit.open_for,
+            max_open_for: self.circuit.max_open_for,
         }
     }
 
     pub fn finished_retention_ms(&self) -> i64 {
-        i64::try_from(self.finished_retention_seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
+        i64::try_from(self.finished_retention.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Checks the config and compiles the endpoints; the error names the key to fix.
@@ -150,35 +151,30 @@ impl DeliveryConfig {
         &self,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Vec<Endpoint>, String> {
-        self.kafka.validate().map_err(|e| e.to_string())?;
-        self.topics.validate()?;
+        self.pipeline.validate()?;
         self.rocksdb.validate()?;
         if self.group_id.trim().is_empty() {
             return Err("group_id must not be empty".into());
         }
         for (key, v) in [
-            ("commit_interval_ms", self.commit_interval_ms),
-            ("request_timeout_ms", self.request_timeout_ms),
-            ("connect_timeout_ms", self.connect_timeout_ms),
-            (
-                "finished_retention_seconds",
-                self.finished_retention_seconds,
-            ),
-            (
-                "circuit.failure_threshold",
-                u64::from(self.circuit.failure_threshold),
-            ),
-            ("circuit.open_ms", self.circuit.open_ms),
+            ("commit_interval", self.commit_interval),
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("finished_retention", self.finished_retention),
+            ("circuit.open_for", self.circuit.open_for),
         ] {
-            if v == 0 {
+            if v.is_zero() {
                 return Err(format!("{key} must be > 0"));
             }
+        }
+        if self.circuit.failure_threshold == 0 {
+            return Err("circuit.failure_threshold must be > 0".into());
         }
         if self.max_batch == 0 || self.max_in_flight == 0 || self.endpoint_max_in_flight == 0 {
             return Err("max_batch, max_in_flight and endpoint_max_in_flight must be > 0".into());
         }
-        if self.circuit.max_open_ms < self.circuit.open_ms {
-            return Err("circuit.max_open_ms must be at least circuit.open_ms".into());
+        if self.circuit.max_open_for < self.circuit.open_for {
+            return Err("circuit.max_open_for must be at least circuit.open_for".into());
         }
         if !(0.0..1.0).contains(&self.retry_jitter) {
             return Err(format!(
@@ -187,17 +183,18 @@ impl DeliveryConfig {
             ));
         }
         let longest_wait = self
-            .retry_schedule_ms
+            .retry_schedule
             .iter()
             .max()
             .copied()
-            .unwrap_or(0)
-            .max(self.retry_after_cap_ms);
-        if self.finished_retention_seconds.saturating_mul(1000) < longest_wait {
+            .unwrap_or_default()
+            .max(self.retry_after_cap);
+        if self.finished_retention < longest_wait {
             return Err(format!(
-                "finished_retention_seconds ({}) must cover the longest retry wait ({} ms): a \
-                 delivery must be remembered at least as long as its retries can run",
-                self.finished_retention_seconds, longest_wait
+                "finished_retention ({}) must cover the longest retry wait ({}): a delivery \
+                 must be remembered at least as long as its retries can run",
+                duration::format(self.finished_retention),
+                duration::format(longest_wait)
             ));
         }
         let mut names = std::collections::BTreeSet::new();
@@ -290,8 +287,8 @@ impl DeliveryConfig {
             }
             (None, None) => None,
         };
-        if p.max_in_flight == Some(0) || p.timeout_ms == Some(0) {
-            return Err("max_in_flight and timeout_ms must be > 0".into());
+        if p.max_in_flight == Some(0) || p.timeout.is_some_and(|t| t.is_zero()) {
+            return Err("max_in_flight and timeout must be > 0".into());
         }
         Ok(Endpoint {
             name: p.name.clone(),
@@ -309,7 +306,7 @@ impl DeliveryConfig {
                 exclude_suspicious: p.exclude_suspicious,
             },
             max_in_flight: p.max_in_flight.unwrap_or(self.endpoint_max_in_flight),
-            timeout: Duration::from_millis(p.timeout_ms.unwrap_or(self.request_timeout_ms)),
+            timeout: p.timeout.unwrap_or(self.request_timeout),
             secret,
         })
     }
@@ -356,12 +353,31 @@ fn sample_conversion() -> Conversion {
     }
 }
 
+impl ServiceConfig for DeliveryConfig {
+    const NAME: &'static str = "delivery";
+    const DEFAULT_TOML: &'static str = DEFAULT_TOML;
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+
+    fn with_pipeline(mut self, pipeline: PipelineConfig) -> Self {
+        self.pipeline = pipeline;
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn defaults() -> DeliveryConfig {
-        s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses")
+        s2s_common::config::load_files(DEFAULT_TOML, None).expect("parses")
+    }
+
+    /// A config of `deploy/<dir>/`, its own file and the pipeline's.
+    fn deployed(dir: &str) -> DeliveryConfig {
+        DeliveryConfig::from_deployment(&Path::new("../deploy").join(dir))
+            .unwrap_or_else(|e| panic!("deploy/{dir}: {e}"))
     }
 
     fn with(p: PostbackConfig) -> Result<Vec<Endpoint>, String> {
@@ -387,28 +403,26 @@ mod tests {
             c.validate().expect("valid").is_empty(),
             "no demo postback in defaults"
         );
+        let h = |n: u64| Duration::from_secs(n * 3600);
         assert_eq!(
-            c.retry_schedule_ms,
-            [5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 36_000_000]
+            c.retry_schedule,
+            [
+                Duration::from_secs(5),
+                Duration::from_secs(300),
+                Duration::from_secs(1_800),
+                h(2),
+                h(5),
+                h(10),
+                h(10)
+            ]
         );
-        let local: DeliveryConfig = s2s_common::config::load(
-            DEFAULT_TOML,
-            Some(Path::new("../deploy/local/delivery.toml")),
-            "S2S_TEST_UNUSED__",
-        )
-        .expect("the local-run overlay parses");
-        assert_eq!(local.validate().expect("valid").len(), 1);
+        assert_eq!(deployed("local").validate().expect("valid").len(), 1);
     }
 
     #[test]
     fn deployment_overlays_are_valid() {
-        for path in [
-            "../deploy/compose/delivery.toml",
-            "../deploy/k8s/config/delivery.toml",
-        ] {
-            let c: DeliveryConfig =
-                s2s_common::config::load(DEFAULT_TOML, Some(Path::new(path)), "S2S_TEST_UNUSED__")
-                    .unwrap_or_else(|e| panic!("{path}: {e}"));
+        for path in ["compose", "k8s/config"] {
+            let c = deployed(path);
             let secret = |v: &str| {
                 (v == "ACME_WEBHOOK_SECRET")
                     .then(|| "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into())
@@ -419,7 +433,7 @@ mod tests {
             assert_eq!(endpoints.len(), 1, "{path}");
             assert_eq!(c.state_dir, Path::new("/var/lib/s2s/state"), "{path}");
             assert!(
-                !c.topics.create,
+                !c.pipeline.topics.create,
                 "{path}: topics are managed with the cluster"
             );
         }
@@ -486,9 +500,9 @@ mod tests {
             assert!(e.contains("postbacks[0]") && e.contains(expected), "{e}");
         }
         let mut c = defaults();
-        c.finished_retention_seconds = 60;
+        c.finished_retention = Duration::from_secs(60);
         let e = c.validate().expect_err("retention under the longest wait");
-        assert!(e.contains("finished_retention_seconds"), "{e}");
+        assert!(e.contains("finished_retention (1m)"), "{e}");
     }
 
     #[test]
@@ -498,7 +512,7 @@ mod tests {
             headers: [("X-Key".to_string(), "k-{aff_id}".to_string())].into(),
             secret_env: Some("AFF_SECRET".into()),
             max_in_flight: Some(3),
-            timeout_ms: Some(1500),
+            timeout: Some(Duration::from_millis(1500)),
             send_updates: true,
             ..pb("https://aff.example/pb?c={click_id}")
         })

@@ -16,7 +16,7 @@
 //! scheduled (or done); a crash re-sends at most the attempts that were in flight —
 //! at-least-once towards HTTP endpoints, deduplicable by `webhook-id`. A conversion that
 //! reaches delivery twice (an at-least-once replay upstream) is recognised by its delivery
-//! IDs and not sent again while they are remembered (`finished_retention_seconds`).
+//! IDs and not sent again while they are remembered (`finished_retention`).
 
 pub mod circuit;
 pub mod config;
@@ -64,11 +64,16 @@ impl Delivery {
                  without notifying anyone"
             );
         }
-        ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
-        let topics = &config.topics;
+        ensure_topics(
+            &config.pipeline.kafka,
+            &config.pipeline.topics,
+            Duration::from_secs(30),
+        )
+        .await?;
+        let topics = &config.pipeline.topics;
         let runtime = Runtime::bind(Settings {
             service: "delivery",
-            kafka: config.kafka.clone(),
+            kafka: config.pipeline.kafka.clone(),
             group_id: config.group_id.clone(),
             inputs: vec![
                 Input {
@@ -86,7 +91,7 @@ impl Delivery {
             poison: Some(topics.poison.name.clone()),
             guarantee: s2s_state::Guarantee::AtLeastOnce,
             transactional_id: None,
-            commit_interval: Duration::from_millis(config.commit_interval_ms),
+            commit_interval: config.commit_interval,
             max_batch: config.max_batch,
             admin_listen: config.admin_listen,
         })
@@ -97,7 +102,7 @@ impl Delivery {
             .map(|e| e.max_in_flight)
             .max()
             .unwrap_or(config.endpoint_max_in_flight);
-        let sender = Sender::new(Duration::from_millis(config.connect_timeout_ms), per_host)
+        let sender = Sender::new(config.connect_timeout, per_host)
             .map_err(|e| RuntimeError::Config(format!("http client: {e}")))?;
         tracing::info!(endpoints = endpoints.len(), "delivery endpoints configured");
         let dispatcher = Dispatcher::new(
@@ -110,7 +115,7 @@ impl Delivery {
         let rules = Rules {
             policy: config.retry_policy(),
             finished_retention_ms: config.finished_retention_ms(),
-            shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+            shutdown_grace: config.shutdown_grace,
             conversions: topics.conversions.name.clone(),
             delivery_log: Arc::from(topics.delivery_log.name.as_str()),
             dead_letter: Arc::from(topics.dead_letter.name.as_str()),
@@ -126,7 +131,7 @@ impl Delivery {
     }
 
     /// Delivers until `shutdown`, then lets requests in flight finish (up to
-    /// `shutdown_grace_ms`) and commits what they did.
+    /// `shutdown_grace`) and commits what they did.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
         self.runtime.run(self.processor, shutdown).await
     }

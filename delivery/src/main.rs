@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use s2s_common::config::ServiceArgs;
+use s2s_common::pipeline::ServiceConfig;
 use s2s_delivery::replay::{self, parse_time, Filter, Options};
 
 #[derive(Debug, Parser)]
@@ -60,8 +61,11 @@ async fn main() -> anyhow::Result<()> {
     s2s_common::telemetry::init();
     // Process-wide: the stores' memory budget is the process's (see the module).
     s2s_state::memory::bound_heap_retention();
-    let config = s2s_delivery::DeliveryConfig::load(cli.service.config.as_deref())
-        .context("loading config")?;
+    let config = s2s_delivery::DeliveryConfig::load(
+        cli.service.config.as_deref(),
+        cli.service.pipeline.as_deref(),
+    )
+    .context("loading config")?;
     match cli.cmd {
         None => s2s_delivery::run(config, s2s_common::shutdown::on_signals())
             .await
@@ -92,8 +96,12 @@ async fn main() -> anyhow::Result<()> {
                 requested_by,
                 reason,
             };
-            let summary = replay::replay(&config.kafka, &config.topics, &opts, |p| {
-                eprintln!(
+            let summary = replay::replay(
+                &config.pipeline.kafka,
+                &config.pipeline.topics,
+                &opts,
+                |p| {
+                    eprintln!(
                     "read {} dead letters ({:.0}/s), {} matching; {}/{} partitions read to the end",
                     p.read,
                     p.read as f64 / p.elapsed.as_secs_f64().max(0.001),
@@ -101,7 +109,8 @@ async fn main() -> anyhow::Result<()> {
                     p.partitions_done,
                     p.partitions
                 );
-            })
+                },
+            )
             .await
             .context("replay failed")?;
             println!(

@@ -132,7 +132,7 @@ impl Metrics {
             )?,
             expired: IntCounter::new(
                 "delivery_expired_total",
-                "Finished deliveries forgotten after finished_retention_seconds.",
+                "Finished deliveries forgotten after finished_retention.",
             )?,
         };
         registry.register(Box::new(m.attempts.clone()))?;

@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use s2s_common::config::duration;
 use s2s_common::contract::SUB_ID_KEYS;
-use s2s_common::kafka::KafkaConfig;
+pub use s2s_common::pipeline::{OfferConfig, PipelineConfig, ServiceConfig};
 use s2s_common::template::Template;
-use s2s_common::topics::TopicsConfig;
 
 use crate::source::{Auth, ProxyTrust, Secret, Source};
 use ipnet::IpNet;
@@ -17,7 +18,7 @@ use serde::Deserialize;
 
 /// The built-in default, also the documented reference.
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/ingest.toml");
-/// Environment variables overriding the config: `S2S_INGEST__KAFKA__BOOTSTRAP_SERVERS`.
+/// Environment variables overriding the config: `S2S_INGEST__MAX_BODY_BYTES`.
 pub const ENV_PREFIX: &str = "S2S_INGEST__";
 
 #[derive(Debug, Clone, Deserialize)]
@@ -25,20 +26,21 @@ pub const ENV_PREFIX: &str = "S2S_INGEST__";
 pub struct IngestConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub produce_timeout_ms: u64,
+    #[serde(with = "duration")]
+    pub produce_timeout: Duration,
     pub max_body_bytes: usize,
     /// Refusal events published per second at most for each (source, reason).
     pub refusal_events_per_second: u32,
-    pub kafka: KafkaConfig,
-    pub topics: TopicsConfig,
     pub postback: PostbackRules,
-    #[serde(default)]
-    pub offers: BTreeMap<String, OfferConfig>,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
     #[serde(default)]
     pub trusted_proxies: TrustedProxiesConfig,
     pub pixel: PixelConfig,
+    /// From the pipeline config ([`IngestConfig::with_pipeline`]): Kafka, topics, offers,
+    /// and the events and statuses a postback may carry.
+    #[serde(skip, default = "PipelineConfig::defaults")]
+    pub pipeline: PipelineConfig,
 }
 
 /// `GET /pixel` and `GET /iframe`, and the click cookie.
@@ -49,7 +51,7 @@ pub struct PixelConfig {
     /// The cookie `/click` sets with the click ID; `None`: no cookie.
     pub cookie: Option<String>,
     pub cookie_domain: Option<String>,
-    #[serde(deserialize_with = "s2s_common::config::duration")]
+    #[serde(with = "s2s_common::config::duration")]
     pub cookie_max_age: std::time::Duration,
 }
 
@@ -110,8 +112,9 @@ pub struct SourceConfig {
     pub token: Option<String>,
     /// For `auth = "hmac"`.
     pub hmac_secret: Option<String>,
-    #[serde(default = "default_skew")]
-    pub max_skew_seconds: i64,
+    /// For `auth = "hmac"`: how far a request's `X-Timestamp` may be from now.
+    #[serde(default = "default_skew", with = "duration")]
+    pub max_skew: Duration,
     /// Their parameter name = our canonical name.
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
@@ -132,8 +135,8 @@ impl std::fmt::Debug for SourceConfig {
     }
 }
 
-fn default_skew() -> i64 {
-    300
+fn default_skew() -> Duration {
+    Duration::from_secs(300)
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -175,23 +178,20 @@ pub struct Compiled {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostbackRules {
+    /// From the pipeline's `postbacks.events`.
+    #[serde(skip)]
     pub events: Vec<String>,
+    /// From the pipeline's `postbacks.statuses`.
+    #[serde(skip)]
     pub statuses: Vec<String>,
     pub default_status: String,
     /// How far after its receipt an operator's `event_time` may lie (clock skew).
-    #[serde(deserialize_with = "s2s_common::config::duration")]
-    pub max_event_time_skew: std::time::Duration,
-    /// How far before its receipt an operator's `event_time` may lie: the longest
-    /// attribution window.
-    #[serde(deserialize_with = "s2s_common::config::duration")]
-    pub max_event_time_age: std::time::Duration,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OfferConfig {
-    /// Redirect target with macros.
-    pub url: String,
+    #[serde(with = "s2s_common::config::duration")]
+    pub max_event_time_skew: Duration,
+    /// How far before its receipt an operator's `event_time` may lie: the pipeline's
+    /// `postbacks.max_event_time_age`.
+    #[serde(skip)]
+    pub max_event_time_age: Duration,
 }
 
 /// Macros an offer URL may use.
@@ -202,20 +202,12 @@ pub fn offer_macros() -> Vec<&'static str> {
 }
 
 impl IngestConfig {
-    /// Defaults, then `file`, then the environment.
-    pub fn load(file: Option<&Path>) -> Result<Self, s2s_common::config::ConfigError> {
-        let mut c: Self = s2s_common::config::load(DEFAULT_TOML, file, ENV_PREFIX)?;
-        c.kafka.apply_env_properties(std::env::vars());
-        Ok(c)
-    }
-
     /// Checks everything that can be checked before touching the network and compiles
     /// templates, sources and proxy settings. The error says which key to fix.
     pub fn validate(&self) -> Result<Compiled, String> {
-        self.kafka.validate().map_err(|e| e.to_string())?;
-        self.topics.validate()?;
-        if self.produce_timeout_ms == 0 {
-            return Err("produce_timeout_ms must be > 0".into());
+        self.pipeline.validate()?;
+        if self.produce_timeout.is_zero() {
+            return Err("produce_timeout must be > 0".into());
         }
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes must be > 0".into());
@@ -225,17 +217,15 @@ impl IngestConfig {
         }
         self.pixel.validate()?;
         let p = &self.postback;
-        if p.events.is_empty() || p.statuses.is_empty() {
-            return Err("postback.events and postback.statuses must not be empty".into());
-        }
         if !p.statuses.contains(&p.default_status) {
             return Err(format!(
-                "postback.default_status '{}' is not one of postback.statuses {:?}",
+                "postback.default_status '{}' is not one of the pipeline's postbacks.statuses {:?}",
                 p.default_status, p.statuses
             ));
         }
         let known = offer_macros();
         let offers = self
+            .pipeline
             .offers
             .iter()
             .map(|(id, o)| {
@@ -278,6 +268,23 @@ impl IngestConfig {
     }
 }
 
+impl ServiceConfig for IngestConfig {
+    const NAME: &'static str = "ingest";
+    const DEFAULT_TOML: &'static str = DEFAULT_TOML;
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+
+    /// Also gives the postback rules the pipeline's vocabulary.
+    fn with_pipeline(mut self, pipeline: PipelineConfig) -> Self {
+        self.postback.events.clone_from(&pipeline.postbacks.events);
+        self.postback
+            .statuses
+            .clone_from(&pipeline.postbacks.statuses);
+        self.postback.max_event_time_age = pipeline.postbacks.max_event_time_age;
+        self.pipeline = pipeline;
+        self
+    }
+}
+
 fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
     let key = format!("sources.{name}");
     if !name
@@ -305,12 +312,13 @@ fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
         AuthKind::None => Auth::None,
         AuthKind::Token => Auth::Token(secret(&c.token, "token")?),
         AuthKind::Hmac => {
-            if c.max_skew_seconds <= 0 {
-                return Err(format!("{key}.max_skew_seconds must be > 0"));
+            let max_skew_seconds = i64::try_from(c.max_skew.as_secs()).unwrap_or(i64::MAX);
+            if max_skew_seconds <= 0 {
+                return Err(format!("{key}.max_skew must be at least 1s"));
             }
             Auth::Hmac {
                 secret: secret(&c.hmac_secret, "hmac_secret")?,
-                max_skew_seconds: c.max_skew_seconds,
+                max_skew_seconds,
             }
         }
     };
@@ -347,43 +355,53 @@ fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
     fn default_config_is_valid() {
-        let c: IngestConfig =
-            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        let c: IngestConfig = s2s_common::config::load_files::<IngestConfig>(DEFAULT_TOML, None)
+            .expect("parses")
+            .with_pipeline(PipelineConfig::defaults());
         let compiled = c.validate().expect("valid");
+        assert_eq!(
+            c.postback.events,
+            PipelineConfig::defaults().postbacks.events
+        );
         assert!(
             compiled.offers.is_empty(),
             "no demo offer in production defaults"
         );
 
-        let local: IngestConfig = s2s_common::config::load(
-            DEFAULT_TOML,
-            Some(Path::new("../deploy/local/ingest.toml")),
-            "S2S_TEST_UNUSED__",
-        )
-        .expect("the local-run overlay parses");
+        let local = deployed("local");
         assert!(local.validate().expect("valid").offers.contains_key("1"));
         let names: Vec<&String> = compiled.sources.keys().collect();
         assert_eq!(names, ["default"], "only the implicit default integration");
         assert_eq!(compiled.sources["default"].auth, crate::source::Auth::None);
     }
 
+    fn defaults() -> IngestConfig {
+        s2s_common::config::load_files::<IngestConfig>(DEFAULT_TOML, None)
+            .expect("parses")
+            .with_pipeline(PipelineConfig::defaults())
+    }
+
+    /// A config of `deploy/<dir>/`, its own file and the pipeline's.
+    fn deployed(dir: &str) -> IngestConfig {
+        IngestConfig::from_deployment(&Path::new("../deploy").join(dir))
+            .unwrap_or_else(|e| panic!("deploy/{dir}: {e}"))
+    }
+
     #[test]
     fn deployment_overlays_are_valid() {
-        let load = |path: &str| -> IngestConfig {
-            s2s_common::config::load(DEFAULT_TOML, Some(Path::new(path)), "S2S_TEST_UNUSED__")
-                .unwrap_or_else(|e| panic!("{path}: {e}"))
-        };
-        let compose = load("../deploy/compose/ingest.toml");
+        let compose = deployed("compose");
         assert!(compose.validate().expect("valid").offers.contains_key("1"));
         assert!(
-            !compose.topics.create,
+            !compose.pipeline.topics.create,
             "compose creates the topics in kafka-init"
         );
-        let mut k8s = load("../deploy/k8s/config/ingest.toml");
+        let mut k8s = deployed("k8s/config");
         assert!(
             k8s.validate().is_err(),
             "the token comes from the Secret, not the file"
@@ -399,12 +417,12 @@ mod tests {
 
     #[test]
     fn bad_offer_macro_names_the_key() {
-        let mut c: IngestConfig =
-            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
-        c.offers.insert(
+        let mut c = defaults();
+        c.pipeline.offers.insert(
             "9".into(),
             OfferConfig {
                 url: "https://o/?c={clickid}".into(),
+                ..OfferConfig::default()
             },
         );
         let err = c.validate().expect_err("invalid");
@@ -416,15 +434,14 @@ mod tests {
 
     #[test]
     fn source_errors_name_the_key() {
-        let mut base: IngestConfig =
-            s2s_common::config::load(DEFAULT_TOML, None, "S2S_TEST_UNUSED__").expect("parses");
+        let mut base = defaults();
         base.sources.insert(
             "example".into(),
             SourceConfig {
                 auth: AuthKind::Token,
                 token: Some("0123456789abcdef".into()),
                 hmac_secret: None,
-                max_skew_seconds: 300,
+                max_skew: Duration::from_secs(300),
                 aliases: [("clickid".to_string(), "click_id".to_string())].into(),
                 allow_ips: vec!["192.0.2.0/24".into(), "198.51.100.7".into()],
                 rate_limit_per_second: Some(100),

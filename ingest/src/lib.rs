@@ -6,7 +6,6 @@
 //! producer queue gets a 503 with `Retry-After`, never a silent drop. `/readyz` is ready
 //! only while the producer has a broker connection (see `s2s_common::kafka_stats`).
 
-pub mod acks;
 pub mod api;
 pub mod batch;
 pub mod config;
@@ -24,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use rdkafka::producer::FutureProducer;
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::ops::{self, Admin};
@@ -32,13 +32,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::IngestConfig;
 
-/// The `ingest` binary's allocator. glibc's malloc spent about a quarter of the request
-/// threads' time in `scripts/bench ingest`, much of it waiting on arena locks: librdkafka
-/// frees every message on its own threads, and hyper's buffers move between workers.
-/// mimalloc frees across threads without those locks; its `override` feature also serves
-/// librdkafka's `malloc`. Two ingest binaries head to head on one broker: +2% to +5%
-/// requests per second over glibc (three runs), +5.5% over jemalloc (one run), and 1 – 3%
-/// over mimalloc for Rust's allocations only (two runs). README, performance section.
+/// The `ingest` binary's allocator. glibc's malloc spent much of the request threads'
+/// time waiting on arena locks: librdkafka frees every message on its own threads, and
+/// hyper's buffers move between workers. mimalloc frees across threads without those
+/// locks; its `override` feature also serves librdkafka's `malloc` (measured in
+/// `bench/RESULTS.md`).
 pub use mimalloc::MiMalloc as Allocator;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +51,8 @@ pub enum IngestError {
     Serve(#[from] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error(transparent)]
-    Producer(#[from] acks::StartError),
+    #[error("kafka producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
 }
 
 /// A started ingest: topics provisioned, producer connected, listeners bound.
@@ -73,23 +71,30 @@ impl Ingest {
     /// listeners (port 0 picks a free port; see [`Ingest::local_addr`]).
     pub async fn bind(config: IngestConfig) -> Result<Self, IngestError> {
         let compiled = config.validate().map_err(IngestError::Config)?;
-        let produce_timeout = Duration::from_millis(config.produce_timeout_ms);
-        ensure_topics(&config.kafka, &config.topics, Duration::from_secs(30)).await?;
+        let produce_timeout = config.produce_timeout;
+        ensure_topics(
+            &config.pipeline.kafka,
+            &config.pipeline.topics,
+            Duration::from_secs(30),
+        )
+        .await?;
 
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
         let stats = KafkaStats::new(&admin.registry, "ingest", admin.health.clone())?;
-        let producer = acks::ReactorProducer::start(
-            config
-                .kafka
-                .producer_config()
-                .set("message.timeout.ms", config.produce_timeout_ms.to_string()),
-            stats,
-        )?;
+        let producer: FutureProducer<KafkaStats> = config
+            .pipeline
+            .kafka
+            .producer_config()
+            .set(
+                "message.timeout.ms",
+                produce_timeout.as_millis().to_string(),
+            )
+            .create_with_context(stats)?;
         let publisher = publish::Publisher::new(producer, metrics.produce_seconds.clone());
         let refusals = refusals::Refusals::new(
             publisher.clone(),
-            config.topics.refusals.name.clone(),
+            config.pipeline.topics.refusals.name.clone(),
             NonZeroU32::new(config.refusal_events_per_second).unwrap_or(NonZeroU32::MIN),
             compiled.sources.keys().cloned().collect(),
             &admin.registry,
@@ -103,8 +108,8 @@ impl Ingest {
             max_body_bytes: config.max_body_bytes,
             pixel: config.pixel.clone(),
             rules: config.postback.clone(),
-            clicks_topic: config.topics.clicks.name.clone(),
-            postbacks_topic: config.topics.postbacks.name.clone(),
+            clicks_topic: config.pipeline.topics.clicks.name.clone(),
+            postbacks_topic: config.pipeline.topics.postbacks.name.clone(),
             metrics,
         });
         Ok(Ingest {

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use s2s_common::config::ServiceArgs;
+use s2s_common::pipeline::ServiceConfig;
 
 #[global_allocator]
 static ALLOCATOR: s2s_ingest::Allocator = s2s_ingest::Allocator;
@@ -15,8 +16,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     s2s_common::telemetry::init();
-    let config =
-        s2s_ingest::IngestConfig::load(args.config.as_deref()).context("loading config")?;
+    let config = s2s_ingest::IngestConfig::load(args.config.as_deref(), args.pipeline.as_deref())
+        .context("loading config")?;
     s2s_ingest::run(config, s2s_common::shutdown::on_signals())
         .await
         .context("ingest failed")

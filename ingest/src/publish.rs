@@ -5,15 +5,12 @@
 //! replica. A full producer queue fails at once (backpressure, the caller answers 503);
 //! an unreachable broker fails after `message.timeout.ms`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::HistogramVec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, Producer};
-use tokio::sync::oneshot;
-
-use crate::acks::ReactorProducer;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use s2s_common::kafka_stats::KafkaStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -27,7 +24,7 @@ pub enum PublishError {
 
 #[derive(Clone)]
 pub struct Publisher {
-    producer: Arc<ReactorProducer>,
+    producer: FutureProducer<KafkaStats>,
     produce_seconds: HistogramVec,
 }
 
@@ -38,7 +35,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(producer: Arc<ReactorProducer>, produce_seconds: HistogramVec) -> Self {
+    pub fn new(producer: FutureProducer<KafkaStats>, produce_seconds: HistogramVec) -> Self {
         Publisher {
             producer,
             produce_seconds,
@@ -54,21 +51,17 @@ impl Publisher {
         payload: &[u8],
     ) -> Result<(), PublishError> {
         let started = Instant::now();
-        let (ack, delivery) = oneshot::channel();
-        let record = BaseRecord::with_opaque_to(topic, Box::new(ack))
-            .key(key)
-            .payload(payload);
-        match self.producer.producer().send(record) {
-            Ok(()) => {}
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let result = match self.producer.send_result(record) {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(PublishError::QueueFull)
             }
             Err((e, _)) => return Err(PublishError::NotAcknowledged(e)),
-        }
-        let result = match delivery.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(PublishError::NotAcknowledged(e)),
-            Err(_) => Err(PublishError::Dropped),
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(PublishError::NotAcknowledged(e)),
+                Err(_) => Err(PublishError::Dropped),
+            },
         };
         self.produce_seconds
             .with_label_values(&[kind])
@@ -78,6 +71,6 @@ impl Publisher {
 
     /// Waits for every record in flight, up to `timeout`. Blocks the calling thread.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.producer().flush(timeout)
+        self.producer.flush(timeout)
     }
 }

@@ -14,6 +14,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
 use s2s_common::kafka_stats::KafkaStats;
+use s2s_common::pipeline::ServiceConfig;
 use s2s_ingest::api::{router, App, OPENAPI, ROUTES};
 use s2s_ingest::config::{AuthKind, IngestConfig, SourceConfig};
 use tower::ServiceExt;
@@ -24,25 +25,28 @@ const POSTBACKS: &str = "prop-postbacks";
 
 /// An app whose producer talks to `bootstrap` (never contacted unless a request is valid).
 fn app_on(bootstrap: &str) -> Arc<App> {
-    let mut config: IngestConfig =
-        s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
-            .expect("defaults");
-    config.kafka.bootstrap_servers = bootstrap.to_string();
-    config.max_body_bytes = 2048;
-    config.pixel.enabled = true;
-    config.offers.insert(
+    let mut pipeline = s2s_ingest::config::PipelineConfig::defaults();
+    pipeline.kafka.bootstrap_servers = bootstrap.to_string();
+    pipeline.offers.insert(
         "1".into(),
         s2s_ingest::config::OfferConfig {
             url: "https://offer.example/?c={click_id}".into(),
+            ..Default::default()
         },
     );
+    let mut config: IngestConfig =
+        s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
+            .expect("defaults");
+    config = config.with_pipeline(pipeline);
+    config.max_body_bytes = 2048;
+    config.pixel.enabled = true;
     config.sources.insert(
         "acme".into(),
         SourceConfig {
             auth: AuthKind::Token,
             token: Some(TOKEN.into()),
             hmac_secret: None,
-            max_skew_seconds: 300,
+            max_skew: std::time::Duration::from_secs(300),
             aliases: [("cid", "click_id"), ("goal", "event"), ("sum", "amount")]
                 .into_iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -56,7 +60,11 @@ fn app_on(bootstrap: &str) -> Arc<App> {
     let metrics = s2s_ingest::metrics::Metrics::new(&registry).expect("metrics");
     let stats = KafkaStats::new(&registry, "ingest", Default::default()).expect("stats");
     // Never connected: creating a producer does not contact the broker.
-    let producer = s2s_ingest::acks::ReactorProducer::start(&config.kafka.producer_config(), stats)
+    let producer: rdkafka::producer::FutureProducer<KafkaStats> = config
+        .pipeline
+        .kafka
+        .producer_config()
+        .create_with_context(stats)
         .expect("producer");
     let publisher = s2s_ingest::publish::Publisher::new(producer, metrics.produce_seconds.clone());
     let refusals = s2s_ingest::refusals::Refusals::new(

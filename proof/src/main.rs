@@ -3,11 +3,12 @@
 //!
 //!   s2s-proof endpoint --listen 127.0.0.1:8090 --log received.jsonl
 //!   s2s-proof load --ingest http://127.0.0.1:8080 --stories 10000 --ledger ledger.jsonl
-//!   s2s-proof verify --config deploy/local/delivery.toml --ledger ledger.jsonl \
-//!       --received received.jsonl --wait 120
+//!   s2s-proof verify --config deploy/local/delivery.toml --pipeline deploy/local/pipeline.toml \
+//!       --ledger ledger.jsonl --received received.jsonl --wait 120
 //!
-//! `verify` reads the brokers, topics and postbacks from a delivery config (the same
-//! layering as the service: defaults, the file, environment) and exits 1 on a violation.
+//! `verify` reads the postbacks from a delivery config and the brokers and topics from the
+//! pipeline config (the same layering as the service: defaults, the file, environment)
+//! and exits 1 on a violation.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use s2s_common::pipeline::ServiceConfig;
 use s2s_proof::load::{self, Ledger, Progress};
 use s2s_proof::plan::{plan, Mix};
 use s2s_proof::verify;
@@ -89,9 +91,12 @@ enum Cmd {
     },
     /// Check every accepted postback's outcome and every conversion's deliveries.
     Verify {
-        /// A delivery config file: brokers, topics, postbacks.
+        /// A delivery config file: the postbacks.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The pipeline config file: brokers, topics.
+        #[arg(long, env = "S2S_PIPELINE")]
+        pipeline: Option<PathBuf>,
         #[arg(long)]
         ledger: PathBuf,
         /// The recording endpoint's log (several: repeat).
@@ -203,15 +208,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Verify {
             config,
+            pipeline,
             ledger,
             received,
             wait,
         } => {
-            let config =
-                s2s_delivery::DeliveryConfig::load(config.as_deref()).context("loading config")?;
+            let config = s2s_delivery::DeliveryConfig::load(config.as_deref(), pipeline.as_deref())
+                .context("loading config")?;
             let endpoints = config.validate().map_err(anyhow::Error::msg)?;
             let ledger = Ledger::from_jsonl(&std::fs::read_to_string(&ledger)?)?.entries();
-            let watcher = verify::Watcher::new(&config.kafka, &config.topics)?;
+            let watcher = verify::Watcher::new(&config.pipeline.kafka, &config.pipeline.topics)?;
             let report = verify::until_complete(
                 watcher,
                 &ledger,

@@ -4,14 +4,8 @@
 //! below a threshold that it *raises* each time such a block is freed (up to 32 MiB). The
 //! stores free large blocks all the time (memtable arenas, compaction buffers), so the
 //! threshold climbs, those blocks then come from the heap arenas, and freed memory stays
-//! resident as fragmentation. Measured with `s2s-bench attributor-state` (one store, the
-//! default 128 MiB cache and 64 MiB write buffers), peak RSS at 1M / 5M / 10M / 20M clicks:
-//! - glibc defaults: 94 / 106 / 106 / 112 MiB (89 → 113 MiB from 1M to 10M in the
-//!   benchmark's own runs), RSS between checkpoints up to 112 MiB;
-//! - threshold fixed at 128 KiB (this module): 89 / 91 / 96 / 100 MiB, RSS between
-//!   checkpoints 22–31 MiB; fill rate 473k instead of 520k clicks/s;
-//! - jemalloc (tikv-jemallocator, replacing malloc for RocksDB too): 95 / 113 / 115 /
-//!   129 MiB, so it was not adopted.
+//! resident as fragmentation. A fixed threshold keeps the resident set near the budget
+//! (measured in `bench/RESULTS.md`; jemalloc did worse there).
 //!
 //! Setting `M_TRIM_THRESHOLD` fixes both thresholds (glibc stops adjusting them), exactly
 //! what `MALLOC_TRIM_THRESHOLD_=131072` in the environment does, but without relying on

@@ -13,6 +13,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use s2s_common::kafka::KafkaConfig;
+use s2s_common::pipeline::ServiceConfig;
 use s2s_common::topics::{TopicConfig, TopicsConfig};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
@@ -235,15 +236,14 @@ pub fn attributor_config(
     topics: &TopicsConfig,
     state_dir: &std::path::Path,
 ) -> s2s_attributor::AttributorConfig {
-    let mut ac: s2s_attributor::AttributorConfig = s2s_common::config::load(
+    let ac: s2s_attributor::AttributorConfig = s2s_common::config::load(
         s2s_attributor::config::DEFAULT_TOML,
         None,
         "S2S_TEST_NONE__",
     )
     .expect("attributor defaults");
+    let mut ac = ac.with_pipeline(pipeline(topics));
     ac.admin_listen = any_port();
-    ac.kafka = kafka();
-    ac.topics = topics.clone();
     ac.group_id = unique("attributor");
     ac.state_dir = state_dir.to_path_buf();
     // Tansu has no transactions; exactly_once is tested on MockCluster.
@@ -336,14 +336,13 @@ pub fn delivery_config(
     let mut dc: s2s_delivery::DeliveryConfig =
         s2s_common::config::load(s2s_delivery::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
             .expect("delivery defaults");
+    dc = dc.with_pipeline(pipeline(topics));
     dc.admin_listen = any_port();
-    dc.kafka = kafka();
-    dc.topics = topics.clone();
     dc.group_id = unique("delivery");
     dc.state_dir = state_dir.to_path_buf();
-    dc.request_timeout_ms = 2000;
-    dc.retry_schedule_ms = vec![50, 50];
-    dc.commit_interval_ms = 20;
+    dc.request_timeout = Duration::from_secs(2);
+    dc.retry_schedule = vec![Duration::from_millis(50); 2];
+    dc.commit_interval = Duration::from_millis(20);
     dc.rocksdb.block_cache_bytes = 16 << 20;
     dc.rocksdb.write_buffer_bytes = 8 << 20;
     dc.postbacks = postbacks
@@ -419,13 +418,12 @@ pub fn console_config(
     let mut c: s2s_console::ConsoleConfig =
         s2s_common::config::load(s2s_console::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
             .expect("console defaults");
+    c = c.with_pipeline(pipeline(topics));
     c.listen = any_port();
     c.admin_listen = any_port();
-    c.kafka = kafka();
-    c.topics = topics.clone();
     c.group_id = unique("console");
     c.state_dir = state_dir.to_path_buf();
-    c.commit_interval_ms = 50;
+    c.commit_interval = Duration::from_millis(50);
     c.operators = [("tester".to_string(), CONSOLE_TOKEN.to_string())].into();
     c.rocksdb.block_cache_bytes = 16 << 20;
     c.rocksdb.write_buffer_bytes = 8 << 20;
@@ -442,17 +440,55 @@ pub fn ingest_config(topics: &TopicsConfig) -> s2s_ingest::IngestConfig {
     let mut c: s2s_ingest::IngestConfig =
         s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
             .expect("ingest defaults");
-    c.listen = any_port();
-    c.admin_listen = any_port();
-    c.kafka = kafka();
-    c.topics = topics.clone();
-    c.offers.insert(
+    let mut p = pipeline(topics);
+    p.offers.insert(
         "1".into(),
-        s2s_ingest::config::OfferConfig {
+        s2s_common::pipeline::OfferConfig {
             url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
+            ..Default::default()
         },
     );
+    c = c.with_pipeline(p);
+    c.listen = any_port();
+    c.admin_listen = any_port();
     c
+}
+
+/// The pipeline config of child processes: the test broker (`brokers`), `topics`, and a
+/// short group session so that a killed member's partitions move on quickly.
+pub fn child_pipeline(
+    brokers: &str,
+    topics: &TopicsConfig,
+) -> s2s_common::pipeline::PipelineConfig {
+    let mut p = s2s_common::pipeline::PipelineConfig::defaults();
+    p.kafka.bootstrap_servers = brokers.to_string();
+    p.topics = topics.clone();
+    for (k, v) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "1000"),
+    ] {
+        p.kafka.properties.insert(k.into(), v.into());
+    }
+    p
+}
+
+/// Writes `p` to `dir/pipeline.toml`, where child processes started with
+/// `S2S_PIPELINE` pointing at it find it; returns the path.
+pub fn write_pipeline(
+    dir: &std::path::Path,
+    p: &s2s_common::pipeline::PipelineConfig,
+) -> std::path::PathBuf {
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, p.to_toml()).expect("pipeline config");
+    path
+}
+
+/// The pipeline's defaults pointed at the test broker and `topics`.
+pub fn pipeline(topics: &TopicsConfig) -> s2s_common::pipeline::PipelineConfig {
+    let mut p = s2s_common::pipeline::PipelineConfig::defaults();
+    p.kafka = kafka();
+    p.topics = topics.clone();
+    p
 }
 
 /// Ingest running in this process until dropped or stopped.
@@ -526,15 +562,13 @@ impl Pipeline {
         let topics = topics(opts.partitions);
         let state = tempfile::tempdir().expect("state dir");
 
-        let mut ac = attributor_config(&topics, &state.path().join("attributor"));
-        ac.grace_period_ms = opts.grace_period_ms;
-        ac.offers.insert(
+        // One pipeline for all three, with offer 1 as ingest and the attributor need it.
+        let mut pipeline = pipeline(&topics);
+        pipeline.offers.insert(
             "1".into(),
-            s2s_attributor::config::OfferConfig {
+            s2s_common::pipeline::OfferConfig {
+                url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
                 currency: Some("USD".into()),
-                window_seconds: None,
-                event_window_seconds: Default::default(),
-                min_click_to_conversion_seconds: None,
                 payouts: [("ftd", 5000), ("registration", 200)]
                     .into_iter()
                     .map(|(e, cents)| (e.to_string(), rust_decimal::Decimal::new(cents, 2)))
@@ -542,11 +576,19 @@ impl Pipeline {
                 ..Default::default()
             },
         );
+        let mut ac = attributor_config(&topics, &state.path().join("attributor"))
+            .with_pipeline(pipeline.clone());
+        ac.grace_period = Duration::from_millis(opts.grace_period_ms);
 
-        let mut dc = delivery_config(&topics, &state.path().join("delivery"), &opts.postbacks);
-        dc.retry_schedule_ms = opts.retry_schedule_ms.clone();
+        let mut dc = delivery_config(&topics, &state.path().join("delivery"), &opts.postbacks)
+            .with_pipeline(pipeline.clone());
+        dc.retry_schedule = opts
+            .retry_schedule_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect();
 
-        let ingest = s2s_ingest::Ingest::bind(ingest_config(&topics))
+        let ingest = s2s_ingest::Ingest::bind(ingest_config(&topics).with_pipeline(pipeline))
             .await
             .expect("ingest starts");
         let attributor = s2s_attributor::Attributor::bind(ac)

@@ -75,15 +75,15 @@ async fn every_rule_on_the_real_broker() {
     let topics = topics(3);
     let state = tempfile::tempdir().expect("tempdir");
     let mut config = attributor_config(&topics, state.path());
-    config.grace_period_ms = 1_000;
-    config.offers.insert(
+    config.grace_period = Duration::from_secs(1);
+    config.pipeline.offers.insert(
         "7".into(),
         s2s_attributor::config::OfferConfig {
+            url: "https://offer.example/?c={click_id}".into(),
             currency: Some("USD".into()),
-            window_seconds: Some(86_400),
-            event_window_seconds: Default::default(),
+            window: Some(Duration::from_secs(86_400)),
             payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
-            min_click_to_conversion_seconds: Some(60),
+            min_click_to_conversion: Some(Duration::from_secs(60)),
             ..Default::default()
         },
     );
@@ -351,6 +351,7 @@ fn spawn_attributor(config: &Path, log: &Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_attributor-under-test"))
         .arg("--config")
         .arg(config)
+        .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
         .env("RUST_LOG", "warn,s2s_state::ownership=info")
         .env("S2S_LOG_FORMAT", "json")
         .stdout(Stdio::from(log))
@@ -370,20 +371,20 @@ fn log_events(log: &Path, message: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The child's config; its pipeline config goes to `state/pipeline.toml`, where
+/// [`spawn_attributor`] points it.
 fn child_config(topics: &TopicsConfig, state: &Path) -> String {
-    let mut toml = format!(
+    s2s_tests::write_pipeline(
+        state,
+        &s2s_tests::child_pipeline(&s2s_tests::brokers(), topics),
+    );
+    format!(
         "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{}\"\nstate_dir = \"{}\"\n\
          processing_guarantee = \"at_least_once\"\n\
-         grace_period_ms = 2000\ncommit_interval_ms = 50\nmax_batch = 200\n\
-         [kafka]\nbootstrap_servers = \"{}\"\n\
-         [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
-         \"heartbeat.interval.ms\" = \"1000\"\n",
+         grace_period = \"2s\"\ncommit_interval = \"50ms\"\nmax_batch = 200\n",
         s2s_tests::unique("attributor"),
         state.join("state").display(),
-        s2s_tests::brokers()
-    );
-    toml.push_str(&topics.to_toml());
-    toml
+    )
 }
 
 #[tokio::test]
@@ -632,10 +633,12 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
     let start_in_group = |dir: &Path| {
         let mut c = attributor_config(&topics, dir);
         c.group_id = group.clone();
-        c.kafka
+        c.pipeline
+            .kafka
             .properties
             .insert("session.timeout.ms".into(), "6000".into());
-        c.kafka
+        c.pipeline
+            .kafka
             .properties
             .insert("heartbeat.interval.ms".into(), "500".into());
         RunningService::attributor(c)
@@ -744,27 +747,31 @@ async fn money_rules_on_the_real_broker() {
     let topics = topics(2);
     let state = tempfile::tempdir().expect("tempdir");
     let mut config = attributor_config(&topics, state.path());
-    config.grace_period_ms = 1_000;
+    config.grace_period = Duration::from_secs(1);
     // Clicks kept 30 days + 1 day + 1 s: the 46-day-old click below is gone.
-    config.max_event_time_age = Duration::from_secs(86_400);
+    config.pipeline.postbacks.max_event_time_age = Duration::from_secs(86_400);
     let fifty = rust_decimal::Decimal::new(5000, 2);
-    let offer = |hold: Option<&str>, too_fast: TooFastConfig, min: Option<u64>| OfferConfig {
+    let offer = |hold: Option<Duration>, too_fast: TooFastConfig, min: Option<u64>| OfferConfig {
+        url: "https://offer.example/?c={click_id}".into(),
         currency: Some("EUR".into()),
         payouts: [("ftd".to_string(), fifty)].into(),
-        hold: hold.map(str::to_string),
+        hold,
         on_too_fast: too_fast,
-        min_click_to_conversion_seconds: min,
+        min_click_to_conversion: min.map(Duration::from_secs),
         ..Default::default()
     };
+    config.pipeline.offers.insert(
+        "7".into(),
+        offer(Some(Duration::from_secs(1)), TooFastConfig::Flag, None),
+    );
     config
-        .offers
-        .insert("7".into(), offer(Some("1s"), TooFastConfig::Flag, None));
-    config
+        .pipeline
         .offers
         .insert("8".into(), offer(None, TooFastConfig::Reject, Some(60)));
-    config
-        .offers
-        .insert("9".into(), offer(Some("1s"), TooFastConfig::Hold, Some(60)));
+    config.pipeline.offers.insert(
+        "9".into(),
+        offer(Some(Duration::from_secs(1)), TooFastConfig::Hold, Some(60)),
+    );
     let running = RunningService::attributor(config).await;
     let admin = running.admin;
 

@@ -30,8 +30,9 @@ fn mock() -> (Mock, TopicsConfig) {
 
 fn config_on(mock: &Mock, topics: &TopicsConfig, state: &std::path::Path) -> AttributorConfig {
     let mut config = attributor_config(topics, state);
-    config.kafka.bootstrap_servers = mock.bootstrap_servers();
+    config.pipeline.kafka.bootstrap_servers = mock.bootstrap_servers();
     config
+        .pipeline
         .kafka
         .properties
         .insert("message.timeout.ms".into(), "3000".into());
@@ -284,7 +285,7 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
     );
     let on_kafka = |dir: &std::path::Path| {
         let mut c = attributor_config(&topics, dir);
-        c.kafka.bootstrap_servers = brokers.clone();
+        c.pipeline.kafka.bootstrap_servers = brokers.clone();
         c
     };
     let id = s2s_tests::unique("tx");

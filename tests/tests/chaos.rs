@@ -75,6 +75,7 @@ impl Service {
         let child = Command::new(self.bin)
             .arg("--config")
             .arg(&self.config)
+            .env("S2S_PIPELINE", self.config.with_file_name("pipeline.toml"))
             .env("RUST_LOG", "warn,s2s_ingest=info,s2s_state::ownership=info")
             .env("S2S_LOG_FORMAT", "json")
             .stdout(Stdio::from(log.try_clone().expect("log")))
@@ -122,7 +123,7 @@ struct Setup<'a> {
     attributors: usize,
     /// `(name, url)` of global postbacks.
     postbacks: Vec<(&'a str, String)>,
-    retry_schedule_ms: &'a str,
+    retry_schedule: &'a str,
     /// The attributor's grace period ([`GRACE_MS`] unless a fault can delay a click longer).
     grace_ms: i64,
 }
@@ -134,12 +135,17 @@ impl Cluster {
             .tempdir()
             .expect("dir");
         let topics = s.topics.clone().unwrap_or_else(|| topics(s.partitions));
-        let kafka = format!(
-            "[kafka]\nbootstrap_servers = \"{}\"\n[kafka.properties]\n\
-             \"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n",
-            s.brokers
+        let mut pipeline = s2s_tests::child_pipeline(&s.brokers, &topics);
+        pipeline.offers.insert(
+            "1".into(),
+            s2s_common::pipeline::OfferConfig {
+                url: "https://offer.example/land?click_id={click_id}&aff={aff_id}".into(),
+                currency: Some("USD".into()),
+                payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+                ..Default::default()
+            },
         );
-        let topics_toml = topics.to_toml();
+        s2s_tests::write_pipeline(dir.path(), &pipeline);
         let write = |name: &str, body: String| {
             let path = dir.path().join(format!("{name}.toml"));
             std::fs::write(&path, body).expect("config");
@@ -147,12 +153,10 @@ impl Cluster {
         };
         let ingest = write(
             "ingest",
-            format!(
-                "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                 produce_timeout_ms = 2000\n{kafka}{topics_toml}\
-                 [offers.1]\nurl = \"https://offer.example/land?click_id={{click_id}}&aff={{aff_id}}\"\n\
-                 [pixel]\nenabled = true\ncookie = \"s2s_click\"\n"
-            ),
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             produce_timeout = \"2s\"\n\
+             [pixel]\nenabled = true\ncookie = \"s2s_click\"\n"
+                .to_string(),
         );
         let group = unique("attributor");
         let attributors = (0..s.attributors)
@@ -161,9 +165,8 @@ impl Cluster {
                     &format!("attributor-{i}"),
                     format!(
                         "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{group}\"\nstate_dir = \"{}\"\n\
-                         processing_guarantee = \"at_least_once\"\ngrace_period_ms = {}\n\
-                         commit_interval_ms = 50\n{kafka}{topics_toml}\
-                         [offers.1]\ncurrency = \"USD\"\n[offers.1.payouts]\nftd = \"50.00\"\n",
+                         processing_guarantee = \"at_least_once\"\ngrace_period = \"{}ms\"\n\
+                         commit_interval = \"50ms\"\n",
                         dir.path().join(format!("attributor-{i}-state")).display(),
                         s.grace_ms,
                     ),
@@ -181,12 +184,12 @@ impl Cluster {
             "delivery",
             format!(
                 "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{}\"\nstate_dir = \"{}\"\n\
-                 commit_interval_ms = 20\nrequest_timeout_ms = 2000\n\
-                 retry_schedule_ms = {}\n{kafka}{topics_toml}\
-                 [circuit]\nfailure_threshold = 10\nopen_ms = 1000\nmax_open_ms = 2000\n{postbacks}",
+                 commit_interval = \"20ms\"\nrequest_timeout = \"2s\"\n\
+                 retry_schedule = {}\n\
+                 [circuit]\nfailure_threshold = 10\nopen_for = \"1s\"\nmax_open_for = \"2s\"\n{postbacks}",
                 unique("delivery"),
                 dir.path().join("delivery-state").display(),
-                s.retry_schedule_ms,
+                s.retry_schedule,
             ),
         );
         let mut c = Cluster {
@@ -273,7 +276,7 @@ async fn verdict(
     postbacks: &[(&str, String)],
 ) -> Report {
     let mut config = s2s_tests::delivery_config(&c.topics, c.dir.path(), &[]);
-    config.kafka.bootstrap_servers = brokers.to_string();
+    config.pipeline.kafka.bootstrap_servers = brokers.to_string();
     config.postbacks = postbacks
         .iter()
         .map(|(n, u)| s2s_delivery::config::PostbackConfig {
@@ -284,7 +287,7 @@ async fn verdict(
         })
         .collect();
     let compiled = config.validate().expect("the postbacks compile");
-    let watcher = verify::Watcher::new(&config.kafka, &c.topics).expect("watcher");
+    let watcher = verify::Watcher::new(&config.pipeline.kafka, &c.topics).expect("watcher");
     let report =
         verify::until_complete(watcher, ledger, &compiled, Duration::from_secs(60), || {
             let mut all = std::collections::HashMap::new();
@@ -348,7 +351,7 @@ async fn attributor_killed_repeatedly_while_traffic_flows() {
         partitions: 3,
         attributors: 1,
         postbacks: postbacks.to_vec(),
-        retry_schedule_ms: "[200, 400, 800]",
+        retry_schedule: "[\"200ms\", \"400ms\", \"800ms\"]",
         grace_ms: GRACE_MS,
     })
     .await;
@@ -390,7 +393,7 @@ async fn delivery_killed_repeatedly_while_traffic_flows() {
         partitions: 3,
         attributors: 1,
         postbacks: postbacks.to_vec(),
-        retry_schedule_ms: "[200, 400, 800]",
+        retry_schedule: "[\"200ms\", \"400ms\", \"800ms\"]",
         grace_ms: GRACE_MS,
     })
     .await;
@@ -437,7 +440,8 @@ async fn an_endpoint_down_for_a_while_then_back_gets_everything() {
         attributors: 1,
         postbacks: postbacks.to_vec(),
         // 8 attempts over 25 s: longer than the outage.
-        retry_schedule_ms: "[200, 400, 800, 1600, 3200, 6400, 12800]",
+        retry_schedule:
+            "[\"200ms\", \"400ms\", \"800ms\", \"1600ms\", \"3200ms\", \"6400ms\", \"12800ms\"]",
         grace_ms: GRACE_MS,
     })
     .await;
@@ -483,7 +487,7 @@ async fn two_attributors_one_killed() {
         partitions: 4,
         attributors: 2,
         postbacks: postbacks.to_vec(),
-        retry_schedule_ms: "[200, 400, 800]",
+        retry_schedule: "[\"200ms\", \"400ms\", \"800ms\"]",
         grace_ms: GRACE_MS,
     })
     .await;
@@ -543,7 +547,7 @@ async fn broker_restarted_during_ingest_loses_nothing_acknowledged() {
         partitions: 2,
         attributors: 1,
         postbacks: postbacks.to_vec(),
-        retry_schedule_ms: "[500, 1000, 2000, 4000, 8000]",
+        retry_schedule: "[\"500ms\", \"1000ms\", \"2000ms\", \"4000ms\", \"8000ms\"]",
         // A click sent LATE_BY_MS after its postback can be held up by the outage (4 s
         // down, ingest's 2 s produce timeout, the client's retries); past the grace period
         // unknown_click would be the right outcome, not the attribution the plan expects

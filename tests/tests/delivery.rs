@@ -98,7 +98,7 @@ async fn every_endpoint_behaviour_ends_as_it_should() {
             global("hung", hung.url("/pb?c={click_id}")),
         ],
     );
-    config.request_timeout_ms = 1000;
+    config.request_timeout = Duration::from_secs(1);
     let d = RunningService::delivery(config).await;
     let c = conversion("42");
     publish(&t, std::slice::from_ref(&c)).await;
@@ -234,7 +234,7 @@ async fn a_hung_endpoint_does_not_hold_up_the_others() {
             global("hung", hung.url("/pb?c={click_id}")),
         ],
     );
-    config.request_timeout_ms = 1000;
+    config.request_timeout = Duration::from_secs(1);
     config.endpoint_max_in_flight = 4;
     config.circuit.failure_threshold = 1_000; // keep the breaker out of this test
     let d = RunningService::delivery(config).await;
@@ -296,10 +296,10 @@ async fn the_circuit_opens_holds_back_and_closes_again() {
     let t = topics(1);
     let state = tempfile::tempdir().expect("dir");
     let mut config = delivery_config(&t, state.path(), &[global("down", down.url("/pb"))]);
-    config.retry_schedule_ms = vec![100, 100, 100];
+    config.retry_schedule = vec![Duration::from_millis(100); 3];
     config.circuit.failure_threshold = 3;
-    config.circuit.open_ms = 1000;
-    config.circuit.max_open_ms = 1000;
+    config.circuit.open_for = Duration::from_secs(1);
+    config.circuit.max_open_for = Duration::from_secs(1);
     config.endpoint_max_in_flight = 1; // failures arrive one by one: exactly 3 open it
     let d = RunningService::delivery(config).await;
     publish(&t, &(0..5).map(|_| conversion("1")).collect::<Vec<_>>()).await;
@@ -537,17 +537,20 @@ fn child_config(
     group: &str,
     postbacks: &[(&str, String)],
 ) -> String {
+    // The pipeline config beside the service's (the directory holding `state`), where
+    // the spawns below point S2S_PIPELINE.
+    let dir = state.parent().expect("state has a parent");
+    s2s_tests::write_pipeline(
+        dir,
+        &s2s_tests::child_pipeline(&s2s_tests::brokers(), topics),
+    );
     let mut toml = format!(
         "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{group}\"\nstate_dir = \"{}\"\n\
-         commit_interval_ms = 20\nmax_batch = 50\nendpoint_max_in_flight = 8\n\
-         retry_schedule_ms = [200, 200]\n\
-         request_timeout_ms = 2000\n\
-         [kafka]\nbootstrap_servers = \"{}\"\n\
-         [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n",
+         commit_interval = \"20ms\"\nmax_batch = 50\nendpoint_max_in_flight = 8\n\
+         retry_schedule = [\"200ms\", \"200ms\"]\n\
+         request_timeout = \"2s\"\n",
         state.display(),
-        s2s_tests::brokers()
     );
-    toml.push_str(&topics.to_toml());
     for (name, url) in postbacks {
         toml.push_str(&format!(
             "[[postbacks]]\nname = \"{name}\"\nurl = \"{url}\"\n"
@@ -569,6 +572,7 @@ async fn replay_cli(config: &Path, args: &[&str]) -> String {
     let out = delivery_binary()
         .arg("--config")
         .arg(config)
+        .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
         .arg("replay")
         .args(args)
         .stdout(Stdio::piped())
@@ -728,6 +732,7 @@ async fn a_killed_worker_loses_no_delivery() {
         delivery_binary()
             .arg("--config")
             .arg(&config)
+            .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
             .stdout(Stdio::from(log))
             .spawn()
             .expect("spawn delivery")
@@ -839,7 +844,7 @@ async fn another_instance_takes_over_pending_retries_from_the_changelog() {
         ],
     );
     a.group_id = group.clone();
-    a.retry_schedule_ms = vec![3000, 3000];
+    a.retry_schedule = vec![Duration::from_secs(3); 2];
     let instance_a = RunningService::delivery(a.clone()).await;
     let conversions: Vec<Conversion> = (0..10).map(|_| conversion("8")).collect();
     publish(&t, &conversions).await;

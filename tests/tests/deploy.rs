@@ -329,7 +329,13 @@ fn kubernetes_manifests_agree_with_the_service_configs() {
             .collect();
         assert_eq!(
             args,
-            [service, "--config", &format!("/etc/s2s/{service}.toml")]
+            [
+                service,
+                "--config",
+                &format!("/etc/s2s/{service}.toml"),
+                "--pipeline",
+                "/etc/s2s/pipeline.toml"
+            ]
         );
         let admin = c["ports"]
             .as_vec()

@@ -8,6 +8,7 @@ use s2s_common::contract::{
     Rejection, SCHEMA_VERSION,
 };
 use s2s_common::kafka::send_and_wait;
+use s2s_common::pipeline::ServiceConfig;
 use s2s_tests::{http, poll_until, Pipeline, PipelineOptions, TestEndpoint, TopicReader};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -356,8 +357,7 @@ async fn start_up_refuses_topics_that_are_not_co_partitioned() {
     let mut c: s2s_ingest::IngestConfig =
         s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
             .expect("defaults");
-    c.kafka = s2s_tests::kafka();
-    c.topics = topics;
+    c = c.with_pipeline(s2s_tests::pipeline(&topics));
     c.listen = "127.0.0.1:0".parse().expect("addr");
     c.admin_listen = c.listen;
     let err = s2s_ingest::Ingest::bind(c)

@@ -20,7 +20,7 @@ fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
         auth,
         token: Some(TOKEN.into()),
         hmac_secret: Some(HMAC_KEY.into()),
-        max_skew_seconds: 300,
+        max_skew: Duration::from_secs(300),
         aliases: [
             ("clickid", "click_id"),
             ("goal", "event"),

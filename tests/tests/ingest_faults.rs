@@ -28,10 +28,11 @@ async fn start_on_mock(
 ) -> (Mock, TopicsConfig, IngestHandle) {
     let (mock, topics) = s2s_tests::mock_with_topics(1);
     let mut c = ingest_config(&topics);
-    c.kafka.bootstrap_servers = mock.bootstrap_servers();
-    c.produce_timeout_ms = produce_timeout_ms;
+    c.pipeline.kafka.bootstrap_servers = mock.bootstrap_servers();
+    c.produce_timeout = Duration::from_millis(produce_timeout_ms);
     if let Some(n) = queue_max_messages {
-        c.kafka
+        c.pipeline
+            .kafka
             .properties
             .insert("queue.buffering.max.messages".into(), n.to_string());
     }

@@ -146,20 +146,27 @@ impl<'r, F: Family, P: Processor<F>> Loop<'r, F, P> {
     }
 
     /// Collects input and wake-ups until the batch is full, `commit_interval` after the
-    /// first piece of work, or the idle wait; returns whether shutdown was asked for.
+    /// first piece of work (but no later than the longer of the idle wait and the commit
+    /// interval from the start, so that a busy stream still cycles at that pace), or,
+    /// without work, the idle wait; returns whether shutdown was asked for.
     async fn gather(&mut self, shutdown: &CancellationToken) -> Result<bool, RuntimeError> {
         let s = &self.rt.settings;
         let start = tokio::time::Instant::now();
-        let idle = start + self.processor.idle_wait().unwrap_or(s.commit_interval);
+        let idle = self.processor.idle_wait().unwrap_or(s.commit_interval);
+        let latest = start + idle.max(s.commit_interval);
         let mut work_since = (self.processor.backlog() > 0).then_some(start);
         loop {
             if self.incoming.len() + self.processor.backlog() >= s.max_batch {
                 return Ok(false);
             }
-            let deadline = work_since.map_or(idle, |t| idle.min(t + s.commit_interval));
+            let deadline = match work_since {
+                None => start + idle,
+                Some(t) => (t + s.commit_interval).min(latest),
+            };
             let got = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Gathered::Stop,
+                _ = tokio::time::sleep_until(deadline) => Gathered::Tick,
                 Some(w) = recv(&mut self.wakes) => Gathered::Wake(w),
                 m = self.rt.consumer.recv() => match m {
                     Ok(m) => Gathered::Message(m.detach()),
@@ -168,7 +175,6 @@ impl<'r, F: Family, P: Processor<F>> Loop<'r, F, P> {
                         Gathered::Tick
                     }
                 },
-                _ = tokio::time::sleep_until(deadline) => Gathered::Tick,
             };
             match got {
                 Gathered::Stop => return Ok(true),

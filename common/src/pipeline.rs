@@ -1,0 +1,251 @@
+//! What every service of one pipeline shares: the Kafka connection, the topics, the events
+//! and statuses a postback may carry, and the offers. One file (`deploy/config/pipeline.toml`,
+//! embedded as the default) that every service loads, layered like the services' own
+//! files: the defaults, then `--pipeline FILE` (or `S2S_PIPELINE`), then environment
+//! variables `S2S_PIPELINE__<SECTION>__<KEY>`, then `S2S_KAFKA_PROP_*` librdkafka
+//! properties. A deployment writes only what differs, once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::kafka::KafkaConfig;
+use crate::topics::TopicsConfig;
+
+pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/pipeline.toml");
+pub const ENV_PREFIX: &str = "S2S_PIPELINE__";
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub postbacks: PostbackVocabulary,
+    /// The offers, by ID: each defined once, for ingest (where a click goes) and the
+    /// attributor (windows, payouts, policies).
+    #[serde(default)]
+    pub offers: BTreeMap<String, OfferConfig>,
+}
+
+/// What a postback may say, for every service that reads one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostbackVocabulary {
+    /// Allowed values of `event`.
+    pub events: Vec<String>,
+    /// Allowed values of `status`.
+    pub statuses: Vec<String>,
+    /// How long after it happened a conversion may still be reported with its
+    /// `event_time`: ingest refuses older ones, the attributor keeps clicks this much
+    /// longer than the longest window.
+    #[serde(with = "crate::config::duration")]
+    pub max_event_time_age: Duration,
+}
+
+/// One offer.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferConfig {
+    /// Where `/click` redirects, with macros (`{click_id}`, `{aff_id}`, `{sub1}`…).
+    pub url: String,
+    /// Currency of its payouts; default: the attributor's `default_currency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// Its attribution window, for events without one of their own below.
+    #[serde(
+        default,
+        with = "crate::config::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub window: Option<Duration>,
+    /// Its windows per event type.
+    #[serde(
+        default,
+        with = "crate::config::duration::map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub event_windows: BTreeMap<String, Duration>,
+    /// Payout (CPA) per event type; an event not listed pays 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub payouts: BTreeMap<String, Decimal>,
+    /// Conversions sooner than this after their click are `suspicious`.
+    #[serde(
+        default,
+        with = "crate::config::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub min_click_to_conversion: Option<Duration>,
+    /// What a suspicious conversion gets: flag, hold or reject.
+    #[serde(default)]
+    pub on_too_fast: TooFastConfig,
+    /// Approve a `pending` conversion this long after it became pending, unless it changed
+    /// in the meantime.
+    #[serde(
+        default,
+        with = "crate::config::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hold: Option<Duration>,
+    /// Whether postbacks from a browser (pixel, iframe) count; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_pixel: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TooFastConfig {
+    #[default]
+    Flag,
+    Hold,
+    Reject,
+}
+
+impl PipelineConfig {
+    /// The defaults, then `file`, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut c: Self = crate::config::load(DEFAULT_TOML, file, ENV_PREFIX)?;
+        c.kafka.apply_env_properties(std::env::vars());
+        Ok(c)
+    }
+
+    /// The defaults and `file`, without the environment (tests of the files in
+    /// `deploy/`).
+    pub fn from_file(file: &Path) -> Result<Self, ConfigError> {
+        crate::config::load_files(DEFAULT_TOML, Some(file))
+    }
+
+    /// The built-in defaults alone (tests start from them).
+    pub fn defaults() -> Self {
+        match toml::from_str(DEFAULT_TOML) {
+            Ok(c) => c,
+            // The default file is part of the binary and tested below.
+            Err(e) => unreachable!("deploy/config/pipeline.toml: {e}"),
+        }
+    }
+
+    /// As a TOML file (child processes in tests and benchmarks get theirs this way).
+    pub fn to_toml(&self) -> String {
+        match toml::to_string(self) {
+            Ok(s) => s,
+            // Every field is a string, number, list or table of them.
+            Err(e) => unreachable!("a pipeline config is TOML: {e}"),
+        }
+    }
+
+    /// Checks what every service relies on; the error names the key to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        self.kafka.validate().map_err(|e| e.to_string())?;
+        self.topics.validate()?;
+        let p = &self.postbacks;
+        if p.events.is_empty() || p.statuses.is_empty() {
+            return Err("postbacks.events and postbacks.statuses must not be empty".into());
+        }
+        for (id, o) in &self.offers {
+            if o.url.trim().is_empty() {
+                return Err(format!("offers.{id}.url must not be empty"));
+            }
+            if o.window.is_some_and(|w| w.is_zero()) {
+                return Err(format!("offers.{id}.window must be > 0"));
+            }
+            for (event, w) in &o.event_windows {
+                if !p.events.contains(event) {
+                    return Err(format!(
+                        "offers.{id}.event_windows.{event}: '{event}' is not one of \
+                         postbacks.events {:?}",
+                        p.events
+                    ));
+                }
+                if w.is_zero() {
+                    return Err(format!("offers.{id}.event_windows.{event} must be > 0"));
+                }
+            }
+            if let Some(event) = o.payouts.keys().find(|e| !p.events.contains(e)) {
+                return Err(format!(
+                    "offers.{id}.payouts.{event}: '{event}' is not one of postbacks.events {:?}",
+                    p.events
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A service's own config, which takes the pipeline's: how every service loads both.
+pub trait ServiceConfig: DeserializeOwned {
+    /// The service's name, as in `deploy/<dir>/<name>.toml`.
+    const NAME: &'static str;
+    /// Its commented default file (`deploy/config/<name>.toml`), embedded.
+    const DEFAULT_TOML: &'static str;
+    /// Its environment prefix, `S2S_<NAME>__`.
+    const ENV_PREFIX: &'static str;
+
+    /// Takes the pipeline's settings (Kafka, topics, vocabulary, offers).
+    fn with_pipeline(self, pipeline: PipelineConfig) -> Self;
+
+    /// The defaults, then `file`, then the environment; and the pipeline config from
+    /// `pipeline` (see [`PipelineConfig::load`]).
+    fn load(file: Option<&Path>, pipeline: Option<&Path>) -> Result<Self, ConfigError> {
+        let c: Self = crate::config::load(Self::DEFAULT_TOML, file, Self::ENV_PREFIX)?;
+        Ok(c.with_pipeline(PipelineConfig::load(pipeline)?))
+    }
+
+    /// The files of a deployment directory, `<dir>/<name>.toml` and `<dir>/pipeline.toml`,
+    /// each over its defaults, without the environment: for tests of `deploy/`.
+    fn from_deployment(dir: &Path) -> Result<Self, ConfigError> {
+        let own = dir.join(format!("{}.toml", Self::NAME));
+        let c: Self = crate::config::load_files(Self::DEFAULT_TOML, Some(&own))?;
+        Ok(c.with_pipeline(PipelineConfig::from_file(&dir.join("pipeline.toml"))?))
+    }
+
+    /// The built-in defaults of both, without the environment: for tests.
+    fn defaults() -> Result<Self, ConfigError> {
+        let c: Self = crate::config::load_files(Self::DEFAULT_TOML, None)?;
+        Ok(c.with_pipeline(PipelineConfig::defaults()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_file_is_valid_and_round_trips() {
+        let c = PipelineConfig::defaults();
+        c.validate().expect("valid");
+        assert_eq!(
+            c.postbacks.max_event_time_age,
+            Duration::from_secs(30 * 86_400)
+        );
+        let again: PipelineConfig =
+            toml::from_str(&toml::to_string(&c).expect("serialize")).expect("parse");
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn offers_are_checked_against_the_vocabulary() {
+        let mut c = PipelineConfig::defaults();
+        c.offers.insert(
+            "7".into(),
+            OfferConfig {
+                url: "https://o.example/?c={click_id}".into(),
+                payouts: [("signup".to_string(), Decimal::ONE)].into(),
+                ..OfferConfig::default()
+            },
+        );
+        let err = c.validate().expect_err("unknown event");
+        assert!(err.starts_with("offers.7.payouts.signup"), "{err}");
+        if let Some(o) = c.offers.get_mut("7") {
+            o.payouts.clear();
+        }
+        c.validate().expect("valid");
+        if let Some(o) = c.offers.get_mut("7") {
+            o.url.clear();
+        }
+        assert!(c.validate().expect_err("no url").contains("offers.7.url"));
+    }
+}
