@@ -19,10 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rdkafka::producer::FutureProducer;
-use s2s_common::contract::{self, CommandAction, DeliveryCommand, SCHEMA_VERSION};
-use s2s_common::kafka::{produce_all, OutRecord};
 use s2s_common::kafka_stats::KafkaStats;
-use s2s_common::topics::partition_key;
 use s2s_state::Ownership;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -31,12 +28,14 @@ use tokio::sync::broadcast;
 use crate::metrics::Metrics;
 use crate::model::LiveEvent;
 use crate::query::{ConversionFilter, GroupBy, QueryError, Reader, Window};
-use crate::schema::{Cf, DeliveryState, Granularity};
+use crate::schema::{Cf, Granularity};
 
-pub const OPENAPI: &str = include_str!("../openapi.json");
-pub const INDEX_HTML: &str = include_str!("../web/index.html");
-pub const APP_JS: &str = include_str!("../web/app.js");
-pub const STYLE_CSS: &str = include_str!("../web/style.css");
+mod refire;
+
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+pub const INDEX_HTML: &str = include_str!("../../web/index.html");
+pub const APP_JS: &str = include_str!("../../web/app.js");
+pub const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 /// Every route and its methods; the OpenAPI document lists the same (a test checks).
 pub const ROUTES: [(&str, &[&str]); 17] = [
@@ -167,9 +166,9 @@ pub fn router(state: Shared) -> Router {
         .route(ROUTES[6].0, get(rejections))
         .route(ROUTES[7].0, get(deliveries))
         .route(ROUTES[8].0, get(delivery))
-        .route(ROUTES[9].0, post(refire_one))
+        .route(ROUTES[9].0, post(refire::refire_one))
         .route(ROUTES[10].0, get(dead_letters))
-        .route(ROUTES[11].0, post(refire_many))
+        .route(ROUTES[11].0, post(refire::refire_many))
         .route(ROUTES[12].0, get(endpoints))
         .route(ROUTES[13].0, get(totals))
         .route(ROUTES[14].0, get(feed))
@@ -489,160 +488,6 @@ async fn totals(
         Json(read(&s, move |r| r.totals(g, from, to, by, q.aff_id.as_deref())).await?)
             .into_response(),
     )
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct RefireBody {
-    reason: Option<String>,
-}
-
-/// Publishes the redeliver commands and waits for the broker's acknowledgement of each.
-async fn send_commands(s: &Shared, commands: &[DeliveryCommand]) -> Result<(), ApiError> {
-    let records: Vec<(Vec<u8>, Vec<u8>)> = commands
-        .iter()
-        .map(|c| {
-            (
-                partition_key(&c.conversion.click_id).to_vec(),
-                contract::encode(c),
-            )
-        })
-        .collect();
-    let out: Vec<OutRecord<'_>> = records
-        .iter()
-        .map(|(k, v)| OutRecord::keyed(&s.commands_topic, k, v.clone()))
-        .collect();
-    produce_all(&s.producer, &out).await.map_err(|e| {
-        tracing::error!(error = %e, "publishing re-fire commands failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the broker did not acknowledge every command (unavailable); try again: a \
-             delivery re-fired twice is sent with the same webhook-id, and never after it \
-             was delivered",
-        )
-    })?;
-    Ok(())
-}
-
-fn command(
-    conversion: s2s_common::contract::Conversion,
-    endpoint: String,
-    who: &Operator,
-    reason: Option<String>,
-) -> DeliveryCommand {
-    DeliveryCommand {
-        schema_version: SCHEMA_VERSION,
-        command_id: s2s_common::ids::new_ulid(),
-        action: CommandAction::Redeliver,
-        endpoint,
-        conversion,
-        requested_by: who.0.clone(),
-        requested_at_ms: s2s_common::now_ms(),
-        reason,
-    }
-}
-
-async fn refire_one(
-    State(s): State<Shared>,
-    axum::Extension(who): axum::Extension<Operator>,
-    Path(id): Path<String>,
-    body: Option<Json<RefireBody>>,
-) -> Result<Response, ApiError> {
-    let key = id.clone();
-    let Some((conversion, row)) = read(&s, move |r| r.refire_source(&key)).await? else {
-        s.metrics.refires.with_label_values(&["not_found"]).inc();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no delivery {id}"),
-        ));
-    };
-    if row.state == DeliveryState::Delivered {
-        s.metrics
-            .refires
-            .with_label_values(&["already_delivered"])
-            .inc();
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_delivered",
-            "this delivery succeeded; it is not sent again",
-        ));
-    }
-    let reason = body.and_then(|b| b.0.reason);
-    let cmd = command(conversion, row.endpoint.clone(), &who, reason);
-    send_commands(&s, std::slice::from_ref(&cmd)).await?;
-    s.metrics.refires.with_label_values(&["sent"]).inc();
-    tracing::info!(operator = %who.0, delivery_id = %id, command_id = %cmd.command_id, "re-fire requested");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({"command_id": cmd.command_id, "delivery_id": id, "requested_by": who.0})),
-    )
-        .into_response())
-}
-
-#[derive(Debug, Deserialize)]
-struct BulkRefire {
-    endpoint: String,
-    from: Option<i64>,
-    to: Option<i64>,
-    reason: Option<String>,
-}
-
-async fn refire_many(
-    State(s): State<Shared>,
-    axum::Extension(who): axum::Extension<Operator>,
-    body: Result<Json<BulkRefire>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(b) = body?;
-    let (endpoint, from, to) = (b.endpoint.clone(), b.from, b.to);
-    let sources = read(&s, move |r| {
-        let mut out = Vec::new();
-        let mut window = Window {
-            from,
-            to,
-            cursor: None,
-            limit: Some(500),
-        };
-        loop {
-            let page = r.dead_letters(Some(&endpoint), &window)?;
-            for row in page.items {
-                if let Some(src) = r.refire_source(&row.delivery_id)? {
-                    out.push(src);
-                }
-            }
-            match page.next_cursor {
-                Some(c) if out.len() < MAX_BULK => window.cursor = Some(c),
-                Some(_) => return Ok((out, true)),
-                None => break,
-            }
-        }
-        let more = out.len() > MAX_BULK;
-        out.truncate(MAX_BULK);
-        Ok((out, more))
-    })
-    .await?;
-    let (sources, more) = sources;
-    let commands: Vec<DeliveryCommand> = sources
-        .into_iter()
-        .map(|(c, row)| command(c, row.endpoint, &who, b.reason.clone()))
-        .collect();
-    send_commands(&s, &commands).await?;
-    s.metrics
-        .refires
-        .with_label_values(&["sent"])
-        .inc_by(commands.len() as u64);
-    tracing::info!(operator = %who.0, endpoint = %b.endpoint, count = commands.len(), "bulk re-fire requested");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({
-            "sent": commands.len(),
-            "requested_by": who.0,
-            // More matched than one request re-fires: ask again once these are settled.
-            "more": more,
-            "delivery_ids": commands.iter().take(20).map(|c| s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint)).collect::<Vec<_>>(),
-        })),
-    )
-        .into_response())
 }
 
 /// Server-sent events: one `data:` line of JSON per new conversion, rejection, attempt,

@@ -1,7 +1,7 @@
 //! What the broker under test supports, printed rather than asserted (Tansu and Apache
 //! Kafka differ, and both are legitimate targets). Run by hand:
 //!
-//!     S2S_TEST_BROKERS=host:port cargo test -p s2s-tests --test broker_probe -- --ignored --nocapture
+//!     S2S_TEST_BROKERS=host:port cargo test --workspace --test it -- --ignored --nocapture broker_probe::
 //!
 //! Probes: transactions (init/begin/send/commit), a compacted topic's config, the latest
 //! offset from ListOffsets against the high watermark seen by a consumer, and a consumer

@@ -272,7 +272,7 @@ async fn transient_end_txn_errors_are_retried_and_the_cycle_commits() {
 /// MockCluster (librdkafka 2.12.1) hands out a new producer ID per InitProducerId instead
 /// (`rd_kafka_mock_handle_InitProducerId`), so there the first instance keeps committing:
 /// measured, see the README. Run this by hand against Apache Kafka:
-/// `S2S_TEST_TXN_BROKERS=host:9092 cargo test -p s2s-tests --test attributor_faults -- --ignored`.
+/// `S2S_TEST_TXN_BROKERS=host:9092 cargo test --workspace --test it -- --ignored attributor_faults::`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker with transactional.id fencing (Apache Kafka): S2S_TEST_TXN_BROKERS"]
 async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {

@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::join_all;
-use s2s_common::contract::{encode, Click, Postback, Trust};
+use s2s_common::contract::{encode, Click, Postback};
 use s2s_common::ids::new_ulid;
 use s2s_common::now_ms;
 use s2s_common::template::Template;
@@ -45,6 +45,9 @@ use crate::publish::{PublishError, Publisher};
 use crate::records::{build_click, build_operator_click, build_postback, RequestMeta};
 use crate::refusals::{is_refusal, Origin, Refusals};
 use crate::source::{ProxyTrust, Source};
+
+mod browser;
+pub use browser::GIF;
 
 /// Largest total size of request headers accepted (431 above).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -66,7 +69,7 @@ pub struct App {
 }
 
 /// The OpenAPI document of these routes, served at `/openapi.json`.
-pub const OPENAPI: &str = include_str!("../openapi.json");
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// Every route with its methods: the single list the router and the OpenAPI check use.
 pub const ROUTES: [(&str, &[&str]); 10] = [
@@ -95,8 +98,8 @@ pub fn router(app: Arc<App>) -> Router {
             ROUTES[7].0,
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
-        .route(ROUTES[8].0, get(pixel))
-        .route(ROUTES[9].0, get(iframe))
+        .route(ROUTES[8].0, get(browser::pixel))
+        .route(ROUTES[9].0, get(browser::iframe))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -356,116 +359,6 @@ async fn click(
         resp.headers_mut().insert(header::SET_COOKIE, c);
     }
     Ok(resp)
-}
-
-/// A transparent 1×1 GIF.
-pub const GIF: &[u8] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x21\xf9\x04\x01\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b";
-
-/// What `/iframe` answers.
-const EMPTY_PAGE: &str = "<!doctype html><title></title>";
-
-async fn pixel(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
-    let postback_id = browser_postback(&app, peer, req).await;
-    browser_answer("image/gif", GIF.to_vec(), postback_id)
-}
-
-async fn iframe(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
-    let postback_id = browser_postback(&app, peer, req).await;
-    browser_answer("text/html; charset=utf-8", EMPTY_PAGE.into(), postback_id)
-}
-
-/// The same answer whatever happened (a browser can neither retry nor read an error),
-/// never cached; `X-Postback-Id` names the postback when it was stored.
-fn browser_answer(
-    content_type: &'static str,
-    body: Vec<u8>,
-    postback_id: Option<String>,
-) -> Response {
-    let mut resp = (
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-store, no-cache, must-revalidate"),
-        ],
-        body,
-    )
-        .into_response();
-    if let Some(id) = postback_id.and_then(|id| header::HeaderValue::try_from(id).ok()) {
-        resp.headers_mut().insert("x-postback-id", id);
-    }
-    resp
-}
-
-/// The value of cookie `name` in the request's `Cookie` headers. (One name in one header:
-/// a cookie crate would bring more than it saves.)
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.trim_matches('"').to_string())
-        .filter(|v| !v.is_empty())
-}
-
-/// A postback from a browser: `/postback`'s parameters, the click ID from the query or the
-/// cookie, `trust = "pixel"`. Stored only when `[pixel]` is enabled; every outcome is
-/// counted (kind `pixel`), refusals published like the other routes'. Returns the stored
-/// postback's ID.
-async fn browser_postback(app: &App, peer: SocketAddr, req: Request) -> Option<String> {
-    let (parts, _) = req.into_parts();
-    let query = parts.uri.query().unwrap_or_default();
-    let ip = app.proxies.client_ip(peer.ip(), &parts.headers);
-    let result = async {
-        if !app.pixel.enabled {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "pixel_disabled",
-                "pixel and iframe conversions are off ([pixel] enabled = false)",
-            ));
-        }
-        let mut pairs = parse_urlencoded(query.as_bytes())?;
-        // `token` is never stored, as on the other routes.
-        take(&mut pairs, "token");
-        let from_cookie = app
-            .pixel
-            .cookie
-            .as_deref()
-            .and_then(|n| cookie(&parts.headers, n));
-        if !pairs.iter().any(|(n, v)| n == "click_id" && !v.is_empty()) {
-            if let Some(id) = from_cookie {
-                pairs.push(("click_id".into(), id));
-            }
-        }
-        let mut pb = build_postback(
-            pairs,
-            &app.rules,
-            None,
-            request_meta(ip, &parts.headers),
-            new_ulid(),
-            now_ms(),
-        )?;
-        pb.trust = Trust::Pixel;
-        app.publish(&pb).await?;
-        Ok(pb.postback_id)
-    }
-    .await;
-    app.count("pixel", &result);
-    if let Err(e) = &result {
-        let pairs = parse_urlencoded(query.as_bytes()).unwrap_or_default();
-        app.refused("pixel", &app.origin(Some("pixel"), peer, &parts), &pairs, e);
-    }
-    result.ok()
 }
 
 async fn postback(
