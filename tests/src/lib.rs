@@ -19,7 +19,9 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod child;
 mod pipeline;
+pub use child::ChildService;
 use pipeline::{map_err, stopped_cleanly};
 pub use pipeline::{Pipeline, PipelineOptions};
 

@@ -6,14 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use rdkafka::message::{Headers, Message};
 use s2s_common::ids::derived;
 use s2s_common::topics::TopicsConfig;
 use s2s_tests::{
-    attributor_config, metric, poll_until, topics, RawProducer, RunningService, TopicReader,
+    attributor_config, metric, poll_until, topics, ChildService, RawProducer, RunningService,
+    TopicReader,
 };
 use serde_json::{json, Value};
 
@@ -344,35 +344,8 @@ async fn restart_resumes_from_offsets_stored_with_the_state() {
     running.stop().await;
 }
 
-/// The attributor binary as a child process with its config in a file.
-/// Its log (JSON lines, warnings plus partition ownership) goes to `log`.
-fn spawn_attributor(config: &Path, log: &Path) -> tokio::process::Child {
-    let log = std::fs::File::create(log).expect("log file");
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_attributor-under-test"))
-        .arg("--config")
-        .arg(config)
-        .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
-        .env("RUST_LOG", "warn,s2s_state::ownership=info")
-        .env("S2S_LOG_FORMAT", "json")
-        .stdout(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the attributor")
-}
-
-/// The log events of a child with `message`, as their fields.
-fn log_events(log: &Path, message: &str) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == message)
-        .map(|v| v["fields"].clone())
-        .collect()
-}
-
 /// The child's config; its pipeline config goes to `state/pipeline.toml`, where
-/// [`spawn_attributor`] points it.
+/// [`ChildService`] points it.
 fn child_config(topics: &TopicsConfig, state: &Path) -> String {
     s2s_tests::write_pipeline(
         state,
@@ -439,20 +412,23 @@ async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
         state.path().join("first.log"),
         state.path().join("second.log"),
     );
-    let mut first = spawn_attributor(&config, &log_first);
+    let bin = env!("CARGO_BIN_EXE_attributor-under-test");
+    let mut first = ChildService::new(bin, config.clone()).with_log(log_first);
+    first.start();
     let reader = TopicReader::all_of(&[&topics.conversions, &topics.rejections]);
     reader
         .read_until("the first outcomes", WAIT, |seen: &[Value]| {
             seen.len() >= N / 4
         })
         .await;
-    first.kill().await.expect("SIGKILL");
-    let mut second = spawn_attributor(&config, &log_second);
+    first.kill().await;
+    let mut second = ChildService::new(bin, config.clone()).with_log(log_second);
+    second.start();
     feeder.await.expect("all records produced");
 
     let want: BTreeSet<String> = expected.keys().cloned().collect();
     let all = outcomes(&topics, &want).await;
-    second.kill().await.expect("stop");
+    second.kill().await;
 
     let mut repeats = 0;
     for (id, records) in &all {
@@ -482,10 +458,11 @@ async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
     // holds at most max_batch = 200 records, a click or a conversion each, plus two
     // offsets), never the whole state (about 1 200 records).
     assert!(
-        !log_events(&log_second, "partition assigned").is_empty(),
+        !second.events("partition assigned").is_empty(),
         "the restart's log was captured"
     );
-    let restored: u64 = log_events(&log_second, "partition state restored from the changelog")
+    let restored: u64 = second
+        .events("partition state restored from the changelog")
         .iter()
         .filter_map(|f| f["records"].as_u64())
         .sum();

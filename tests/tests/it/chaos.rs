@@ -11,8 +11,6 @@
 //! The scenarios run one at a time: each is a small cluster of its own.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +18,9 @@ use s2s_common::topics::TopicsConfig;
 use s2s_proof::load::{self, Progress};
 use s2s_proof::plan::{plan, Mix};
 use s2s_proof::verify::{self, Report};
-use s2s_tests::{brokers, mock_with_topics, poll_until, topics, unique, TestEndpoint};
-use tokio::process::{Child, Command};
+use s2s_tests::{
+    brokers, mock_with_topics, poll_until, topics, unique, ChildService as Service, TestEndpoint,
+};
 
 /// One scenario at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -42,68 +41,6 @@ fn scale() -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .max(1)
-}
-
-/// A service binary running as a child process, logging JSON to a file.
-struct Service {
-    bin: &'static str,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-    starts: usize,
-}
-
-impl Service {
-    fn new(bin: &'static str, config: PathBuf) -> Self {
-        let log = config.with_extension("log");
-        Service {
-            bin,
-            config,
-            log,
-            child: None,
-            starts: 0,
-        }
-    }
-
-    fn start(&mut self) {
-        self.starts += 1;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(self.bin)
-            .arg("--config")
-            .arg(&self.config)
-            .env("S2S_PIPELINE", self.config.with_file_name("pipeline.toml"))
-            .env("RUST_LOG", "warn,s2s_ingest=info,s2s_state::ownership=info")
-            .env("S2S_LOG_FORMAT", "json")
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin));
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, and wait for it to be gone.
-    async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.start_kill().expect("SIGKILL");
-            c.wait().await.expect("reaped");
-        }
-    }
-
-    /// Log lines with `message`, as their fields.
-    fn events(&self, message: &str) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["fields"]["message"] == message)
-            .map(|v| v["fields"].clone())
-            .collect()
-    }
 }
 
 /// Ingest, attributor(s) and delivery as child processes on one set of topics.
@@ -238,9 +175,9 @@ impl Cluster {
             .chain(&self.attributors)
             .chain(std::iter::once(&self.delivery));
         for s in services {
-            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+            let log = std::fs::read_to_string(s.log()).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
-            println!("--- {} (last 30 lines)", s.log.display());
+            println!("--- {} (last 30 lines)", s.log().display());
             for l in &lines[lines.len().saturating_sub(30)..] {
                 println!("{l}");
             }

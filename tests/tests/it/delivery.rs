@@ -19,8 +19,8 @@ use s2s_common::topics::TopicsConfig;
 use s2s_delivery::config::PostbackConfig;
 use s2s_delivery::endpoint::Method;
 use s2s_tests::{
-    delivery_config, poll_until, topics, unique, RawProducer, RunningService, SilentEndpoint,
-    TestEndpoint, TopicReader,
+    delivery_config, poll_until, topics, unique, ChildService, RawProducer, RunningService,
+    SilentEndpoint, TestEndpoint, TopicReader,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -559,20 +559,9 @@ fn child_config(
     toml
 }
 
-fn delivery_binary() -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivery-under-test"));
-    cmd.env("RUST_LOG", "warn,s2s_state::ownership=info")
-        .env("S2S_LOG_FORMAT", "json")
-        .kill_on_drop(true);
-    cmd
-}
-
 /// Runs `delivery replay …` and returns what it printed on stdout.
 async fn replay_cli(config: &Path, args: &[&str]) -> String {
-    let out = delivery_binary()
-        .arg("--config")
-        .arg(config)
-        .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
+    let out = ChildService::command(env!("CARGO_BIN_EXE_delivery-under-test"), config)
         .arg("replay")
         .args(args)
         .stdout(Stdio::piped())
@@ -726,18 +715,9 @@ async fn a_killed_worker_loses_no_delivery() {
         ),
     )
     .expect("config");
-    let log1 = state.path().join("first.log");
-    let spawn = |log: &Path| {
-        let log = std::fs::File::create(log).expect("log");
-        delivery_binary()
-            .arg("--config")
-            .arg(&config)
-            .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
-            .stdout(Stdio::from(log))
-            .spawn()
-            .expect("spawn delivery")
-    };
-    let mut first = spawn(&log1);
+    let bin = env!("CARGO_BIN_EXE_delivery-under-test");
+    let mut first = ChildService::new(bin, config.clone()).with_log(state.path().join("first.log"));
+    first.start();
     let conversions: Vec<Conversion> = (0..N).map(|_| conversion("3")).collect();
     let producer = RawProducer::new();
     for (i, c) in conversions.iter().enumerate() {
@@ -749,13 +729,13 @@ async fn a_killed_worker_loses_no_delivery() {
                 (ep.received().len() >= N / 4).then_some(())
             })
             .await;
-            first.start_kill().expect("SIGKILL");
-            first.wait().await.expect("reaped");
+            first.kill().await;
         }
     }
     let at_kill = ep.received().len();
-    let log2 = state.path().join("second.log");
-    let mut second = spawn(&log2);
+    let mut second =
+        ChildService::new(bin, config.clone()).with_log(state.path().join("second.log"));
+    second.start();
     poll_until(
         "every conversion delivered",
         Duration::from_secs(60),
@@ -787,21 +767,18 @@ async fn a_killed_worker_loses_no_delivery() {
     // Sent again: at most the attempts whose results were not committed at the kill —
     // the cycle being committed (max_batch, 50) and those in flight (8 per endpoint).
     assert!(repeats <= 58, "{repeats} repeated requests");
-    second.start_kill().expect("stop");
-    second.wait().await.expect("reaped");
-    let restored: u64 = std::fs::read_to_string(&log2)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == "partition state restored from the changelog")
-        .filter_map(|v| v["fields"]["records"].as_u64())
+    second.kill().await;
+    let restored: u64 = second
+        .events("partition state restored from the changelog")
+        .iter()
+        .filter_map(|f| f["records"].as_u64())
         .sum();
     // The store is committed after the cycle's changelog records are acknowledged, so a
     // kill in between leaves at most that one cycle to read back: max_batch (50) job
     // changes and two offsets. Restoring the state would read back every job change,
     // at least two per delivery made before the kill.
     assert!(
-        !std::fs::read_to_string(&log2)
+        !std::fs::read_to_string(second.log())
             .unwrap_or_default()
             .is_empty(),
         "the restart's log was captured"

@@ -1,0 +1,94 @@
+//! A service binary as a child process, the one way the tests start one: its config file,
+//! the pipeline config beside it (`pipeline.toml`, through `S2S_PIPELINE`), JSON logs
+//! appended to a file the tests read events from, SIGKILL to crash it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+/// What the children log: warnings, plus partition ownership and ingest's start.
+const RUST_LOG: &str = "warn,s2s_ingest=info,s2s_state::ownership=info";
+
+#[derive(Debug)]
+pub struct ChildService {
+    bin: &'static str,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// How many times it was started.
+    pub starts: usize,
+}
+
+impl ChildService {
+    /// `bin` with `config`; logs to `config` with the extension `.log`.
+    pub fn new(bin: &'static str, config: PathBuf) -> Self {
+        let log = config.with_extension("log");
+        ChildService {
+            bin,
+            config,
+            log,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Logs to `log` instead.
+    pub fn with_log(mut self, log: PathBuf) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// The command that runs `bin` with `config` and its pipeline config, logging JSON:
+    /// for one-off runs of a subcommand (add its arguments).
+    pub fn command(bin: &'static str, config: &Path) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(config)
+            .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))
+            .env("RUST_LOG", RUST_LOG)
+            .env("S2S_LOG_FORMAT", "json")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Starts it, appending its output to the log.
+    pub fn start(&mut self) {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Self::command(self.bin, &self.config)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().expect("SIGKILL");
+            c.wait().await.expect("reaped");
+        }
+    }
+
+    /// The log events with `message`, as their fields.
+    pub fn events(&self, message: &str) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == message)
+            .map(|v| v["fields"].clone())
+            .collect()
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
