@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use s2s_common::config::duration;
 pub use s2s_common::pipeline::{OfferConfig, PipelineConfig, ServiceConfig, TooFastConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::join::{Lifecycle, OfferRules, Rules, TooFast, APPROVED, PENDING};
 pub use s2s_state::{Guarantee, RocksConfig};
@@ -16,7 +16,7 @@ pub use s2s_state::{Guarantee, RocksConfig};
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/attributor.toml");
 pub const ENV_PREFIX: &str = "S2S_ATTRIBUTOR__";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttributorConfig {
     pub admin_listen: SocketAddr,

@@ -8,12 +8,12 @@ use std::time::Duration;
 use s2s_common::config::duration;
 pub use s2s_common::pipeline::{PipelineConfig, ServiceConfig};
 use s2s_state::RocksConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/console.toml");
 pub const ENV_PREFIX: &str = "S2S_CONSOLE__";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleConfig {
     /// The JSON API and the web page.
@@ -33,7 +33,7 @@ pub struct ConsoleConfig {
     pub totals_retention: Duration,
     /// Operator name → API token. Set tokens through the environment:
     /// `S2S_CONSOLE__OPERATORS__<NAME>=…`.
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub operators: BTreeMap<String, String>,
     pub rocksdb: RocksConfig,
     /// From the pipeline config ([`ConsoleConfig::with_pipeline`]).

@@ -14,7 +14,7 @@ use s2s_common::contract::Conversion;
 pub use s2s_common::pipeline::{PipelineConfig, ServiceConfig};
 use s2s_common::template::Template;
 use s2s_state::RocksConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::circuit::CircuitConfig;
 use crate::endpoint::{BodyFormat, Endpoint, Filter, Method, MACROS};
@@ -24,7 +24,7 @@ use crate::signing::Secret;
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/delivery.toml");
 pub const ENV_PREFIX: &str = "S2S_DELIVERY__";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     pub admin_listen: SocketAddr,
@@ -64,7 +64,7 @@ pub struct DeliveryConfig {
     pub pipeline: PipelineConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitSection {
     pub failure_threshold: u32,
@@ -75,7 +75,7 @@ pub struct CircuitSection {
 }
 
 /// One outbound postback.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PostbackConfig {
     /// Unique, `[A-Za-z0-9._-]`; names the endpoint in metrics, the delivery log and the
@@ -116,6 +116,7 @@ pub struct PostbackConfig {
     pub timeout: Option<Duration>,
     /// Standard Webhooks signing secret (`whsec_…`), or the name of an environment
     /// variable holding it in `secret_env` (keeps it out of config files).
+    #[serde(default, skip_serializing)]
     pub secret: Option<String>,
     pub secret_env: Option<String>,
 }

@@ -42,7 +42,7 @@ pub const MACROS: &[&str] = &[
     "event_time",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Method {
     Get,
@@ -61,7 +61,7 @@ impl Method {
 }
 
 /// How a body template's values are encoded, and the content type it is sent with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyFormat {
     /// Values JSON-escaped inside the template's strings; `application/json`.

@@ -14,14 +14,14 @@ use s2s_common::template::Template;
 
 use crate::source::{Auth, ProxyTrust, Secret, Source};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The built-in default, also the documented reference.
 pub const DEFAULT_TOML: &str = include_str!("../../deploy/config/ingest.toml");
 /// Environment variables overriding the config: `S2S_INGEST__MAX_BODY_BYTES`.
 pub const ENV_PREFIX: &str = "S2S_INGEST__";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     pub listen: SocketAddr,
@@ -44,7 +44,7 @@ pub struct IngestConfig {
 }
 
 /// `GET /pixel` and `GET /iframe`, and the click cookie.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PixelConfig {
     pub enabled: bool,
@@ -93,7 +93,7 @@ impl PixelConfig {
 }
 
 /// How an operator integration authenticates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthKind {
     #[default]
@@ -103,14 +103,16 @@ pub enum AuthKind {
 }
 
 /// One operator integration (see `ingest/src/source.rs`).
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     #[serde(default)]
     pub auth: AuthKind,
-    /// For `auth = "token"`.
+    /// For `auth = "token"`. Write-only: never serialized.
+    #[serde(default, skip_serializing)]
     pub token: Option<String>,
-    /// For `auth = "hmac"`.
+    /// For `auth = "hmac"`. Write-only: never serialized.
+    #[serde(default, skip_serializing)]
     pub hmac_secret: Option<String>,
     /// For `auth = "hmac"`: how far a request's `X-Timestamp` may be from now.
     #[serde(default = "default_skew", with = "duration")]
@@ -139,7 +141,7 @@ fn default_skew() -> Duration {
     Duration::from_secs(300)
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedProxiesConfig {
     /// Header carrying the client address, e.g. `X-Forwarded-For`.
@@ -175,7 +177,7 @@ pub struct Compiled {
     pub proxies: ProxyTrust,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostbackRules {
     /// From the pipeline's `postbacks.events`.

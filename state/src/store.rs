@@ -84,7 +84,7 @@ impl StoreError {
 }
 
 /// The `[rocksdb]` section of a stateful service's config.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RocksConfig {
     /// One LRU cache for data, index and filter blocks of every partition's store.

@@ -465,6 +465,13 @@ pub fn write_pipeline(
     path
 }
 
+/// Writes a service's config to `path` as TOML, serialized from its struct (secrets are
+/// never serialized: children get them from the environment).
+pub fn write_config<C: serde::Serialize>(path: &std::path::Path, config: &C) {
+    let toml = toml::to_string(config).expect("a config serializes to TOML");
+    std::fs::write(path, toml).expect("config file");
+}
+
 /// The pipeline's defaults pointed at the test broker and `topics`.
 pub fn pipeline(topics: &TopicsConfig) -> s2s_common::pipeline::PipelineConfig {
     let mut p = s2s_common::pipeline::PipelineConfig::defaults();

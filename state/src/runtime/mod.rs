@@ -62,7 +62,7 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How outputs, state and input offsets are committed, like Kafka Streams'
 /// `processing.guarantee`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Guarantee {
     /// One Kafka transaction per cycle covers the outputs, the changelog records and the

@@ -344,20 +344,20 @@ async fn restart_resumes_from_offsets_stored_with_the_state() {
     running.stop().await;
 }
 
-/// The child's config; its pipeline config goes to `state/pipeline.toml`, where
-/// [`ChildService`] points it.
-fn child_config(topics: &TopicsConfig, state: &Path) -> String {
+/// The child's config, written to `state/attributor.toml`; its pipeline config beside
+/// it, where [`ChildService`] points it.
+fn child_config(topics: &TopicsConfig, state: &Path) -> std::path::PathBuf {
     s2s_tests::write_pipeline(
         state,
         &s2s_tests::child_pipeline(&s2s_tests::brokers(), topics),
     );
-    format!(
-        "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{}\"\nstate_dir = \"{}\"\n\
-         processing_guarantee = \"at_least_once\"\n\
-         grace_period = \"2s\"\ncommit_interval = \"50ms\"\nmax_batch = 200\n",
-        s2s_tests::unique("attributor"),
-        state.join("state").display(),
-    )
+    let mut c = attributor_config(topics, &state.join("state"));
+    c.grace_period = Duration::from_secs(2);
+    c.commit_interval = Duration::from_millis(50);
+    c.max_batch = 200;
+    let path = state.join("attributor.toml");
+    s2s_tests::write_config(&path, &c);
+    path
 }
 
 #[tokio::test]
@@ -365,8 +365,7 @@ async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
     const N: usize = 600;
     let topics = topics(3);
     let state = tempfile::tempdir().expect("tempdir");
-    let config = state.path().join("attributor.toml");
-    std::fs::write(&config, child_config(&topics, state.path())).expect("config");
+    let config = child_config(&topics, state.path());
 
     s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
         .await

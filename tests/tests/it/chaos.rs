@@ -27,7 +27,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The attributor's grace period for a postback that came before its click, and how much
 /// later than its postback the load generator sends such a click (well inside it).
-const GRACE_MS: i64 = 4_000;
+const GRACE_MS: u64 = 4_000;
 const LATE_BY_MS: i64 = 2_000;
 
 /// S2S_CHAOS_KEEP: keep each scenario's directory (configs, logs, state) for a look.
@@ -60,9 +60,9 @@ struct Setup<'a> {
     attributors: usize,
     /// `(name, url)` of global postbacks.
     postbacks: Vec<(&'a str, String)>,
-    retry_schedule: &'a str,
+    retry_schedule_ms: Vec<u64>,
     /// The attributor's grace period ([`GRACE_MS`] unless a fault can delay a click longer).
-    grace_ms: i64,
+    grace_ms: u64,
 }
 
 impl Cluster {
@@ -83,52 +83,50 @@ impl Cluster {
             },
         );
         s2s_tests::write_pipeline(dir.path(), &pipeline);
-        let write = |name: &str, body: String| {
-            let path = dir.path().join(format!("{name}.toml"));
-            std::fs::write(&path, body).expect("config");
-            path
-        };
-        let ingest = write(
-            "ingest",
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             produce_timeout = \"2s\"\n\
-             [pixel]\nenabled = true\ncookie = \"s2s_click\"\n"
-                .to_string(),
-        );
+        // Each service's config serialized from its struct; the pipeline's beside them.
+        let path = |name: &str| dir.path().join(format!("{name}.toml"));
+        let mut ingest = s2s_tests::ingest_config(&topics);
+        ingest.produce_timeout = Duration::from_secs(2);
+        ingest.pixel.enabled = true;
+        ingest.pixel.cookie = Some("s2s_click".into());
+        s2s_tests::write_config(&path("ingest"), &ingest);
         let group = unique("attributor");
         let attributors = (0..s.attributors)
             .map(|i| {
-                let path = write(
-                    &format!("attributor-{i}"),
-                    format!(
-                        "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{group}\"\nstate_dir = \"{}\"\n\
-                         processing_guarantee = \"at_least_once\"\ngrace_period = \"{}ms\"\n\
-                         commit_interval = \"50ms\"\n",
-                        dir.path().join(format!("attributor-{i}-state")).display(),
-                        s.grace_ms,
-                    ),
+                let mut a = s2s_tests::attributor_config(
+                    &topics,
+                    &dir.path().join(format!("attributor-{i}-state")),
                 );
-                Service::new(env!("CARGO_BIN_EXE_attributor-under-test"), path)
+                a.group_id.clone_from(&group);
+                a.grace_period = Duration::from_millis(s.grace_ms);
+                a.commit_interval = Duration::from_millis(50);
+                let config = path(&format!("attributor-{i}"));
+                s2s_tests::write_config(&config, &a);
+                Service::new(env!("CARGO_BIN_EXE_attributor-under-test"), config)
             })
             .collect();
-        let mut postbacks = String::new();
-        for (name, url) in &s.postbacks {
-            postbacks.push_str(&format!(
-                "[[postbacks]]\nname = \"{name}\"\nurl = \"{url}\"\nsend_updates = true\n"
-            ));
+        let postbacks: Vec<(String, String)> = s
+            .postbacks
+            .iter()
+            .map(|(n, u)| (n.to_string(), u.clone()))
+            .collect();
+        let mut d =
+            s2s_tests::delivery_config(&topics, &dir.path().join("delivery-state"), &postbacks);
+        for p in &mut d.postbacks {
+            p.send_updates = true;
         }
-        let delivery = write(
-            "delivery",
-            format!(
-                "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{}\"\nstate_dir = \"{}\"\n\
-                 commit_interval = \"20ms\"\nrequest_timeout = \"2s\"\n\
-                 retry_schedule = {}\n\
-                 [circuit]\nfailure_threshold = 10\nopen_for = \"1s\"\nmax_open_for = \"2s\"\n{postbacks}",
-                unique("delivery"),
-                dir.path().join("delivery-state").display(),
-                s.retry_schedule,
-            ),
-        );
+        d.commit_interval = Duration::from_millis(20);
+        d.request_timeout = Duration::from_secs(2);
+        d.retry_schedule = s
+            .retry_schedule_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect();
+        d.circuit.failure_threshold = 10;
+        d.circuit.open_for = Duration::from_secs(1);
+        d.circuit.max_open_for = Duration::from_secs(2);
+        s2s_tests::write_config(&path("delivery"), &d);
+        let (ingest, delivery) = (path("ingest"), path("delivery"));
         let mut c = Cluster {
             topics,
             ingest: Service::new(env!("CARGO_BIN_EXE_ingest-under-test"), ingest),
@@ -288,7 +286,7 @@ async fn attributor_killed_repeatedly_while_traffic_flows() {
         partitions: 3,
         attributors: 1,
         postbacks: postbacks.to_vec(),
-        retry_schedule: "[\"200ms\", \"400ms\", \"800ms\"]",
+        retry_schedule_ms: vec![200, 400, 800],
         grace_ms: GRACE_MS,
     })
     .await;
@@ -330,7 +328,7 @@ async fn delivery_killed_repeatedly_while_traffic_flows() {
         partitions: 3,
         attributors: 1,
         postbacks: postbacks.to_vec(),
-        retry_schedule: "[\"200ms\", \"400ms\", \"800ms\"]",
+        retry_schedule_ms: vec![200, 400, 800],
         grace_ms: GRACE_MS,
     })
     .await;
@@ -377,8 +375,7 @@ async fn an_endpoint_down_for_a_while_then_back_gets_everything() {
         attributors: 1,
         postbacks: postbacks.to_vec(),
         // 8 attempts over 25 s: longer than the outage.
-        retry_schedule:
-            "[\"200ms\", \"400ms\", \"800ms\", \"1600ms\", \"3200ms\", \"6400ms\", \"12800ms\"]",
+        retry_schedule_ms: vec![200, 400, 800, 1600, 3200, 6400, 12800],
         grace_ms: GRACE_MS,
     })
     .await;
@@ -424,7 +421,7 @@ async fn two_attributors_one_killed() {
         partitions: 4,
         attributors: 2,
         postbacks: postbacks.to_vec(),
-        retry_schedule: "[\"200ms\", \"400ms\", \"800ms\"]",
+        retry_schedule_ms: vec![200, 400, 800],
         grace_ms: GRACE_MS,
     })
     .await;
@@ -484,7 +481,7 @@ async fn broker_restarted_during_ingest_loses_nothing_acknowledged() {
         partitions: 2,
         attributors: 1,
         postbacks: postbacks.to_vec(),
-        retry_schedule: "[\"500ms\", \"1000ms\", \"2000ms\", \"4000ms\", \"8000ms\"]",
+        retry_schedule_ms: vec![500, 1000, 2000, 4000, 8000],
         // A click sent LATE_BY_MS after its postback can be held up by the outage (4 s
         // down, ingest's 2 s produce timeout, the client's retries); past the grace period
         // unknown_click would be the right outcome, not the attribution the plan expects

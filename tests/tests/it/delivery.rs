@@ -530,33 +530,32 @@ async fn replays_are_not_delivered_twice_and_updates_go_where_asked() {
     d.stop().await;
 }
 
-/// A delivery config file for the binary run as a child process.
-fn child_config(
+/// The config of the binary run as a child process, written to `path`; its pipeline
+/// config beside it, where [`ChildService`] points it.
+fn write_child_config(
+    path: &Path,
     topics: &TopicsConfig,
     state: &Path,
     group: &str,
     postbacks: &[(&str, String)],
-) -> String {
-    // The pipeline config beside the service's (the directory holding `state`), where
-    // the spawns below point S2S_PIPELINE.
-    let dir = state.parent().expect("state has a parent");
+) {
+    let dir = path.parent().expect("a config directory");
     s2s_tests::write_pipeline(
         dir,
         &s2s_tests::child_pipeline(&s2s_tests::brokers(), topics),
     );
-    let mut toml = format!(
-        "admin_listen = \"127.0.0.1:0\"\ngroup_id = \"{group}\"\nstate_dir = \"{}\"\n\
-         commit_interval = \"20ms\"\nmax_batch = 50\nendpoint_max_in_flight = 8\n\
-         retry_schedule = [\"200ms\", \"200ms\"]\n\
-         request_timeout = \"2s\"\n",
-        state.display(),
-    );
-    for (name, url) in postbacks {
-        toml.push_str(&format!(
-            "[[postbacks]]\nname = \"{name}\"\nurl = \"{url}\"\n"
-        ));
-    }
-    toml
+    let owned: Vec<(String, String)> = postbacks
+        .iter()
+        .map(|(n, u)| (n.to_string(), u.clone()))
+        .collect();
+    let mut c = delivery_config(topics, state, &owned);
+    c.group_id = group.to_string();
+    c.commit_interval = Duration::from_millis(20);
+    c.max_batch = 50;
+    c.endpoint_max_in_flight = 8;
+    c.retry_schedule = vec![Duration::from_millis(200); 2];
+    c.request_timeout = Duration::from_secs(2);
+    s2s_tests::write_config(path, &c);
 }
 
 /// Runs `delivery replay …` and returns what it printed on stdout.
@@ -591,11 +590,13 @@ async fn dead_letters_are_redelivered_by_replay_once() {
         ("fine", fine.url("/pb")),
     ];
     let config_path = state.path().join("delivery.toml");
-    std::fs::write(
+    write_child_config(
         &config_path,
-        child_config(&t, &state.path().join("state"), &group, &postbacks),
-    )
-    .expect("config");
+        &t,
+        &state.path().join("state"),
+        &group,
+        &postbacks,
+    );
     let mut config = delivery_config(&t, &state.path().join("state"), &[]);
     config.group_id = group;
     config.postbacks = postbacks
@@ -705,16 +706,13 @@ async fn a_killed_worker_loses_no_delivery() {
     let t = topics(3);
     let state = tempfile::tempdir().expect("dir");
     let config = state.path().join("delivery.toml");
-    std::fs::write(
+    write_child_config(
         &config,
-        child_config(
-            &t,
-            &state.path().join("state"),
-            &unique("delivery"),
-            &[("aff", ep.url("/pb?c={click_id}"))],
-        ),
-    )
-    .expect("config");
+        &t,
+        &state.path().join("state"),
+        &unique("delivery"),
+        &[("aff", ep.url("/pb?c={click_id}"))],
+    );
     let bin = env!("CARGO_BIN_EXE_delivery-under-test");
     let mut first = ChildService::new(bin, config.clone()).with_log(state.path().join("first.log"));
     first.start();
