@@ -372,7 +372,7 @@ mod tests {
     use super::*;
 
     fn defaults() -> DeliveryConfig {
-        s2s_common::config::load_files(DEFAULT_TOML, None).expect("parses")
+        <DeliveryConfig as ServiceConfig>::defaults().expect("parses")
     }
 
     /// A config of `deploy/<dir>/`, its own file and the pipeline's.

@@ -118,13 +118,7 @@ mod tests {
     use super::*;
 
     fn answered(status: u16) -> Sent {
-        Sent {
-            status: Some(status),
-            failure: None,
-            error: None,
-            retry_after: None,
-            latency: Duration::from_millis(3),
-        }
+        Sent::answered(status, Duration::from_millis(3))
     }
 
     #[test]

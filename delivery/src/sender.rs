@@ -56,6 +56,18 @@ pub struct Sent {
 }
 
 impl Sent {
+    /// An answer with `status` after `latency` (tests of the rules that read it).
+    #[cfg(test)]
+    pub(crate) fn answered(status: u16, latency: Duration) -> Self {
+        Sent {
+            status: Some(status),
+            failure: None,
+            error: None,
+            retry_after: None,
+            latency,
+        }
+    }
+
     /// An attempt that was not made.
     pub fn not_sent(failure: Failure, error: String) -> Self {
         Sent {

@@ -150,13 +150,7 @@ mod tests {
     }
 
     fn answered(status: u16) -> Sent {
-        Sent {
-            status: Some(status),
-            failure: None,
-            error: None,
-            retry_after: None,
-            latency: Duration::from_millis(40),
-        }
+        Sent::answered(status, Duration::from_millis(40))
     }
 
     #[test]

@@ -363,9 +363,7 @@ mod tests {
 
     #[test]
     fn default_config_is_valid() {
-        let c: IngestConfig = s2s_common::config::load_files::<IngestConfig>(DEFAULT_TOML, None)
-            .expect("parses")
-            .with_pipeline(PipelineConfig::defaults());
+        let c = defaults();
         let compiled = c.validate().expect("valid");
         assert_eq!(
             c.postback.events,
@@ -384,9 +382,7 @@ mod tests {
     }
 
     fn defaults() -> IngestConfig {
-        s2s_common::config::load_files::<IngestConfig>(DEFAULT_TOML, None)
-            .expect("parses")
-            .with_pipeline(PipelineConfig::defaults())
+        <IngestConfig as ServiceConfig>::defaults().expect("parses")
     }
 
     /// A config of `deploy/<dir>/`, its own file and the pipeline's.
