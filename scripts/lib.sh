@@ -2,14 +2,25 @@
 # machine lacks and starts/stops the test broker. Source it; do not run it.
 
 # Caches live outside the clone so that a new clone (CI) reuses them; both are safe to
-# delete (they are rebuilt, which takes minutes).
+# delete (they are rebuilt, which takes minutes). The checkout's `target` is a link to the
+# cache's build directory, so plain `cargo build` / `cargo test` in the checkout and the
+# scripts share one target directory. A `target` that is already there (a directory, or
+# a link elsewhere) is used as it is; CARGO_TARGET_DIR overrides both.
 S2S_CACHE="${S2S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/s2s-postback}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$S2S_CACHE/target}"
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  if [ ! -e target ] && [ ! -L target ]; then
+    mkdir -p "$S2S_CACHE/target"
+    ln -s "$S2S_CACHE/target" target
+  fi
+  CARGO_TARGET_DIR="$PWD/target"
+fi
+export CARGO_TARGET_DIR
 TANSU_VERSION=0.6.0
 TANSU_ROOT="$S2S_CACHE/tansu-$TANSU_VERSION"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+# Each step's line says when it began, in seconds since the script started.
+log() { printf '\033[1m==> [%ds] %s\033[0m\n' "$SECONDS" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages the build needs: libclang for RocksDB's bindgen, OpenSSL headers for
@@ -62,12 +73,43 @@ ensure_rust_tools() {
   fi
 }
 
-# Tansu, a Kafka-API-compatible broker, built once into the cache (about 8 minutes).
+# Python tools of the tests (scripts/requirements.txt) in a virtualenv in the cache, rebuilt
+# when the list changes; its bin/ goes first on PATH.
+ensure_python_tools() {
+  local venv sum
+  sum=$(sha256sum scripts/requirements.txt | cut -c1-12)
+  venv="$S2S_CACHE/venv-$sum"
+  if [ ! -x "$venv/bin/kubernetes-validate" ] || ! "$venv/bin/python" -c "import confluent_kafka" 2>/dev/null; then
+    log "installing the tests' Python tools into $venv"
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+      log "installing Debian package python3-venv"
+      local sudo=""
+      [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv
+      rm -rf "$venv"
+      python3 -m venv "$venv"
+    fi
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements.txt
+  fi
+  export PATH="$venv/bin:$PATH"
+}
+
+# kubectl, for `kubectl kustomize` (the tests build deploy/k8s as a cluster would). Debian
+# 12's kubernetes-client (1.20) is too old for the kustomization; there is no other
+# package source here, so a missing kubectl is an error that says where to get one.
+ensure_kubectl() {
+  command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1 && return 0
+  die "kubectl (1.27 or newer, with kustomize) is missing: see https://kubernetes.io/docs/tasks/tools/"
+}
+
+# Tansu, a Kafka-API-compatible broker, built once into the cache (about 20 minutes on 2 cores).
 ensure_tansu() {
   if [ -x "$TANSU_BIN" ] && "$TANSU_BIN" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
     return 0
   fi
-  log "building Tansu $TANSU_VERSION into $TANSU_ROOT (once; about 8 minutes on 2 cores)"
+  log "building Tansu $TANSU_VERSION into $TANSU_ROOT (once; about 20 minutes on 2 cores)"
   cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
     --root "$TANSU_ROOT" --quiet
 }

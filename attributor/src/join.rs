@@ -596,7 +596,7 @@ pub fn unknown_click(pb: &Postback, grace_ms: i64, now_ms: i64) -> Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use s2s_common::contract::Params;
+    use s2s_common::fixtures;
 
     const DAY: i64 = 86_400_000;
 
@@ -653,35 +653,19 @@ mod tests {
 
     fn click(offer: &str, ts: i64) -> Click {
         Click {
-            schema_version: 1,
-            click_id: "c1".into(),
             offer_id: offer.into(),
-            aff_id: "42".into(),
             subs: [("sub1".to_string(), "s".to_string())].into(),
-            params: Params::new(),
-            ip: None,
-            user_agent: None,
-            referrer: None,
             ts_ms: ts,
+            ..fixtures::click("c1")
         }
     }
 
     fn pb(event: &str, ts: i64, txn: Option<&str>) -> Postback {
         Postback {
-            schema_version: 1,
-            postback_id: format!("pb-{event}-{ts}-{}", txn.unwrap_or("")),
-            click_id: "c1".into(),
             event: event.into(),
             txn_id: txn.map(str::to_string),
-            amount: None,
-            currency: None,
-            status: "approved".into(),
-            source: None,
-            params: Params::new(),
-            ip: None,
             ts_ms: ts,
-            event_time_ms: None,
-            trust: Default::default(),
+            ..fixtures::postback(&format!("pb-{event}-{ts}-{}", txn.unwrap_or("")), "c1")
         }
     }
 

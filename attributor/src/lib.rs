@@ -132,13 +132,13 @@ struct Attribution {
 impl Attribution {
     fn emit(&self, cx: &mut Cx<'_, '_, Cf, Outcome>, outcomes: impl IntoIterator<Item = Outcome>) {
         for o in outcomes {
-            let (topic, payload) = match &o {
+            let key = partition_key(o.key());
+            cx.emit(match &o {
                 Outcome::Attributed(c) | Outcome::Updated(c) => {
-                    (&self.conversions, contract::encode(c))
+                    Output::record(&self.conversions, key, c)
                 }
-                Outcome::Rejected(r) => (&self.rejections, contract::encode(r)),
-            };
-            cx.emit(Output::keyed(topic, partition_key(o.key()), payload));
+                Outcome::Rejected(r) => Output::record(&self.rejections, key, r),
+            });
             cx.event(o);
         }
     }

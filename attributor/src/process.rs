@@ -345,6 +345,7 @@ mod tests {
     use super::*;
     use crate::store::{Store, StoreLimits};
     use s2s_common::contract::RejectReason;
+    use s2s_common::fixtures;
     use std::collections::BTreeMap;
 
     fn store(dir: &std::path::Path) -> Store {
@@ -378,35 +379,16 @@ mod tests {
 
     fn click(id: &str, ts: i64) -> Click {
         Click {
-            schema_version: 1,
-            click_id: id.into(),
-            offer_id: "1".into(),
             aff_id: "a".into(),
-            subs: Default::default(),
-            params: Default::default(),
-            ip: None,
-            user_agent: None,
-            referrer: None,
             ts_ms: ts,
+            ..fixtures::click(id)
         }
     }
 
     fn pb(id: &str, click_id: &str, ts: i64) -> Postback {
         Postback {
-            schema_version: 1,
-            postback_id: id.into(),
-            click_id: click_id.into(),
-            event: "ftd".into(),
-            txn_id: None,
-            amount: None,
-            currency: None,
-            status: "approved".into(),
-            source: None,
-            params: Default::default(),
-            ip: None,
             ts_ms: ts,
-            event_time_ms: None,
-            trust: Default::default(),
+            ..fixtures::postback(id, click_id)
         }
     }
 

@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use s2s_attributor::process::Joiner;
 use s2s_attributor::store::{Cf, StoreLimits, StoreSet};
 use s2s_attributor::AttributorConfig;
-use s2s_common::contract::{Click, Params};
+use s2s_common::contract::{Click, Postback};
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::{TopicConfig, TopicsConfig};
 use tokio_util::sync::CancellationToken;
@@ -48,8 +48,6 @@ fn random_token(len: usize) -> String {
 /// affiliates, two sub IDs of typical length, a browser's user agent.
 pub(crate) fn realistic_click(ts_ms: i64) -> Click {
     Click {
-        schema_version: 1,
-        click_id: ulid::Ulid::new().to_string(),
         offer_id: fastrand::u32(1..=50).to_string(),
         aff_id: fastrand::u32(1..=5000).to_string(),
         subs: [
@@ -57,13 +55,12 @@ pub(crate) fn realistic_click(ts_ms: i64) -> Click {
             ("sub2".to_string(), random_token(8)),
         ]
         .into(),
-        params: Params::new(),
         ip: Some(format!("203.0.113.{}", fastrand::u8(1..255))),
         user_agent: Some(
             "Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 Chrome/126.0 Mobile".into(),
         ),
-        referrer: None,
         ts_ms,
+        ..s2s_common::fixtures::click(&ulid::Ulid::new().to_string())
     }
 }
 
@@ -319,12 +316,16 @@ pub async fn throughput(
     let inputs: Vec<Click> = (0..clicks).map(|_| realistic_click(now)).collect();
     let started = Instant::now();
     let records = inputs.iter().enumerate().flat_map(|(i, c)| {
-        let postback = serde_json::json!({
-            "schema_version": 1, "postback_id": ulid::Ulid::new().to_string(),
-            "click_id": c.click_id, "event": if i % 3 == 0 { "ftd" } else { "registration" },
-            "txn_id": format!("t{i}"), "amount": "25.00", "currency": "USD",
-            "status": "approved", "source": "bench", "ip": null, "ts_ms": now,
-        });
+        let postback = Postback {
+            event: if i % 3 == 0 { "ftd" } else { "registration" }.into(),
+            txn_id: Some(format!("t{i}")),
+            amount: Some(rust_decimal::Decimal::new(2_500, 2)),
+            currency: Some("USD".into()),
+            source: Some("bench".into()),
+            ip: None,
+            ts_ms: now,
+            ..s2s_common::fixtures::postback(&ulid::Ulid::new().to_string(), &c.click_id)
+        };
         [
             (
                 topics.clicks.name.clone(),
@@ -334,7 +335,7 @@ pub async fn throughput(
             (
                 topics.postbacks.name.clone(),
                 c.click_id.clone(),
-                postback.to_string().into_bytes(),
+                s2s_common::contract::encode(&postback),
             ),
         ]
     });

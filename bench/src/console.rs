@@ -26,9 +26,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rust_decimal::Decimal;
-use s2s_common::contract::{
-    self, AttemptOutcome, Click, Conversion, DeliveryAttempt, Postback, SCHEMA_VERSION,
-};
+use s2s_common::contract::{self, AttemptOutcome, Click, Conversion, DeliveryAttempt, Postback};
+use s2s_common::fixtures;
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::TopicsConfig;
 use s2s_console::model::{apply, Input};
@@ -54,70 +53,35 @@ fn story(now: i64) -> Story {
     let click = realistic_click(now - 3_600_000);
     let id = &click.click_id;
     let postback = Postback {
-        schema_version: SCHEMA_VERSION,
-        postback_id: ulid::Ulid::new().to_string(),
-        click_id: id.clone(),
-        event: "ftd".into(),
         txn_id: Some(format!("T-{}", ulid::Ulid::new())),
         amount: Some(Decimal::new(10_000, 2)),
         currency: Some("EUR".into()),
-        status: "approved".into(),
         source: Some("casino-a".into()),
-        params: Default::default(),
-        ip: Some("198.51.100.7".into()),
         ts_ms: now,
-        event_time_ms: None,
-        trust: Default::default(),
+        ..fixtures::postback(&ulid::Ulid::new().to_string(), id)
     };
     let conversion = Conversion {
-        schema_version: SCHEMA_VERSION,
-        conversion_id: format!("cv-{}", ulid::Ulid::new()),
-        version: 1,
         outcome_id: format!("o-{}", ulid::Ulid::new()),
         postback_id: postback.postback_id.clone(),
-        click_id: id.clone(),
         offer_id: click.offer_id.clone(),
         aff_id: click.aff_id.clone(),
         subs: click.subs.clone(),
-        event: "ftd".into(),
         txn_id: postback.txn_id.clone(),
-        status: "approved".into(),
         amount: postback.amount,
         currency: postback.currency.clone(),
-        payout: Decimal::new(5_000, 2),
-        payout_currency: "USD".into(),
-        payout_delta: Decimal::new(5_000, 2),
-        priced_payout: Decimal::new(5_000, 2),
-        payout_rule: Default::default(),
         click_ts_ms: click.ts_ms,
         event_ts_ms: now,
         received_ts_ms: now,
         attributed_at_ms: now + 3,
-        previous_status: None,
-        status_reason: None,
-        trust: Default::default(),
-        suspicious: false,
+        ..fixtures::conversion(&format!("cv-{}", ulid::Ulid::new()), id)
     };
     let endpoint = format!("aff-{}", click.aff_id);
     let attempt = |n: u32, outcome: AttemptOutcome| DeliveryAttempt {
-        schema_version: SCHEMA_VERSION,
-        delivery_id: s2s_delivery::endpoint::delivery_id(&conversion, &endpoint),
-        conversion_id: conversion.conversion_id.clone(),
-        conversion_version: 1,
-        click_id: id.clone(),
-        endpoint: endpoint.clone(),
-        attempt: n,
         url: format!("https://tracker.example/pb?cid={id}&payout=50.00"),
-        status_code: Some(if outcome == AttemptOutcome::Delivered {
-            200
-        } else {
-            503
-        }),
         latency_ms: 40,
-        outcome,
-        error: (outcome != AttemptOutcome::Delivered).then(|| "HTTP 503: busy".to_string()),
         ts_ms: now + 10 + i64::from(n) * 5_000,
         next_attempt_at_ms: (outcome != AttemptOutcome::Delivered).then_some(now + 5_010),
+        ..fixtures::attempt(&conversion, &endpoint, n, outcome)
     };
     let failed = attempt(1, AttemptOutcome::Retryable);
     let delivered = attempt(2, AttemptOutcome::Delivered);

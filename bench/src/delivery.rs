@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::producer::FutureProducer;
-use rust_decimal::Decimal;
-use s2s_common::contract::{Conversion, SCHEMA_VERSION};
+use s2s_common::contract::Conversion;
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::TopicsConfig;
 
@@ -38,15 +37,12 @@ struct Phase {
     cores: f64,
 }
 
+/// Conversion `i` of 500 affiliates' traffic: two sub IDs, an FTD paying 50.00 USD.
 fn conversion(i: usize, now: i64) -> Conversion {
     let id = format!("{:026}", i);
     Conversion {
-        schema_version: SCHEMA_VERSION,
-        conversion_id: format!("cv-{id}"),
-        version: 1,
         outcome_id: format!("o-{id}"),
         postback_id: format!("pb-{id}"),
-        click_id: ulid::Ulid::new().to_string(),
         offer_id: "17".into(),
         aff_id: format!("{}", i % 500),
         subs: [
@@ -54,24 +50,12 @@ fn conversion(i: usize, now: i64) -> Conversion {
             ("sub2".to_string(), format!("creative-{}", i % 40)),
         ]
         .into(),
-        event: "ftd".into(),
         txn_id: Some(format!("T{i}")),
-        status: "approved".into(),
-        amount: Some(Decimal::new(10_000, 2)),
-        currency: Some("EUR".into()),
-        payout: Decimal::new(5_000, 2),
-        payout_currency: "USD".into(),
-        payout_delta: Decimal::new(5_000, 2),
-        priced_payout: Decimal::new(5_000, 2),
-        payout_rule: Default::default(),
         click_ts_ms: now - 3_600_000,
         event_ts_ms: now,
         received_ts_ms: now,
         attributed_at_ms: now,
-        previous_status: None,
-        status_reason: None,
-        trust: Default::default(),
-        suspicious: false,
+        ..s2s_common::fixtures::conversion(&format!("cv-{id}"), &ulid::Ulid::new().to_string())
     }
 }
 

@@ -275,7 +275,8 @@ pub async fn run(
         write(
             "ingest",
             format!(
-                "listen = \"127.0.0.1:{ingest_port}\"\nadmin_listen = \"127.0.0.1:{}\"\n",
+                "listen = \"127.0.0.1:{ingest_port}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
+                 [sources.default]\nauth = \"none\"\n",
                 admin[0]
             ),
         )?,

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
+use schemars::JsonSchema;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The schema version this build writes and the highest one it reads.
@@ -18,11 +19,29 @@ pub const SUB_ID_KEYS: [&str; 10] = [
     "sub1", "sub2", "sub3", "sub4", "sub5", "sub6", "sub7", "sub8", "sub9", "sub10",
 ];
 
+/// How money appears on the wire, for the JSON Schemas: a decimal string (`"50.00"`,
+/// `"-50.00"`), never a number, so that no reader parses it into a float.
+struct Money;
+
+impl JsonSchema for Money {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Money".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A decimal amount as a string, e.g. \"50.00\"; never a number.",
+            "type": "string",
+            "pattern": "^-?[0-9]+(\\.[0-9]+)?$"
+        })
+    }
+}
+
 /// Free-form parameters carried through verbatim (sub IDs, extra query parameters).
 pub type Params = BTreeMap<String, String>;
 
 /// A click: one visit through an affiliate link, published by ingest before the redirect.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Click {
     pub schema_version: u32,
     /// Unique, URL-safe, time-sortable (ULID) unless the operator minted its own.
@@ -42,7 +61,7 @@ pub struct Click {
 }
 
 /// A postback: the operator's server telling us a click converted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Postback {
     pub schema_version: u32,
     /// Assigned by ingest when the postback is accepted; the input identity of every outcome.
@@ -52,6 +71,7 @@ pub struct Postback {
     pub event: String,
     /// The operator's transaction ID, the deduplication key of repeated events.
     pub txn_id: Option<String>,
+    #[schemars(with = "Option<Money>")]
     pub amount: Option<Decimal>,
     /// ISO 4217 code, upper case.
     pub currency: Option<String>,
@@ -74,7 +94,7 @@ pub struct Postback {
 }
 
 /// How a postback reached ingest: how far its word can be trusted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Trust {
     /// The operator's server called a postback route (authenticated as its source says).
@@ -102,7 +122,7 @@ impl Postback {
 }
 
 /// An attributed conversion, published by the attributor and delivered to affiliates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Conversion {
     pub schema_version: u32,
     /// Stable across status updates of the same conversion.
@@ -121,18 +141,22 @@ pub struct Conversion {
     pub txn_id: Option<String>,
     pub status: String,
     /// What the operator reported (deposit size, order value), if anything.
+    #[schemars(with = "Option<Money>")]
     pub amount: Option<Decimal>,
     pub currency: Option<String>,
     /// What the affiliate is owed for this conversion at this version: `priced_payout`
     /// while the status pays, 0 in a status that pays nothing (rejected, reversed).
+    #[schemars(with = "Money")]
     pub payout: Decimal,
     pub payout_currency: String,
     /// The change of `payout` against the previous version (on version 1, the payout):
     /// summing the deltas per affiliate and currency gives the balance.
     #[serde(default)]
+    #[schemars(with = "Money")]
     pub payout_delta: Decimal,
     /// What the pricing rule gives this conversion, whatever its status.
     #[serde(default)]
+    #[schemars(with = "Money")]
     pub priced_payout: Decimal,
     /// Which pricing rule set `priced_payout`.
     #[serde(default)]
@@ -162,8 +186,20 @@ pub struct Conversion {
     pub suspicious: bool,
 }
 
+impl Conversion {
+    /// The stable ID of this version's delivery to `endpoint` (the postback's name): the
+    /// `delivery_id` of its attempts and dead letter, and the idempotency key
+    /// (`webhook-id`) the affiliate receives, the same on every retry and re-fire.
+    pub fn delivery_id(&self, endpoint: &str) -> String {
+        crate::ids::derived(
+            "delivery",
+            &[&self.conversion_id, &self.version.to_string(), endpoint],
+        )
+    }
+}
+
 /// Which rule priced a conversion. Label values of metrics: keep the set small.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PayoutRule {
     /// The offer's payout for the event.
@@ -186,7 +222,7 @@ impl PayoutRule {
 }
 
 /// Why a conversion has its status when the pipeline, not a postback, decided it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusReason {
     /// Too fast after its click, on an offer that holds such conversions: `pending` until
@@ -210,7 +246,7 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// Why a postback did not become a conversion. Label values of metrics: keep the set small.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectReason {
     /// No click with this ID arrived within the grace period.
@@ -257,7 +293,7 @@ impl RejectReason {
 }
 
 /// A reason-coded rejection: the outcome of a postback that was not attributed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Rejection {
     pub schema_version: u32,
     /// Deterministic ID of this outcome, derived from its input.
@@ -285,7 +321,7 @@ impl Rejection {
 }
 
 /// How one HTTP attempt to an affiliate endpoint ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AttemptOutcome {
     /// A 2xx answer.
@@ -307,7 +343,7 @@ impl AttemptOutcome {
 }
 
 /// One HTTP attempt, published to the delivery-log topic for troubleshooting.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DeliveryAttempt {
     pub schema_version: u32,
     /// Stable per (conversion, version, endpoint): the idempotency key sent to the affiliate.
@@ -331,7 +367,7 @@ pub struct DeliveryAttempt {
 }
 
 /// Why a delivery was given up. Label values of metrics: keep the set small.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeadLetterReason {
     /// Every attempt of the retry schedule failed with a retryable error.
@@ -362,7 +398,7 @@ impl DeadLetterReason {
 }
 
 /// A delivery that was given up, published to the dead-letter topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DeadLetter {
     pub schema_version: u32,
     pub delivery_id: String,
@@ -377,7 +413,7 @@ pub struct DeadLetter {
 }
 
 /// What an operator asks the delivery worker to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandAction {
     /// Send a dead-lettered delivery again with a fresh retry schedule (or, if it is still
@@ -396,7 +432,7 @@ impl CommandAction {
 /// A command to the delivery worker, on the delivery-commands topic keyed by click ID (so
 /// it reaches the instance that owns the conversion's deliveries). The topic is also the
 /// record of who asked for what, and when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DeliveryCommand {
     pub schema_version: u32,
     /// Unique per command (ULID).
@@ -417,7 +453,7 @@ pub struct DeliveryCommand {
 /// A postback or batch record ingest refused with a 4xx, published to the refusals topic
 /// (keyed by source) so that an operator's engineer can see why postbacks do not arrive.
 /// Secrets are removed from `params` and every field is bounded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Refusal {
     pub schema_version: u32,
     /// Unique (ULID).
@@ -475,6 +511,86 @@ versioned!(
     DeliveryCommand
 );
 
+/// Names of the Kafka headers on every record the pipeline writes, so that a consumer can
+/// route and deduplicate without decoding the value.
+pub mod header {
+    /// The record's `schema_version`, as decimal text.
+    pub const SCHEMA_VERSION: &str = "s2s-schema-version";
+    /// The record type: [`super::WireRecord::KIND`].
+    pub const KIND: &str = "s2s-kind";
+    /// On conversions and rejections: the record's `outcome_id`.
+    pub const OUTCOME_ID: &str = "s2s-outcome-id";
+}
+
+/// A record type of the wire contract, with what its Kafka headers say.
+pub trait WireRecord: Serialize + Versioned {
+    /// The `s2s-kind` header: `click`, `postback`, `refusal`, `conversion`, `rejection`,
+    /// `delivery_attempt`, `dead_letter` or `delivery_command`.
+    const KIND: &'static str;
+
+    /// The `s2s-outcome-id` header, on outcomes.
+    fn outcome_id(&self) -> Option<&str> {
+        None
+    }
+
+    /// The headers of this record, in the order they are written.
+    fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![
+            (header::SCHEMA_VERSION, self.schema_version().to_string()),
+            (header::KIND, Self::KIND.to_string()),
+        ];
+        if let Some(id) = self.outcome_id() {
+            h.push((header::OUTCOME_ID, id.to_string()));
+        }
+        h
+    }
+}
+
+macro_rules! wire_record {
+    ($($t:ty => $kind:literal),*) => {$(
+        impl WireRecord for $t {
+            const KIND: &'static str = $kind;
+        }
+    )*};
+}
+wire_record!(
+    Click => "click",
+    Postback => "postback",
+    Refusal => "refusal",
+    DeliveryAttempt => "delivery_attempt",
+    DeadLetter => "dead_letter",
+    DeliveryCommand => "delivery_command"
+);
+
+impl WireRecord for Conversion {
+    const KIND: &'static str = "conversion";
+    fn outcome_id(&self) -> Option<&str> {
+        Some(&self.outcome_id)
+    }
+}
+
+impl WireRecord for Rejection {
+    const KIND: &'static str = "rejection";
+    fn outcome_id(&self) -> Option<&str> {
+        Some(&self.outcome_id)
+    }
+}
+
+/// The JSON Schema of every record type, by the name of its file under `schemas/`
+/// (`<name>.schema.json`), checked in and compared with these in the tests.
+pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
+    vec![
+        ("click", schemars::schema_for!(Click)),
+        ("postback", schemars::schema_for!(Postback)),
+        ("refusal", schemars::schema_for!(Refusal)),
+        ("conversion", schemars::schema_for!(Conversion)),
+        ("rejection", schemars::schema_for!(Rejection)),
+        ("delivery-attempt", schemars::schema_for!(DeliveryAttempt)),
+        ("dead-letter", schemars::schema_for!(DeadLetter)),
+        ("delivery-command", schemars::schema_for!(DeliveryCommand)),
+    ]
+}
+
 /// Serialises a record for a Kafka payload.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     // Sized for a typical record, so that it is written without growing the buffer.
@@ -501,24 +617,9 @@ pub fn decode<T: DeserializeOwned + Versioned>(payload: &[u8]) -> Result<T, Cont
 mod tests {
     use super::*;
 
-    fn click() -> Click {
-        Click {
-            schema_version: SCHEMA_VERSION,
-            click_id: "01J0000000000000000000000A".into(),
-            offer_id: "7".into(),
-            aff_id: "42".into(),
-            subs: [("sub1".to_string(), "x y".to_string())].into(),
-            params: Params::new(),
-            ip: Some("203.0.113.9".into()),
-            user_agent: None,
-            referrer: None,
-            ts_ms: 1_700_000_000_000,
-        }
-    }
-
     #[test]
     fn round_trips_and_checks_version() {
-        let c = click();
+        let c = crate::fixtures::click("01J0000000000000000000000A");
         let bytes = encode(&c);
         assert_eq!(decode::<Click>(&bytes).ok(), Some(c.clone()));
 
@@ -529,6 +630,46 @@ mod tests {
             err,
             Some(ContractError::UnsupportedVersion { found }) if found == SCHEMA_VERSION + 1
         ));
+    }
+
+    #[test]
+    fn delivery_id_is_stable_per_conversion_version_and_endpoint() {
+        let mut c = crate::fixtures::conversion("cv", "c1");
+        let first = c.delivery_id("e");
+        assert_eq!(first, c.delivery_id("e"));
+        assert_ne!(first, c.delivery_id("f"));
+        c.version = 2;
+        assert_ne!(first, c.delivery_id("e"));
+    }
+
+    /// `schemas/*.schema.json` are what the types say; `S2S_REGENERATE=1 cargo test
+    /// --workspace -- schemas_are` rewrites them after a contract change.
+    #[test]
+    fn schemas_are_the_types_schemas() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas");
+        let regenerate = std::env::var_os("S2S_REGENERATE").is_some();
+        let mut stale = Vec::new();
+        for (name, schema) in schemas() {
+            let path = dir.join(format!("{name}.schema.json"));
+            let want = serde_json::to_string_pretty(&schema).expect("a schema is JSON") + "\n";
+            if regenerate {
+                std::fs::write(&path, &want).expect("write the schema");
+            }
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(want.as_str()) {
+                stale.push(path.display().to_string());
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "{stale:?} differ from the contract's types: regenerate them with \
+             S2S_REGENERATE=1 cargo test --workspace -- schemas_are, and review the diff"
+        );
+        let files = std::fs::read_dir(&dir).expect("schemas/").count();
+        assert_eq!(
+            files,
+            schemas().len() + 1,
+            "one file per record type, and README.md"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use serde::{Deserialize, Serialize};
 
+use crate::contract::WireRecord;
 use crate::topics::{TopicConfig, TopicsConfig};
 
 /// Environment variables with this prefix become librdkafka properties in every service:
@@ -53,6 +54,82 @@ const OWNED: [(&str, &str, &str); 5] = [
         "consumers never see aborted records",
     ),
 ];
+
+/// librdkafka properties that only producers read (column C/P = P of librdkafka 2.12.1's
+/// CONFIGURATION.md). Consumers and admin clients are not given them: a client given
+/// another kind's property logs a CONFWARN at every start.
+const PRODUCER_ONLY: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "request.required.acks",
+    "acks",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "queuing.strategy",
+    "produce.offset.report",
+    "partitioner",
+];
+
+/// librdkafka properties that only consumers read (C/P = C), kept from producers and
+/// admin clients for the same reason.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol.type",
+    "group.protocol",
+    "group.remote.assignor",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "auto.commit.enable",
+    "enable.auto.offset.store",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "offset.store.method",
+    "offset.store.path",
+    "offset.store.sync.interval.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "auto.offset.reset",
+    "consume.callback.max.messages",
+];
+
+/// Which kind of client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Producer,
+    Consumer,
+    Admin,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,20 +250,30 @@ impl KafkaConfig {
         }
     }
 
-    fn base(&self) -> ClientConfig {
+    /// The connection and the pass-through properties this kind of client reads.
+    fn base(&self, client: Client) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers);
         // Feeds crate::kafka_stats (metrics, readiness); a property may override it.
         c.set("statistics.interval.ms", "1000");
         for (k, v) in &self.properties {
-            c.set(k, v);
+            let producer_only = PRODUCER_ONLY.contains(&k.as_str());
+            let consumer_only = CONSUMER_ONLY.contains(&k.as_str());
+            let theirs = match client {
+                Client::Producer => consumer_only,
+                Client::Consumer => producer_only,
+                Client::Admin => producer_only || consumer_only,
+            };
+            if !theirs {
+                c.set(k, v);
+            }
         }
         c
     }
 
     /// Idempotent producer with `acks=all` and the Java-compatible partitioner.
     pub fn producer_config(&self) -> ClientConfig {
-        let mut c = self.base();
+        let mut c = self.base(Client::Producer);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random");
@@ -198,7 +285,7 @@ impl KafkaConfig {
     /// The assignor is `range`: with co-partitioned input topics it gives partition N of
     /// every subscribed topic to the same member, which the attributor's join relies on.
     pub fn consumer_config(&self, group_id: &str) -> ClientConfig {
-        let mut c = self.base();
+        let mut c = self.base(Client::Consumer);
         c.set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -211,7 +298,7 @@ impl KafkaConfig {
     }
 
     pub fn admin_config(&self) -> ClientConfig {
-        self.base()
+        self.base(Client::Admin)
     }
 }
 
@@ -243,7 +330,31 @@ pub struct OutRecord<'a> {
     pub headers: Option<OwnedHeaders>,
 }
 
+/// The Kafka headers of a record of the contract ([`WireRecord::headers`]).
+pub fn wire_headers<R: WireRecord>(record: &R) -> OwnedHeaders {
+    record
+        .headers()
+        .iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            })
+        })
+}
+
 impl<'a> OutRecord<'a> {
+    /// A record of the contract, encoded, with its headers, partitioned by `key`.
+    pub fn record<R: WireRecord>(topic: &'a str, key: &[u8], record: &R) -> Self {
+        OutRecord {
+            topic,
+            partition: None,
+            key: key.to_vec(),
+            payload: Some(crate::contract::encode(record)),
+            headers: Some(wire_headers(record)),
+        }
+    }
+
     /// A record partitioned by `key`.
     pub fn keyed(topic: &'a str, key: &[u8], payload: Vec<u8>) -> Self {
         OutRecord {
@@ -478,6 +589,34 @@ mod tests {
             bootstrap_servers: "127.0.0.1:9092".into(),
             properties: BTreeMap::new(),
         }
+    }
+
+    /// Each client gets only the properties its kind reads: no CONFWARN at start-up.
+    #[test]
+    fn each_client_gets_only_its_own_properties() {
+        let mut c = cfg();
+        for (k, v) in [
+            ("linger.ms", "2"),
+            ("compression.type", "lz4"),
+            ("fetch.min.bytes", "1024"),
+            ("security.protocol", "SASL_SSL"),
+        ] {
+            c.properties.insert(k.into(), v.into());
+        }
+        let producer = c.producer_config();
+        let consumer = c.consumer_config("g");
+        let admin = c.admin_config();
+        assert_eq!(producer.get("linger.ms"), Some("2"));
+        assert_eq!(producer.get("compression.type"), Some("lz4"));
+        assert_eq!(producer.get("fetch.min.bytes"), None);
+        assert_eq!(consumer.get("linger.ms"), None);
+        assert_eq!(consumer.get("compression.type"), None);
+        assert_eq!(consumer.get("fetch.min.bytes"), Some("1024"));
+        for shared in [&producer, &consumer, &admin] {
+            assert_eq!(shared.get("security.protocol"), Some("SASL_SSL"));
+        }
+        assert_eq!(admin.get("linger.ms"), None);
+        assert_eq!(admin.get("fetch.min.bytes"), None);
     }
 
     #[test]

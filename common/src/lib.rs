@@ -1,13 +1,15 @@
 //! Shared library of the S2S postback pipeline.
 //!
 //! Everything two services must agree on lives here, so that it is written once: the wire
-//! contract ([`contract`]), topic names and the partition key ([`topics`]), Kafka client
-//! settings and topic provisioning ([`kafka`]), macro templates ([`template`]), the
-//! `/metrics` + `/healthz` + `/readyz` admin server ([`ops`]), configuration loading
-//! ([`config`]), logging set-up ([`telemetry`]) and the shutdown signal ([`shutdown`]).
+//! contract ([`contract`]) and an example of each of its records ([`fixtures`]), topic
+//! names and the partition key ([`topics`]), Kafka client settings and topic provisioning
+//! ([`kafka`]), macro templates ([`template`]), the `/metrics` + `/healthz` + `/readyz`
+//! admin server ([`ops`]), configuration loading ([`config`]), logging set-up
+//! ([`telemetry`]) and the shutdown signal ([`shutdown`]).
 
 pub mod config;
 pub mod contract;
+pub mod fixtures;
 pub mod ids;
 pub mod kafka;
 pub mod kafka_stats;

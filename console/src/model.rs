@@ -321,8 +321,7 @@ fn refired_since(
             .filter(|c| {
                 c.action == CommandAction::Redeliver
                     && c.requested_at_ms >= since_ms
-                    && s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint)
-                        == delivery_id
+                    && c.conversion.delivery_id(&c.endpoint) == delivery_id
             })
             .map(|c| c.requested_at_ms)
             .max(),
@@ -536,7 +535,7 @@ fn command(
 ) -> Result<Option<LiveEvent>, StoreError> {
     let conv = &c.conversion;
     let new = put_story(st, &conv.click_id, Kind::Command, &c.command_id, raw)?;
-    let delivery_id = s2s_delivery::endpoint::delivery_id(conv, &c.endpoint);
+    let delivery_id = conv.delivery_id(&c.endpoint);
     if new && c.action == CommandAction::Redeliver {
         if let Some(old) = load_delivery(st, &delivery_id)? {
             if old.state != DeliveryState::Delivered {

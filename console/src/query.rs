@@ -210,7 +210,7 @@ impl<'a> Reader<'a> {
                     ),
                     Kind::Command => {
                         let c: DeliveryCommand = decode(Cf::Story, &v)?;
-                        let id = s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint);
+                        let id = c.conversion.delivery_id(&c.endpoint);
                         (Some(c.requested_at_ms), Some(id))
                     }
                 };
@@ -559,9 +559,10 @@ mod tests {
     use crate::schema::{DeliveryState, StoreSet};
     use rust_decimal::Decimal;
     use s2s_common::contract::{
-        self, AttemptOutcome, Click, CommandAction, Conversion, DeadLetter, DeliveryAttempt,
-        DeliveryCommand, Postback, RejectReason, Rejection,
+        self, AttemptOutcome, Click, Conversion, DeadLetter, DeliveryAttempt, DeliveryCommand,
+        Postback, RejectReason, Rejection,
     };
+    use s2s_common::fixtures;
     use s2s_state::Limits;
 
     fn stores(dir: &std::path::Path, n: i32) -> Vec<Arc<Store>> {
@@ -580,48 +581,26 @@ mod tests {
 
     fn click(id: &str, aff: &str, ts: i64) -> Click {
         Click {
-            schema_version: 1,
-            click_id: id.into(),
             offer_id: "7".into(),
             aff_id: aff.into(),
-            subs: Default::default(),
-            params: Default::default(),
-            ip: None,
-            user_agent: None,
-            referrer: None,
             ts_ms: ts,
+            ..fixtures::click(id)
         }
     }
 
     fn conversion(click: &str, aff: &str, n: u32, version: u32, ts: i64) -> Conversion {
         Conversion {
-            schema_version: 1,
-            conversion_id: format!("cv-{click}-{n}"),
             version,
             outcome_id: format!("o-{click}-{n}-{version}"),
             postback_id: format!("p-{click}-{n}-{version}"),
-            click_id: click.into(),
             offer_id: "7".into(),
             aff_id: aff.into(),
-            subs: Default::default(),
-            event: "ftd".into(),
-            txn_id: None,
             status: if version == 1 { "pending" } else { "approved" }.into(),
-            amount: None,
-            currency: None,
-            payout: Decimal::new(5000, 2),
-            payout_currency: "USD".into(),
-            payout_delta: Decimal::new(5000, 2),
-            priced_payout: Decimal::new(5000, 2),
-            payout_rule: Default::default(),
             click_ts_ms: ts,
             event_ts_ms: ts,
             received_ts_ms: ts,
             attributed_at_ms: ts + 5,
-            previous_status: None,
-            status_reason: None,
-            trust: Default::default(),
-            suspicious: false,
+            ..fixtures::conversion(&format!("cv-{click}-{n}"), click)
         }
     }
 
@@ -633,53 +612,27 @@ mod tests {
         ts: i64,
     ) -> DeliveryAttempt {
         DeliveryAttempt {
-            schema_version: 1,
-            delivery_id: s2s_delivery::endpoint::delivery_id(c, "aff"),
-            conversion_id: c.conversion_id.clone(),
-            conversion_version: c.version,
-            click_id: c.click_id.clone(),
-            endpoint: "aff".into(),
-            attempt: n,
-            url: "http://a/".into(),
-            status_code: Some(if outcome == AttemptOutcome::Delivered {
-                200
-            } else {
-                503
-            }),
-            latency_ms: 3,
-            outcome,
-            error: (outcome != AttemptOutcome::Delivered).then(|| "HTTP 503: busy".to_string()),
             ts_ms: ts,
             next_attempt_at_ms: next,
+            ..fixtures::attempt(c, "aff", n, outcome)
         }
     }
 
     /// The dead letter of `c`'s delivery to "aff" after `attempts` failed attempts.
     fn dead_letter(c: &Conversion, attempts: u32, ts: i64) -> DeadLetter {
         DeadLetter {
-            schema_version: 1,
-            delivery_id: s2s_delivery::endpoint::delivery_id(c, "aff"),
-            endpoint: "aff".into(),
-            conversion: c.clone(),
-            reason: Default::default(),
             attempts,
-            last_status: Some(503),
-            last_error: Some("HTTP 503: busy".into()),
             dead_lettered_at_ms: ts,
+            ..fixtures::dead_letter(c, "aff")
         }
     }
 
     /// Alice's re-fire of `c`'s delivery to "aff".
     fn redeliver(c: &Conversion, command_id: &str, ts: i64) -> DeliveryCommand {
         DeliveryCommand {
-            schema_version: 1,
-            command_id: command_id.into(),
-            action: CommandAction::Redeliver,
-            endpoint: "aff".into(),
-            conversion: c.clone(),
-            requested_by: "alice".into(),
             requested_at_ms: ts,
             reason: None,
+            ..fixtures::redeliver(c, "aff", command_id)
         }
     }
 
@@ -709,18 +662,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let st = stores(dir.path(), 2);
         let refusal = |id: &str, source: &str, reason: &str, ts: i64| Refusal {
-            schema_version: 1,
-            refusal_id: id.into(),
-            kind: "postback".into(),
             source: source.into(),
-            status: 401,
             reason: reason.into(),
-            field: None,
-            message: "no".into(),
-            client_ip: None,
-            path: "/postback".into(),
-            params: Default::default(),
             ts_ms: ts,
+            ..fixtures::refusal(id)
         };
         let all = [
             refusal("r1", "acme", "unauthorized", 10),
@@ -799,20 +744,9 @@ mod tests {
         let st = stores(dir.path(), 2);
         let ck = click("c1", "42", 1_000);
         let pb = Postback {
-            schema_version: 1,
-            postback_id: "p-c1-1-1".into(),
-            click_id: "c1".into(),
-            event: "ftd".into(),
-            txn_id: None,
-            amount: None,
-            currency: None,
             status: "pending".into(),
-            source: None,
-            params: Default::default(),
-            ip: None,
             ts_ms: 2_000,
-            event_time_ms: None,
-            trust: Default::default(),
+            ..fixtures::postback("p-c1-1-1", "c1")
         };
         let cv = conversion("c1", "42", 1, 1, 2_000);
         let a1 = attempt(&cv, 1, AttemptOutcome::Retryable, Some(9_000), 3_000);
@@ -1197,13 +1131,10 @@ mod tests {
         let mut replay = cv.clone();
         replay.attributed_at_ms += 999; // only processing time differs
         let rej = Rejection {
-            schema_version: 1,
             outcome_id: "r1".into(),
-            reason: RejectReason::Duplicate,
-            detail: "again".into(),
             postback: None,
-            click: None,
             rejected_at_ms: hour + 20,
+            ..fixtures::rejection(fixtures::postback("p", "k0"), RejectReason::Duplicate)
         };
         let raws: Vec<Vec<u8>> = clicks.iter().map(contract::encode).collect();
         let (rc, rr, rj) = (

@@ -458,15 +458,15 @@ mod tests {
         payout: i64,
         delta: i64,
     ) -> s2s_common::contract::Conversion {
-        let json = serde_json::json!({
-            "schema_version": 1, "conversion_id": "cv", "version": v, "outcome_id": "o",
-            "postback_id": "p", "click_id": "c", "offer_id": "7", "aff_id": "42",
-            "event": "ftd", "txn_id": null, "status": status, "amount": null,
-            "currency": null, "payout": payout.to_string(), "payout_currency": "EUR",
-            "payout_delta": delta.to_string(), "click_ts_ms": 0, "event_ts_ms": 0,
-            "attributed_at_ms": 0, "previous_status": prev,
-        });
-        serde_json::from_value(json).expect("a conversion")
+        s2s_common::contract::Conversion {
+            version: v,
+            status: status.into(),
+            previous_status: prev.map(str::to_string),
+            payout: Decimal::from(payout),
+            payout_currency: "EUR".into(),
+            payout_delta: Decimal::from(delta),
+            ..s2s_common::fixtures::conversion("cv", "c")
+        }
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rust_decimal::Decimal;
 use s2s_common::config::duration;
 use s2s_common::contract::Conversion;
 pub use s2s_common::pipeline::{PipelineConfig, ServiceConfig};
@@ -324,33 +323,10 @@ fn valid_name(name: &str) -> bool {
 /// A conversion whose values need escaping everywhere, to check body templates with.
 fn sample_conversion() -> Conversion {
     Conversion {
-        schema_version: 1,
-        conversion_id: "c\"v\\1".into(),
-        version: 1,
-        outcome_id: "o".into(),
-        postback_id: "p".into(),
-        click_id: "c\"k".into(),
-        offer_id: "7".into(),
         aff_id: "4\"2".into(),
         subs: Default::default(),
-        event: "ftd".into(),
         txn_id: Some("t\n1".into()),
-        status: "approved".into(),
-        amount: Some(Decimal::new(1999, 2)),
-        currency: Some("EUR".into()),
-        payout: Decimal::new(5000, 2),
-        payout_currency: "USD".into(),
-        payout_delta: Decimal::new(5000, 2),
-        priced_payout: Decimal::new(5000, 2),
-        payout_rule: Default::default(),
-        click_ts_ms: 0,
-        event_ts_ms: 0,
-        received_ts_ms: 0,
-        attributed_at_ms: 0,
-        previous_status: None,
-        status_reason: None,
-        trust: Default::default(),
-        suspicious: false,
+        ..s2s_common::fixtures::conversion("c\"v\\1", "c\"k")
     }
 }
 

@@ -6,7 +6,6 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use s2s_common::contract::Conversion;
-use s2s_common::ids::derived;
 use s2s_common::template::{Encoding, Template};
 
 use crate::signing::{sign, Secret};
@@ -187,15 +186,6 @@ impl Endpoint {
     }
 }
 
-/// Stable per (conversion, version, endpoint): the idempotency key the affiliate sees on
-/// every attempt (`webhook-id`), including re-sends after a crash and re-deliveries.
-pub fn delivery_id(c: &Conversion, endpoint: &str) -> String {
-    derived(
-        "delivery",
-        &[&c.conversion_id, &c.version.to_string(), endpoint],
-    )
-}
-
 /// The value of macro `name` for `c` (`None`: empty). Money as decimal strings; the
 /// payout's currency is `{currency}`, the operator's amount's `{amount_currency}`;
 /// `{suspicious}` is 1 or 0; `{timestamp}` is the event time in Unix seconds, `{event_time}`
@@ -234,35 +224,20 @@ pub(crate) mod tests {
     use super::*;
     use rust_decimal::Decimal;
 
+    /// The example conversion with values that need escaping and a fixed event time.
     pub(crate) fn conv() -> Conversion {
         Conversion {
-            schema_version: 1,
-            conversion_id: "cv".into(),
-            version: 1,
             outcome_id: "o".into(),
             postback_id: "p".into(),
-            click_id: "c 1".into(),
             offer_id: "7".into(),
-            aff_id: "42".into(),
             subs: [("sub1".to_string(), "a&b\"".to_string())].into(),
-            event: "ftd".into(),
             txn_id: None,
-            status: "approved".into(),
             amount: Some(Decimal::new(1999, 2)),
-            currency: Some("EUR".into()),
-            payout: Decimal::new(5000, 2),
-            payout_currency: "USD".into(),
-            payout_delta: Decimal::new(5000, 2),
-            priced_payout: Decimal::new(5000, 2),
-            payout_rule: Default::default(),
             click_ts_ms: 0,
             event_ts_ms: 1_700_000_000_123,
             received_ts_ms: 1_700_000_000_123,
             attributed_at_ms: 0,
-            previous_status: None,
-            status_reason: None,
-            trust: Default::default(),
-            suspicious: false,
+            ..s2s_common::fixtures::conversion("cv", "c 1")
         }
     }
 
@@ -441,15 +416,5 @@ pub(crate) mod tests {
         c.event_ts_ms = -1;
         assert_eq!(macro_value(&c, "event_time"), None, "before 1970: empty");
         assert_eq!(macro_value(&c, "timestamp").as_deref(), Some("-1"));
-    }
-
-    #[test]
-    fn delivery_id_is_stable_per_conversion_version_and_endpoint() {
-        let mut c = conv();
-        let first = delivery_id(&c, "e");
-        assert_eq!(first, delivery_id(&c, "e"));
-        assert_ne!(first, delivery_id(&c, "f"));
-        c.version = 2;
-        assert_ne!(first, delivery_id(&c, "e"));
     }
 }

@@ -137,31 +137,28 @@ pub async fn replay(
     }
     let producer: FutureProducer = kafka.producer_config().create()?;
     let now = s2s_common::now_ms();
-    let commands: Vec<(String, Vec<u8>)> = picked
+    let commands: Vec<DeliveryCommand> = picked
         .iter()
-        .map(|dl| {
-            let cmd = DeliveryCommand {
-                schema_version: SCHEMA_VERSION,
-                command_id: s2s_common::ids::new_ulid(),
-                action: CommandAction::Redeliver,
-                endpoint: dl.endpoint.clone(),
-                conversion: dl.conversion.clone(),
-                requested_by: opts.requested_by.clone(),
-                requested_at_ms: now,
-                reason: opts.reason.clone(),
-            };
-            (dl.conversion.click_id.clone(), contract::encode(&cmd))
+        .map(|dl| DeliveryCommand {
+            schema_version: SCHEMA_VERSION,
+            command_id: s2s_common::ids::new_ulid(),
+            action: CommandAction::Redeliver,
+            endpoint: dl.endpoint.clone(),
+            conversion: dl.conversion.clone(),
+            requested_by: opts.requested_by.clone(),
+            requested_at_ms: now,
+            reason: opts.reason.clone(),
         })
         .collect();
     let total = commands.len() as u64;
     for chunk in commands.chunks(SEND_BATCH) {
         let records: Vec<OutRecord<'_>> = chunk
             .iter()
-            .map(|(click, payload)| {
-                OutRecord::keyed(
+            .map(|cmd| {
+                OutRecord::record(
                     &topics.delivery_commands.name,
-                    partition_key(click),
-                    payload.clone(),
+                    partition_key(&cmd.conversion.click_id),
+                    cmd,
                 )
             })
             .collect();
@@ -278,21 +275,17 @@ pub fn parse_time(value: &str, now_ms: i64) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::tests::conv;
+    use s2s_common::contract::Conversion;
+    use s2s_common::fixtures;
 
     fn dl(endpoint: &str, aff: &str, at: i64) -> DeadLetter {
-        let mut c = conv();
-        c.aff_id = aff.into();
+        let c = Conversion {
+            aff_id: aff.into(),
+            ..fixtures::conversion("cv", "c1")
+        };
         DeadLetter {
-            schema_version: 1,
-            delivery_id: "d".into(),
-            endpoint: endpoint.into(),
-            conversion: c,
-            reason: Default::default(),
-            attempts: 8,
-            last_status: Some(500),
-            last_error: None,
             dead_lettered_at_ms: at,
+            ..fixtures::dead_letter(&c, endpoint)
         }
     }
 

@@ -92,11 +92,12 @@ impl PixelConfig {
     }
 }
 
-/// How an operator integration authenticates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// How an operator integration authenticates. There is no default: a source that
+/// accepts anyone says so (`auth = "none"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthKind {
-    #[default]
+    /// Anyone who can reach ingest may post through this source (a demo, a test).
     None,
     Token,
     Hmac,
@@ -106,8 +107,9 @@ pub enum AuthKind {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    #[serde(default)]
-    pub auth: AuthKind,
+    /// Required: postbacks create payouts, so leaving a source open is said, not implied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthKind>,
     /// For `auth = "token"`. Write-only: never serialized.
     #[serde(default, skip_serializing)]
     pub token: Option<String>,
@@ -172,7 +174,7 @@ fn parse_net(s: &str) -> Option<IpNet> {
 #[derive(Debug)]
 pub struct Compiled {
     pub offers: BTreeMap<String, Template>,
-    /// Always holds `default`: the configured one, else one open to anyone.
+    /// Always holds `default` (the plain routes' source).
     pub sources: BTreeMap<String, Arc<Source>>,
     pub proxies: ProxyTrust,
 }
@@ -236,14 +238,14 @@ impl IngestConfig {
                     .map_err(|e| format!("offers.{id}.url: {e}"))
             })
             .collect::<Result<_, _>>()?;
-        let mut sources: BTreeMap<String, Arc<Source>> = self
+        if !self.sources.contains_key("default") {
+            return Err(NO_DEFAULT_SOURCE.into());
+        }
+        let sources: BTreeMap<String, Arc<Source>> = self
             .sources
             .iter()
             .map(|(name, c)| compile_source(name, c).map(|s| (name.clone(), Arc::new(s))))
             .collect::<Result<_, _>>()?;
-        sources
-            .entry("default".to_string())
-            .or_insert_with(|| Arc::new(Source::open("default")));
         let tp = &self.trusted_proxies;
         let header = tp
             .header
@@ -287,8 +289,21 @@ impl ServiceConfig for IngestConfig {
     }
 }
 
+/// Why ingest refuses to start without `[sources.default]`.
+pub const NO_DEFAULT_SOURCE: &str = "sources.default is not configured: it authenticates \
+    the plain routes (/postback, /v1/postbacks, /v1/clicks), whose records create payouts. \
+    Add [sources.default] with auth = \"token\" (token from \
+    S2S_INGEST__SOURCES__DEFAULT__TOKEN) or auth = \"hmac\"; for a demo that anyone may \
+    post to, say auth = \"none\"";
+
 fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
     let key = format!("sources.{name}");
+    let Some(kind) = c.auth else {
+        return Err(format!(
+            "{key}.auth must be set: \"token\", \"hmac\", or \"none\" to accept \
+             postbacks (and create payouts) from anyone who can reach ingest"
+        ));
+    };
     if !name
         .chars()
         .all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch))
@@ -302,7 +317,7 @@ fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
         _ => Err(format!(
             "{key}.{field} must be set to at least 16 characters for auth = \"{}\" \
              (env S2S_INGEST__SOURCES__{}__{})",
-            match c.auth {
+            match kind {
                 AuthKind::Token => "token",
                 _ => "hmac",
             },
@@ -310,7 +325,7 @@ fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
             field.to_ascii_uppercase()
         )),
     };
-    let auth = match c.auth {
+    let auth = match kind {
         AuthKind::None => Auth::None,
         AuthKind::Token => Auth::Token(secret(&c.token, "token")?),
         AuthKind::Hmac => {
@@ -361,8 +376,36 @@ mod tests {
 
     use super::*;
 
+    /// A source that says what it does.
+    fn open_source() -> SourceConfig {
+        SourceConfig {
+            auth: Some(AuthKind::None),
+            token: None,
+            hmac_secret: None,
+            max_skew: Duration::from_secs(300),
+            aliases: BTreeMap::new(),
+            allow_ips: vec![],
+            rate_limit_per_second: None,
+        }
+    }
+
     #[test]
-    fn default_config_is_valid() {
+    fn the_defaults_refuse_to_leave_the_plain_routes_open_unless_told() {
+        let mut c = <IngestConfig as ServiceConfig>::defaults().expect("parses");
+        assert_eq!(
+            c.validate().expect_err("no default source"),
+            NO_DEFAULT_SOURCE
+        );
+        c.sources.insert(
+            "default".into(),
+            SourceConfig {
+                auth: None,
+                ..open_source()
+            },
+        );
+        let e = c.validate().expect_err("auth unset");
+        assert!(e.starts_with("sources.default.auth must be set"), "{e}");
+
         let c = defaults();
         let compiled = c.validate().expect("valid");
         assert_eq!(
@@ -373,16 +416,25 @@ mod tests {
             compiled.offers.is_empty(),
             "no demo offer in production defaults"
         );
+        let names: Vec<&String> = compiled.sources.keys().collect();
+        assert_eq!(names, ["default"]);
+        assert_eq!(compiled.sources["default"].auth, crate::source::Auth::None);
 
         let local = deployed("local");
-        assert!(local.validate().expect("valid").offers.contains_key("1"));
-        let names: Vec<&String> = compiled.sources.keys().collect();
-        assert_eq!(names, ["default"], "only the implicit default integration");
-        assert_eq!(compiled.sources["default"].auth, crate::source::Auth::None);
+        let compiled = local.validate().expect("valid");
+        assert!(compiled.offers.contains_key("1"));
+        assert_eq!(
+            compiled.sources["default"].auth,
+            crate::source::Auth::None,
+            "the local demo is open, and says so"
+        );
     }
 
+    /// The built-in defaults with the default source explicitly open.
     fn defaults() -> IngestConfig {
-        <IngestConfig as ServiceConfig>::defaults().expect("parses")
+        let mut c = <IngestConfig as ServiceConfig>::defaults().expect("parses");
+        c.sources.insert("default".into(), open_source());
+        c
     }
 
     /// A config of `deploy/<dir>/`, its own file and the pipeline's.
@@ -402,15 +454,22 @@ mod tests {
         let mut k8s = deployed("k8s/config");
         assert!(
             k8s.validate().is_err(),
-            "the token comes from the Secret, not the file"
+            "the tokens come from the Secret, not the file"
         );
-        if let Some(s) = k8s.sources.get_mut("acme") {
+        for s in k8s.sources.values_mut() {
             s.token = Some("a-token-from-the-secret".into());
         }
         let compiled = k8s
             .validate()
-            .expect("valid with the token from the Secret");
+            .expect("valid with the tokens from the Secret");
         assert!(compiled.sources.contains_key("acme"));
+        assert!(
+            compiled
+                .sources
+                .values()
+                .all(|s| s.auth != crate::source::Auth::None),
+            "nothing open in the production example"
+        );
     }
 
     #[test]
@@ -436,13 +495,12 @@ mod tests {
         base.sources.insert(
             "example".into(),
             SourceConfig {
-                auth: AuthKind::Token,
+                auth: Some(AuthKind::Token),
                 token: Some("0123456789abcdef".into()),
-                hmac_secret: None,
-                max_skew: Duration::from_secs(300),
                 aliases: [("clickid".to_string(), "click_id".to_string())].into(),
                 allow_ips: vec!["192.0.2.0/24".into(), "198.51.100.7".into()],
                 rate_limit_per_second: Some(100),
+                ..open_source()
             },
         );
         assert_eq!(
@@ -471,7 +529,7 @@ mod tests {
         let e = with(&|s| s.allow_ips.push("300.1.1.1".into()));
         assert!(e.contains("allow_ips"), "{e}");
         let e = with(&|s| {
-            s.auth = AuthKind::Hmac;
+            s.auth = Some(AuthKind::Hmac);
             s.hmac_secret = None;
         });
         assert!(e.contains("sources.example.hmac_secret"), "{e}");

@@ -81,6 +81,22 @@ impl Ingest {
 
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
+        let open: Vec<&String> = compiled
+            .sources
+            .iter()
+            .filter(|(_, s)| s.auth == source::Auth::None)
+            .map(|(name, _)| name)
+            .collect();
+        for name in &open {
+            tracing::warn!(
+                source = %name,
+                "source {name} has auth = \"none\": anyone who can reach ingest may post \
+                 conversions through it, and they create payouts"
+            );
+        }
+        metrics
+            .unauthenticated_sources
+            .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
         let stats = KafkaStats::new(&admin.registry, "ingest", admin.health.clone())?;
         let producer: FutureProducer<KafkaStats> = config
             .pipeline

@@ -1,6 +1,6 @@
 //! Ingest's Prometheus metrics, registered on the service's own registry.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -12,6 +12,8 @@ pub struct Metrics {
     pub produce_seconds: HistogramVec,
     /// `ingest_records_total{kind, outcome}`: accepted, invalid, unavailable.
     pub records: IntCounterVec,
+    /// `ingest_unauthenticated_sources`: sources configured with `auth = "none"`.
+    pub unauthenticated_sources: IntGauge,
 }
 
 impl Metrics {
@@ -50,11 +52,16 @@ impl Metrics {
                 ),
                 &["kind", "outcome"],
             )?,
+            unauthenticated_sources: IntGauge::new(
+                "ingest_unauthenticated_sources",
+                "Sources configured with auth = \"none\": anyone who can reach ingest may post through them.",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.produce_seconds.clone()))?;
         registry.register(Box::new(m.records.clone()))?;
+        registry.register(Box::new(m.unauthenticated_sources.clone()))?;
         Ok(m)
     }
 }

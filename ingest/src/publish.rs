@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use prometheus::HistogramVec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use s2s_common::contract::{encode, WireRecord};
+use s2s_common::kafka::wire_headers;
 use s2s_common::kafka_stats::KafkaStats;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,16 +44,21 @@ impl Publisher {
         }
     }
 
-    /// Sends one record and waits for its acknowledgement.
-    pub async fn send(
+    /// Sends one record of the contract (encoded, with its headers) and waits for its
+    /// acknowledgement.
+    pub async fn send<R: WireRecord>(
         &self,
-        kind: &str,
         topic: &str,
         key: &[u8],
-        payload: &[u8],
+        record: &R,
     ) -> Result<(), PublishError> {
+        let kind = R::KIND;
+        let payload = encode(record);
         let started = Instant::now();
-        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(&payload)
+            .headers(wire_headers(record));
         let result = match self.producer.send_result(record) {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 return Err(PublishError::QueueFull)

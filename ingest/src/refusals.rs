@@ -18,7 +18,7 @@ use std::num::NonZeroU32;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus::{IntCounterVec, Opts, Registry};
-use s2s_common::contract::{encode, Params, Refusal, SCHEMA_VERSION};
+use s2s_common::contract::{Params, Refusal, SCHEMA_VERSION};
 
 use crate::error::ApiError;
 use crate::params::Pairs;
@@ -196,9 +196,8 @@ impl Refusals {
             self.dropped.clone(),
         );
         tokio::spawn(async move {
-            let payload = encode(&event);
             if let Err(e) = publisher
-                .send("refusal", &topic, event.source.as_bytes(), &payload)
+                .send(&topic, event.source.as_bytes(), &event)
                 .await
             {
                 tracing::debug!(error = %e, "refusal event not stored");

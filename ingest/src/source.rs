@@ -2,7 +2,7 @@
 //! their parameter names map to ours.
 //!
 //! A request to `/postback/<source>` (or `/v1/postbacks/<source>`) is checked against
-//! `[sources.<source>]`; plain `/postback` uses `[sources.default]` when configured.
+//! `[sources.<source>]`; plain `/postback` uses `[sources.default]`, which must exist.
 //! Checks, in order: client IP against the allow-list (403), then authentication (401):
 //! - `token`: the shared token in `Authorization: Bearer …`, `X-Postback-Token`, or the
 //!   `token` query parameter (for operators that can only configure a URL; the parameter
@@ -123,17 +123,6 @@ fn unauthorized(message: &str) -> ApiError {
 }
 
 impl Source {
-    /// A source open to anyone: no authentication, aliases, allow-list or limit.
-    pub fn open(name: &str) -> Self {
-        Source {
-            name: name.to_string(),
-            auth: Auth::None,
-            aliases: BTreeMap::new(),
-            allow: Vec::new(),
-            rate_limit: None,
-        }
-    }
-
     /// 429 when the source is over its rate limit.
     pub fn check_rate(&self) -> Result<(), ApiError> {
         match &self.rate_limit {

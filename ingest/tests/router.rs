@@ -41,9 +41,21 @@ fn app_on(bootstrap: &str) -> Arc<App> {
     config.max_body_bytes = 2048;
     config.pixel.enabled = true;
     config.sources.insert(
+        "default".into(),
+        SourceConfig {
+            auth: Some(AuthKind::None),
+            token: None,
+            hmac_secret: None,
+            max_skew: std::time::Duration::from_secs(300),
+            aliases: Default::default(),
+            allow_ips: vec![],
+            rate_limit_per_second: None,
+        },
+    );
+    config.sources.insert(
         "acme".into(),
         SourceConfig {
-            auth: AuthKind::Token,
+            auth: Some(AuthKind::Token),
             token: Some(TOKEN.into()),
             hmac_secret: None,
             max_skew: std::time::Duration::from_secs(300),

@@ -32,7 +32,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use s2s_common::contract::{self, Conversion, DeadLetter, RejectReason, Rejection};
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::TopicsConfig;
-use s2s_delivery::endpoint::{delivery_id, Endpoint};
+use s2s_delivery::endpoint::Endpoint;
 
 use crate::load::Entry;
 use crate::plan::Expect;
@@ -264,7 +264,7 @@ pub fn check(ledger: &[Entry], observed: &Observed, endpoints: &[Endpoint]) -> R
         let Some(c) = &o.conversion else { continue };
         for ep in endpoints.iter().filter(|e| e.filter.wants(c)) {
             r.deliveries_expected += 1;
-            let id = delivery_id(c, &ep.name);
+            let id = c.delivery_id(&ep.name);
             match observed.received.get(&id) {
                 Some(n) if *n > 0 => {
                     r.delivered += 1;
@@ -520,49 +520,29 @@ mod tests {
 
     fn conversion(pb: &str, version: u32, status: &str, at: i64) -> Outcome {
         Outcome::from_conversion(&Conversion {
-            schema_version: 1,
-            conversion_id: "cv".into(),
             version,
             outcome_id: format!("o-{pb}"),
             postback_id: pb.into(),
-            click_id: "c".into(),
-            offer_id: "1".into(),
-            aff_id: "42".into(),
-            subs: Default::default(),
-            event: "ftd".into(),
             txn_id: Some("t".into()),
             status: status.into(),
-            amount: None,
-            currency: None,
-            payout: Decimal::new(5000, 2),
-            payout_currency: "USD".into(),
             payout_delta: if version == 1 {
                 Decimal::new(5000, 2)
             } else {
                 Decimal::ZERO
             },
-            priced_payout: Decimal::new(5000, 2),
-            payout_rule: Default::default(),
             click_ts_ms: 0,
             event_ts_ms: 0,
             received_ts_ms: 0,
             attributed_at_ms: at,
-            previous_status: None,
-            status_reason: None,
-            trust: Default::default(),
-            suspicious: false,
+            ..s2s_common::fixtures::conversion("cv", "c")
         })
     }
 
     fn rejection(pb: &str, status: &str, reason: RejectReason) -> Outcome {
         let mut o = Outcome::from_rejection(&Rejection {
-            schema_version: 1,
             outcome_id: format!("o-{pb}"),
-            reason,
-            detail: String::new(),
             postback: None,
-            click: None,
-            rejected_at_ms: 0,
+            ..s2s_common::fixtures::rejection(s2s_common::fixtures::postback(pb, "c"), reason)
         });
         o.postback_id = pb.into();
         o.key = ("c".into(), "ftd".into(), "t".into(), status.into());
@@ -590,7 +570,7 @@ mod tests {
         outcomes
             .iter()
             .filter_map(|o| o.conversion.as_ref())
-            .map(|c| (delivery_id(c, "aff"), 1))
+            .map(|c| (c.delivery_id("aff"), 1))
             .collect()
     }
 
@@ -675,7 +655,11 @@ mod tests {
     fn deliveries_are_received_or_dead_lettered() {
         let ledger = [entry("p1", "approved", Expect::Attributed, 0)];
         let outcomes = vec![conversion("p1", 1, "approved", 10)];
-        let id = delivery_id(outcomes[0].conversion.as_ref().expect("c"), "aff");
+        let id = outcomes[0]
+            .conversion
+            .as_ref()
+            .expect("c")
+            .delivery_id("aff");
         let mut observed = Observed {
             outcomes,
             ..Observed::default()

@@ -90,17 +90,21 @@ impl<F: Family> Ownership<F> {
         let Some(c) = &self.changelog else {
             return Ok(0);
         };
-        let from = store
-            .offset(&c.topic)
-            .map_err(|e| e.to_string())?
-            .unwrap_or(0);
+        let stored = store.offset(&c.topic).map_err(|e| e.to_string())?;
+        let from = stored.unwrap_or(0);
         let mut config = c.kafka.consumer_config(&format!("{}.restore", c.group_id));
-        config.set("enable.partition.eof", "true");
+        // A stored position the broker does not have is an error, never a silent restart
+        // from the beginning: the topic was re-created or the broker lost data. A new
+        // store starts at the log's beginning, wherever that is.
+        config
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "error");
         let consumer: BaseConsumer<RestoreContext> = config
             .create_with_context(RestoreContext)
             .map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&c.topic, partition, Offset::Offset(from))
+        let start = stored.map_or(Offset::Beginning, Offset::Offset);
+        tpl.add_partition_offset(&c.topic, partition, start)
             .map_err(|e| e.to_string())?;
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
         c.restoring.inc();
@@ -138,17 +142,24 @@ impl<F: Family> Ownership<F> {
                     }
                     break Ok(applied);
                 }
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    break Err(self.beyond_the_log(&consumer, c, partition, next));
+                }
                 // A broker restarting or a connection lost: librdkafka reconnects and
                 // the read goes on (the restore consumer's context logs the error).
                 Some(Err(e)) if progress_at.elapsed() >= RESTORE_STALL => {
                     break Err(format!(
-                        "reading the changelog: nothing read for {RESTORE_STALL:?}, last error: {e}"
+                        "reading the changelog: nothing read for {RESTORE_STALL:?}, last error: \
+                         {e}; {}",
+                        self.log_extent(&consumer, c, partition, next)
                     ))
                 }
                 Some(Err(_)) => {}
                 None if progress_at.elapsed() >= RESTORE_STALL => {
                     break Err(format!(
-                        "reading the changelog: nothing read for {RESTORE_STALL:?} (is the broker reachable?)"
+                        "reading the changelog: nothing read for {RESTORE_STALL:?} (is the \
+                         broker reachable?); {}",
+                        self.log_extent(&consumer, c, partition, next)
                     ))
                 }
                 None => {}
@@ -166,6 +177,48 @@ impl<F: Family> Ownership<F> {
             }
         }
         result
+    }
+
+    /// The error when the broker does not have the store's changelog position.
+    fn beyond_the_log(
+        &self,
+        consumer: &BaseConsumer<RestoreContext>,
+        c: &Changelog,
+        partition: i32,
+        position: i64,
+    ) -> String {
+        format!(
+            "the store {dir}/partition-{partition} was restored from changelog {topic} \
+             partition {partition} up to offset {position}, which the broker does not have \
+             (out of range; {extent}). The topic was re-created or the broker lost its data, \
+             so this state no longer matches the broker. If the topics were re-created on \
+             purpose (a new or reset environment), stop the service, delete {dir} and \
+             start it again: the state is rebuilt from the broker. Otherwise restore the \
+             broker's data first: the store may be the only copy of this state.",
+            dir = self.stores.dir().display(),
+            topic = c.topic,
+            extent = self.log_extent(consumer, c, partition, position),
+        )
+    }
+
+    /// What the broker says the changelog partition holds, for an error message. (Tansu,
+    /// the test broker, answers the end offset wrongly: facts for a person, never a
+    /// decision.)
+    fn log_extent(
+        &self,
+        consumer: &BaseConsumer<RestoreContext>,
+        c: &Changelog,
+        partition: i32,
+        position: i64,
+    ) -> String {
+        match consumer.fetch_watermarks(&c.topic, partition, Duration::from_secs(5)) {
+            Ok((low, high)) => format!(
+                "the broker reports offsets {low}..{high} for {} partition {partition}, the \
+                 store's position is {position}",
+                c.topic
+            ),
+            Err(e) => format!("the broker's offsets are unknown ({e})"),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<F>> {

@@ -162,6 +162,11 @@ impl<F: Family> StoreSet<F> {
         }
     }
 
+    /// The directory holding the stores (`partition-N` each).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens (creating if needed) the store of input partition `partition`.
     pub fn open(&self, partition: i32) -> Result<Store<F>, StoreError> {
         Store::open_with(

@@ -176,7 +176,8 @@ impl TopicReader {
         decoded
     }
 
-    /// Reads raw records (headers and all) until `done` accepts them.
+    /// Reads raw records (headers and all) until `done` accepts them ([`header`] reads
+    /// one header).
     pub async fn read_raw_until(
         &self,
         what: &str,
@@ -417,7 +418,8 @@ fn any_port() -> SocketAddr {
 }
 
 /// Ingest's defaults pointed at the test broker and `topics`, on port 0, with offer 1
-/// redirecting to `https://offer.example/land?cid={click_id}&aff={aff_id}`.
+/// redirecting to `https://offer.example/land?cid={click_id}&aff={aff_id}`, and the plain
+/// routes open (`[sources.default] auth = "none"`).
 pub fn ingest_config(topics: &TopicsConfig) -> s2s_ingest::IngestConfig {
     let mut c: s2s_ingest::IngestConfig =
         s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
@@ -433,6 +435,18 @@ pub fn ingest_config(topics: &TopicsConfig) -> s2s_ingest::IngestConfig {
     c = c.with_pipeline(p);
     c.listen = any_port();
     c.admin_listen = any_port();
+    c.sources.insert(
+        "default".into(),
+        s2s_ingest::config::SourceConfig {
+            auth: Some(s2s_ingest::config::AuthKind::None),
+            token: None,
+            hmac_secret: None,
+            max_skew: Duration::from_secs(300),
+            aliases: Default::default(),
+            allow_ips: vec![],
+            rate_limit_per_second: None,
+        },
+    );
     c
 }
 
@@ -529,4 +543,13 @@ pub fn http() -> reqwest::Client {
         .timeout(Duration::from_secs(20))
         .build()
         .expect("client")
+}
+
+/// The value of header `name` of a record read raw, as text.
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .and_then(|h| h.iter().find(|x| x.key == name))
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }

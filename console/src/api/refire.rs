@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use s2s_common::contract::{self, CommandAction, DeliveryCommand, SCHEMA_VERSION};
+use s2s_common::contract::{CommandAction, DeliveryCommand, SCHEMA_VERSION};
 use s2s_common::kafka::{produce_all, OutRecord};
 use s2s_common::topics::partition_key;
 use serde::Deserialize;
@@ -25,18 +25,9 @@ pub(super) struct RefireBody {
 
 /// Publishes the redeliver commands and waits for the broker's acknowledgement of each.
 async fn send_commands(s: &Shared, commands: &[DeliveryCommand]) -> Result<(), ApiError> {
-    let records: Vec<(Vec<u8>, Vec<u8>)> = commands
+    let out: Vec<OutRecord<'_>> = commands
         .iter()
-        .map(|c| {
-            (
-                partition_key(&c.conversion.click_id).to_vec(),
-                contract::encode(c),
-            )
-        })
-        .collect();
-    let out: Vec<OutRecord<'_>> = records
-        .iter()
-        .map(|(k, v)| OutRecord::keyed(&s.commands_topic, k, v.clone()))
+        .map(|c| OutRecord::record(&s.commands_topic, partition_key(&c.conversion.click_id), c))
         .collect();
     produce_all(&s.producer, &out).await.map_err(|e| {
         tracing::error!(error = %e, "publishing re-fire commands failed");
@@ -166,7 +157,7 @@ pub(super) async fn refire_many(
             "requested_by": who.0,
             // More matched than one request re-fires: ask again once these are settled.
             "more": more,
-            "delivery_ids": commands.iter().take(20).map(|c| s2s_delivery::endpoint::delivery_id(&c.conversion, &c.endpoint)).collect::<Vec<_>>(),
+            "delivery_ids": commands.iter().take(20).map(|c| c.conversion.delivery_id(&c.endpoint)).collect::<Vec<_>>(),
         })),
     )
         .into_response())

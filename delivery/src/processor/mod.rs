@@ -29,7 +29,6 @@ use s2s_state::runtime::{Cx, Output, Processor, RuntimeError};
 use tokio::sync::mpsc;
 
 use crate::dispatch::{Dispatcher, Report};
-use crate::endpoint::delivery_id;
 use crate::events::{self, Event};
 use crate::job::Job;
 use crate::metrics::Metrics;
@@ -153,7 +152,7 @@ impl Deliveries {
                 .iter()
                 .filter(|e| e.filter.wants(&c))
             {
-                let id = delivery_id(&c, &ep.name);
+                let id = c.delivery_id(&ep.name);
                 if schedule::load(cx.state, &id)?.is_some() {
                     cx.event(Done::Event(Event::Duplicate(ep.name.clone())));
                     continue;
@@ -177,7 +176,7 @@ impl Deliveries {
                 "unknown_endpoint"
             }
             CommandAction::Redeliver => {
-                let id = delivery_id(&cmd.conversion, &cmd.endpoint);
+                let id = cmd.conversion.delivery_id(&cmd.endpoint);
                 let (old, new, result) = match schedule::load(cx.state, &id)? {
                     None => (
                         None,
@@ -230,17 +229,9 @@ impl Deliveries {
         *deltas.entry(s.job.endpoint.clone()).or_insert(0) +=
             schedule::write(cx.state, Some(&old), Some(&s.job));
         let key = partition_key(&s.job.conversion.click_id);
-        cx.emit(Output::keyed(
-            &self.rules.delivery_log,
-            key,
-            contract::encode(&s.attempt),
-        ));
+        cx.emit(Output::record(&self.rules.delivery_log, key, &s.attempt));
         if let Some(dl) = &s.dead_letter {
-            cx.emit(Output::keyed(
-                &self.rules.dead_letter,
-                key,
-                contract::encode(dl),
-            ));
+            cx.emit(Output::record(&self.rules.dead_letter, key, dl));
         }
         for e in s.events {
             cx.event(Done::Event(e));

@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::join_all;
-use s2s_common::contract::{encode, Click, Postback};
+use s2s_common::contract::{Click, Postback, WireRecord};
 use s2s_common::ids::new_ulid;
 use s2s_common::now_ms;
 use s2s_common::template::Template;
@@ -146,9 +146,8 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     resp
 }
 
-/// A record ingest publishes.
-trait Record: Serialize {
-    const KIND: &'static str;
+/// A record ingest publishes (its kind, `WireRecord::KIND`, labels its metrics).
+trait Record: WireRecord {
     /// The topic this kind of record goes to.
     fn topic(app: &App) -> &str;
     fn click_id(&self) -> &str;
@@ -157,7 +156,6 @@ trait Record: Serialize {
 }
 
 impl Record for Click {
-    const KIND: &'static str = "click";
     fn topic(app: &App) -> &str {
         &app.clicks_topic
     }
@@ -170,7 +168,6 @@ impl Record for Click {
 }
 
 impl Record for Postback {
-    const KIND: &'static str = "postback";
     fn topic(app: &App) -> &str {
         &app.postbacks_topic
     }
@@ -194,12 +191,7 @@ impl App {
     /// Publishes a record keyed by click ID; a failure is a 503.
     async fn publish<R: Record>(&self, record: &R) -> Result<(), ApiError> {
         self.publisher
-            .send(
-                R::KIND,
-                R::topic(self),
-                partition_key(record.click_id()),
-                &encode(record),
-            )
+            .send(R::topic(self), partition_key(record.click_id()), record)
             .await
             .map_err(|e| match e {
                 PublishError::QueueFull => {

@@ -20,6 +20,21 @@ pub struct Output {
 }
 
 impl Output {
+    /// A record of the contract, encoded, with its headers (schema version, kind,
+    /// outcome ID), partitioned by `key`.
+    pub fn record<R: s2s_common::contract::WireRecord>(
+        topic: &Arc<str>,
+        key: &[u8],
+        record: &R,
+    ) -> Self {
+        Output {
+            topic: Arc::clone(topic),
+            key: key.to_vec(),
+            payload: s2s_common::contract::encode(record),
+            headers: Some(s2s_common::kafka::wire_headers(record)),
+        }
+    }
+
     pub fn keyed(topic: &Arc<str>, key: &[u8], payload: Vec<u8>) -> Self {
         Output {
             topic: Arc::clone(topic),

@@ -8,12 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
+use s2s_common::contract::{encode, Click, Postback};
+use s2s_common::fixtures::{self, outcome_id};
 use s2s_common::ids::derived;
 use s2s_common::topics::TopicsConfig;
 use s2s_tests::{
-    attributor_config, metric, poll_until, topics, ChildService, RawProducer, RunningService,
-    TopicReader,
+    attributor_config, header, metric, poll_until, topics, ChildService, RawProducer,
+    RunningService, TopicReader,
 };
 use serde_json::{json, Value};
 
@@ -23,11 +25,11 @@ const WAIT: Duration = Duration::from_secs(60);
 type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, &'a str, &'a str);
 
 fn click(id: &str, offer: &str, ts_ms: i64) -> Vec<u8> {
-    json!({"schema_version": 1, "click_id": id, "offer_id": offer, "aff_id": "42",
-           "subs": {"sub1": "s"}, "ip": null, "user_agent": null, "referrer": null,
-           "ts_ms": ts_ms})
-    .to_string()
-    .into_bytes()
+    encode(&Click {
+        offer_id: offer.into(),
+        ts_ms,
+        ..fixtures::click(id)
+    })
 }
 
 fn postback(
@@ -38,15 +40,13 @@ fn postback(
     status: &str,
     ts: i64,
 ) -> Vec<u8> {
-    json!({"schema_version": 1, "postback_id": id, "click_id": click, "event": event,
-           "txn_id": txn, "amount": null, "currency": null, "status": status, "source": null,
-           "ip": null, "ts_ms": ts})
-    .to_string()
-    .into_bytes()
-}
-
-fn outcome_id(postback_id: &str) -> String {
-    derived("outcome", &[postback_id])
+    encode(&Postback {
+        event: event.into(),
+        txn_id: txn.map(str::to_string),
+        status: status.into(),
+        ts_ms: ts,
+        ..fixtures::postback(id, click)
+    })
 }
 
 /// Reads conversions and rejections until every outcome ID in `want` is there; returns
@@ -236,20 +236,33 @@ async fn every_rule_on_the_real_broker() {
     );
     assert_eq!(p1["payout"], "50.00");
 
+    // Every outcome carries headers a consumer can route on without decoding it.
+    for (topic, kind) in [
+        (&topics.conversions, "conversion"),
+        (&topics.rejections, "rejection"),
+    ] {
+        let raw = TopicReader::new(topic)
+            .read_raw_until("outcomes, with their headers", WAIT, |r| !r.is_empty())
+            .await;
+        for m in &raw {
+            let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).expect("JSON");
+            assert_eq!(header(m, "s2s-schema-version").as_deref(), Some("1"));
+            assert_eq!(header(m, "s2s-kind").as_deref(), Some(kind));
+            assert_eq!(
+                header(m, "s2s-outcome-id").as_deref(),
+                v["outcome_id"].as_str()
+            );
+        }
+    }
+
     let poison = TopicReader::new(&topics.poison)
         .read_raw_until("two poison records", WAIT, |r| r.len() >= 2)
         .await;
     let mut reasons: Vec<(String, String)> = poison
         .iter()
         .map(|m| {
-            let header = |name: &str| {
-                m.headers()
-                    .and_then(|h| h.iter().find(|x| x.key == name))
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default()
-            };
-            (header("s2s-source-topic"), header("s2s-poison-reason"))
+            let h = |name: &str| header(m, name).unwrap_or_default();
+            (h("s2s-source-topic"), h("s2s-poison-reason"))
         })
         .collect();
     reasons.sort();
@@ -707,11 +720,12 @@ async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
 }
 
 fn postback_at(id: &str, click: &str, status: &str, ts: i64, event_time: Option<i64>) -> Vec<u8> {
-    json!({"schema_version": 1, "postback_id": id, "click_id": click, "event": "ftd",
-           "txn_id": null, "amount": null, "currency": null, "status": status, "source": null,
-           "ip": null, "ts_ms": ts, "event_time_ms": event_time})
-    .to_string()
-    .into_bytes()
+    encode(&Postback {
+        status: status.into(),
+        ts_ms: ts,
+        event_time_ms: event_time,
+        ..fixtures::postback(id, click)
+    })
 }
 
 /// The rules money depends on, on the real broker: a late reversal after the click
@@ -755,11 +769,15 @@ async fn money_rules_on_the_real_broker() {
     let day = 86_400_000;
     let p = RawProducer::new();
     let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
+    // Clicks without sub IDs: the conflict's outcome ID below derives from them.
     let on = |id: &str, offer: &str, aff: &str, ts: i64| {
-        json!({"schema_version": 1, "click_id": id, "offer_id": offer, "aff_id": aff,
-               "ip": null, "user_agent": null, "referrer": null, "ts_ms": ts})
-        .to_string()
-        .into_bytes()
+        encode(&Click {
+            offer_id: offer.into(),
+            aff_id: aff.into(),
+            subs: Default::default(),
+            ts_ms: ts,
+            ..fixtures::click(id)
+        })
     };
     // A 30-day-window FTD, reversed 45 days later.
     p.send(clicks, "late", &on("late", "7", "42", now - 46 * day))

@@ -17,9 +17,11 @@ use std::time::Duration;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use s2s_attributor::store::{Store, StoreLimits};
 use s2s_attributor::{AttributorConfig, Guarantee};
+use s2s_common::contract::{encode, Click, Postback};
+use s2s_common::fixtures;
 use s2s_common::topics::TopicsConfig;
 use s2s_tests::{attributor_config, metric, poll_until, topics, Mock, RunningService, TopicReader};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -45,13 +47,12 @@ fn exactly_once(mut config: AttributorConfig, transactional_id: &str) -> Attribu
     config
 }
 
-/// Writes one JSON record with a plain producer.
-async fn send_json(mock: &Mock, topic: &str, key: &str, value: Value) {
+/// Writes one record with a plain producer.
+async fn send_record(mock: &Mock, topic: &str, key: &str, payload: Vec<u8>) {
     let mut kafka = s2s_tests::kafka();
     kafka.bootstrap_servers = mock.bootstrap_servers();
     let producer: rdkafka::producer::FutureProducer =
         kafka.producer_config().create().expect("producer");
-    let payload = value.to_string();
     producer
         .send(
             rdkafka::producer::FutureRecord::to(topic)
@@ -63,21 +64,26 @@ async fn send_json(mock: &Mock, topic: &str, key: &str, value: Value) {
         .expect("input stored");
 }
 
-fn click(click_id: &str) -> Value {
-    json!({"schema_version": 1, "click_id": click_id, "offer_id": "1", "aff_id": "42",
-        "ip": null, "user_agent": null, "referrer": null, "ts_ms": s2s_common::now_ms()})
+/// A click on offer 1 now.
+fn click(click_id: &str) -> Vec<u8> {
+    encode(&Click {
+        ts_ms: s2s_common::now_ms(),
+        ..fixtures::click(click_id)
+    })
 }
 
-fn ftd(click_id: &str, postback_id: &str) -> Value {
-    json!({"schema_version": 1, "postback_id": postback_id, "click_id": click_id,
-        "event": "ftd", "txn_id": null, "amount": null, "currency": null,
-        "status": "approved", "source": null, "ip": null, "ts_ms": s2s_common::now_ms()})
+/// Its approved FTD, now.
+fn ftd(click_id: &str, postback_id: &str) -> Vec<u8> {
+    encode(&Postback {
+        ts_ms: s2s_common::now_ms(),
+        ..fixtures::postback(postback_id, click_id)
+    })
 }
 
 /// Writes a click and its FTD postback (`postback_id`).
 async fn send_pair(mock: &Mock, topics: &TopicsConfig, click_id: &str, postback_id: &str) {
-    send_json(mock, &topics.clicks.name, click_id, click(click_id)).await;
-    send_json(
+    send_record(mock, &topics.clicks.name, click_id, click(click_id)).await;
+    send_record(
         mock,
         &topics.postbacks.name,
         click_id,
@@ -139,7 +145,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     // holds exactly the postback (a cycle with no outputs writes no journal).
     let running = RunningService::attributor(config.clone()).await;
     let admin = running.admin;
-    send_json(&mock, &topics.clicks.name, "m1", click("m1")).await;
+    send_record(&mock, &topics.clicks.name, "m1", click("m1")).await;
     poll_until("the click committed", WAIT, || async {
         let n = metric(
             admin,
@@ -150,7 +156,7 @@ async fn failed_publish_commits_nothing_and_the_journal_replays_the_cycle() {
     })
     .await;
     running.stop().await;
-    send_json(&mock, &topics.postbacks.name, "m1", ftd("m1", "mp1")).await;
+    send_record(&mock, &topics.postbacks.name, "m1", ftd("m1", "mp1")).await;
     // Each start below joins a new group: the mock is slow to hand a departed member's
     // partitions to a newcomer, and the store decides where reading starts anyway.
     config.group_id = s2s_tests::unique("attributor");
@@ -295,24 +301,10 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
         k.bootstrap_servers = brokers.clone();
         k.producer_config().create().expect("producer")
     };
-    let send = |click: &'static str, postback: &'static str| {
-        let now = s2s_common::now_ms();
+    let send = |click_id: &'static str, postback_id: &'static str| {
         let records = [
-            (
-                topics.clicks.name.clone(),
-                json!({"schema_version": 1, "click_id": click,
-                "offer_id": "1", "aff_id": "42", "ip": null, "user_agent": null,
-                "referrer": null, "ts_ms": now})
-                .to_string(),
-            ),
-            (
-                topics.postbacks.name.clone(),
-                json!({"schema_version": 1,
-                "postback_id": postback, "click_id": click, "event": "ftd", "txn_id": null,
-                "amount": null, "currency": null, "status": "approved", "source": null,
-                "ip": null, "ts_ms": now})
-                .to_string(),
-            ),
+            (topics.clicks.name.clone(), click(click_id)),
+            (topics.postbacks.name.clone(), ftd(click_id, postback_id)),
         ];
         let producer = producer.clone();
         async move {
@@ -320,7 +312,7 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
                 producer
                     .send(
                         rdkafka::producer::FutureRecord::to(&topic)
-                            .key(click)
+                            .key(click_id)
                             .payload(&payload),
                         WAIT,
                     )
@@ -344,4 +336,30 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first() {
     let err = zombie.failure(WAIT).await;
     assert!(err.to_string().to_lowercase().contains("fenced"), "{err}");
     successor.stop().await;
+}
+
+/// A store that has read the changelog further than the broker's log goes (the topics
+/// were re-created, or the broker lost its data) stops the service at start-up with an
+/// error that names the store and the fix, instead of waiting for records that never come
+/// or silently restoring from the beginning of a different log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_ahead_of_the_brokers_changelog_is_named_at_start_up() {
+    let (mock, topics) = mock();
+    let state = tempfile::tempdir().expect("tempdir");
+    open_store(state.path())
+        .restore(&[], &topics.changelog.name, 500)
+        .expect("a changelog position the broker never had");
+    let err = RunningService::attributor(config_on(&mock, &topics, state.path()))
+        .await
+        .failure(WAIT)
+        .await
+        .to_string();
+    let dir = state.path().display().to_string();
+    assert!(
+        err.contains(&format!("{dir}/partition-0"))
+            && err.contains("up to offset 500")
+            && err.contains("does not have")
+            && err.contains(&format!("delete {dir}")),
+        "{err}"
+    );
 }

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hmac::Mac;
-use rust_decimal::Decimal;
 use s2s_common::contract::{
     encode, AttemptOutcome, Conversion, DeadLetter, DeadLetterReason, DeliveryAttempt,
-    SCHEMA_VERSION,
 };
+use s2s_common::fixtures;
 use s2s_common::topics::TopicsConfig;
 use s2s_delivery::config::PostbackConfig;
 use s2s_delivery::endpoint::Method;
@@ -25,36 +24,18 @@ use s2s_tests::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A fresh conversion (unique IDs) of affiliate `aff`, attributed now.
 fn conversion(aff: &str) -> Conversion {
-    let id = unique("cv");
+    let now = s2s_common::now_ms();
     Conversion {
-        schema_version: SCHEMA_VERSION,
-        conversion_id: id.clone(),
-        version: 1,
         outcome_id: unique("o"),
-        postback_id: unique("pb"),
-        click_id: unique("click"),
-        offer_id: "1".into(),
         aff_id: aff.into(),
         subs: [("sub1".to_string(), "spring sale".to_string())].into(),
-        event: "ftd".into(),
-        txn_id: Some(format!("T-{id}")),
-        status: "approved".into(),
-        amount: Some(Decimal::new(10000, 2)),
-        currency: Some("EUR".into()),
-        payout: Decimal::new(5000, 2),
-        payout_currency: "USD".into(),
-        payout_delta: Decimal::new(5000, 2),
-        priced_payout: Decimal::new(5000, 2),
-        payout_rule: Default::default(),
-        click_ts_ms: s2s_common::now_ms() - 60_000,
-        event_ts_ms: s2s_common::now_ms(),
-        received_ts_ms: s2s_common::now_ms(),
-        attributed_at_ms: s2s_common::now_ms(),
-        previous_status: None,
-        status_reason: None,
-        trust: Default::default(),
-        suspicious: false,
+        click_ts_ms: now - 60_000,
+        event_ts_ms: now,
+        received_ts_ms: now,
+        attributed_at_ms: now,
+        ..fixtures::conversion(&unique("cv"), &unique("click"))
     }
 }
 
@@ -188,7 +169,7 @@ async fn every_endpoint_behaviour_ends_as_it_should() {
     assert_eq!(ids.len(), 1, "every attempt carries the same webhook-id");
     assert_eq!(
         ids.first().map(String::as_str),
-        Some(s2s_delivery::endpoint::delivery_id(&c, "flaky").as_str())
+        Some(c.delivery_id("flaky").as_str())
     );
     assert_eq!(gone.received().len(), 1, "a 404 is not retried");
     assert_eq!(hung.accepted(), 3, "three attempts, each timed out");

@@ -1,9 +1,8 @@
-//! Checks of deploy/ that can run without Docker or a cluster: promtool on the alert rules
-//! (syntax and unit tests) and the Prometheus config; promtool on the live `/metrics` of
-//! each running service; every metric the rules and the dashboard name is one the services
-//! export; and the Kubernetes manifests agree with the services' configs (ports, probes,
-//! state volumes, resources, disruption budgets). scripts/test installs promtool (Debian's
-//! `prometheus` package).
+//! Checks of deploy/prometheus and deploy/grafana that run without Docker: promtool on the
+//! alert rules (syntax and unit tests) and the Prometheus config; promtool on the live
+//! `/metrics` of each running service; every metric the rules and the dashboard name is
+//! one the services export. scripts/test installs promtool (Debian's `prometheus`
+//! package). The Kubernetes manifests: `k8s.rs`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,7 +12,7 @@ use std::time::Duration;
 use s2s_tests::{poll_until, Pipeline, PipelineOptions, TestEndpoint};
 use yaml_rust2::{Yaml, YamlLoader};
 
-fn deploy() -> PathBuf {
+pub(crate) fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
@@ -56,18 +55,119 @@ fn promtool(args: &[&str], stdin: Option<&str>, dir: &Path) -> String {
 fn promtool_checks_and_tests_the_rules_and_the_config() {
     let dir = deploy().join("prometheus");
     let out = promtool(&["check", "rules", "rules.yml"], None, &dir);
-    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 16 rules found"), "{out}");
     promtool(&["test", "rules", "rules_test.yml"], None, &dir);
     promtool(&["check", "config", "prometheus.yml"], None, &dir);
 }
 
-fn yaml(path: &Path) -> Vec<Yaml> {
+/// Every alert has a promtool test that shows it firing and one that shows it quiet, and a
+/// runbook: a section of docs/runbooks.md.
+#[test]
+fn every_alert_is_tested_both_ways_and_has_a_runbook() {
+    let rules = yaml(&deploy().join("prometheus/rules.yml"));
+    let tests = yaml(&deploy().join("prometheus/rules_test.yml"));
+    let runbooks = std::fs::read_to_string(deploy().join("../docs/runbooks.md")).expect("runbooks");
+    let sections: BTreeSet<String> = runbooks
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    let mut alerts = BTreeSet::new();
+    for group in rules[0]["groups"].as_vec().expect("groups") {
+        for rule in group["rules"].as_vec().expect("rules") {
+            let alert = rule["alert"].as_str().expect("alerting rules only");
+            alerts.insert(alert.to_string());
+            let url = rule["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{alert}: no runbook_url"));
+            let anchor = url
+                .strip_prefix("docs/runbooks.md#")
+                .unwrap_or_else(|| panic!("{alert}: runbook_url {url} is not in docs/runbooks.md"));
+            assert_eq!(
+                anchor,
+                alert.to_ascii_lowercase(),
+                "{alert}: its own section"
+            );
+            assert!(
+                sections.contains(anchor),
+                "{alert}: no section ## {alert} in docs/runbooks.md"
+            );
+        }
+    }
+    let (mut fires, mut quiet) = (BTreeSet::new(), BTreeSet::new());
+    for test in tests[0]["tests"].as_vec().expect("tests") {
+        for t in test["alert_rule_test"].as_vec().into_iter().flatten() {
+            let name = t["alertname"].as_str().expect("alertname").to_string();
+            if t["exp_alerts"].as_vec().is_some_and(|a| !a.is_empty()) {
+                fires.insert(name);
+            } else {
+                quiet.insert(name);
+            }
+        }
+    }
+    assert_eq!(fires, alerts, "alerts shown firing");
+    // An alert without `for` that fires at once is shown quiet by another series of its
+    // test (ingest-1 with no open source).
+    let quiet_by_series = ["S2SUnauthenticatedSource"];
+    for alert in &alerts {
+        assert!(
+            quiet.contains(alert) || quiet_by_series.contains(&alert.as_str()),
+            "{alert}: no test shows it quiet"
+        );
+    }
+}
+
+/// deploy/k8s/prometheusrule.yaml is rules.yml as a PrometheusRule (the Prometheus
+/// Operator's form): the same groups, generated. `S2S_REGENERATE=1` rewrites it.
+#[test]
+fn the_prometheusrule_is_generated_from_the_rules() {
+    let rules = std::fs::read_to_string(deploy().join("prometheus/rules.yml")).expect("rules");
+    let groups = rules
+        .find("\ngroups:\n")
+        .map(|i| &rules[i + 1..])
+        .expect("a groups: key");
+    let mut want = String::from(
+        "# Generated from deploy/prometheus/rules.yml (S2S_REGENERATE=1 cargo test --workspace \
+         --test it -- deploy::the_prometheusrule): edit that file, not this one.\n\
+         apiVersion: monitoring.coreos.com/v1\n\
+         kind: PrometheusRule\n\
+         metadata:\n  name: s2s-postback\n\
+         spec:\n",
+    );
+    for line in groups.lines() {
+        if line.is_empty() {
+            want.push('\n');
+        } else {
+            want.push_str("  ");
+            want.push_str(line);
+            want.push('\n');
+        }
+    }
+    let path = deploy().join("k8s/prometheusrule.yaml");
+    if std::env::var_os("S2S_REGENERATE").is_some() {
+        std::fs::write(&path, &want).expect("write");
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "{} differs from deploy/prometheus/rules.yml: regenerate it with S2S_REGENERATE=1 \
+         cargo test --workspace --test it -- deploy::the_prometheusrule",
+        path.display()
+    );
+    let parsed = yaml(&path);
+    assert_eq!(
+        parsed[0]["spec"]["groups"],
+        yaml(&deploy().join("prometheus/rules.yml"))[0]["groups"]
+    );
+}
+
+pub(crate) fn yaml(path: &Path) -> Vec<Yaml> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Metric names (`ingest_…`, `attributor_…`, `delivery_…`, `console_…`) in a PromQL
-/// expression.
+/// Metric names (`ingest_…`, `attributor_…`, `delivery_…`, `console_…`, `stream_…`) in
+/// a PromQL expression.
 fn names_in(expr: &str, into: &mut BTreeSet<String>) {
     let mut word = String::new();
     for c in expr.chars().chain(std::iter::once(' ')) {
@@ -75,7 +175,7 @@ fn names_in(expr: &str, into: &mut BTreeSet<String>) {
             word.push(c);
             continue;
         }
-        if ["ingest_", "attributor_", "delivery_", "console_"]
+        if ["ingest_", "attributor_", "delivery_", "console_", "stream_"]
             .iter()
             .any(|p| word.starts_with(p))
         {
@@ -100,9 +200,41 @@ fn referenced_metrics() -> BTreeSet<String> {
     )
     .expect("the dashboard is JSON");
     let mut exprs = 0;
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(variables, ["datasource", "namespace", "job", "instance"]);
     for panel in dashboard["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().into_iter().flatten() {
-            names_in(target["expr"].as_str().expect("expr"), &mut names);
+            let expr = target["expr"].as_str().expect("expr");
+            let mut here = BTreeSet::new();
+            names_in(expr, &mut here);
+            // Every series the panel reads is filtered by the dashboard's variables.
+            let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+            for name in &here {
+                for (at, _) in expr.match_indices(name.as_str()) {
+                    let rest = &expr[at + name.len()..];
+                    let before = expr[..at].chars().next_back();
+                    if before.is_some_and(ident) || rest.chars().next().is_some_and(ident) {
+                        continue; // part of another name
+                    }
+                    let block = rest
+                        .strip_prefix('{')
+                        .and_then(|r| r.split_once('}'))
+                        .map(|(b, _)| b)
+                        .unwrap_or_default();
+                    assert!(
+                        block.ends_with(
+                            "namespace=~\"$namespace\",job=~\"$job\",instance=~\"$instance\""
+                        ),
+                        "{expr}: {name} is not filtered by the dashboard's variables"
+                    );
+                }
+            }
+            names.extend(here);
             exprs += 1;
         }
     }
@@ -235,181 +367,29 @@ fn exported_names(pages: &[(&str, String)]) -> BTreeSet<String> {
         .collect()
 }
 
-/// What the manifests must agree with in the config a service gets in Kubernetes (its
-/// defaults with `k8s/config/<service>.toml`): its admin port, and its state directory.
-fn k8s_config(service: &str) -> (u16, Option<String>) {
-    let overlay = deploy().join(format!("k8s/config/{service}.toml"));
-    let overlay = Some(overlay.as_path());
-    let (admin, state): (std::net::SocketAddr, Option<PathBuf>) = match service {
-        "ingest" => {
-            let c: s2s_ingest::IngestConfig = s2s_common::config::load(
-                s2s_ingest::config::DEFAULT_TOML,
-                overlay,
-                "S2S_TEST_NONE__",
-            )
-            .expect("ingest config");
-            (c.admin_listen, None)
-        }
-        "attributor" => {
-            let c: s2s_attributor::AttributorConfig = s2s_common::config::load(
-                s2s_attributor::config::DEFAULT_TOML,
-                overlay,
-                "S2S_TEST_NONE__",
-            )
-            .expect("attributor config");
-            (c.admin_listen, Some(c.state_dir))
-        }
-        "console" => {
-            let c: s2s_console::ConsoleConfig = s2s_common::config::load(
-                s2s_console::config::DEFAULT_TOML,
-                overlay,
-                "S2S_TEST_NONE__",
-            )
-            .expect("console config");
-            (c.admin_listen, Some(c.state_dir))
-        }
-        _ => {
-            let c: s2s_delivery::DeliveryConfig = s2s_common::config::load(
-                s2s_delivery::config::DEFAULT_TOML,
-                overlay,
-                "S2S_TEST_NONE__",
-            )
-            .expect("delivery config");
-            (c.admin_listen, Some(c.state_dir))
-        }
-    };
-    (admin.port(), state.map(|p| p.display().to_string()))
-}
-
+/// The apache/kafka image skips its packaged server.properties once any `KAFKA_*`
+/// variable is set, so the log directory must be named, and be on a named volume.
 #[test]
-fn kubernetes_manifests_agree_with_the_service_configs() {
-    let k8s = deploy().join("k8s");
-    let kustomization = yaml(&k8s.join("kustomization.yaml"));
-    let resources: Vec<&str> = kustomization[0]["resources"]
+fn compose_keeps_the_brokers_log_on_its_volume() {
+    let compose = yaml(&deploy().join("compose/compose.yaml"));
+    let kafka = &compose[0]["services"]["kafka"];
+    let dirs = kafka["environment"]["KAFKA_LOG_DIRS"]
+        .as_str()
+        .expect("kafka sets KAFKA_LOG_DIRS");
+    let volumes: Vec<(&str, &str)> = kafka["volumes"]
         .as_vec()
-        .expect("resources")
+        .expect("kafka has volumes")
         .iter()
-        .filter_map(Yaml::as_str)
+        .filter_map(|v| v.as_str()?.split_once(':'))
         .collect();
-    let mut docs = Vec::new();
-    for r in &resources {
-        docs.extend(yaml(&k8s.join(r)));
-    }
-    for file in kustomization[0]["configMapGenerator"][0]["files"]
-        .as_vec()
-        .expect("configMap files")
-    {
-        let f = file.as_str().expect("file");
-        assert!(k8s.join(f).exists(), "{f} is in the ConfigMap but missing");
-    }
-    let of_kind = |kind: &str| -> Vec<&Yaml> {
-        docs.iter()
-            .filter(|d| d["kind"].as_str() == Some(kind))
-            .collect()
-    };
-    let workload = |name: &str| -> &Yaml {
-        docs.iter()
-            .find(|d| {
-                d["metadata"]["name"].as_str() == Some(name)
-                    && matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet"))
-            })
-            .unwrap_or_else(|| panic!("no workload {name}"))
-    };
-    assert_eq!(workload("ingest")["kind"].as_str(), Some("Deployment"));
-    for service in ["ingest", "attributor", "delivery", "console"] {
-        let w = workload(service);
-        let (admin_port, state_dir) = k8s_config(service);
-        let spec = &w["spec"]["template"]["spec"];
-        let c = &spec["containers"][0];
-        let args: Vec<&str> = c["args"]
-            .as_vec()
-            .expect("args")
+    for dir in dirs.split(',') {
+        let (volume, _) = volumes
             .iter()
-            .filter_map(Yaml::as_str)
-            .collect();
-        assert_eq!(
-            args,
-            [
-                service,
-                "--config",
-                &format!("/etc/s2s/{service}.toml"),
-                "--pipeline",
-                "/etc/s2s/pipeline.toml"
-            ]
-        );
-        let admin = c["ports"]
-            .as_vec()
-            .expect("ports")
-            .iter()
-            .find(|p| p["name"].as_str() == Some("admin"))
-            .unwrap_or_else(|| panic!("{service}: no admin port"));
-        assert_eq!(
-            admin["containerPort"].as_i64(),
-            Some(i64::from(admin_port)),
-            "{service}: the admin port is the one its config listens on"
-        );
-        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-            assert_eq!(
-                c[probe]["httpGet"]["path"].as_str(),
-                Some(path),
-                "{service} {probe}"
-            );
-            assert_eq!(
-                c[probe]["httpGet"]["port"].as_str(),
-                Some("admin"),
-                "{service} {probe}"
-            );
-        }
-        for kind in ["requests", "limits"] {
-            for r in ["cpu", "memory"] {
-                assert!(
-                    !c["resources"][kind][r].is_badvalue(),
-                    "{service}: resources.{kind}.{r}"
-                );
-            }
-        }
-        let labels = &w["spec"]["selector"]["matchLabels"];
-        let component = labels["app.kubernetes.io/component"].as_str();
-        assert_eq!(component, Some(service));
+            .find(|(_, target)| dir == *target || dir.starts_with(&format!("{target}/")))
+            .unwrap_or_else(|| panic!("log dir {dir} is on no volume of {volumes:?}"));
         assert!(
-            of_kind("PodDisruptionBudget").iter().any(|pdb| {
-                pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"].as_str()
-                    == component
-            }),
-            "{service}: a PodDisruptionBudget"
+            !compose[0]["volumes"][*volume].is_badvalue(),
+            "{volume} is a named volume"
         );
-        if let Some(state_dir) = state_dir {
-            assert_eq!(
-                w["kind"].as_str(),
-                Some("StatefulSet"),
-                "{service} keeps state"
-            );
-            let mount = c["volumeMounts"]
-                .as_vec()
-                .expect("mounts")
-                .iter()
-                .find(|m| m["name"].as_str() == Some("state"))
-                .unwrap_or_else(|| panic!("{service}: no state mount"));
-            assert_eq!(
-                mount["mountPath"].as_str(),
-                Some(state_dir.as_str()),
-                "{service}"
-            );
-            assert_eq!(
-                w["spec"]["volumeClaimTemplates"][0]["metadata"]["name"].as_str(),
-                Some("state"),
-                "{service}: a persistent volume per pod"
-            );
-        }
-        // Every secret a container reads is in the example Secret.
-        let example = yaml(&k8s.join("secret.example.yaml"));
-        for env in c["env"].as_vec().into_iter().flatten() {
-            if let Some(key) = env["valueFrom"]["secretKeyRef"]["key"].as_str() {
-                assert!(
-                    !example[0]["stringData"][key].is_badvalue(),
-                    "{service} reads {key}, which secret.example.yaml lacks"
-                );
-            }
-        }
     }
 }

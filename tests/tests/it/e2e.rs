@@ -4,11 +4,9 @@ use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use s2s_common::contract::{
-    encode, AttemptOutcome, Click, Conversion, DeadLetter, DeliveryAttempt, RejectReason,
-    Rejection, SCHEMA_VERSION,
+    encode, AttemptOutcome, Click, Conversion, DeadLetter, DeliveryAttempt, RejectReason, Rejection,
 };
 use s2s_common::kafka::send_and_wait;
-use s2s_common::pipeline::ServiceConfig;
 use s2s_tests::{http, poll_until, Pipeline, PipelineOptions, TestEndpoint, TopicReader};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -180,16 +178,10 @@ async fn postback_before_its_click_is_held_and_attributed() {
     .await;
     // ...then publish the click, as another ingest instance would.
     let click = Click {
-        schema_version: SCHEMA_VERSION,
-        click_id: click_id.clone(),
-        offer_id: "1".into(),
         aff_id: "7".into(),
         subs: Default::default(),
-        params: Default::default(),
-        ip: None,
-        user_agent: None,
-        referrer: None,
         ts_ms: s2s_common::now_ms(),
+        ..s2s_common::fixtures::click(&click_id)
     };
     let producer: FutureProducer = s2s_tests::kafka()
         .producer_config()
@@ -354,12 +346,7 @@ async fn bad_requests_get_json_errors() {
 async fn start_up_refuses_topics_that_are_not_co_partitioned() {
     let topics = s2s_tests::topics(3);
     s2s_tests::create_topic(&topics.postbacks.name, 2).await;
-    let mut c: s2s_ingest::IngestConfig =
-        s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
-            .expect("defaults");
-    c = c.with_pipeline(s2s_tests::pipeline(&topics));
-    c.listen = "127.0.0.1:0".parse().expect("addr");
-    c.admin_listen = c.listen;
+    let c = s2s_tests::ingest_config(&topics);
     let err = s2s_ingest::Ingest::bind(c)
         .await
         .err()

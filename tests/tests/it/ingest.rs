@@ -17,7 +17,7 @@ const HMAC_KEY: &str = "hmac-0123456789abcdef";
 
 fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
     SourceConfig {
-        auth,
+        auth: Some(auth),
         token: Some(TOKEN.into()),
         hmac_secret: Some(HMAC_KEY.into()),
         max_skew: Duration::from_secs(300),
