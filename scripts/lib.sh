@@ -96,12 +96,20 @@ ensure_python_tools() {
   export PATH="$venv/bin:$PATH"
 }
 
-# kubectl, for `kubectl kustomize` (the tests build deploy/k8s as a cluster would). Debian
-# 12's kubernetes-client (1.20) is too old for the kustomization; there is no other
-# package source here, so a missing kubectl is an error that says where to get one.
+# kubectl, for `kubectl kustomize` (the tests build deploy/k8s as a cluster would): the
+# `kubectl` package where the machine's apt sources have it (Google's, as here); Debian
+# 12's own kubernetes-client (1.20) is too old for the kustomization.
 ensure_kubectl() {
-  command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1 && return 0
-  die "kubectl (1.27 or newer, with kustomize) is missing: see https://kubernetes.io/docs/tasks/tools/"
+  if ! command -v kubectl >/dev/null; then
+    log "installing kubectl (apt package kubectl)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends kubectl ||
+      die "no apt source here has kubectl: install kubectl 1.27 or newer (https://kubernetes.io/docs/tasks/tools/)"
+  fi
+  kubectl kustomize --help >/dev/null 2>&1 ||
+    die "this kubectl has no kustomize: install kubectl 1.27 or newer (https://kubernetes.io/docs/tasks/tools/)"
 }
 
 # Tansu, a Kafka-API-compatible broker, built once into the cache (about 20 minutes on 2 cores).

@@ -393,3 +393,64 @@ fn compose_keeps_the_brokers_log_on_its_volume() {
         );
     }
 }
+
+/// The image: base images pinned by version, OCI labels, a HEALTHCHECK, and the demo
+/// affiliate endpoint only in the `demo` target. (No Docker engine here: the file is
+/// checked, not built; deploy/README.md says so.)
+#[test]
+fn the_dockerfile_pins_its_bases_and_keeps_the_demo_out_of_production() {
+    let text = std::fs::read_to_string(deploy().join("docker/Dockerfile")).expect("Dockerfile");
+    let arg = |name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("ARG {name}=")))
+            .unwrap_or_else(|| panic!("ARG {name}"))
+            .to_string()
+    };
+    let version = |image: &str| -> Vec<u32> {
+        let tag = image.split_once(':').map(|(_, t)| t).unwrap_or_default();
+        tag.split('-')
+            .next()
+            .unwrap_or_default()
+            .split('.')
+            .map(|n| {
+                n.parse()
+                    .unwrap_or_else(|_| panic!("{image}: not a version tag"))
+            })
+            .collect()
+    };
+    assert_eq!(version(&arg("RUST_IMAGE")).len(), 3, "rust:X.Y.Z-…");
+    assert!(version(&arg("RUNTIME_IMAGE")).len() >= 2, "debian:X.Y-slim");
+    let stages: Vec<(&str, &str)> = text
+        .split("\nFROM ")
+        .skip(1)
+        .map(|s| {
+            let name = s.lines().next().unwrap_or_default();
+            (name.rsplit(' ').next().unwrap_or_default(), s)
+        })
+        .collect();
+    let stage = |n: &str| {
+        stages
+            .iter()
+            .find(|(name, _)| *name == n)
+            .map(|(_, body)| *body)
+            .unwrap_or_else(|| panic!("stage {n}"))
+    };
+    let runtime = stage("runtime");
+    for label in ["title", "description", "licenses", "version", "revision"] {
+        assert!(
+            runtime.contains(&format!("org.opencontainers.image.{label}=")),
+            "label {label}"
+        );
+    }
+    assert!(runtime.contains("HEALTHCHECK"), "a HEALTHCHECK");
+    assert!(
+        !runtime.contains("/demo/"),
+        "the production image holds no demo"
+    );
+    assert!(stage("demo").contains("COPY --from=build /demo/"));
+    let compose = yaml(&deploy().join("compose/compose.yaml"));
+    assert_eq!(
+        compose[0]["services"]["demo-affiliate"]["build"]["target"].as_str(),
+        Some("demo")
+    );
+}

@@ -16,3 +16,4 @@ mod e2e;
 mod ingest;
 mod ingest_faults;
 mod k8s;
+mod openapi;

@@ -1,0 +1,106 @@
+//! Ingest's and the console's OpenAPI documents: valid by a standard validator
+//! (openapi-spec-validator, from scripts/requirements.txt), and every operation named
+//! (`operationId`) and shown by an example (of its answer, a header of it, or its
+//! request). That each documented route is the router's: ingest/tests/router.rs and the
+//! console's route test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn documents() -> [PathBuf; 2] {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    [
+        root.join("ingest/openapi.json"),
+        root.join("console/openapi.json"),
+    ]
+}
+
+#[test]
+fn both_documents_pass_a_standard_validator() {
+    let out = Command::new("openapi-spec-validator")
+        .args(documents())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "openapi-spec-validator: {e}; scripts/test installs it (scripts/requirements.txt)"
+            )
+        });
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report.matches(": OK").count(), 2, "{report}");
+}
+
+/// Whether `v` holds an `example` anywhere.
+fn has_example(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.contains_key("example") || m.values().any(has_example),
+        Value::Array(a) => a.iter().any(has_example),
+        _ => false,
+    }
+}
+
+#[test]
+fn every_operation_has_an_id_and_an_example() {
+    for path in documents() {
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("JSON");
+        let mut ids = std::collections::BTreeSet::new();
+        let mut operations = 0;
+        for (route, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("operations") {
+                operations += 1;
+                let what = format!("{}: {method} {route}", path.display());
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{what}: no operationId"));
+                assert!(ids.insert(id.to_string()), "{what}: operationId {id} twice");
+                let answers = op["responses"]
+                    .as_object()
+                    .expect("responses")
+                    .iter()
+                    .filter(|(status, _)| status.starts_with('2') || status.starts_with('3'));
+                let shown = answers.into_iter().any(|(_, r)| has_example(r))
+                    || has_example(&op["requestBody"]);
+                assert!(shown, "{what}: no example");
+            }
+        }
+        assert!(
+            operations >= 12,
+            "{}: {operations} operations",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn the_console_feed_is_an_event_stream_and_ingest_declares_its_security() {
+    let [ingest, console] = documents().map(|p| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).expect("read")).expect("JSON")
+    });
+    let feed = &console["paths"]["/api/v1/feed"]["get"]["responses"]["200"]["content"];
+    assert!(feed["text/event-stream"].is_object(), "{feed}");
+    let schemes = ingest["components"]["securitySchemes"]
+        .as_object()
+        .expect("securitySchemes");
+    for scheme in [
+        "bearerToken",
+        "postbackTokenHeader",
+        "postbackTokenQuery",
+        "hmacSignature",
+    ] {
+        assert!(schemes.contains_key(scheme), "{scheme}");
+    }
+    for (route, item) in ingest["paths"].as_object().expect("paths") {
+        if route.starts_with("/postback") || route.starts_with("/v1/") {
+            for (method, op) in item.as_object().expect("operations") {
+                assert!(op["security"].is_array(), "{method} {route}: no security");
+            }
+        }
+    }
+}
