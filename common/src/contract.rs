@@ -3,7 +3,10 @@
 //! Every record is JSON with a `schema_version` field. A consumer accepts versions up to
 //! [`SCHEMA_VERSION`]; additive changes (new optional fields) keep the version, anything a
 //! reader could misinterpret bumps it. Money is a decimal string (`"12.50"`), never a float.
-//! Timestamps are milliseconds since the Unix epoch (`*_ms`).
+//! Timestamps are milliseconds since the Unix epoch (`*_ms`). Each record type's JSON
+//! Schema is checked in under `schemas/` ([`schemas`]), and every record the pipeline
+//! produces carries Kafka headers naming its version and kind ([`header`],
+//! [`WireRecord`]).
 
 use std::collections::BTreeMap;
 

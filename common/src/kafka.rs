@@ -355,17 +355,6 @@ impl<'a> OutRecord<'a> {
         }
     }
 
-    /// A record partitioned by `key`.
-    pub fn keyed(topic: &'a str, key: &[u8], payload: Vec<u8>) -> Self {
-        OutRecord {
-            topic,
-            partition: None,
-            key: key.to_vec(),
-            payload: Some(payload),
-            headers: None,
-        }
-    }
-
     /// An undecodable input record, copied byte for byte to the poison topic `topic` with
     /// the reason and its origin in headers (`s2s-poison-reason`, `s2s-source-topic`,
     /// `s2s-source-partition`, `s2s-source-offset`), so that one bad record never stops a

@@ -34,15 +34,6 @@ impl Output {
             headers: Some(s2s_common::kafka::wire_headers(record)),
         }
     }
-
-    pub fn keyed(topic: &Arc<str>, key: &[u8], payload: Vec<u8>) -> Self {
-        Output {
-            topic: Arc::clone(topic),
-            key: key.to_vec(),
-            payload,
-            headers: None,
-        }
-    }
 }
 
 /// An undecodable input record, set aside by the runtime.
