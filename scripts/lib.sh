@@ -23,6 +23,14 @@ TANSU_BIN="$TANSU_ROOT/bin/tansu"
 log() { printf '\033[1m==> [%ds] %s\033[0m\n' "$SECONDS" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# Installs Debian packages (apt-get, through sudo unless root).
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
+}
+
 # Debian packages the build needs: libclang for RocksDB's bindgen, OpenSSL headers for
 # librdkafka's TLS and the HTTP client, a C/C++ toolchain and zlib for the bundled C
 # libraries, python3 for picking free ports.
@@ -33,10 +41,7 @@ ensure_system_deps() {
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing Debian packages: ${missing[*]}"
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt_install "${missing[@]}"
 }
 
 # promtool, for the checks of deploy/prometheus and of the services' /metrics pages: from
@@ -44,10 +49,7 @@ ensure_system_deps() {
 ensure_promtool() {
   command -v promtool >/dev/null && return 0
   log "installing Debian package prometheus (for promtool)"
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+  apt_install prometheus
   command -v promtool >/dev/null || die "promtool is still missing after installing prometheus"
 }
 
@@ -56,11 +58,7 @@ ensure_promtool() {
 ensure_chromium() {
   [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && return 0
   log "installing Debian packages chromium and chromium-driver (for the console's browser test)"
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    chromium chromium-driver
+  apt_install chromium chromium-driver
   [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] ||
     die "chromium or chromedriver is still missing after installing them"
 }
@@ -79,19 +77,18 @@ ensure_python_tools() {
   local venv sum
   sum=$(sha256sum scripts/requirements.txt | cut -c1-12)
   venv="$S2S_CACHE/venv-$sum"
-  if [ ! -x "$venv/bin/kubernetes-validate" ] || ! "$venv/bin/python" -c "import confluent_kafka" 2>/dev/null; then
+  # `.complete` is written only after every package installed: a broken install is redone.
+  if [ ! -e "$venv/.complete" ]; then
     log "installing the tests' Python tools into $venv"
     rm -rf "$venv"
     if ! python3 -m venv "$venv" 2>/dev/null; then
       log "installing Debian package python3-venv"
-      local sudo=""
-      [ "$(id -u)" -eq 0 ] || sudo="sudo"
-      $sudo apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv
+      apt_install python3-venv
       rm -rf "$venv"
       python3 -m venv "$venv"
     fi
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements.txt
+    touch "$venv/.complete"
   fi
   export PATH="$venv/bin:$PATH"
 }
@@ -102,10 +99,7 @@ ensure_python_tools() {
 ensure_kubectl() {
   if ! command -v kubectl >/dev/null; then
     log "installing kubectl (apt package kubectl)"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends kubectl ||
+    apt_install kubectl ||
       die "no apt source here has kubectl: install kubectl 1.27 or newer (https://kubernetes.io/docs/tasks/tools/)"
   fi
   kubectl kustomize --help >/dev/null 2>&1 ||

@@ -330,17 +330,22 @@ pub struct OutRecord<'a> {
     pub headers: Option<OwnedHeaders>,
 }
 
-/// The Kafka headers of a record of the contract ([`WireRecord::headers`]).
-pub fn wire_headers<R: WireRecord>(record: &R) -> OwnedHeaders {
-    record
-        .headers()
-        .iter()
+/// Kafka headers from (name, text value) pairs.
+fn owned_headers<'h>(pairs: impl IntoIterator<Item = (&'h str, &'h str)>) -> OwnedHeaders {
+    pairs
+        .into_iter()
         .fold(OwnedHeaders::new(), |h, (key, value)| {
             h.insert(Header {
                 key,
-                value: Some(value.as_str()),
+                value: Some(value),
             })
         })
+}
+
+/// The Kafka headers of a record of the contract ([`WireRecord::headers`]).
+pub fn wire_headers<R: WireRecord>(record: &R) -> OwnedHeaders {
+    let pairs = record.headers();
+    owned_headers(pairs.iter().map(|(key, value)| (*key, value.as_str())))
 }
 
 impl<'a> OutRecord<'a> {
@@ -362,19 +367,12 @@ impl<'a> OutRecord<'a> {
     pub fn poison(topic: &'a str, msg: &OwnedMessage, reason: &str) -> Self {
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();
-        let headers = [
+        let headers = owned_headers([
             ("s2s-poison-reason", reason),
             ("s2s-source-topic", msg.topic()),
             ("s2s-source-partition", partition.as_str()),
             ("s2s-source-offset", offset.as_str()),
-        ]
-        .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value),
-            })
-        });
+        ]);
         OutRecord {
             topic,
             partition: None,

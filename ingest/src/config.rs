@@ -143,6 +143,22 @@ fn default_skew() -> Duration {
     Duration::from_secs(300)
 }
 
+impl SourceConfig {
+    /// A source with this `auth` and nothing else: no secrets, aliases, allow-list or
+    /// limit (`auth = "none"` gives the open source of a demo or a test).
+    pub fn new(auth: AuthKind) -> Self {
+        SourceConfig {
+            auth: Some(auth),
+            token: None,
+            hmac_secret: None,
+            max_skew: default_skew(),
+            aliases: BTreeMap::new(),
+            allow_ips: Vec::new(),
+            rate_limit_per_second: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedProxiesConfig {
@@ -376,19 +392,6 @@ mod tests {
 
     use super::*;
 
-    /// A source that says what it does.
-    fn open_source() -> SourceConfig {
-        SourceConfig {
-            auth: Some(AuthKind::None),
-            token: None,
-            hmac_secret: None,
-            max_skew: Duration::from_secs(300),
-            aliases: BTreeMap::new(),
-            allow_ips: vec![],
-            rate_limit_per_second: None,
-        }
-    }
-
     #[test]
     fn the_defaults_refuse_to_leave_the_plain_routes_open_unless_told() {
         let mut c = <IngestConfig as ServiceConfig>::defaults().expect("parses");
@@ -400,7 +403,7 @@ mod tests {
             "default".into(),
             SourceConfig {
                 auth: None,
-                ..open_source()
+                ..SourceConfig::new(AuthKind::None)
             },
         );
         let e = c.validate().expect_err("auth unset");
@@ -433,7 +436,8 @@ mod tests {
     /// The built-in defaults with the default source explicitly open.
     fn defaults() -> IngestConfig {
         let mut c = <IngestConfig as ServiceConfig>::defaults().expect("parses");
-        c.sources.insert("default".into(), open_source());
+        c.sources
+            .insert("default".into(), SourceConfig::new(AuthKind::None));
         c
     }
 
@@ -500,7 +504,7 @@ mod tests {
                 aliases: [("clickid".to_string(), "click_id".to_string())].into(),
                 allow_ips: vec!["192.0.2.0/24".into(), "198.51.100.7".into()],
                 rate_limit_per_second: Some(100),
-                ..open_source()
+                ..SourceConfig::new(AuthKind::Token)
             },
         );
         assert_eq!(

@@ -40,31 +40,18 @@ fn app_on(bootstrap: &str) -> Arc<App> {
     config = config.with_pipeline(pipeline);
     config.max_body_bytes = 2048;
     config.pixel.enabled = true;
-    config.sources.insert(
-        "default".into(),
-        SourceConfig {
-            auth: Some(AuthKind::None),
-            token: None,
-            hmac_secret: None,
-            max_skew: std::time::Duration::from_secs(300),
-            aliases: Default::default(),
-            allow_ips: vec![],
-            rate_limit_per_second: None,
-        },
-    );
+    config
+        .sources
+        .insert("default".into(), SourceConfig::new(AuthKind::None));
     config.sources.insert(
         "acme".into(),
         SourceConfig {
-            auth: Some(AuthKind::Token),
             token: Some(TOKEN.into()),
-            hmac_secret: None,
-            max_skew: std::time::Duration::from_secs(300),
             aliases: [("cid", "click_id"), ("goal", "event"), ("sum", "amount")]
                 .into_iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
-            allow_ips: vec![],
-            rate_limit_per_second: None,
+            ..SourceConfig::new(AuthKind::Token)
         },
     );
     let compiled = config.validate().expect("valid");

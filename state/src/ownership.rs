@@ -151,7 +151,7 @@ impl<F: Family> Ownership<F> {
                     break Err(format!(
                         "reading the changelog: nothing read for {RESTORE_STALL:?}, last error: \
                          {e}; {}",
-                        self.log_extent(&consumer, c, partition, next)
+                        log_extent(&consumer, &c.topic, partition, next)
                     ))
                 }
                 Some(Err(_)) => {}
@@ -159,7 +159,7 @@ impl<F: Family> Ownership<F> {
                     break Err(format!(
                         "reading the changelog: nothing read for {RESTORE_STALL:?} (is the \
                          broker reachable?); {}",
-                        self.log_extent(&consumer, c, partition, next)
+                        log_extent(&consumer, &c.topic, partition, next)
                     ))
                 }
                 None => {}
@@ -197,28 +197,8 @@ impl<F: Family> Ownership<F> {
              broker's data first: the store may be the only copy of this state.",
             dir = self.stores.dir().display(),
             topic = c.topic,
-            extent = self.log_extent(consumer, c, partition, position),
+            extent = log_extent(consumer, &c.topic, partition, position),
         )
-    }
-
-    /// What the broker says the changelog partition holds, for an error message. (Tansu,
-    /// the test broker, answers the end offset wrongly: facts for a person, never a
-    /// decision.)
-    fn log_extent(
-        &self,
-        consumer: &BaseConsumer<RestoreContext>,
-        c: &Changelog,
-        partition: i32,
-        position: i64,
-    ) -> String {
-        match consumer.fetch_watermarks(&c.topic, partition, Duration::from_secs(5)) {
-            Ok((low, high)) => format!(
-                "the broker reports offsets {low}..{high} for {} partition {partition}, the \
-                 store's position is {position}",
-                c.topic
-            ),
-            Err(e) => format!("the broker's offsets are unknown ({e})"),
-        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<F>> {
@@ -332,6 +312,23 @@ impl ClientContext for RestoreContext {
 }
 
 impl ConsumerContext for RestoreContext {}
+
+/// What the broker says a changelog partition holds, for an error message. (Tansu, the
+/// test broker, answers the end offset wrongly: facts for a person, never a decision.)
+fn log_extent(
+    consumer: &BaseConsumer<RestoreContext>,
+    topic: &str,
+    partition: i32,
+    position: i64,
+) -> String {
+    match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+        Ok((low, high)) => format!(
+            "the broker reports offsets {low}..{high} for {topic} partition {partition}, the \
+             store's position is {position}"
+        ),
+        Err(e) => format!("the broker's offsets are unknown ({e})"),
+    }
+}
 
 /// The consumer's context: ownership on rebalance, watermarks from statistics.
 #[derive(Debug, Clone)]

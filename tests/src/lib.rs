@@ -437,15 +437,7 @@ pub fn ingest_config(topics: &TopicsConfig) -> s2s_ingest::IngestConfig {
     c.admin_listen = any_port();
     c.sources.insert(
         "default".into(),
-        s2s_ingest::config::SourceConfig {
-            auth: Some(s2s_ingest::config::AuthKind::None),
-            token: None,
-            hmac_secret: None,
-            max_skew: Duration::from_secs(300),
-            aliases: Default::default(),
-            allow_ips: vec![],
-            rate_limit_per_second: None,
-        },
+        s2s_ingest::config::SourceConfig::new(s2s_ingest::config::AuthKind::None),
     );
     c
 }

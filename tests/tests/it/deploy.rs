@@ -106,15 +106,7 @@ fn every_alert_is_tested_both_ways_and_has_a_runbook() {
         }
     }
     assert_eq!(fires, alerts, "alerts shown firing");
-    // An alert without `for` that fires at once is shown quiet by another series of its
-    // test (ingest-1 with no open source).
-    let quiet_by_series = ["S2SUnauthenticatedSource"];
-    for alert in &alerts {
-        assert!(
-            quiet.contains(alert) || quiet_by_series.contains(&alert.as_str()),
-            "{alert}: no test shows it quiet"
-        );
-    }
+    assert_eq!(quiet, alerts, "alerts shown staying quiet");
 }
 
 /// deploy/k8s/prometheusrule.yaml is rules.yml as a PrometheusRule (the Prometheus

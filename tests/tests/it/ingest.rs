@@ -17,10 +17,8 @@ const HMAC_KEY: &str = "hmac-0123456789abcdef";
 
 fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
     SourceConfig {
-        auth: Some(auth),
         token: Some(TOKEN.into()),
         hmac_secret: Some(HMAC_KEY.into()),
-        max_skew: Duration::from_secs(300),
         aliases: [
             ("clickid", "click_id"),
             ("goal", "event"),
@@ -31,7 +29,7 @@ fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect(),
         allow_ips: allow.iter().map(|s| s.to_string()).collect(),
-        rate_limit_per_second: None,
+        ..SourceConfig::new(auth)
     }
 }
 
