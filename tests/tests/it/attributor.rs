@@ -434,7 +434,9 @@ async fn sigkill_mid_stream_loses_nothing_and_replays_identically() {
         })
         .await;
     first.kill().await;
-    let mut second = ChildService::new(bin, config.clone()).with_log(log_second);
+    let mut second = ChildService::new(bin, config.clone())
+        .with_log(log_second)
+        .group_per_start("attributor");
     second.start();
     feeder.await.expect("all records produced");
 

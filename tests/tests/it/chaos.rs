@@ -102,7 +102,14 @@ impl Cluster {
                 a.commit_interval = Duration::from_millis(50);
                 let config = path(&format!("attributor-{i}"));
                 s2s_tests::write_config(&config, &a);
-                Service::new(env!("CARGO_BIN_EXE_attributor-under-test"), config)
+                let service = Service::new(env!("CARGO_BIN_EXE_attributor-under-test"), config);
+                // A lone instance restarted after SIGKILL joins a new group each time:
+                // see `group_per_start`. Two instances share theirs.
+                if s.attributors == 1 {
+                    service.group_per_start("attributor")
+                } else {
+                    service
+                }
             })
             .collect();
         let postbacks: Vec<(String, String)> = s
@@ -131,7 +138,8 @@ impl Cluster {
             topics,
             ingest: Service::new(env!("CARGO_BIN_EXE_ingest-under-test"), ingest),
             attributors,
-            delivery: Service::new(env!("CARGO_BIN_EXE_delivery-under-test"), delivery),
+            delivery: Service::new(env!("CARGO_BIN_EXE_delivery-under-test"), delivery)
+                .group_per_start("delivery"),
             dir,
         };
         c.ingest.start();

@@ -712,8 +712,9 @@ async fn a_killed_worker_loses_no_delivery() {
         }
     }
     let at_kill = ep.received().len();
-    let mut second =
-        ChildService::new(bin, config.clone()).with_log(state.path().join("second.log"));
+    let mut second = ChildService::new(bin, config.clone())
+        .with_log(state.path().join("second.log"))
+        .group_per_start("delivery");
     second.start();
     poll_until(
         "every conversion delivered",
