@@ -15,6 +15,7 @@ pub mod input;
 pub mod memory;
 pub mod metrics;
 pub mod ownership;
+pub mod reach;
 pub mod runtime;
 pub mod store;
 

@@ -1,11 +1,13 @@
 //! Partition ownership for a stateful consumer. When the group assigns a partition, the
-//! consumer context opens the partition's store, brings it up to date from the changelog topic (nothing to read when
-//! the local store is current; everything after the store's changelog position when another
-//! instance owned the partition meanwhile, or when the store is new), and starts
-//! consumption at the input offsets committed *with the state*: the store is the truth,
-//! the group's committed offsets only serve lag monitoring. It also keeps the high
-//! watermarks that librdkafka's statistics report (consumer lag; the attributor's timer
-//! asks whether a partition's clicks are caught up).
+//! consumer context opens the partition's store, brings it up to date from the changelog
+//! topic (nothing to read when the local store is current; everything after the store's
+//! changelog position when another instance owned the partition meanwhile, or when the
+//! store is new), and starts consumption at the input offsets committed *with the state*
+//! (an input the state holds nothing of: from its start). The store is the truth, the
+//! group's committed offsets only serve lag monitoring; a stored position the broker does
+//! not have stops the service ([`crate::reach`]). It also keeps the high watermarks that
+//! librdkafka's statistics report (consumer lag; the attributor's timer asks whether a
+//! partition's clicks are caught up).
 //!
 //! The restore runs inside the rebalance callback, so consumption of every partition waits
 //! for it; it must finish within `max.poll.interval.ms` (librdkafka default 300 s), which
@@ -25,6 +27,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use s2s_common::kafka::KafkaConfig;
 
+use crate::reach;
 use crate::store::{Family, Store, StoreSet};
 
 /// Changelog records applied per RocksDB batch during a restore.
@@ -66,6 +69,8 @@ struct Inner<F: Family> {
     assigned: BTreeSet<i32>,
     high: BTreeMap<(String, i32), i64>,
     failure: Option<String>,
+    /// The statistics showed an owned input's fetch position beyond the log's end.
+    suspect: bool,
 }
 
 impl<F: Family> Ownership<F> {
@@ -80,6 +85,7 @@ impl<F: Family> Ownership<F> {
                 assigned: BTreeSet::new(),
                 high: BTreeMap::new(),
                 failure: None,
+                suspect: false,
             }),
         }
     }
@@ -98,9 +104,10 @@ impl<F: Family> Ownership<F> {
         // store starts at the log's beginning, wherever that is.
         config
             .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "error");
-        let consumer: BaseConsumer<RestoreContext> = config
-            .create_with_context(RestoreContext)
+            .set("auto.offset.reset", "error")
+            .set("statistics.interval.ms", reach::READER_STATISTICS_MS);
+        let consumer: BaseConsumer<ReaderContext> = config
+            .create_with_context(ReaderContext::default())
             .map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         let start = stored.map_or(Offset::Beginning, Offset::Offset);
@@ -143,7 +150,21 @@ impl<F: Family> Ownership<F> {
                     break Ok(applied);
                 }
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
-                    break Err(self.beyond_the_log(&consumer, c, partition, next));
+                    let extent = log_extent(&consumer, &c.topic, partition, next);
+                    break Err(self.beyond_the_log(c, partition, next, &extent));
+                }
+                // A broker that answers a fetch beyond the end with nothing (Tansu).
+                _ if consumer.context().beyond_end(&c.topic, partition).is_some() => {
+                    let (low, high) = consumer
+                        .context()
+                        .beyond_end(&c.topic, partition)
+                        .unwrap_or_default();
+                    let extent = format!(
+                        "its fetch answers offsets {low}..{high} for {} partition {partition}, \
+                         the store's position is {next}",
+                        c.topic
+                    );
+                    break Err(self.beyond_the_log(c, partition, next, &extent));
                 }
                 // A broker restarting or a connection lost: librdkafka reconnects and
                 // the read goes on (the restore consumer's context logs the error).
@@ -180,13 +201,7 @@ impl<F: Family> Ownership<F> {
     }
 
     /// The error when the broker does not have the store's changelog position.
-    fn beyond_the_log(
-        &self,
-        consumer: &BaseConsumer<RestoreContext>,
-        c: &Changelog,
-        partition: i32,
-        position: i64,
-    ) -> String {
+    fn beyond_the_log(&self, c: &Changelog, partition: i32, position: i64, extent: &str) -> String {
         format!(
             "the store {dir}/partition-{partition} was restored from changelog {topic} \
              partition {partition} up to offset {position}, which the broker does not have \
@@ -197,7 +212,6 @@ impl<F: Family> Ownership<F> {
              broker's data first: the store may be the only copy of this state.",
             dir = self.stores.dir().display(),
             topic = c.topic,
-            extent = log_extent(consumer, &c.topic, partition, position),
         )
     }
 
@@ -225,6 +239,40 @@ impl<F: Family> Ownership<F> {
             .high
             .get(&(topic.to_string(), partition))
             .copied()
+    }
+
+    /// Whether the statistics showed an owned input's fetch position beyond the log's end
+    /// since the last call (a suspicion: [`Ownership::outside`] checks it).
+    pub fn take_suspect(&self) -> bool {
+        std::mem::take(&mut self.lock().suspect)
+    }
+
+    /// The input positions stored with the owned partitions' state that the broker does
+    /// not have (blocking: it asks the broker about each).
+    pub fn outside(
+        &self,
+        kafka: &KafkaConfig,
+        group_id: &str,
+    ) -> Result<Vec<reach::Outside>, KafkaError> {
+        let mut stored = Vec::new();
+        for (partition, store) in self.assigned() {
+            for topic in &self.inputs {
+                if let Ok(Some(offset)) = store.offset(topic) {
+                    stored.push(reach::Stored {
+                        topic: topic.clone(),
+                        partition,
+                        offset,
+                    });
+                }
+            }
+        }
+        reach::probe(kafka, group_id, &stored)
+    }
+
+    /// What to tell the operator about positions the broker does not have.
+    pub fn explain(&self, outside: &[reach::Outside]) -> String {
+        let changelog = self.changelog.as_ref().map(|c| c.topic.as_str());
+        reach::explain(self.stores.dir(), changelog, outside)
     }
 
     /// Why a store could not be opened, if one could not: the service must stop.
@@ -260,12 +308,14 @@ impl<F: Family> Ownership<F> {
             }
             for topic in &self.inputs {
                 match store.offset(topic) {
-                    Ok(Some(next)) => {
-                        if let Err(e) = tpl.set_partition_offset(topic, p, Offset::Offset(next)) {
+                    Ok(stored) => {
+                        // Nothing stored: nothing of this input is in the state yet, so it
+                        // is read from its start (never from the group's committed offset).
+                        let start = stored.map_or(Offset::Beginning, Offset::Offset);
+                        if let Err(e) = tpl.set_partition_offset(topic, p, start) {
                             tracing::warn!(topic, partition = p, error = %e, "cannot set the start offset");
                         }
                     }
-                    Ok(None) => {}
                     Err(e) => inner.failure = Some(format!("offsets of partition {p}: {e}")),
                 }
             }
@@ -290,33 +340,72 @@ impl<F: Family> Ownership<F> {
                 if *p >= 0 && part.hi_offset >= 0 {
                     inner.high.insert((name.clone(), *p), part.hi_offset);
                 }
+                // A partition re-assigned here may show the end its last fetch answered
+                // before: a suspicion for a fresh reader to check, not a verdict.
+                if inner.assigned.contains(p)
+                    && self.inputs.contains(name)
+                    && reach::beyond_end(part).is_some()
+                {
+                    inner.suspect = true;
+                }
             }
         }
     }
 }
 
-/// The restore consumer's context: the end of the changelog (partition EOF) is how a
-/// restore knows it is done, not an error worth a log line.
-struct RestoreContext;
+/// The context of a one-off reader (a restore, a position probe): the end of a partition
+/// (partition EOF) is how it knows it is done, not an error worth a log line; its
+/// statistics tell whether a fetch position is beyond the log's end ([`reach::beyond_end`]).
+#[derive(Default)]
+pub(crate) struct ReaderContext {
+    beyond: Mutex<BTreeMap<(String, i32), (i64, i64)>>,
+}
 
-impl ClientContext for RestoreContext {
+impl ReaderContext {
+    /// The log's extent, if the last statistics showed the fetch position of `topic`
+    /// `partition` beyond its end.
+    pub(crate) fn beyond_end(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+        self.beyond
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
+}
+
+impl ClientContext for ReaderContext {
     fn error(&self, error: KafkaError, reason: &str) {
         let eof = matches!(
             error,
             KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
         );
         if !eof {
-            tracing::warn!(%error, reason, "changelog consumer error");
+            tracing::warn!(%error, reason, "kafka reader error");
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let mut beyond = self
+            .beyond
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, topic) in &statistics.topics {
+            for (p, part) in &topic.partitions {
+                match reach::beyond_end(part) {
+                    Some(extent) => beyond.insert((name.clone(), *p), extent),
+                    None => beyond.remove(&(name.clone(), *p)),
+                };
+            }
         }
     }
 }
 
-impl ConsumerContext for RestoreContext {}
+impl ConsumerContext for ReaderContext {}
 
 /// What the broker says a changelog partition holds, for an error message. (Tansu, the
 /// test broker, answers the end offset wrongly: facts for a person, never a decision.)
 fn log_extent(
-    consumer: &BaseConsumer<RestoreContext>,
+    consumer: &BaseConsumer<ReaderContext>,
     topic: &str,
     partition: i32,
     position: i64,

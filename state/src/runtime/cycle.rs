@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::processor::{Cx, Output, Poison, Processor, View};
 use super::{Guarantee, Runtime, RuntimeError, TXN_TIMEOUT};
 use crate::input::Positions;
+use crate::reach::Outside;
 use crate::store::{Family, Staged, Store};
 
 /// How often the gauges are refreshed.
@@ -104,6 +106,18 @@ impl<'r, F: Family, P: Processor<F>> Loop<'r, F, P> {
             if let Some(failure) = self.rt.ownership.failure() {
                 return Err(RuntimeError::Ownership(failure));
             }
+            if self.rt.ownership.take_suspect() {
+                match self.outside().await {
+                    Ok(outside) if outside.is_empty() => {}
+                    Ok(outside) => {
+                        return Err(RuntimeError::OutOfRange(
+                            self.rt.ownership.explain(&outside),
+                        ))
+                    }
+                    Err(e) => tracing::warn!(service = self.rt.settings.service, error = %e,
+                        "cannot check the stored input positions against the broker"),
+                }
+            }
             if stopping {
                 self.drain().await?;
             }
@@ -170,6 +184,9 @@ impl<'r, F: Family, P: Processor<F>> Loop<'r, F, P> {
                 Some(w) = recv(&mut self.wakes) => Gathered::Wake(w),
                 m = self.rt.consumer.recv() => match m {
                     Ok(m) => Gathered::Message(m.detach()),
+                    Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => {
+                        return Err(self.out_of_range().await);
+                    }
                     Err(e) => {
                         tracing::warn!(service = s.service, error = %e, "consumer error");
                         Gathered::Tick
@@ -235,6 +252,37 @@ impl<'r, F: Family, P: Processor<F>> Loop<'r, F, P> {
             }
         }
         Ok(())
+    }
+
+    /// The stored input positions the broker does not have, asked off the async threads.
+    async fn outside(&self) -> Result<Vec<Outside>, String> {
+        let ownership = Arc::clone(&self.rt.ownership);
+        let (kafka, group) = (
+            self.rt.settings.kafka.clone(),
+            self.rt.settings.group_id.clone(),
+        );
+        tokio::task::spawn_blocking(move || ownership.outside(&kafka, &group))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// The error that stops the service when the broker answered "out of range" for an
+    /// input position: its fetcher for that partition has stopped. A partition whose
+    /// store could not be opened or restored is handed to the consumer without a start
+    /// offset, which ends here too: that failure is the one to report.
+    async fn out_of_range(&self) -> RuntimeError {
+        if let Some(failure) = self.rt.ownership.failure() {
+            return RuntimeError::Ownership(failure);
+        }
+        RuntimeError::OutOfRange(match self.outside().await {
+            Ok(outside) => self.rt.ownership.explain(&outside),
+            Err(e) => format!(
+                "the broker answered \"offset out of range\" for an input position stored \
+                 in {}, and asking it which one failed: {e}",
+                self.rt.settings.state_dir.display()
+            ),
+        })
     }
 
     fn inputs(&self) -> impl Iterator<Item = &str> {

@@ -97,6 +97,9 @@ pub enum RuntimeError {
     Publish(String),
     #[error("{0}")]
     Ownership(String),
+    /// The broker does not have an input position stored with the state.
+    #[error("input offset out of range: {0}")]
+    OutOfRange(String),
     #[error("transaction failed, aborted, nothing committed: {0}")]
     Transaction(String),
 }
@@ -187,10 +190,23 @@ impl<F: Family> Runtime<F> {
             .as_ref()
             .map(|t| metrics.changelog(&settings.kafka, &settings.group_id, t));
         let ownership = Arc::new(Ownership::new(stores, topics.clone(), changelog));
-        let consumer: Consumer_<F> = settings
-            .kafka
-            .consumer_config(&settings.group_id)
-            .create_with_context(OwnershipContext(Arc::clone(&ownership)))?;
+        let mut consumer_config = settings.kafka.consumer_config(&settings.group_id);
+        match settings.kafka.properties.get("auto.offset.reset") {
+            // Every partition starts at an explicit offset (ownership); one the broker does
+            // not have stops the service with what to do (reach).
+            None => {
+                consumer_config.set("auto.offset.reset", "error");
+            }
+            Some(reset) => tracing::warn!(
+                service = settings.service,
+                reset = reset.as_str(),
+                "auto.offset.reset is set: an input position stored with the state that the \
+                 broker does not have moves to that end of the log without stopping; remove \
+                 the property once this start is done"
+            ),
+        }
+        let consumer: Consumer_<F> =
+            consumer_config.create_with_context(OwnershipContext(Arc::clone(&ownership)))?;
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
         let stats = KafkaStats::new(&registry, settings.service, admin.health.clone())?;

@@ -24,6 +24,15 @@ const WAIT: Duration = Duration::from_secs(60);
 /// (postback ID, click, event, txn_id, status, expected outcome)
 type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, &'a str, &'a str);
 
+/// Fresh topics with `partitions` each, created on the broker.
+async fn provisioned(partitions: i32) -> TopicsConfig {
+    let topics = topics(partitions);
+    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
+        .await
+        .expect("topics");
+    topics
+}
+
 fn click(id: &str, offer: &str, ts_ms: i64) -> Vec<u8> {
     encode(&Click {
         offer_id: offer.into(),
@@ -300,10 +309,7 @@ async fn every_rule_on_the_real_broker() {
 
 #[tokio::test]
 async fn restart_resumes_from_offsets_stored_with_the_state() {
-    let topics = topics(2);
-    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
-        .await
-        .expect("topics");
+    let topics = provisioned(2).await;
     let state = tempfile::tempdir().expect("tempdir");
     let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
     let p = RawProducer::new();
@@ -354,6 +360,106 @@ async fn restart_resumes_from_offsets_stored_with_the_state() {
         Some(0.0),
         "the click was not read again"
     );
+    running.stop().await;
+}
+
+/// Writes a position for `topic` into partition 0's store under `state`.
+fn store_position(state: &Path, topic: &str, offset: i64) {
+    s2s_attributor::store::Store::open(
+        &state.join("partition-0"),
+        s2s_attributor::store::StoreLimits {
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 4 << 20,
+            click_retention_ms: i64::MAX,
+            conversion_retention_ms: i64::MAX,
+        },
+    )
+    .expect("open the store")
+    .restore(&[], topic, offset)
+    .expect("a position the broker never had");
+}
+
+/// A store restored from the changelog further than the broker's log goes stops the
+/// service at start-up with the store and the fix: Tansu answers a fetch there with
+/// nothing, so waiting would never end. (Apache Kafka's "out of range": attributor_faults.)
+#[tokio::test]
+async fn a_changelog_position_beyond_the_log_is_named_on_the_real_broker() {
+    let topics = provisioned(1).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    RawProducer::new()
+        .send(&topics.changelog.name, "k", b"{}")
+        .await;
+    store_position(state.path(), &topics.changelog.name, 500);
+    let err = RunningService::attributor(attributor_config(&topics, state.path()))
+        .await
+        .failure(WAIT)
+        .await
+        .to_string();
+    crate::attributor_faults::names_the_store_ahead_of_the_changelog(&err, state.path());
+    assert!(
+        err.contains(&format!(
+            "its fetch answers offsets 0..1 for {} partition 0",
+            topics.changelog.name
+        )),
+        "{err}"
+    );
+}
+
+/// A store whose input position is beyond the broker's log (the topics were re-created, or
+/// the broker lost its data) stops the service at start-up with the position, the log's
+/// extent and the fix, instead of waiting at the position forever (Tansu answers such a
+/// fetch with nothing) or moving silently to one end of a different log; the fix it names
+/// works. (A position before the log's start, on the MockCluster: attributor_faults.)
+#[tokio::test]
+async fn an_input_position_the_broker_does_not_have_is_named_with_the_fix() {
+    let topics = provisioned(1).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let (clicks, pbs) = (&topics.clicks.name, &topics.postbacks.name);
+    let p = RawProducer::new();
+    let now = s2s_common::now_ms();
+    for id in ["x1", "x2", "x3"] {
+        p.send(clicks, id, &click(id, "1", now)).await;
+    }
+    store_position(state.path(), clicks, 500);
+
+    let err = RunningService::attributor(attributor_config(&topics, state.path()))
+        .await
+        .failure(WAIT)
+        .await;
+    assert!(
+        matches!(err, s2s_state::RuntimeError::OutOfRange(_)),
+        "{err}"
+    );
+    let (err, dir) = (err.to_string(), state.path().display().to_string());
+    assert!(
+        err.contains(&format!(
+            "{clicks} partition 0 at offset 500 (beyond the log; the broker reports offsets 0.."
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "delete {dir} and empty its changelog topic {}",
+            topics.changelog.name
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains(pbs.as_str()),
+        "postbacks had no stored position: {err}"
+    );
+
+    // The fix the error names: without the state, it is rebuilt from the broker.
+    std::fs::remove_dir_all(state.path().join("partition-0")).expect("delete the state");
+    let running = RunningService::attributor(attributor_config(&topics, state.path())).await;
+    p.send(
+        pbs,
+        "x3",
+        &postback("y3", "x3", "ftd", None, "approved", now),
+    )
+    .await;
+    let got = outcomes(&topics, &[outcome_id("y3")].into()).await;
+    assert_eq!(got[&outcome_id("y3")][0]["click_id"], "x3", "{got:?}");
     running.stop().await;
 }
 
@@ -498,10 +604,7 @@ async fn start(topics: &TopicsConfig, state: &Path) -> RunningService {
 
 #[tokio::test]
 async fn a_partition_moved_to_another_instance_is_restored_from_the_changelog() {
-    let topics = topics(2);
-    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
-        .await
-        .expect("topics");
+    let topics = provisioned(2).await;
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
@@ -612,10 +715,7 @@ fn spread_clicks(prefix: &str, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn two_instances_share_the_partitions_and_a_rebalance_restores_state() {
-    let topics = topics(4);
-    s2s_common::kafka::ensure_topics(&s2s_tests::kafka(), &topics, WAIT)
-        .await
-        .expect("topics");
+    let topics = provisioned(4).await;
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),

@@ -354,7 +354,12 @@ async fn a_store_ahead_of_the_brokers_changelog_is_named_at_start_up() {
         .failure(WAIT)
         .await
         .to_string();
-    let dir = state.path().display().to_string();
+    names_the_store_ahead_of_the_changelog(&err, state.path());
+}
+
+/// The error names partition 0's store under `state`, the position 500 and the fix.
+pub(crate) fn names_the_store_ahead_of_the_changelog(err: &str, state: &std::path::Path) {
+    let dir = state.display().to_string();
     assert!(
         err.contains(&format!("{dir}/partition-0"))
             && err.contains("up to offset 500")
@@ -362,4 +367,76 @@ async fn a_store_ahead_of_the_brokers_changelog_is_named_at_start_up() {
             && err.contains(&format!("delete {dir}")),
         "{err}"
     );
+}
+
+/// A stored input position before the log's start (retention deleted records the service
+/// had not read: here the mock's 5 MiB per-partition log limit drops the oldest) stops the
+/// service with what is lost and how to go on; Apache Kafka's way of saying it, "offset
+/// out of range", is what the mock answers. `auto.offset.reset = earliest`, set for one
+/// start as the error says, goes on from the oldest record the broker holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_position_before_the_log_start_says_what_is_lost_and_how_to_go_on() {
+    let (mock, topics) = mock();
+    let clicks = topics.clicks.name.clone();
+    let mut kafka = s2s_tests::kafka();
+    kafka.bootstrap_servers = mock.bootstrap_servers();
+    let producer: rdkafka::producer::FutureProducer =
+        kafka.producer_config().create().expect("producer");
+    let junk = vec![b'x'; 100 << 10];
+    for i in 0..60 {
+        let key = format!("j{i}");
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&clicks)
+                    .key(&key)
+                    .payload(&junk),
+                WAIT,
+            )
+            .await
+            .expect("stored");
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    open_store(state.path())
+        .restore(&[], &clicks, 1)
+        .expect("a clicks position the broker has deleted since");
+
+    let err = RunningService::attributor(config_on(&mock, &topics, state.path()))
+        .await
+        .failure(WAIT)
+        .await;
+    assert!(
+        matches!(err, s2s_state::RuntimeError::OutOfRange(_)),
+        "{err}"
+    );
+    let err = err.to_string();
+    assert!(
+        err.contains(&format!(
+            "{clicks} partition 0 at offset 1 (before the log's start; the broker reports \
+             offsets "
+        )) && err.contains("..60)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("S2S_KAFKA_PROP_AUTO_OFFSET_RESET=earliest")
+            && !err.contains(&format!("delete {}", state.path().display())),
+        "{err}"
+    );
+
+    let mut earliest = config_on(&mock, &topics, state.path());
+    earliest
+        .pipeline
+        .kafka
+        .properties
+        .insert("auto.offset.reset".into(), "earliest".into());
+    let running = RunningService::attributor(earliest).await;
+    send_pair(&mock, &topics, "e1", "ep1").await;
+    let out: Vec<Value> = TopicReader::on(&mock.bootstrap_servers(), &topics.conversions)
+        .read_until(
+            "the conversion after the reset",
+            WAIT,
+            |seen: &[Value]| !seen.is_empty(),
+        )
+        .await;
+    assert_eq!(out[0]["postback_id"], "ep1");
+    running.stop().await;
 }
