@@ -51,6 +51,11 @@ pub struct TopicsConfig {
     pub delivery_changelog: TopicConfig,
     /// Postbacks and batch records ingest refused (4xx), keyed by source, for the console.
     pub refusals: TopicConfig,
+    /// The control plane's store of record (compacted, one partition): every catalog
+    /// entity's current document keyed `<kind>/<id>`, a tombstone for a deleted one.
+    pub catalog: TopicConfig,
+    /// Every accepted catalog change, kept (not compacted): the entities' history.
+    pub catalog_audit: TopicConfig,
 }
 
 impl TopicsConfig {
@@ -82,11 +87,20 @@ impl TopicsConfig {
                 ..t("delivery-changelog")
             },
             refusals: t("refusals"),
+            catalog: TopicConfig {
+                partitions: 1,
+                config: [("cleanup.policy".to_string(), "compact".to_string())].into(),
+                ..t("catalog")
+            },
+            catalog_audit: TopicConfig {
+                partitions: 1,
+                ..t("catalog-audit")
+            },
         }
     }
 
     /// Every topic with its key in the `[topics]` config section.
-    pub fn by_key(&self) -> [(&'static str, &TopicConfig); 11] {
+    pub fn by_key(&self) -> [(&'static str, &TopicConfig); 13] {
         [
             ("clicks", &self.clicks),
             ("postbacks", &self.postbacks),
@@ -99,6 +113,8 @@ impl TopicsConfig {
             ("delivery_commands", &self.delivery_commands),
             ("delivery_changelog", &self.delivery_changelog),
             ("refusals", &self.refusals),
+            ("catalog", &self.catalog),
+            ("catalog_audit", &self.catalog_audit),
         ]
     }
 
@@ -118,7 +134,7 @@ impl TopicsConfig {
         toml
     }
 
-    pub fn all(&self) -> [&TopicConfig; 11] {
+    pub fn all(&self) -> [&TopicConfig; 13] {
         self.by_key().map(|(_, t)| t)
     }
 
@@ -169,6 +185,31 @@ impl TopicsConfig {
                  conversions ({}): its partition N holds the state of conversions partition N",
                 self.delivery_changelog.partitions, self.conversions.partitions
             ));
+        }
+        for (key, t) in [
+            ("catalog", &self.catalog),
+            ("catalog_audit", &self.catalog_audit),
+        ] {
+            if t.partitions != 1 {
+                return Err(format!(
+                    "topics: {key} ({}) must have exactly 1 partition: the catalog's changes \
+                     are totally ordered, and their offsets are the entities' revisions",
+                    t.partitions
+                ));
+            }
+        }
+        if self
+            .catalog
+            .config
+            .get("cleanup.policy")
+            .map(String::as_str)
+            != Some("compact")
+        {
+            return Err(
+                "topics: catalog needs config = { \"cleanup.policy\" = \"compact\" }: it keeps \
+                 every entity's latest document for as long as the entity exists"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 mod attributor;
 mod attributor_faults;
 mod broker_probe;
+mod catalog;
 mod chaos;
 mod console;
 mod data_teams;

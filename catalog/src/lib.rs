@@ -1,0 +1,27 @@
+//! The control plane's catalog, the Kafka Connect / Schema Registry way: one compacted
+//! topic with one partition is the store of record for every catalog entity (offers,
+//! affiliates, postbacks, sources, operators), keyed `<kind>/<id>`, the value the entity's
+//! whole current document, a tombstone for a deleted one.
+//!
+//! - [`Catalog`]: the materialized catalog and the one rule of change — a change names
+//!   the revision it was made against, and is accepted only if that is still the
+//!   entity's revision (a pure core, unit-tested).
+//! - [`Follower`]: reads the topic from its start to its end before it reports ready
+//!   (the end as the fetch answers it, never ListOffsets), then follows it live,
+//!   publishing each new catalog.
+//! - [`Writer`]: checks a change against the followed catalog, appends it, appends its
+//!   audit record, and returns once the follower has applied it.
+//!
+//! An entity's revision is the offset of its record in the catalog topic: unique,
+//! increasing, kept by compaction, and never reused after a delete (a stale `If-Match`
+//! from before a delete and re-create cannot match).
+
+pub mod catalog;
+pub mod follower;
+pub mod record;
+pub mod writer;
+
+pub use catalog::{Catalog, Conflict};
+pub use follower::{Follower, FollowerError};
+pub use record::{AuditRecord, Change, Entry, Key, KeyError, Kind, Stored};
+pub use writer::{WriteError, Writer, Written};

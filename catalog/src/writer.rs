@@ -1,0 +1,164 @@
+//! Makes catalog changes: one at a time, each checked against the followed catalog before
+//! it is appended, so the topic only ever holds accepted changes. That matters because
+//! compaction keeps the last record per key: a refused change left in the log would
+//! replace the accepted one for any reader that starts from scratch.
+//!
+//! A change is appended to the catalog topic (its offset is the entity's new revision),
+//! then to the audit topic with that revision, who, when and why; [`Writer::write`]
+//! returns once the follower has applied the change, so a caller that reads the catalog
+//! next sees its own write.
+//!
+//! One writer per catalog at a time is the caller's part (the console elects one through
+//! a consumer group): two writers could each accept a change against the same revision.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use s2s_common::kafka::KafkaConfig;
+use tokio::sync::Mutex;
+
+use crate::catalog::Conflict;
+use crate::follower::{Follower, FollowerError};
+use crate::record::{AuditRecord, Change, Entry, Stored};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error("appending the change to {topic}: {error}; nothing changed")]
+    Append { topic: String, error: KafkaError },
+    #[error(
+        "the change is revision {revision} of the catalog, but its audit record could not \
+         be appended to {topic}: {error}"
+    )]
+    Audit {
+        revision: i64,
+        topic: String,
+        error: KafkaError,
+    },
+    #[error("the change is revision {revision}, but was not seen applied: {error}")]
+    NotApplied { revision: i64, error: FollowerError },
+    #[error("encoding: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// The offset of the change in the catalog topic.
+    pub revision: i64,
+    /// The entity as the catalog now holds it; `None` after a delete.
+    pub entry: Option<Entry>,
+}
+
+pub struct Writer {
+    producer: FutureProducer,
+    topic: String,
+    audit_topic: String,
+    follower: Arc<Follower>,
+    /// How long a change may take to come back through the follower.
+    apply_within: Duration,
+    /// One change at a time: each is checked against a catalog that holds the previous.
+    turn: Mutex<()>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("topic", &self.topic)
+            .field("audit_topic", &self.audit_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    pub fn new(
+        kafka: &KafkaConfig,
+        topic: &str,
+        audit_topic: &str,
+        follower: Arc<Follower>,
+        apply_within: Duration,
+    ) -> Result<Self, KafkaError> {
+        Ok(Writer {
+            producer: kafka.producer_config().create()?,
+            topic: topic.to_string(),
+            audit_topic: audit_topic.to_string(),
+            follower,
+            apply_within,
+            turn: Mutex::new(()),
+        })
+    }
+
+    pub fn follower(&self) -> &Arc<Follower> {
+        &self.follower
+    }
+
+    /// Checks `change` against the catalog, appends it and its audit record, and waits
+    /// until the follower has applied it.
+    pub async fn write(&self, change: Change) -> Result<Written, WriteError> {
+        let _turn = self.turn.lock().await;
+        let previous = self.follower.catalog().check(&change)?;
+        let key = change.key.to_string();
+        let value = match &change.document {
+            Some(document) => Some(serde_json::to_vec(&Stored {
+                document: document.clone(),
+                changed_by: change.changed_by.clone(),
+                changed_at_ms: change.changed_at_ms,
+                reason: change.reason.clone(),
+            })?),
+            None => None,
+        };
+        let revision = self
+            .append(&self.topic, &key, value.as_deref())
+            .await
+            .map_err(|error| WriteError::Append {
+                topic: self.topic.clone(),
+                error,
+            })?;
+        let audit = serde_json::to_vec(&AuditRecord {
+            key: key.clone(),
+            revision,
+            previous,
+            document: change.document,
+            changed_by: change.changed_by,
+            changed_at_ms: change.changed_at_ms,
+            reason: change.reason,
+        })?;
+        self.append(&self.audit_topic, &key, Some(&audit))
+            .await
+            .map_err(|error| WriteError::Audit {
+                revision,
+                topic: self.audit_topic.clone(),
+                error,
+            })?;
+        let catalog = self
+            .follower
+            .reached(revision + 1, self.apply_within)
+            .await
+            .map_err(|error| WriteError::NotApplied { revision, error })?;
+        Ok(Written {
+            revision,
+            entry: catalog.get(&change.key).cloned(),
+        })
+    }
+
+    /// Appends one record and returns its offset once the broker acknowledged it.
+    async fn append(
+        &self,
+        topic: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<i64, KafkaError> {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        match self.producer.send(record, Timeout::Never).await {
+            Ok(delivery) => Ok(delivery.offset),
+            Err((error, _)) => Err(error),
+        }
+    }
+}
