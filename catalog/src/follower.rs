@@ -9,7 +9,7 @@
 //! something applied, so readers see whole batches of changes, never half of one.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -47,6 +47,8 @@ pub enum FollowerError {
 #[derive(Debug)]
 pub struct Follower {
     rx: watch::Receiver<Arc<Catalog>>,
+    /// When the reader last reached the end of the topic.
+    ends: watch::Receiver<Instant>,
     _stop: DropGuard,
 }
 
@@ -71,12 +73,14 @@ impl Follower {
         tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
         consumer.assign(&tpl)?;
         let (tx, rx) = watch::channel(Arc::new(Catalog::default()));
+        let (ends_tx, ends) = watch::channel(Instant::now());
         let (ready_tx, ready_rx) = oneshot::channel();
         let stop = shutdown.child_token();
         let reader = Reader {
             consumer,
             topic: topic.to_string(),
             tx,
+            ends: ends_tx,
             ready: Some(ready_tx),
             stop: stop.clone(),
         };
@@ -86,7 +90,11 @@ impl Follower {
             .map_err(FollowerError::Thread)?;
         let guard = stop.drop_guard();
         match tokio::time::timeout(ready_within, ready_rx).await {
-            Ok(Ok(())) => Ok(Follower { rx, _stop: guard }),
+            Ok(Ok(())) => Ok(Follower {
+                rx,
+                ends,
+                _stop: guard,
+            }),
             Ok(Err(_)) => Err(FollowerError::Stopped),
             Err(_) => Err(FollowerError::NotReady {
                 topic: topic.to_string(),
@@ -103,6 +111,29 @@ impl Follower {
     /// Every new catalog, as it is published.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
         self.rx.clone()
+    }
+
+    /// The catalog once the reader has reached the topic's end after `since`: it then
+    /// holds every change appended before `since` (a writer just elected waits for this,
+    /// so that it checks changes against everything its predecessor appended).
+    pub async fn caught_up_since(
+        &self,
+        since: Instant,
+        within: Duration,
+    ) -> Result<Arc<Catalog>, FollowerError> {
+        let mut ends = self.ends.clone();
+        let ended = tokio::time::timeout(within, async {
+            ends.wait_for(|end| *end > since).await.map(|_| ())
+        })
+        .await;
+        match ended {
+            Ok(Ok(())) => Ok(self.catalog()),
+            Ok(Err(_)) => Err(FollowerError::Stopped),
+            Err(_) => Err(FollowerError::Behind {
+                offset: self.catalog().next_offset(),
+                waited: within,
+            }),
+        }
     }
 
     /// The catalog once it has applied everything before `next_offset`.
@@ -133,6 +164,7 @@ struct Reader {
     consumer: BaseConsumer<Quiet>,
     topic: String,
     tx: watch::Sender<Arc<Catalog>>,
+    ends: watch::Sender<Instant>,
     ready: Option<oneshot::Sender<()>>,
     stop: CancellationToken,
 }
@@ -152,6 +184,7 @@ impl Reader {
                         self.tx.send_replace(Arc::new(working.clone()));
                         changed = false;
                     }
+                    self.ends.send_replace(Instant::now());
                     if let Some(ready) = self.ready.take() {
                         tracing::info!(topic = %self.topic, entities = working.len(),
                             next_offset = working.next_offset(), "catalog read to its end");

@@ -12,16 +12,21 @@
 //! - [`Writer`]: checks a change against the followed catalog, appends it, appends its
 //!   audit record, and returns once the follower has applied it.
 //!
+//! - [`Election`]: which instance writes, through a consumer group (one writer at a
+//!   time: the topic's one partition goes to one member).
+//!
 //! An entity's revision is the offset of its record in the catalog topic: unique,
 //! increasing, kept by compaction, and never reused after a delete (a stale `If-Match`
 //! from before a delete and re-create cannot match).
 
 pub mod catalog;
+pub mod election;
 pub mod follower;
 pub mod record;
 pub mod writer;
 
 pub use catalog::{Catalog, Conflict};
+pub use election::{Election, ElectionError};
 pub use follower::{Follower, FollowerError};
 pub use record::{AuditRecord, Change, Entry, Key, KeyError, Kind, Stored};
 pub use writer::{WriteError, Writer, Written};

@@ -12,7 +12,7 @@
 //! a consumer group): two writers could each accept a change against the same revision.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -41,6 +41,8 @@ pub enum WriteError {
     },
     #[error("the change is revision {revision}, but was not seen applied: {error}")]
     NotApplied { revision: i64, error: FollowerError },
+    #[error("the catalog is not read to its end: {0}; nothing changed")]
+    Behind(FollowerError),
     #[error("encoding: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -96,11 +98,17 @@ impl Writer {
         &self.follower
     }
 
-    /// Checks `change` against the catalog, appends it and its audit record, and waits
-    /// until the follower has applied it.
-    pub async fn write(&self, change: Change) -> Result<Written, WriteError> {
+    /// Checks `change` against the catalog as read to its end after `since` (a writer's
+    /// election: everything its predecessor appended), appends it and its audit record,
+    /// and waits until the follower has applied it.
+    pub async fn write(&self, change: Change, since: Instant) -> Result<Written, WriteError> {
         let _turn = self.turn.lock().await;
-        let previous = self.follower.catalog().check(&change)?;
+        let catalog = self
+            .follower
+            .caught_up_since(since, self.apply_within)
+            .await
+            .map_err(WriteError::Behind)?;
+        let previous = catalog.check(&change)?;
         let key = change.key.to_string();
         let value = match &change.document {
             Some(document) => Some(serde_json::to_vec(&Stored {

@@ -1,17 +1,17 @@
 //! The catalog on the real broker: a compacted topic as the store of record, read to its
 //! end at start-up, followed live; changes checked against their base revision before
 //! they are appended, so the topic holds only accepted changes; every accepted change in
-//! the audit topic.
+//! the audit topic; one writer elected at a time.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
 use s2s_catalog::{
-    AuditRecord, Catalog, Change, Conflict, Follower, Key, Kind, WriteError, Writer,
+    AuditRecord, Catalog, Change, Conflict, Election, Follower, Key, Kind, WriteError, Writer,
 };
 use s2s_common::topics::TopicsConfig;
-use s2s_tests::{kafka, topics, TopicReader};
+use s2s_tests::{kafka, poll_until, topics, TopicReader};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +52,7 @@ fn key(s: &str) -> Key {
 async fn only_accepted_changes_reach_the_topic_and_every_reader_builds_the_same_catalog() {
     let topics = provisioned().await;
     let shutdown = CancellationToken::new();
+    let since = Instant::now();
     let a = follower(&topics, &shutdown).await;
     assert!(a.catalog().is_empty(), "an empty topic is read to its end");
     let w = Writer::new(
@@ -65,7 +66,7 @@ async fn only_accepted_changes_reach_the_topic_and_every_reader_builds_the_same_
 
     let doc = |name: &str| json!({ "name": name, "status": "active" });
     let created = w
-        .write(change("affiliate/a1", None, Some(doc("Alpha"))))
+        .write(change("affiliate/a1", None, Some(doc("Alpha"))), since)
         .await
         .expect("created");
     let r1 = created.revision;
@@ -75,7 +76,10 @@ async fn only_accepted_changes_reach_the_topic_and_every_reader_builds_the_same_
         "the write returns what the catalog now holds"
     );
     let r2 = w
-        .write(change("affiliate/a1", Some(r1), Some(doc("Alpha 2"))))
+        .write(
+            change("affiliate/a1", Some(r1), Some(doc("Alpha 2"))),
+            since,
+        )
         .await
         .expect("updated")
         .revision;
@@ -88,7 +92,7 @@ async fn only_accepted_changes_reach_the_topic_and_every_reader_builds_the_same_
         change("affiliate/nobody", Some(r2), None),
     ];
     for c in refused {
-        match w.write(c.clone()).await {
+        match w.write(c.clone(), since).await {
             Err(WriteError::Conflict(Conflict::Stale { current, .. })) => assert_eq!(current, r2),
             Err(WriteError::Conflict(Conflict::Exists { revision, .. })) => {
                 assert_eq!(revision, r2)
@@ -98,17 +102,20 @@ async fn only_accepted_changes_reach_the_topic_and_every_reader_builds_the_same_
         }
     }
     let deleted = w
-        .write(change("affiliate/a1", Some(r2), None))
+        .write(change("affiliate/a1", Some(r2), None), since)
         .await
         .expect("deleted");
     assert_eq!(deleted.entry, None);
     accepted.push(deleted.revision);
     let offer = w
-        .write(change(
-            "offer/o1",
-            None,
-            Some(json!({ "url": "https://o.example/?c={click_id}" })),
-        ))
+        .write(
+            change(
+                "offer/o1",
+                None,
+                Some(json!({ "url": "https://o.example/?c={click_id}" })),
+            ),
+            since,
+        )
         .await
         .expect("created");
     accepted.push(offer.revision);
@@ -164,6 +171,7 @@ async fn only_accepted_changes_reach_the_topic_and_every_reader_builds_the_same_
 async fn a_change_reaches_every_follower_within_a_second() {
     let topics = provisioned().await;
     let shutdown = CancellationToken::new();
+    let since = Instant::now();
     let writer_side = follower(&topics, &shutdown).await;
     let w = Writer::new(
         &kafka(),
@@ -182,11 +190,14 @@ async fn a_change_reaches_every_follower_within_a_second() {
     for i in 0..5 {
         let started = Instant::now();
         let written = w
-            .write(change(
-                "postback/p1",
-                base,
-                Some(json!({ "url": format!("https://a.example/{i}") })),
-            ))
+            .write(
+                change(
+                    "postback/p1",
+                    base,
+                    Some(json!({ "url": format!("https://a.example/{i}") })),
+                ),
+                since,
+            )
             .await
             .expect("written");
         for f in &others {
@@ -203,5 +214,34 @@ async fn a_change_reaches_every_follower_within_a_second() {
         base = Some(written.revision);
     }
     println!("worst time from a write's start to applied by every follower: {worst:?}");
+    shutdown.cancel();
+}
+
+/// One writer at a time: of two candidates exactly one is elected; when it leaves, the
+/// other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_candidate_is_the_writer_and_another_takes_over_when_it_leaves() {
+    let topics = provisioned().await;
+    let group = s2s_tests::unique("catalog-writer");
+    let shutdown = CancellationToken::new();
+    let join =
+        || Election::join(&kafka(), &group, &topics.catalog.name, &shutdown).expect("joined");
+    let (a, b) = (join(), join());
+    let leaders = |a: &Election, b: &Election| [a.is_leader(), b.is_leader()];
+    let first = poll_until("a writer elected", WAIT, || async {
+        match leaders(&a, &b) {
+            [true, false] => Some(0),
+            [false, true] => Some(1),
+            _ => None,
+        }
+    })
+    .await;
+    let (gone, stays) = if first == 0 { (a, b) } else { (b, a) };
+    assert!(gone.leader_since().is_some() && stays.leader_since().is_none());
+    drop(gone);
+    poll_until("the other candidate elected", WAIT, || async {
+        stays.is_leader().then_some(())
+    })
+    .await;
     shutdown.cancel();
 }
