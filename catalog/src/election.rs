@@ -7,6 +7,8 @@
 //! The member reads nothing through the group: it pauses the partition once assigned
 //! (the [`crate::Follower`] reads the catalog).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -23,6 +25,7 @@ const POLL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Election {
     leader: watch::Receiver<Option<Instant>>,
+    joined: Arc<AtomicBool>,
     _stop: DropGuard,
 }
 
@@ -35,9 +38,12 @@ impl Election {
         shutdown: &CancellationToken,
     ) -> Result<Self, ElectionError> {
         let (tx, leader) = watch::channel(None);
-        let consumer: BaseConsumer<Member> = kafka
-            .consumer_config(group)
-            .create_with_context(Member { leader: tx })?;
+        let joined = Arc::new(AtomicBool::new(false));
+        let consumer: BaseConsumer<Member> =
+            kafka.consumer_config(group).create_with_context(Member {
+                leader: tx,
+                joined: Arc::clone(&joined),
+            })?;
         consumer.subscribe(&[topic])?;
         let stop = shutdown.child_token();
         let member_stop = stop.clone();
@@ -53,10 +59,12 @@ impl Election {
                 // rather than after the session timeout.
                 consumer.unsubscribe();
                 consumer.context().leader.send_replace(None);
+                consumer.context().joined.store(false, Ordering::Release);
             })
             .map_err(ElectionError::Thread)?;
         Ok(Election {
             leader,
+            joined,
             _stop: stop.drop_guard(),
         })
     }
@@ -64,6 +72,12 @@ impl Election {
     /// Whether this instance is the writer now.
     pub fn is_leader(&self) -> bool {
         self.leader.borrow().is_some()
+    }
+
+    /// Whether the group has given this instance an assignment (the partition or none):
+    /// it takes part in the election.
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Acquire)
     }
 
     /// Since when this instance is the writer, if it is.
@@ -87,6 +101,7 @@ pub enum ElectionError {
 
 struct Member {
     leader: watch::Sender<Option<Instant>>,
+    joined: Arc<AtomicBool>,
 }
 
 impl ClientContext for Member {
@@ -97,6 +112,8 @@ impl ClientContext for Member {
 
 impl ConsumerContext for Member {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.joined
+            .store(matches!(rebalance, Rebalance::Assign(_)), Ordering::Release);
         match rebalance {
             Rebalance::Assign(tpl) if tpl.count() > 0 => {
                 if let Err(e) = consumer.pause(tpl) {

@@ -8,6 +8,7 @@
 //! a thread of its own; it publishes a new [`Catalog`] each time it reaches the end with
 //! something applied, so readers see whole batches of changes, never half of one.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,14 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::catalog::Catalog;
 use crate::record::{Key, Stored};
+
+/// What a [`Follower`] builds from a topic, record by record, in offset order.
+pub trait Materialized: Clone + Default + Send + Sync + 'static {
+    /// Applies the record at `offset` of `topic` (`value` `None`: a tombstone).
+    fn apply_record(&mut self, topic: &str, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>);
+    /// The offset after the last record applied.
+    fn next_offset(&self) -> i64;
+}
 
 /// How long one poll of the reader waits: its reaction time to a shutdown.
 const POLL: Duration = Duration::from_millis(100);
@@ -42,17 +51,19 @@ pub enum FollowerError {
     Behind { offset: i64, waited: Duration },
 }
 
-/// The catalog as read so far, kept up to date by a reader thread (stopped when the
-/// follower is dropped or `shutdown` is cancelled).
+/// A topic's one partition as read so far (the catalog, by default), kept up to date by a
+/// reader thread (stopped when the follower is dropped or `shutdown` is cancelled).
 #[derive(Debug)]
-pub struct Follower {
-    rx: watch::Receiver<Arc<Catalog>>,
+pub struct Follower<S = Catalog> {
+    rx: watch::Receiver<Arc<S>>,
     /// When the reader last reached the end of the topic.
     ends: watch::Receiver<Instant>,
+    /// Asks the reader for a fresh end (see [`Follower::caught_up_since`]).
+    sync: Arc<AtomicBool>,
     _stop: DropGuard,
 }
 
-impl Follower {
+impl<S: Materialized> Follower<S> {
     /// Reads `topic` to its end and returns; follows it from then on.
     pub async fn start(
         kafka: &KafkaConfig,
@@ -72,15 +83,17 @@ impl Follower {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
         consumer.assign(&tpl)?;
-        let (tx, rx) = watch::channel(Arc::new(Catalog::default()));
+        let (tx, rx) = watch::channel(Arc::new(S::default()));
         let (ends_tx, ends) = watch::channel(Instant::now());
         let (ready_tx, ready_rx) = oneshot::channel();
+        let sync = Arc::new(AtomicBool::new(false));
         let stop = shutdown.child_token();
         let reader = Reader {
             consumer,
             topic: topic.to_string(),
             tx,
             ends: ends_tx,
+            sync: Arc::clone(&sync),
             ready: Some(ready_tx),
             stop: stop.clone(),
         };
@@ -93,6 +106,7 @@ impl Follower {
             Ok(Ok(())) => Ok(Follower {
                 rx,
                 ends,
+                sync,
                 _stop: guard,
             }),
             Ok(Err(_)) => Err(FollowerError::Stopped),
@@ -103,25 +117,43 @@ impl Follower {
         }
     }
 
-    /// The catalog as of the last end reached.
-    pub fn catalog(&self) -> Arc<Catalog> {
+    /// A follower that holds `state` and reads nothing (for tests and tools without a
+    /// broker).
+    pub fn fixed(state: S) -> Self {
+        let (_, rx) = watch::channel(Arc::new(state));
+        let (_, ends) = watch::channel(Instant::now());
+        Follower {
+            rx,
+            ends,
+            sync: Arc::new(AtomicBool::new(false)),
+            _stop: CancellationToken::new().drop_guard(),
+        }
+    }
+
+    /// What was read as of the last end reached.
+    pub fn catalog(&self) -> Arc<S> {
         Arc::clone(&self.rx.borrow())
     }
 
-    /// Every new catalog, as it is published.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
+    /// Every new state, as it is published.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<S>> {
         self.rx.clone()
     }
 
     /// The catalog once the reader has reached the topic's end after `since`: it then
     /// holds every change appended before `since` (a writer just elected waits for this,
-    /// so that it checks changes against everything its predecessor appended).
+    /// so that it checks changes against everything its predecessor appended). An idle
+    /// reader reports the end once, so it is asked to fetch again from where it is: the
+    /// end of that fetch is one the broker answered after the question.
     pub async fn caught_up_since(
         &self,
         since: Instant,
         within: Duration,
-    ) -> Result<Arc<Catalog>, FollowerError> {
+    ) -> Result<Arc<S>, FollowerError> {
         let mut ends = self.ends.clone();
+        if *ends.borrow() <= since {
+            self.sync.store(true, Ordering::Release);
+        }
         let ended = tokio::time::timeout(within, async {
             ends.wait_for(|end| *end > since).await.map(|_| ())
         })
@@ -141,7 +173,7 @@ impl Follower {
         &self,
         next_offset: i64,
         within: Duration,
-    ) -> Result<Arc<Catalog>, FollowerError> {
+    ) -> Result<Arc<S>, FollowerError> {
         let mut rx = self.rx.clone();
         let reached = tokio::time::timeout(within, async {
             rx.wait_for(|c| c.next_offset() >= next_offset)
@@ -160,23 +192,33 @@ impl Follower {
     }
 }
 
-struct Reader {
+struct Reader<S> {
     consumer: BaseConsumer<Quiet>,
     topic: String,
-    tx: watch::Sender<Arc<Catalog>>,
+    tx: watch::Sender<Arc<S>>,
     ends: watch::Sender<Instant>,
+    sync: Arc<AtomicBool>,
     ready: Option<oneshot::Sender<()>>,
     stop: CancellationToken,
 }
 
-impl Reader {
+impl<S: Materialized> Reader<S> {
     fn run(mut self) {
-        let mut working = Catalog::default();
+        let mut working = S::default();
         let mut changed = false;
         while !self.stop.is_cancelled() {
+            if self.sync.swap(false, Ordering::AcqRel) {
+                // A new fetch from the same position: librdkafka drops what the old one
+                // still brings, and reports the end again when the new one reaches it.
+                let at = Offset::Offset(working.next_offset());
+                if let Err(e) = self.consumer.seek(&self.topic, 0, at, POLL) {
+                    tracing::warn!(topic = %self.topic, error = %e, "cannot fetch the end again");
+                    self.sync.store(true, Ordering::Release);
+                }
+            }
             match self.consumer.poll(POLL) {
                 Some(Ok(m)) => {
-                    apply(&mut working, &self.topic, &m);
+                    working.apply_record(&self.topic, m.offset(), m.key(), m.payload());
                     changed = true;
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => {
@@ -186,8 +228,8 @@ impl Reader {
                     }
                     self.ends.send_replace(Instant::now());
                     if let Some(ready) = self.ready.take() {
-                        tracing::info!(topic = %self.topic, entities = working.len(),
-                            next_offset = working.next_offset(), "catalog read to its end");
+                        tracing::info!(topic = %self.topic,
+                            next_offset = working.next_offset(), "read to its end");
                         let _ = ready.send(());
                     }
                 }
@@ -198,25 +240,27 @@ impl Reader {
     }
 }
 
-/// Applies one record of the catalog topic; one that is not an entity's (a key or value
-/// no writer of ours produces) is logged and passed over.
-fn apply<M: Message>(catalog: &mut Catalog, topic: &str, m: &M) {
-    let key = m
-        .key()
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .map(str::parse::<Key>);
-    let value = m
-        .payload()
-        .map(serde_json::from_slice::<Stored>)
-        .transpose();
-    match (key, value) {
-        (Some(Ok(key)), Ok(value)) => catalog.apply(key, m.offset(), value),
-        (key, value) => {
-            tracing::error!(topic, offset = m.offset(),
-                key_error = ?key.map(|k| k.err()), value_error = ?value.err().map(|e| e.to_string()),
-                "a catalog record that is not an entity's; passed over");
-            catalog.skip(m.offset());
+impl Materialized for Catalog {
+    /// A record that is not an entity's (a key or value no writer of ours produces) is
+    /// logged and passed over.
+    fn apply_record(&mut self, topic: &str, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>) {
+        let key = key
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map(str::parse::<Key>);
+        let value = value.map(serde_json::from_slice::<Stored>).transpose();
+        match (key, value) {
+            (Some(Ok(key)), Ok(value)) => self.apply(key, offset, value),
+            (key, value) => {
+                tracing::error!(topic, offset,
+                    key_error = ?key.map(|k| k.err()), value_error = ?value.err().map(|e| e.to_string()),
+                    "a catalog record that is not an entity's; passed over");
+                self.skip(offset);
+            }
         }
+    }
+
+    fn next_offset(&self) -> i64 {
+        Catalog::next_offset(self)
     }
 }
 

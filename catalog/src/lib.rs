@@ -12,6 +12,8 @@
 //! - [`Writer`]: checks a change against the followed catalog, appends it, appends its
 //!   audit record, and returns once the follower has applied it.
 //!
+//! - [`History`]: every accepted change by entity, from the audit topic (a second
+//!   [`Follower`]).
 //! - [`Election`]: which instance writes, through a consumer group (one writer at a
 //!   time: the topic's one partition goes to one member).
 //!
@@ -22,11 +24,13 @@
 pub mod catalog;
 pub mod election;
 pub mod follower;
+pub mod history;
 pub mod record;
 pub mod writer;
 
 pub use catalog::{Catalog, Conflict};
 pub use election::{Election, ElectionError};
-pub use follower::{Follower, FollowerError};
+pub use follower::{Follower, FollowerError, Materialized};
+pub use history::History;
 pub use record::{AuditRecord, Change, Entry, Key, KeyError, Kind, Stored};
 pub use writer::{WriteError, Writer, Written};

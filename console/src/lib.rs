@@ -29,12 +29,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use s2s_catalog::{Election, Follower, Writer};
 use s2s_common::kafka::ensure_topics;
 use s2s_state::runtime::{Input, Runtime, RuntimeError, Settings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsoleConfig;
+
+/// How long reading the catalog and its history to their ends may take at start-up.
+const CATALOG_READY_WITHIN: Duration = Duration::from_secs(60);
+/// How long a catalog change may take to come back through this instance's reader.
+const CATALOG_APPLY_WITHIN: Duration = Duration::from_secs(10);
 use schema::Cf;
 
 /// A started console: topics checked, stores ready, API and admin listeners bound.
@@ -91,6 +97,7 @@ impl Console {
                     error,
                 })?;
         let metrics = metrics::Metrics::new(runtime.registry())?;
+        let catalog = catalog_api(&config).await?;
         let reader = reader::Reader::new(&config.pipeline.topics);
         let api = Arc::new(api::ApiState {
             ownership: runtime.ownership().clone(),
@@ -100,6 +107,7 @@ impl Console {
             operators: config.operators.clone().into_iter().collect(),
             metrics,
             feed: reader.feed(),
+            catalog,
         });
         Ok(Console {
             runtime,
@@ -134,6 +142,45 @@ impl Console {
         let _ = server.await;
         result
     }
+}
+
+/// The catalog read to its end, its history, this instance's candidacy as its writer.
+async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi, RuntimeError> {
+    let (kafka, topics) = (&config.pipeline.kafka, &config.pipeline.topics);
+    let stop = CancellationToken::new();
+    let catalog = Arc::new(
+        Follower::start(kafka, &topics.catalog.name, CATALOG_READY_WITHIN, &stop)
+            .await
+            .map_err(|e| RuntimeError::Config(e.to_string()))?,
+    );
+    let history = Follower::start(
+        kafka,
+        &topics.catalog_audit.name,
+        CATALOG_READY_WITHIN,
+        &stop,
+    )
+    .await
+    .map_err(|e| RuntimeError::Config(e.to_string()))?;
+    let election = Election::join(
+        kafka,
+        &format!("{}.catalog-writer", config.group_id),
+        &topics.catalog.name,
+        &stop,
+    )
+    .map_err(|e| RuntimeError::Config(e.to_string()))?;
+    let writer = Writer::new(
+        kafka,
+        &topics.catalog.name,
+        &topics.catalog_audit.name,
+        Arc::clone(&catalog),
+        CATALOG_APPLY_WITHIN,
+    )?;
+    Ok(api::catalog::CatalogApi {
+        catalog,
+        history,
+        election,
+        writer,
+    })
 }
 
 /// The topics the console reads, all keyed by click ID.

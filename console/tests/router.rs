@@ -46,8 +46,28 @@ fn app(dir: &std::path::Path) -> axum::Router {
         operators: vec![("alice".into(), TOKEN.into())],
         metrics,
         feed: tokio::sync::broadcast::channel(4).0,
+        catalog: catalog_api(&kafka),
     };
     router(Arc::new(state))
+}
+
+/// The catalog API without a broker: an empty catalog, never elected writer.
+fn catalog_api(kafka: &s2s_common::kafka::KafkaConfig) -> s2s_console::api::catalog::CatalogApi {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let catalog = Arc::new(s2s_catalog::Follower::fixed(s2s_catalog::Catalog::default()));
+    s2s_console::api::catalog::CatalogApi {
+        history: s2s_catalog::Follower::fixed(s2s_catalog::History::default()),
+        election: s2s_catalog::Election::join(kafka, "g", "catalog", &stop).expect("candidate"),
+        writer: s2s_catalog::Writer::new(
+            kafka,
+            "catalog",
+            "audit",
+            Arc::clone(&catalog),
+            std::time::Duration::from_secs(1),
+        )
+        .expect("writer"),
+        catalog,
+    }
 }
 
 async fn call(
@@ -97,7 +117,9 @@ async fn the_openapi_document_and_the_router_agree() {
     for (path, methods) in ROUTES {
         let concrete = path
             .replace("{click_id}", "c1")
-            .replace("{delivery_id}", "d1");
+            .replace("{delivery_id}", "d1")
+            .replace("{kind}", "offer")
+            .replace("{id}", "o1");
         if path == "/api/v1/feed" {
             continue; // a stream that never ends; its auth is checked below
         }
@@ -124,7 +146,9 @@ async fn the_api_needs_an_operator_token_and_the_page_does_not() {
     for (path, methods) in ROUTES.iter().filter(|(p, _)| p.starts_with("/api/")) {
         let concrete = path
             .replace("{click_id}", "c1")
-            .replace("{delivery_id}", "d1");
+            .replace("{delivery_id}", "d1")
+            .replace("{kind}", "offer")
+            .replace("{id}", "o1");
         let method = Method::from_bytes(methods[0].as_bytes()).expect("method");
         for token in [None, Some("wrong-token-0123456789")] {
             let (status, body) = call(&app, method.clone(), &concrete, token).await;

@@ -30,6 +30,7 @@ use crate::model::LiveEvent;
 use crate::query::{ConversionFilter, GroupBy, QueryError, Reader, Window};
 use crate::schema::{Cf, Granularity};
 
+pub mod catalog;
 mod refire;
 
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -38,7 +39,7 @@ pub const APP_JS: &str = include_str!("../../web/app.js");
 pub const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 /// Every route and its methods; the OpenAPI document lists the same (a test checks).
-pub const ROUTES: [(&str, &[&str]); 17] = [
+pub const ROUTES: [(&str, &[&str]); 20] = [
     ("/", &["GET"]),
     ("/app.js", &["GET"]),
     ("/style.css", &["GET"]),
@@ -56,6 +57,9 @@ pub const ROUTES: [(&str, &[&str]); 17] = [
     ("/api/v1/feed", &["GET"]),
     ("/api/v1/status", &["GET"]),
     ("/api/v1/refusals", &["GET"]),
+    ("/api/v1/catalog/{kind}", &["GET"]),
+    ("/api/v1/catalog/{kind}/{id}", &["GET", "PUT", "DELETE"]),
+    ("/api/v1/catalog/{kind}/{id}/history", &["GET"]),
 ];
 
 /// Re-fired in one bulk request at most.
@@ -72,6 +76,7 @@ pub struct ApiState {
     pub operators: Vec<(String, String)>,
     pub metrics: Metrics,
     pub feed: broadcast::Sender<LiveEvent>,
+    pub catalog: catalog::CatalogApi,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -90,6 +95,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds, for `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -98,14 +105,25 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
+        resp
     }
 }
 
@@ -141,7 +159,7 @@ impl From<JsonRejection> for ApiError {
 
 /// The operator a request is from.
 #[derive(Debug, Clone)]
-struct Operator(String);
+pub struct Operator(pub(crate) String);
 
 pub fn router(state: Shared) -> Router {
     let static_file = |body: &'static str, ct: &'static str| {
@@ -174,6 +192,14 @@ pub fn router(state: Shared) -> Router {
         .route(ROUTES[14].0, get(feed))
         .route(ROUTES[15].0, get(status))
         .route(ROUTES[16].0, get(refusals))
+        .route(ROUTES[17].0, get(catalog::list))
+        .route(
+            ROUTES[18].0,
+            get(catalog::get_one)
+                .put(catalog::put)
+                .delete(catalog::delete),
+        )
+        .route(ROUTES[19].0, get(catalog::history))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -409,10 +435,30 @@ struct Freshness {
     partitions: Vec<i32>,
     records_behind: Option<i64>,
     by_topic: std::collections::BTreeMap<String, Option<i64>>,
+    catalog: CatalogStatus,
+}
+
+/// This instance's view of the catalog.
+#[derive(Debug, serde::Serialize)]
+struct CatalogStatus {
+    /// Whether this instance writes the catalog now.
+    writer: bool,
+    /// Whether it takes part in the writer's election.
+    candidate: bool,
+    entities: usize,
+    /// The offset after the last catalog record applied here.
+    next_revision: i64,
 }
 
 async fn status(State(s): State<Shared>) -> Result<Response, ApiError> {
     let (ownership, inputs) = (s.ownership.clone(), s.inputs.clone());
+    let read = s.catalog.catalog.catalog();
+    let catalog = CatalogStatus {
+        writer: s.catalog.election.is_leader(),
+        candidate: s.catalog.election.joined(),
+        entities: read.len(),
+        next_revision: read.next_offset(),
+    };
     let freshness = tokio::task::spawn_blocking(move || {
         let assigned = ownership.assigned();
         let mut by_topic = std::collections::BTreeMap::new();
@@ -434,6 +480,7 @@ async fn status(State(s): State<Shared>) -> Result<Response, ApiError> {
             partitions: assigned.iter().map(|(p, _)| *p).collect(),
             records_behind,
             by_topic,
+            catalog,
         })
     })
     .await

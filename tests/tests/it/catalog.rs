@@ -245,3 +245,239 @@ async fn one_candidate_is_the_writer_and_another_takes_over_when_it_leaves() {
     .await;
     shutdown.cancel();
 }
+
+/// A console instance serving the catalog API.
+struct ApiConsole {
+    url: String,
+    running: s2s_tests::RunningService,
+}
+
+async fn console(topics: &TopicsConfig, group: &str, state: &std::path::Path) -> ApiConsole {
+    let mut config = s2s_tests::console_config(topics, state);
+    config.group_id = group.to_string();
+    let console = s2s_console::Console::bind(config)
+        .await
+        .expect("the console starts");
+    let url = format!("http://{}", console.local_addr().expect("addr"));
+    let admin = console.admin_addr().expect("admin");
+    ApiConsole {
+        url,
+        running: s2s_tests::Running::spawn(admin, |stop| console.run(stop)),
+    }
+}
+
+/// The catalog part of a console's `/api/v1/status`.
+async fn status(c: &ApiConsole) -> Value {
+    let v: Value = s2s_tests::http()
+        .get(format!("{}/api/v1/status", c.url))
+        .bearer_auth(s2s_tests::CONSOLE_TOKEN)
+        .send()
+        .await
+        .expect("answer")
+        .json()
+        .await
+        .expect("JSON");
+    v["catalog"].clone()
+}
+
+/// One request to the catalog API as operator "tester"; the status, ETag and body.
+async fn call(
+    c: &ApiConsole,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Option<String>, Value) {
+    let mut req = s2s_tests::http()
+        .request(method, format!("{}/api/v1/catalog/{path}", c.url))
+        .bearer_auth(s2s_tests::CONSOLE_TOKEN);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("answer");
+    let status = resp.status().as_u16();
+    let etag = resp
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let retry = resp.headers().get("retry-after").is_some();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if status == 503 {
+        assert!(retry, "a 503 says when to retry: {body}");
+    }
+    (status, etag, body)
+}
+
+/// The management API on two console instances: one writes, the other answers 503 until
+/// it does and shows each change within a second; `ETag` / `If-Match` with 409 on a stale
+/// revision (two changes racing on one revision: exactly one wins); the history; the
+/// catalog topic holds only the accepted changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
+    use reqwest::Method;
+    let topics = provisioned().await;
+    let group = s2s_tests::unique("console");
+    let (sa, sb) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = console(&topics, &group, sa.path()).await;
+    let b = console(&topics, &group, sb.path()).await;
+    let create = json!({ "document": { "name": "Alpha", "status": "active" }, "reason": "new" });
+    // Both take part and exactly one writes: the group is settled (a member joining later
+    // would move the partition, and with it the writer).
+    let (writer, other) = poll_until("a writer elected among both", WAIT, || async {
+        let (sa, sb) = (status(&a).await, status(&b).await);
+        let both = sa["candidate"] == true && sb["candidate"] == true;
+        match (both, sa["writer"] == true, sb["writer"] == true) {
+            (true, true, false) => Some((&a, &b)),
+            (true, false, true) => Some((&b, &a)),
+            _ => None,
+        }
+    })
+    .await;
+    let (status_code, etag, body) = call(
+        writer,
+        Method::PUT,
+        "affiliate/a1",
+        &[("if-none-match", "*")],
+        Some(create.clone()),
+    )
+    .await;
+    assert_eq!(status_code, 201, "{body}");
+    let etag = etag.expect("an ETag");
+    let (status, _, body) = call(
+        other,
+        Method::PUT,
+        "affiliate/a2",
+        &[("if-none-match", "*")],
+        Some(create.clone()),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (503, &json!("not_the_writer"))
+    );
+    let seen = poll_until(
+        "the other instance shows the change",
+        Duration::from_secs(1),
+        || async {
+            let (status, e, body) = call(other, Method::GET, "affiliate/a1", &[], None).await;
+            (status == 200).then_some((e, body))
+        },
+    )
+    .await;
+    assert_eq!(seen.0.as_deref(), Some(etag.as_str()));
+    assert_eq!(seen.1["document"]["name"], "Alpha");
+    assert_eq!(seen.1["changed_by"], "tester");
+
+    // Preconditions.
+    let change = |name: &str| json!({ "document": { "name": name, "status": "paused" }, "reason": "review" });
+    let (status, _, _) = call(writer, Method::PUT, "affiliate/a1", &[], Some(change("x"))).await;
+    assert_eq!(status, 428);
+    let (status, _, body) = call(
+        writer,
+        Method::PUT,
+        "affiliate/a1",
+        &[("if-none-match", "*")],
+        Some(change("x")),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("conflict")),
+        "{body}"
+    );
+    let (status, _, _) = call(writer, Method::DELETE, "affiliate/a1", &[], None).await;
+    assert_eq!(status, 428);
+
+    // Two changes racing on one revision: exactly one wins.
+    let stale = [("if-match", etag.as_str())];
+    let (first, second) = tokio::join!(
+        call(
+            writer,
+            Method::PUT,
+            "affiliate/a1",
+            &stale,
+            Some(change("one"))
+        ),
+        call(
+            writer,
+            Method::PUT,
+            "affiliate/a1",
+            &stale,
+            Some(change("two"))
+        ),
+    );
+    let mut statuses = [first.0, second.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "{first:?} {second:?}");
+    let winner = if first.0 == 200 { first } else { second };
+    let current = winner.1.expect("an ETag");
+    assert_ne!(current, etag);
+
+    let (status, _, _) = call(
+        writer,
+        Method::DELETE,
+        "affiliate/a1",
+        &[("if-match", &etag)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "a delete against a stale revision");
+    let (status, _, deleted) = call(
+        writer,
+        Method::DELETE,
+        "affiliate/a1",
+        &[("if-match", &current)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{deleted}");
+    let (status, _, _) = call(writer, Method::GET, "affiliate/a1", &[], None).await;
+    assert_eq!(status, 404);
+
+    let (_, _, history) = call(writer, Method::GET, "affiliate/a1/history", &[], None).await;
+    let changes = history["changes"].as_array().expect("changes");
+    let trail: Vec<(&str, &str)> = changes
+        .iter()
+        .map(|c| {
+            (
+                c["changed_by"].as_str().unwrap_or_default(),
+                c["reason"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        trail,
+        [("tester", "new"), ("tester", "review"), ("tester", "-")]
+    );
+    assert_eq!(changes[1]["document"]["name"], winner.2["document"]["name"]);
+    assert!(
+        changes[2].get("document").is_none(),
+        "a delete has no document"
+    );
+
+    // Unauthenticated: refused.
+    let resp = s2s_tests::http()
+        .get(format!("{}/api/v1/catalog/affiliate", writer.url))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status().as_u16(), 401);
+
+    // The topic holds the three accepted changes and nothing else.
+    let raw = TopicReader::new(&topics.catalog)
+        .read_raw_until("the accepted changes", WAIT, |seen| {
+            seen.iter()
+                .any(|m| Some(m.offset()) == deleted["revision"].as_i64())
+        })
+        .await;
+    assert_eq!(raw.len(), 3, "no refused change was appended");
+    a.running.stop().await;
+    b.running.stop().await;
+}

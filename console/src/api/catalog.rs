@@ -1,0 +1,284 @@
+//! The catalog's management API: list, read, create, change and delete catalog entities
+//! (offers, affiliates, postbacks, sources, operators), and read each one's history.
+//!
+//! Optimistic concurrency over HTTP: a read answers the entity's revision as its `ETag`;
+//! a change names the revision it was made against in `If-Match` (a creation says
+//! `If-None-Match: *`), and a change against any other revision is refused with 409, so
+//! two operators editing one entity cannot overwrite each other unknowingly. Only the
+//! elected writer (see [`s2s_catalog::Election`]) changes the catalog; another console
+//! instance answers 503 with `Retry-After` (during an election, or until the request is
+//! sent to the writer). A change is answered once this instance has seen it applied, so
+//! the next read here shows it.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use s2s_catalog::{
+    AuditRecord, Catalog, Change, Conflict, Election, Entry, Follower, History, Key, Kind,
+    WriteError, Writer,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, Operator, Shared};
+
+/// What the catalog's handlers share.
+#[derive(Debug)]
+pub struct CatalogApi {
+    pub catalog: Arc<Follower<Catalog>>,
+    pub history: Follower<History>,
+    pub election: Election,
+    pub writer: Writer,
+}
+
+/// A change's body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Put {
+    /// The entity's whole new document.
+    document: Value,
+    /// Why, for the history.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `GET /api/v1/catalog/{kind}`: every entity of a kind.
+pub async fn list(
+    State(s): State<Shared>,
+    Path(kind): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let kind = kind_of(&kind)?;
+    let catalog = s.catalog.catalog.catalog();
+    let items: Vec<Value> = catalog.list(kind).map(entity).collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `GET /api/v1/catalog/{kind}/{id}`: one entity, its revision as `ETag`.
+pub async fn get_one(
+    State(s): State<Shared>,
+    Path((kind, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let key = key_of(&kind, &id)?;
+    let catalog = s.catalog.catalog.catalog();
+    let e = catalog.get(&key).ok_or_else(|| missing(&key))?;
+    Ok(with_etag(StatusCode::OK, e.revision, entity(e)))
+}
+
+/// `PUT /api/v1/catalog/{kind}/{id}`: creates (`If-None-Match: *`) or changes
+/// (`If-Match: "<revision>"`) an entity.
+pub async fn put(
+    State(s): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Json<Put>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let key = key_of(&kind, &id)?;
+    let Json(put) = body?;
+    if !put.document.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_document",
+            "document must be a JSON object: the entity's whole document",
+        ));
+    }
+    let base = match (if_match(&headers)?, creates(&headers)) {
+        (Some(base), false) => Some(base),
+        (None, true) => None,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::PRECONDITION_REQUIRED,
+                "precondition_required",
+                "say which revision the change is made against: If-Match: \"<revision>\" \
+                 (the ETag of your read), or If-None-Match: * to create",
+            ))
+        }
+    };
+    let created = base.is_none();
+    let written = write(&s, &op, key, base, Some(put.document), put.reason).await?;
+    let e = written.entry.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the change was applied but the entity is not in the catalog",
+        )
+    })?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(with_etag(status, e.revision, entity(&e)))
+}
+
+/// `DELETE /api/v1/catalog/{kind}/{id}` with `If-Match: "<revision>"`.
+pub async fn delete(
+    State(s): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = key_of(&kind, &id)?;
+    let Some(base) = if_match(&headers)? else {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "precondition_required",
+            "say which revision you delete: If-Match: \"<revision>\" (the ETag of your read)",
+        ));
+    };
+    let written = write(&s, &op, key.clone(), Some(base), None, None).await?;
+    Ok(Json(json!({
+        "kind": key.kind(),
+        "id": key.id(),
+        "deleted": true,
+        "revision": written.revision,
+    }))
+    .into_response())
+}
+
+/// `GET /api/v1/catalog/{kind}/{id}/history`: every change, oldest first.
+pub async fn history(
+    State(s): State<Shared>,
+    Path((kind, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let key = key_of(&kind, &id)?;
+    let history = s.catalog.history.catalog();
+    let changes: Vec<&AuditRecord> = history.of(&key).iter().collect();
+    Ok(Json(
+        json!({ "kind": key.kind(), "id": key.id(), "changes": changes }),
+    ))
+}
+
+async fn write(
+    s: &Shared,
+    op: &Operator,
+    key: Key,
+    base: Option<i64>,
+    document: Option<Value>,
+    reason: Option<String>,
+) -> Result<s2s_catalog::Written, ApiError> {
+    let Some(since) = s.catalog.election.leader_since() else {
+        return Err(not_the_writer());
+    };
+    let change = Change {
+        key,
+        base,
+        document,
+        changed_by: op.0.clone(),
+        changed_at_ms: s2s_common::now_ms(),
+        reason,
+    };
+    let written = s
+        .catalog
+        .writer
+        .write(change, since)
+        .await
+        .map_err(|e| match e {
+            WriteError::Conflict(Conflict::Missing { key }) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{key} does not exist"),
+            ),
+            WriteError::Conflict(c) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", c.to_string())
+            }
+            WriteError::Append { .. } | WriteError::Behind(_) => {
+                tracing::warn!(error = %e, "catalog change not made");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "catalog_unavailable",
+                    e.to_string(),
+                )
+            }
+            WriteError::Audit { .. } | WriteError::NotApplied { .. } | WriteError::Encode(_) => {
+                tracing::error!(error = %e, "catalog change made, not completed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+        })?;
+    tracing::info!(key = %written.entry.as_ref().map_or_else(String::new, |e| e.key.to_string()),
+        revision = written.revision, by = %op.0, "catalog changed");
+    Ok(written)
+}
+
+fn not_the_writer() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_the_writer",
+        "this console instance does not write the catalog now (another one does, or one is \
+         being elected): try again",
+    )
+    .with_retry_after(1)
+}
+
+fn kind_of(kind: &str) -> Result<Kind, ApiError> {
+    kind.parse::<Kind>()
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))
+}
+
+fn key_of(kind: &str, id: &str) -> Result<Key, ApiError> {
+    Key::new(kind_of(kind)?, id).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_id",
+            e.to_string(),
+        )
+    })
+}
+
+fn missing(key: &Key) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("{key} does not exist"),
+    )
+}
+
+/// `If-Match: "<revision>"` (quoted or not).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .map(|s| s.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|s| s.parse::<i64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_precondition",
+                "If-Match must be one revision, as the ETag of a read gives it: \"42\"",
+            )
+        })
+}
+
+/// `If-None-Match: *`: a creation.
+fn creates(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes().trim_ascii() == b"*")
+}
+
+fn entity(e: &Entry) -> Value {
+    json!({
+        "kind": e.key.kind(),
+        "id": e.key.id(),
+        "revision": e.revision,
+        "document": e.stored.document,
+        "changed_by": e.stored.changed_by,
+        "changed_at_ms": e.stored.changed_at_ms,
+        "reason": e.stored.reason,
+    })
+}
+
+fn with_etag(status: StatusCode, revision: i64, body: Value) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{revision}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
