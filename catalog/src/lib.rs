@@ -14,6 +14,7 @@
 //!
 //! - [`History`]: every accepted change by entity, from the audit topic (a second
 //!   [`Follower`]).
+//! - [`documents`]: what each kind's document must be, checked before a change.
 //! - [`Election`]: which instance writes, through a consumer group (one writer at a
 //!   time: the topic's one partition goes to one member).
 //!
@@ -22,6 +23,7 @@
 //! from before a delete and re-create cannot match).
 
 pub mod catalog;
+pub mod documents;
 pub mod election;
 pub mod follower;
 pub mod history;

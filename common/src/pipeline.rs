@@ -96,6 +96,66 @@ pub struct OfferConfig {
     pub accept_pixel: Option<bool>,
 }
 
+/// The macros an offer's URL may use.
+pub fn offer_macros() -> Vec<&'static str> {
+    let mut m = vec!["click_id", "aff_id", "offer_id"];
+    m.extend(crate::contract::SUB_ID_KEYS);
+    m
+}
+
+/// What is wrong with a document, and in which field (`payouts.signup`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl OfferConfig {
+    /// Checks the offer against the pipeline's vocabulary: its URL template (known
+    /// macros only), its windows, the events of its windows and payouts. The error names
+    /// the field, relative to the offer.
+    pub fn check(&self, vocabulary: &PostbackVocabulary) -> Result<(), FieldError> {
+        if self.url.trim().is_empty() {
+            return Err(FieldError::new("url", "must not be empty"));
+        }
+        crate::template::Template::parse(&self.url, &offer_macros())
+            .map_err(|e| FieldError::new("url", e.to_string()))?;
+        if self.window.is_some_and(|w| w.is_zero()) {
+            return Err(FieldError::new("window", "must be > 0"));
+        }
+        let events = &vocabulary.events;
+        for (event, w) in &self.event_windows {
+            let field = format!("event_windows.{event}");
+            if !events.contains(event) {
+                return Err(FieldError::new(
+                    field,
+                    format!("'{event}' is not one of postbacks.events {events:?}"),
+                ));
+            }
+            if w.is_zero() {
+                return Err(FieldError::new(field, "must be > 0"));
+            }
+        }
+        if let Some(event) = self.payouts.keys().find(|e| !events.contains(e)) {
+            return Err(FieldError::new(
+                format!("payouts.{event}"),
+                format!("'{event}' is not one of postbacks.events {events:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TooFastConfig {
@@ -146,30 +206,8 @@ impl PipelineConfig {
             return Err("postbacks.events and postbacks.statuses must not be empty".into());
         }
         for (id, o) in &self.offers {
-            if o.url.trim().is_empty() {
-                return Err(format!("offers.{id}.url must not be empty"));
-            }
-            if o.window.is_some_and(|w| w.is_zero()) {
-                return Err(format!("offers.{id}.window must be > 0"));
-            }
-            for (event, w) in &o.event_windows {
-                if !p.events.contains(event) {
-                    return Err(format!(
-                        "offers.{id}.event_windows.{event}: '{event}' is not one of \
-                         postbacks.events {:?}",
-                        p.events
-                    ));
-                }
-                if w.is_zero() {
-                    return Err(format!("offers.{id}.event_windows.{event} must be > 0"));
-                }
-            }
-            if let Some(event) = o.payouts.keys().find(|e| !p.events.contains(e)) {
-                return Err(format!(
-                    "offers.{id}.payouts.{event}: '{event}' is not one of postbacks.events {:?}",
-                    p.events
-                ));
-            }
+            o.check(p)
+                .map_err(|e| format!("offers.{id}.{}: {}", e.field, e.message))?;
         }
         Ok(())
     }
@@ -243,6 +281,14 @@ mod tests {
             o.payouts.clear();
         }
         c.validate().expect("valid");
+        if let Some(o) = c.offers.get_mut("7") {
+            o.url = "https://o.example/?c={clickid}".into();
+        }
+        let err = c.validate().expect_err("unknown macro");
+        assert!(
+            err.starts_with("offers.7.url: unknown macro {clickid}"),
+            "{err}"
+        );
         if let Some(o) = c.offers.get_mut("7") {
             o.url.clear();
         }

@@ -176,6 +176,7 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
         CATALOG_APPLY_WITHIN,
     )?;
     Ok(api::catalog::CatalogApi {
+        vocabulary: config.pipeline.postbacks.clone(),
         catalog,
         history,
         election,

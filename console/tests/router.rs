@@ -56,6 +56,7 @@ fn catalog_api(kafka: &s2s_common::kafka::KafkaConfig) -> s2s_console::api::cata
     let stop = tokio_util::sync::CancellationToken::new();
     let catalog = Arc::new(s2s_catalog::Follower::fixed(s2s_catalog::Catalog::default()));
     s2s_console::api::catalog::CatalogApi {
+        vocabulary: s2s_common::pipeline::PipelineConfig::defaults().postbacks,
         history: s2s_catalog::Follower::fixed(s2s_catalog::History::default()),
         election: s2s_catalog::Election::join(kafka, "g", "catalog", &stop).expect("candidate"),
         writer: s2s_catalog::Writer::new(

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use s2s_common::config::duration;
-use s2s_common::contract::SUB_ID_KEYS;
 pub use s2s_common::pipeline::{OfferConfig, PipelineConfig, ServiceConfig};
 use s2s_common::template::Template;
 
@@ -215,11 +214,7 @@ pub struct PostbackRules {
 }
 
 /// Macros an offer URL may use.
-pub fn offer_macros() -> Vec<&'static str> {
-    let mut m = vec!["click_id", "aff_id", "offer_id"];
-    m.extend(SUB_ID_KEYS);
-    m
-}
+pub use s2s_common::pipeline::offer_macros;
 
 impl IngestConfig {
     /// Checks everything that can be checked before touching the network and compiles

@@ -18,9 +18,10 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use s2s_catalog::{
-    AuditRecord, Catalog, Change, Conflict, Election, Entry, Follower, History, Key, Kind,
-    WriteError, Writer,
+    documents, AuditRecord, Catalog, Change, Conflict, Election, Entry, Follower, History, Key,
+    Kind, WriteError, Writer,
 };
+use s2s_common::pipeline::PostbackVocabulary;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -29,6 +30,8 @@ use super::{ApiError, Operator, Shared};
 /// What the catalog's handlers share.
 #[derive(Debug)]
 pub struct CatalogApi {
+    /// The events and statuses documents are checked against.
+    pub vocabulary: PostbackVocabulary,
     pub catalog: Arc<Follower<Catalog>>,
     pub history: Follower<History>,
     pub election: Election,
@@ -79,13 +82,13 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     let key = key_of(&kind, &id)?;
     let Json(put) = body?;
-    if !put.document.is_object() {
-        return Err(ApiError::new(
+    documents::check(key.kind(), &put.document, &s.catalog.vocabulary).map_err(|e| {
+        ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_document",
-            "document must be a JSON object: the entity's whole document",
-        ));
-    }
+            format!("document.{}: {}", e.field, e.message),
+        )
+    })?;
     let base = match (if_match(&headers)?, creates(&headers)) {
         (Some(base), false) => Some(base),
         (None, true) => None,
