@@ -52,6 +52,8 @@ pub enum WriteError {
 pub struct Written {
     /// The offset of the change in the catalog topic.
     pub revision: i64,
+    /// The offset of its audit record in the audit topic.
+    pub audit_offset: i64,
     /// The entity as the catalog now holds it; `None` after a delete.
     pub entry: Option<Entry>,
 }
@@ -135,7 +137,8 @@ impl Writer {
             changed_at_ms: change.changed_at_ms,
             reason: change.reason,
         })?;
-        self.append(&self.audit_topic, &key, Some(&audit))
+        let audit_offset = self
+            .append(&self.audit_topic, &key, Some(&audit))
             .await
             .map_err(|error| WriteError::Audit {
                 revision,
@@ -149,6 +152,7 @@ impl Writer {
             .map_err(|error| WriteError::NotApplied { revision, error })?;
         Ok(Written {
             revision,
+            audit_offset,
             entry: catalog.get(&change.key).cloned(),
         })
     }

@@ -129,7 +129,7 @@ impl Console {
     /// Serves and keeps the read model current until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
         tracing::info!(addr = ?self.listener.local_addr().ok(), "console serving");
-        let app = api::router(self.api);
+        let app = api::router(self.api.clone());
         let stop = shutdown.clone();
         let listener = self.listener;
         let server = tokio::spawn(async move {
@@ -137,7 +137,22 @@ impl Console {
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         });
+        let writer_gauge = tokio::spawn({
+            let mut standing = self.api.catalog.election.subscribe();
+            let gauge = self.api.metrics.catalog_writer.clone();
+            let stop = shutdown.clone();
+            async move {
+                loop {
+                    gauge.set(i64::from(standing.borrow_and_update().is_some()));
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        changed = standing.changed() => if changed.is_err() { break },
+                    }
+                }
+            }
+        });
         let result = self.runtime.run(self.reader, shutdown.clone()).await;
+        let _ = writer_gauge.await;
         shutdown.cancel();
         let _ = server.await;
         result

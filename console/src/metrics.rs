@@ -1,6 +1,6 @@
 //! The console's own Prometheus metrics (the read model's are the runtime's,
 //! `stream_*{service="console"}`): API requests where they are answered, re-fires, live
-//! feeds.
+//! feeds, catalog changes.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
@@ -14,7 +14,16 @@ pub struct Metrics {
     pub refires: IntCounterVec,
     /// `console_feed_subscribers`: live feeds open now.
     pub feed_subscribers: IntGauge,
+    /// `console_catalog_changes_total{kind, result}`: catalog changes asked of this
+    /// instance, by what became of them.
+    pub catalog_changes: IntCounterVec,
+    /// `console_catalog_writer`: 1 while this instance writes the catalog.
+    pub catalog_writer: IntGauge,
 }
+
+/// What became of a catalog change: `accepted`, `conflict` (stale revision, exists,
+/// missing), `not_the_writer`, `failed` (the broker; see the log).
+pub const CATALOG_RESULTS: [&str; 4] = ["accepted", "conflict", "not_the_writer", "failed"];
 
 impl Metrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -39,6 +48,17 @@ impl Metrics {
                 &["result"],
             )?,
             feed_subscribers: IntGauge::new("console_feed_subscribers", "Live feeds open now.")?,
+            catalog_changes: IntCounterVec::new(
+                Opts::new(
+                    "console_catalog_changes_total",
+                    "Catalog changes asked of this instance, by entity kind and result.",
+                ),
+                &["kind", "result"],
+            )?,
+            catalog_writer: IntGauge::new(
+                "console_catalog_writer",
+                "1 while this instance is the elected catalog writer.",
+            )?,
         };
         // Every route from the start, so dashboards and rules find the series at once.
         for (route, _) in crate::api::ROUTES {
@@ -51,6 +71,14 @@ impl Metrics {
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.refires.clone()))?;
         registry.register(Box::new(m.feed_subscribers.clone()))?;
+        for kind in s2s_catalog::Kind::ALL {
+            for result in CATALOG_RESULTS {
+                m.catalog_changes
+                    .with_label_values(&[kind.as_str(), result]);
+            }
+        }
+        registry.register(Box::new(m.catalog_changes.clone()))?;
+        registry.register(Box::new(m.catalog_writer.clone()))?;
         Ok(m)
     }
 }

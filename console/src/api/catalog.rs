@@ -27,6 +27,9 @@ use serde_json::{json, Value};
 
 use super::{ApiError, Operator, Shared};
 
+/// How long an accepted change's audit record may take to show in the history here.
+const APPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the catalog's handlers share.
 #[derive(Debug)]
 pub struct CatalogApi {
@@ -164,7 +167,18 @@ async fn write(
     document: Option<Value>,
     reason: Option<String>,
 ) -> Result<s2s_catalog::Written, ApiError> {
+    let kind = key.kind().as_str();
+    let key_text = key.to_string();
+    // One change, one outcome: one counter and one log line, here.
+    let count = |result: &str| {
+        s.metrics
+            .catalog_changes
+            .with_label_values(&[kind, result])
+            .inc();
+    };
     let Some(since) = s.catalog.election.leader_since() else {
+        count("not_the_writer");
+        tracing::info!(key = %key_text, by = %op.0, result = "not_the_writer", "catalog change refused");
         return Err(not_the_writer());
     };
     let change = Change {
@@ -175,36 +189,50 @@ async fn write(
         changed_at_ms: s2s_common::now_ms(),
         reason,
     };
-    let written = s
-        .catalog
-        .writer
-        .write(change, since)
-        .await
-        .map_err(|e| match e {
-            WriteError::Conflict(Conflict::Missing { key }) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("{key} does not exist"),
-            ),
-            WriteError::Conflict(c) => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", c.to_string())
+    match s.catalog.writer.write(change, since).await {
+        Ok(written) => {
+            // Answered once the history here shows the change too.
+            if let Err(e) = s
+                .catalog
+                .history
+                .reached(written.audit_offset + 1, APPLY_WITHIN)
+                .await
+            {
+                tracing::warn!(key = %key_text, error = %e, "the change's history record not seen yet");
             }
-            WriteError::Append { .. } | WriteError::Behind(_) => {
-                tracing::warn!(error = %e, "catalog change not made");
-                ApiError::new(
+            count("accepted");
+            tracing::info!(key = %key_text, revision = written.revision, by = %op.0,
+                result = "accepted", "catalog changed");
+            Ok(written)
+        }
+        Err(WriteError::Conflict(c)) => {
+            count("conflict");
+            tracing::info!(key = %key_text, by = %op.0, result = "conflict", conflict = %c,
+                "catalog change refused");
+            Err(match c {
+                Conflict::Missing { key } => ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("{key} does not exist"),
+                ),
+                c => ApiError::new(StatusCode::CONFLICT, "conflict", c.to_string()),
+            })
+        }
+        Err(e) => {
+            count("failed");
+            tracing::error!(key = %key_text, by = %op.0, result = "failed", error = %e,
+                "catalog change failed");
+            Err(match e {
+                WriteError::Append { .. } | WriteError::Behind(_) => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "catalog_unavailable",
                     e.to_string(),
                 )
-            }
-            WriteError::Audit { .. } | WriteError::NotApplied { .. } | WriteError::Encode(_) => {
-                tracing::error!(error = %e, "catalog change made, not completed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            }
-        })?;
-    tracing::info!(key = %written.entry.as_ref().map_or_else(String::new, |e| e.key.to_string()),
-        revision = written.revision, by = %op.0, "catalog changed");
-    Ok(written)
+                .with_retry_after(1),
+                _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+            })
+        }
+    }
 }
 
 fn not_the_writer() -> ApiError {

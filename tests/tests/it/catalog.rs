@@ -499,6 +499,26 @@ async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
     .await;
     assert_eq!(status, 201, "{body}");
 
+    // Counted where answered, and the writer says it is one.
+    let writer_metrics = s2s_tests::metric(
+        writer.running.admin,
+        "console_catalog_changes_total{kind=\"affiliate\",result=\"conflict\"}",
+    )
+    .await;
+    assert_eq!(writer_metrics, Some(3.0), "one create, two stale changes");
+    assert_eq!(
+        s2s_tests::metric(writer.running.admin, "console_catalog_writer").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        s2s_tests::metric(
+            other.running.admin,
+            "console_catalog_changes_total{kind=\"affiliate\",result=\"not_the_writer\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+
     // Unauthenticated: refused.
     let resp = s2s_tests::http()
         .get(format!("{}/api/v1/catalog/affiliate", writer.url))
