@@ -65,7 +65,7 @@ pub(crate) fn realistic_click(ts_ms: i64) -> Click {
 }
 
 /// `(VmRSS, VmHWM)` of this process, bytes.
-fn memory() -> (u64, u64) {
+pub fn memory() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status

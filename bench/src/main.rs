@@ -9,7 +9,8 @@
 //!   phase (see `server_side.rs`);
 //! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`);
 //! - `delivery`: the delivery benchmark (see `delivery.rs`);
-//! - `e2e`: the whole pipeline, end to end (see `e2e.rs`).
+//! - `e2e`: the whole pipeline, end to end (see `e2e.rs`);
+//! - `catalog`: the catalog's start-up read, memory and change latency (see `catalog.rs`).
 //!
 //! The load generator keeps `--connections` HTTP/1.1 keep-alive connections busy (closed
 //! loop) for the throughput figure. For latency it sends at a fixed rate (open loop) and
@@ -17,6 +18,7 @@
 //! server instead of silently lowering the rate (no coordinated omission).
 
 mod attributor;
+mod catalog;
 mod console;
 mod delivery;
 mod e2e;
@@ -178,6 +180,23 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         p99_goal_ms: f64,
     },
+    /// The catalog: read to its end at start-up, memory per entity, write → applied.
+    Catalog {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value_t = 100_000)]
+        affiliates: usize,
+        #[arg(long, default_value_t = 100_000)]
+        postbacks: usize,
+        #[arg(long, default_value_t = 10_000)]
+        offers: usize,
+        /// Fresh readers timed reading the catalog to its end.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Live changes timed from write to applied in every reader.
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+    },
     /// The whole pipeline: sustained postbacks/s, latency at half that rate.
     E2e {
         #[arg(long)]
@@ -264,6 +283,26 @@ async fn main() -> anyhow::Result<()> {
             connections,
             goal,
         } => e2e::run(brokers, &bins, &dir, postbacks, seconds, connections, goal).await,
+        Cmd::Catalog {
+            brokers,
+            affiliates,
+            postbacks,
+            offers,
+            rounds,
+            changes,
+        } => {
+            catalog::run(
+                &brokers,
+                catalog::Sizes {
+                    affiliates,
+                    postbacks,
+                    offers,
+                    rounds,
+                    changes,
+                },
+            )
+            .await
+        }
         Cmd::Compare {
             name,
             baseline,
