@@ -2,9 +2,8 @@
 //! rules the services apply to the same settings in their config files, so that the
 //! catalog never holds a document a service would refuse.
 //!
-//! Offers and affiliates are typed here; postbacks, sources and operators are checked to
-//! be JSON objects until their services read them from the catalog (issue 22's next
-//! parts), when their types move here.
+//! Offers and affiliates are typed here. Postbacks, sources and operators are refused
+//! until their types move here with write-only, encrypted secrets (issue 22's next parts).
 
 use s2s_common::pipeline::{FieldError, OfferConfig, PostbackVocabulary};
 use serde::{Deserialize, Serialize};
@@ -48,7 +47,17 @@ pub fn check(
             }
             Ok(())
         }
-        Kind::Postback | Kind::Source | Kind::Operator => Ok(()),
+        // Their documents hold secrets (tokens, signing secrets), which must be write-only
+        // and encrypted in the catalog: until their types and that are built, they stay in
+        // the services' config files, and the catalog refuses them rather than keep
+        // secrets it would show back.
+        Kind::Postback | Kind::Source | Kind::Operator => Err(FieldError::new(
+            "kind",
+            format!(
+                "{kind}s are not managed in the catalog yet: they stay in the services' \
+                 config files for now"
+            ),
+        )),
     }
 }
 
@@ -125,5 +134,12 @@ mod tests {
             Err("name".to_string())
         );
         assert!(check(Kind::Postback, &json!([1]), &v).is_err(), "an object");
+        let e = check(
+            Kind::Source,
+            &json!({ "auth": "token", "token": "s3cret" }),
+            &v,
+        )
+        .expect_err("not in the catalog yet");
+        assert_eq!(e.field, "kind");
     }
 }

@@ -6,8 +6,7 @@
 //! `If-None-Match: *`), and a change against any other revision is refused with 409, so
 //! two operators editing one entity cannot overwrite each other unknowingly. Only the
 //! elected writer (see [`s2s_catalog::Election`]) changes the catalog; another console
-//! instance answers 503 with `Retry-After` (during an election, or until the request is
-//! sent to the writer). A change is answered once this instance has seen it applied, so
+//! instance answers 503 with `Retry-After` (forwarding to the writer is not built yet). A change is answered once this instance has seen it applied, so
 //! the next read here shows it.
 
 use std::sync::Arc;

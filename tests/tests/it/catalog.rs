@@ -519,6 +519,19 @@ async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
         Some(1.0)
     );
 
+    // Kinds whose documents carry secrets are refused until the catalog keeps them
+    // write-only and encrypted: nothing it holds is a secret it would show back.
+    let (status, _, body) = call(
+        writer,
+        Method::PUT,
+        "source/s1",
+        &create,
+        Some(json!({ "document": { "auth": "token", "token": "s3cret-s3cret-s3cret" } })),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(!body.to_string().contains("s3cret"), "{body}");
+
     // Unauthenticated: refused.
     let resp = s2s_tests::http()
         .get(format!("{}/api/v1/catalog/affiliate", writer.url))
