@@ -135,11 +135,6 @@ impl<S: Materialized> Follower<S> {
         Arc::clone(&self.rx.borrow())
     }
 
-    /// Every new state, as it is published.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<S>> {
-        self.rx.clone()
-    }
-
     /// The catalog once the reader has reached the topic's end after `since`: it then
     /// holds every change appended before `since` (a writer just elected waits for this,
     /// so that it checks changes against everything its predecessor appended). An idle
@@ -154,18 +149,9 @@ impl<S: Materialized> Follower<S> {
         if *ends.borrow() <= since {
             self.sync.store(true, Ordering::Release);
         }
-        let ended = tokio::time::timeout(within, async {
-            ends.wait_for(|end| *end > since).await.map(|_| ())
-        })
-        .await;
-        match ended {
-            Ok(Ok(())) => Ok(self.catalog()),
-            Ok(Err(_)) => Err(FollowerError::Stopped),
-            Err(_) => Err(FollowerError::Behind {
-                offset: self.catalog().next_offset(),
-                waited: within,
-            }),
-        }
+        let offset = self.catalog().next_offset();
+        wait_until(&mut ends, within, |end| *end > since, offset).await?;
+        Ok(self.catalog())
     }
 
     /// The catalog once it has applied everything before `next_offset`.
@@ -175,20 +161,31 @@ impl<S: Materialized> Follower<S> {
         within: Duration,
     ) -> Result<Arc<S>, FollowerError> {
         let mut rx = self.rx.clone();
-        let reached = tokio::time::timeout(within, async {
-            rx.wait_for(|c| c.next_offset() >= next_offset)
-                .await
-                .map(|c| Arc::clone(&c))
-        })
-        .await;
-        match reached {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(_)) => Err(FollowerError::Stopped),
-            Err(_) => Err(FollowerError::Behind {
-                offset: next_offset,
-                waited: within,
-            }),
-        }
+        wait_until(
+            &mut rx,
+            within,
+            |c| c.next_offset() >= next_offset,
+            next_offset,
+        )
+        .await?;
+        Ok(self.catalog())
+    }
+}
+
+/// Waits until `rx` holds a value `ok` accepts; `Behind { offset }` after `within`.
+async fn wait_until<T>(
+    rx: &mut watch::Receiver<T>,
+    within: Duration,
+    ok: impl FnMut(&T) -> bool,
+    offset: i64,
+) -> Result<(), FollowerError> {
+    match tokio::time::timeout(within, async { rx.wait_for(ok).await.map(|_| ()) }).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(FollowerError::Stopped),
+        Err(_) => Err(FollowerError::Behind {
+            offset,
+            waited: within,
+        }),
     }
 }
 

@@ -96,10 +96,6 @@ impl Writer {
         })
     }
 
-    pub fn follower(&self) -> &Arc<Follower> {
-        &self.follower
-    }
-
     /// Checks `change` against the catalog as read to its end after `since` (a writer's
     /// election: everything its predecessor appended), appends it and its audit record,
     /// and waits until the follower has applied it.

@@ -39,8 +39,9 @@ pub use config::ConsoleConfig;
 
 /// How long reading the catalog and its history to their ends may take at start-up.
 const CATALOG_READY_WITHIN: Duration = Duration::from_secs(60);
-/// How long a catalog change may take to come back through this instance's reader.
-const CATALOG_APPLY_WITHIN: Duration = Duration::from_secs(10);
+/// How long a catalog change may take to come back through this instance's readers (the
+/// catalog's and the history's).
+pub(crate) const CATALOG_APPLY_WITHIN: Duration = Duration::from_secs(10);
 use schema::Cf;
 
 /// A started console: topics checked, stores ready, API and admin listeners bound.

@@ -153,37 +153,29 @@ impl<F: Family> Ownership<F> {
                     let extent = log_extent(&consumer, &c.topic, partition, next);
                     break Err(self.beyond_the_log(c, partition, next, &extent));
                 }
-                // A broker that answers a fetch beyond the end with nothing (Tansu).
-                _ if consumer.context().beyond_end(&c.topic, partition).is_some() => {
-                    let (low, high) = consumer
-                        .context()
-                        .beyond_end(&c.topic, partition)
-                        .unwrap_or_default();
-                    let extent = format!(
-                        "its fetch answers offsets {low}..{high} for {} partition {partition}, \
-                         the store's position is {next}",
-                        c.topic
-                    );
-                    break Err(self.beyond_the_log(c, partition, next, &extent));
+                other => {
+                    // A broker that answers a fetch beyond the end with nothing (Tansu).
+                    if let Some((low, high)) = consumer.context().beyond_end(&c.topic, partition) {
+                        let extent = format!(
+                            "its fetch answers offsets {low}..{high} for {} partition \
+                             {partition}, the store's position is {next}",
+                            c.topic
+                        );
+                        break Err(self.beyond_the_log(c, partition, next, &extent));
+                    }
+                    // A broker restarting or a connection lost: librdkafka reconnects and
+                    // the read goes on (the restore consumer's context logs the error).
+                    if progress_at.elapsed() >= RESTORE_STALL {
+                        let why = match other {
+                            Some(Err(e)) => format!(", last error: {e}"),
+                            _ => " (is the broker reachable?)".to_string(),
+                        };
+                        break Err(format!(
+                            "reading the changelog: nothing read for {RESTORE_STALL:?}{why}; {}",
+                            log_extent(&consumer, &c.topic, partition, next)
+                        ));
+                    }
                 }
-                // A broker restarting or a connection lost: librdkafka reconnects and
-                // the read goes on (the restore consumer's context logs the error).
-                Some(Err(e)) if progress_at.elapsed() >= RESTORE_STALL => {
-                    break Err(format!(
-                        "reading the changelog: nothing read for {RESTORE_STALL:?}, last error: \
-                         {e}; {}",
-                        log_extent(&consumer, &c.topic, partition, next)
-                    ))
-                }
-                Some(Err(_)) => {}
-                None if progress_at.elapsed() >= RESTORE_STALL => {
-                    break Err(format!(
-                        "reading the changelog: nothing read for {RESTORE_STALL:?} (is the \
-                         broker reachable?); {}",
-                        log_extent(&consumer, &c.topic, partition, next)
-                    ))
-                }
-                None => {}
             }
         };
         c.restoring.dec();

@@ -17,17 +17,14 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use s2s_catalog::{
-    documents, AuditRecord, Catalog, Change, Conflict, Election, Entry, Follower, History, Key,
-    Kind, WriteError, Writer,
+    documents, Catalog, Change, Conflict, Election, Entry, Follower, History, Key, Kind,
+    WriteError, Writer,
 };
 use s2s_common::pipeline::PostbackVocabulary;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, Operator, Shared};
-
-/// How long an accepted change's audit record may take to show in the history here.
-const APPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the catalog's handlers share.
 #[derive(Debug)]
@@ -152,9 +149,8 @@ pub async fn history(
 ) -> Result<Json<Value>, ApiError> {
     let key = key_of(&kind, &id)?;
     let history = s.catalog.history.catalog();
-    let changes: Vec<&AuditRecord> = history.of(&key).iter().collect();
     Ok(Json(
-        json!({ "kind": key.kind(), "id": key.id(), "changes": changes }),
+        json!({ "kind": key.kind(), "id": key.id(), "changes": history.of(&key) }),
     ))
 }
 
@@ -194,7 +190,7 @@ async fn write(
             if let Err(e) = s
                 .catalog
                 .history
-                .reached(written.audit_offset + 1, APPLY_WITHIN)
+                .reached(written.audit_offset + 1, crate::CATALOG_APPLY_WITHIN)
                 .await
             {
                 tracing::warn!(key = %key_text, error = %e, "the change's history record not seen yet");
@@ -209,11 +205,7 @@ async fn write(
             tracing::info!(key = %key_text, by = %op.0, result = "conflict", conflict = %c,
                 "catalog change refused");
             Err(match c {
-                Conflict::Missing { key } => ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("{key} does not exist"),
-                ),
+                Conflict::Missing { key } => missing(&key),
                 c => ApiError::new(StatusCode::CONFLICT, "conflict", c.to_string()),
             })
         }
@@ -259,7 +251,7 @@ fn key_of(kind: &str, id: &str) -> Result<Key, ApiError> {
     })
 }
 
-fn missing(key: &Key) -> ApiError {
+fn missing(key: &impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
