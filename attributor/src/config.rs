@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use s2s_common::config::duration;
+use s2s_common::pipeline::is_currency_code;
 pub use s2s_common::pipeline::{OfferConfig, PipelineConfig, ServiceConfig, TooFastConfig};
 use serde::{Deserialize, Serialize};
 
@@ -128,61 +129,52 @@ impl AttributorConfig {
             ));
         }
         self.rocksdb.validate()?;
-        let currency_ok = |c: &str| c.len() == 3 && c.chars().all(|ch| ch.is_ascii_uppercase());
-        if !currency_ok(&self.default_currency) {
+        if !is_currency_code(&self.default_currency) {
             return Err(format!(
                 "default_currency '{}' must be a three-letter upper-case ISO 4217 code",
                 self.default_currency
             ));
         }
         let lifecycle = self.lifecycle()?;
-        let mut offers = BTreeMap::new();
-        for (id, o) in &self.pipeline.offers {
-            let currency = o
-                .currency
-                .clone()
-                .unwrap_or_else(|| self.default_currency.clone());
-            if !currency_ok(&currency) {
-                return Err(format!(
-                    "offers.{id}.currency '{currency}' is not an ISO 4217 code"
-                ));
-            }
-            if let Some((event, p)) = o.payouts.iter().find(|(_, p)| p.is_sign_negative()) {
-                return Err(format!(
-                    "offers.{id}.payouts.{event} = {p} must not be negative"
-                ));
-            }
-            if o.on_too_fast != TooFastConfig::Flag && o.min_click_to_conversion.is_none() {
-                return Err(format!(
-                    "offers.{id}.on_too_fast needs offers.{id}.min_click_to_conversion: \
-                     without a minimum no conversion is too fast"
-                ));
-            }
-            let hold_ms = match o.hold {
-                None => None,
-                Some(hold) => Some(self.hold_ms(id, hold, &lifecycle)?),
-            };
-            offers.insert(
-                id.clone(),
-                OfferRules {
-                    currency,
-                    window_ms: o.window.map(ms),
-                    event_windows_ms: windows_ms(&o.event_windows),
-                    payouts: o.payouts.clone(),
-                    min_click_to_conversion_ms: o.min_click_to_conversion.map(ms),
-                    too_fast: o.on_too_fast.into(),
-                    hold_ms,
-                    refuse_pixel: o.accept_pixel == Some(false),
-                },
-            );
-        }
         Ok(Rules {
             default_window_ms: ms(self.default_window),
             event_windows_ms: windows_ms(&self.event_windows),
             default_currency: self.default_currency.clone(),
-            offers,
+            offers: BTreeMap::new(),
+            blocked_affiliates: Default::default(),
+            catalog_revision: None,
             once_per_click: self.once_per_click_events.iter().cloned().collect(),
             lifecycle,
+        })
+    }
+
+    /// An offer's rules: its document checked again with the pipeline's rules (the
+    /// catalog checked it already) and with the attributor's own (a hold must end in
+    /// approval and end before conversions are dropped). The error names the key.
+    pub fn offer_rules(
+        &self,
+        id: &str,
+        o: &OfferConfig,
+        lifecycle: &Lifecycle,
+    ) -> Result<OfferRules, String> {
+        o.check(&self.pipeline.postbacks)
+            .map_err(|e| format!("offers.{id}.{}: {}", e.field, e.message))?;
+        let hold_ms = match o.hold {
+            None => None,
+            Some(hold) => Some(self.hold_ms(id, hold, lifecycle)?),
+        };
+        Ok(OfferRules {
+            currency: o
+                .currency
+                .clone()
+                .unwrap_or_else(|| self.default_currency.clone()),
+            window_ms: o.window.map(ms),
+            event_windows_ms: windows_ms(&o.event_windows),
+            payouts: o.payouts.clone(),
+            min_click_to_conversion_ms: o.min_click_to_conversion.map(ms),
+            too_fast: o.on_too_fast.into(),
+            hold_ms,
+            refuse_pixel: o.accept_pixel == Some(false),
         })
     }
 
@@ -217,9 +209,6 @@ impl AttributorConfig {
     /// than conversions are kept.
     fn hold_ms(&self, id: &str, hold: Duration, lifecycle: &Lifecycle) -> Result<i64, String> {
         let hold_ms = ms(hold);
-        if hold_ms <= 0 {
-            return Err(format!("offers.{id}.hold must be longer than 0"));
-        }
         if !lifecycle.allows(PENDING, APPROVED) {
             return Err(format!(
                 "offers.{id}.hold needs status_transitions.{PENDING} to allow '{APPROVED}': a \
@@ -237,11 +226,14 @@ impl AttributorConfig {
         Ok(hold_ms)
     }
 
-    /// How long a click is kept (and looked up): the longest window, plus how late a
-    /// conversion inside it may be reported, plus the grace period.
+    /// How long a click is kept (and looked up): the longest window any offer may have
+    /// (`postbacks.max_window`; this config's own windows when longer), plus how late a
+    /// conversion inside it may be reported, plus the grace period. Fixed at start-up, so
+    /// that an offer changed live cannot make clicks already dropped matter again.
     pub fn click_retention_ms(&self, rules: &Rules) -> i64 {
         rules
             .max_window_ms()
+            .max(ms(self.pipeline.postbacks.max_window))
             .saturating_add(ms(self.pipeline.postbacks.max_event_time_age))
             .saturating_add(ms(self.grace_period))
     }
@@ -340,57 +332,56 @@ mod tests {
 
     #[test]
     fn holds_and_too_fast_policies_are_checked_naming_the_key() {
-        let mut c = base();
-        c.pipeline.offers.insert(
-            "9".into(),
-            offer("currency = \"EUR\"\nhold = \"14d\"\non_too_fast = \"hold\"\nmin_click_to_conversion = \"10s\""),
-        );
-        let rules = c.validate().expect("valid");
-        let o = rules.offers.get("9").expect("offer 9");
+        let c = base();
+        let lifecycle = c.validate().expect("valid").lifecycle;
+        let o = c
+            .offer_rules(
+                "9",
+                &offer("currency = \"EUR\"\nhold = \"14d\"\non_too_fast = \"hold\"\nmin_click_to_conversion = \"10s\""),
+                &lifecycle,
+            )
+            .expect("valid");
         assert_eq!(o.hold_ms, Some(14 * 86_400_000));
         assert_eq!(o.too_fast, TooFast::Hold);
+        assert_eq!(o.currency, "EUR");
 
-        let err = |c: &AttributorConfig| c.validate().expect_err("invalid");
-        let mut bad = c.clone();
+        let err = |c: &AttributorConfig, o: &str, l: &Lifecycle| {
+            c.offer_rules("9", &offer(o), l).expect_err("invalid")
+        };
         let unparsable = parse_offer("hold = \"two weeks\"").expect_err("not a duration");
         assert!(
             unparsable.contains("not a duration such as"),
             "{unparsable}"
         );
-        bad.pipeline
-            .offers
-            .insert("9".into(), offer("hold = \"120d\""));
+        let e = err(&c, "hold = \"120d\"", &lifecycle);
+        assert!(e.contains("shorter than conversion_retention"), "{e}");
+        let e = err(&c, "on_too_fast = \"reject\"", &lifecycle);
         assert!(
-            err(&bad).contains("shorter than conversion_retention"),
-            "{}",
-            err(&bad)
+            e.starts_with("offers.9.on_too_fast: needs min_click_to_conversion"),
+            "{e}"
         );
-        bad.pipeline
-            .offers
-            .insert("9".into(), offer("on_too_fast = \"reject\""));
-        assert!(
-            err(&bad).contains("offers.9.on_too_fast needs offers.9.min_click_to_conversion"),
-            "{}",
-            err(&bad)
-        );
-        bad.pipeline
-            .offers
-            .insert("9".into(), offer("hold = \"1d\""));
+        let mut bad = c.clone();
         bad.status_transitions
             .insert("pending".into(), vec!["rejected".into()]);
-        assert!(
-            err(&bad).contains("a hold ends in approval"),
-            "{}",
-            err(&bad)
-        );
+        let l = bad.validate().expect("valid").lifecycle;
+        let e = err(&bad, "hold = \"1d\"", &l);
+        assert!(e.contains("a hold ends in approval"), "{e}");
         let mut bad = base();
         bad.status_transitions
             .insert("approved".into(), vec!["approved".into()]);
-        assert!(
-            err(&bad).starts_with("status_transitions.approved"),
-            "{}",
-            err(&bad)
-        );
+        let e = bad.validate().expect_err("invalid");
+        assert!(e.starts_with("status_transitions.approved"), "{e}");
+    }
+
+    #[test]
+    fn clicks_are_kept_for_the_longest_window_an_offer_may_have() {
+        let mut c = base();
+        let rules = c.validate().expect("valid");
+        let day = 86_400_000;
+        let extra = ms(c.pipeline.postbacks.max_event_time_age) + ms(c.grace_period);
+        assert_eq!(c.click_retention_ms(&rules), 30 * day + extra);
+        c.pipeline.postbacks.max_window = Duration::from_secs(90 * 86_400);
+        assert_eq!(c.click_retention_ms(&rules), 90 * day + extra);
     }
 
     #[test]
@@ -400,29 +391,16 @@ mod tests {
         c.transactional_id = Some("test-0".into());
         let rules = c.validate().expect("valid");
         assert_eq!(rules.default_window_ms, 30 * 24 * 3600 * 1000);
-        assert!(
-            rules.offers.is_empty(),
-            "no demo offer in production defaults"
-        );
 
-        let rules = deployed("local").validate().expect("valid");
+        deployed("local").validate().expect("valid");
         for path in ["compose", "k8s/config"] {
             let mut c = deployed(path);
             // A StatefulSet pod's name; compose sets transactional_id itself.
             let id = c.transactional_id_on(Some("attributor-0".into()));
             c.transactional_id = id.expect("a transactional id");
-            let deployed = c.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+            c.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
             assert_eq!(c.processing_guarantee, Guarantee::ExactlyOnce, "{path}");
-            assert!(deployed.offers.contains_key("1"), "{path}");
             assert_eq!(c.state_dir, Path::new("/var/lib/s2s/state"), "{path}");
         }
-        assert_eq!(
-            rules
-                .offers
-                .get("1")
-                .and_then(|o| o.payouts.get("ftd"))
-                .copied(),
-            Some(rust_decimal::Decimal::new(5000, 2))
-        );
     }
 }

@@ -172,6 +172,10 @@ pub struct Rules {
     pub event_windows_ms: BTreeMap<String, i64>,
     pub default_currency: String,
     pub offers: BTreeMap<String, OfferRules>,
+    /// Affiliates the catalog has blocked: their new conversions are rejected.
+    pub blocked_affiliates: BTreeSet<String>,
+    /// The revision of the catalog the offers are from (`None`: an empty catalog).
+    pub catalog_revision: Option<i64>,
     /// Events that count at most once per click (`ftd`).
     pub once_per_click: BTreeSet<String>,
     pub lifecycle: Lifecycle,
@@ -368,6 +372,17 @@ pub fn decide_new(
     rules: &Rules,
     now_ms: i64,
 ) -> Outcome {
+    if rules.blocked_affiliates.contains(&click.aff_id) {
+        return Outcome::Rejected(reject(
+            pb,
+            RejectReason::AffiliateBlocked,
+            format!(
+                "affiliate {} is blocked in the catalog: its new conversions are not attributed",
+                click.aff_id
+            ),
+            now_ms,
+        ));
+    }
     if let Some(refused) = pixel_refused(pb, &click.offer_id, rules, now_ms) {
         return refused;
     }
@@ -457,6 +472,7 @@ pub fn decide_new(
         status_reason,
         trust: pb.trust,
         suspicious: fast.is_some(),
+        catalog_revision: rules.catalog_revision,
     })
 }
 
@@ -564,6 +580,7 @@ pub fn judge_click(stored: Option<&Click>, incoming: &Click, now_ms: i64) -> Cli
         postback: None,
         click: Some(incoming.clone()),
         rejected_at_ms: now_ms,
+        catalog_revision: None,
     }))
 }
 
@@ -577,6 +594,7 @@ pub fn reject(pb: &Postback, reason: RejectReason, detail: String, now_ms: i64) 
         postback: Some(pb.clone()),
         click: None,
         rejected_at_ms: now_ms,
+        catalog_revision: None,
     }
 }
 
@@ -646,6 +664,8 @@ mod tests {
                 },
             )]
             .into(),
+            blocked_affiliates: ["666".to_string()].into(),
+            catalog_revision: Some(11),
             once_per_click: ["ftd".to_string()].into(),
             lifecycle: Lifecycle::default(),
         }
@@ -1006,6 +1026,28 @@ mod tests {
         let mut strict = rules.clone();
         strict.lifecycle.transitions.remove("pending");
         assert_eq!(auto_approve(&v1, &strict, 15 * DAY), None);
+    }
+
+    #[test]
+    fn a_blocked_affiliates_new_conversions_are_rejected_and_its_old_ones_still_change() {
+        let rules = rules();
+        let mut theirs = click("7", 0);
+        theirs.aff_id = "666".into();
+        let r = decide_new(&pb("ftd", 5, None), &theirs, None, &rules, 1).rejected();
+        assert_eq!(r.reason, RejectReason::AffiliateBlocked);
+        assert!(r.detail.contains("666"), "{}", r.detail);
+        // Attributed before the block: a reversal still applies.
+        let mut before = rules.clone();
+        before.blocked_affiliates.clear();
+        let v1 = decide_new(&pb("ftd", 5, None), &theirs, None, &before, 1).attributed();
+        assert_eq!(
+            v1.catalog_revision,
+            Some(11),
+            "priced with the catalog's revision"
+        );
+        let rev = with_status(pb("ftd", 9, None), "reversed");
+        let v2 = decide_update(&rev, &v1, &rules, 9).updated();
+        assert_eq!((v2.version, v2.payout), (2, Decimal::ZERO));
     }
 
     #[test]

@@ -11,13 +11,16 @@
 //!   conversions whose hold ended are approved — but only once the partition's clicks are
 //!   caught up, so that a backlog after downtime is read before anything is declared
 //!   `unknown_click`;
-//! - every decision depends on the records and the cycle's clock only, so a crashed cycle
-//!   replayed by the runtime publishes the same outcomes with the same IDs; consumers
-//!   deduplicate by `outcome_id`.
+//! - offers (windows, payouts, policies) come from the catalog, live ([`catalog`]);
+//! - every decision depends on the records, the cycle's clock and the catalog's offers,
+//!   so a crashed cycle replayed by the runtime publishes the same outcomes with the same
+//!   IDs, priced alike unless an offer changed in between (each outcome records the
+//!   catalog revision it was decided with); consumers deduplicate by `outcome_id`.
 //!
 //! Undecodable input (bad JSON, unknown schema version) is copied byte for byte to the
 //! poison topic, with the reason and its origin in headers; it never stops the stream.
 
+pub mod catalog;
 pub mod config;
 pub mod join;
 pub mod metrics;
@@ -36,6 +39,7 @@ use s2s_state::runtime::{Cx, Input, Output, Processor, Runtime, RuntimeError, Se
 use tokio_util::sync::CancellationToken;
 
 pub use config::{AttributorConfig, Guarantee};
+use join::Rules;
 use process::{Joiner, Outcome};
 use store::{Cf, StoreLimits};
 
@@ -51,8 +55,13 @@ pub struct Attributor {
 }
 
 impl Attributor {
-    pub async fn bind(config: AttributorConfig) -> Result<Self, RuntimeError> {
-        let rules = config.validate().map_err(RuntimeError::Config)?;
+    /// Validates the config, provisions topics, reads the catalog to its end (and
+    /// follows it until `shutdown`) and binds the runtime.
+    pub async fn bind(
+        config: AttributorConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, RuntimeError> {
+        let base = config.validate().map_err(RuntimeError::Config)?;
         ensure_topics(
             &config.pipeline.kafka,
             &config.pipeline.topics,
@@ -60,6 +69,7 @@ impl Attributor {
         )
         .await?;
         let topics = &config.pipeline.topics;
+        let rules = base.clone();
         let click_retention_ms = config.click_retention_ms(&rules);
         let conversion_retention_ms = config.conversion_retention_ms();
         let runtime = Runtime::bind(Settings {
@@ -94,13 +104,30 @@ impl Attributor {
         })
         .await?;
         let metrics = metrics::Metrics::new(runtime.registry())?;
+        let follower = s2s_catalog::Follower::start(
+            &config.pipeline.kafka,
+            &topics.catalog.name,
+            s2s_catalog::follower::READY_WITHIN,
+            shutdown,
+        )
+        .await
+        .map_err(|e| RuntimeError::Config(format!("reading the catalog: {e}")))?;
+        let compile_config = config.clone();
+        let catalog = s2s_catalog::Live::spawn(
+            follower,
+            "attributor",
+            runtime.registry(),
+            shutdown,
+            move |c, previous| catalog::compile(&compile_config, &base, c, previous),
+        )?;
         let processor = Attribution {
             joiner: Joiner {
                 click_retention_ms,
                 conversion_retention_ms,
-                rules,
+                rules: Rules::clone(&catalog.current()),
                 grace_ms: config::ms(config.grace_period),
             },
+            catalog,
             clicks: topics.clicks.name.clone(),
             conversions: Arc::from(topics.conversions.name.as_str()),
             rejections: Arc::from(topics.rejections.name.as_str()),
@@ -123,6 +150,8 @@ impl Attributor {
 #[derive(Debug)]
 struct Attribution {
     joiner: Joiner,
+    /// The rules with the catalog's offers, live: a cycle takes them when it starts.
+    catalog: s2s_catalog::Live<Rules>,
     clicks: String,
     conversions: Arc<str>,
     rejections: Arc<str>,
@@ -130,8 +159,21 @@ struct Attribution {
 }
 
 impl Attribution {
+    /// Takes the catalog's latest rules, if they changed.
+    fn refresh(&mut self) {
+        if let Some(rules) = self.catalog.current_if_changed() {
+            self.joiner.rules = Rules::clone(&rules);
+        }
+    }
+
     fn emit(&self, cx: &mut Cx<'_, '_, Cf, Outcome>, outcomes: impl IntoIterator<Item = Outcome>) {
-        for o in outcomes {
+        for mut o in outcomes {
+            // A rejection of a postback was decided with the catalog as it is now.
+            if let Outcome::Rejected(r) = &mut o {
+                if r.postback.is_some() {
+                    r.catalog_revision = self.joiner.rules.catalog_revision;
+                }
+            }
             let key = partition_key(o.key());
             cx.emit(match &o {
                 Outcome::Attributed(c) | Outcome::Updated(c) => {
@@ -153,6 +195,7 @@ impl Processor<Cf> for Attribution {
         cx: &mut Cx<'_, '_, Cf, Outcome>,
         records: &[OwnedMessage],
     ) -> Result<(), RuntimeError> {
+        self.refresh();
         let now = cx.now_ms;
         for msg in records {
             let payload = msg.payload().unwrap_or_default();
@@ -184,6 +227,7 @@ impl Processor<Cf> for Attribution {
     }
 
     fn tick(&mut self, cx: &mut Cx<'_, '_, Cf, Outcome>) -> Result<(), RuntimeError> {
+        self.refresh();
         let outcomes = self.joiner.on_timer(cx.state, cx.now_ms, TIMER_BATCH)?;
         self.emit(cx, outcomes);
         Ok(())
@@ -242,5 +286,8 @@ pub async fn run(
     config: AttributorConfig,
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
-    Attributor::bind(config).await?.run(shutdown).await
+    Attributor::bind(config, &shutdown)
+        .await?
+        .run(shutdown)
+        .await
 }

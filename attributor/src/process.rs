@@ -368,6 +368,8 @@ mod tests {
                 event_windows_ms: BTreeMap::new(),
                 default_currency: "USD".into(),
                 offers: BTreeMap::new(),
+                blocked_affiliates: Default::default(),
+                catalog_revision: None,
                 once_per_click: ["ftd".to_string()].into(),
                 lifecycle: Default::default(),
             },

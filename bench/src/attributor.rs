@@ -256,9 +256,9 @@ async fn attributor_loop(
     config.state_dir = state;
     config.admin_listen = "127.0.0.1:0".parse()?;
     config.group_id = format!("bench-attributor-{}", ulid::Ulid::new());
-    let attributor = s2s_attributor::Attributor::bind(config).await?;
-    let admin = attributor.admin_addr()?;
     let stop = CancellationToken::new();
+    let attributor = s2s_attributor::Attributor::bind(config, &stop).await?;
+    let admin = attributor.admin_addr()?;
     let task = tokio::spawn(attributor.run(stop.clone()));
     let mut first: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -255,15 +255,24 @@ pub async fn run(
         pipeline.kafka.properties.insert(k.into(), v.into());
     }
     pipeline.topics = topics.clone();
-    pipeline.offers.insert(
-        "1".into(),
-        s2s_common::pipeline::OfferConfig {
-            url: format!("http://{affiliate}/landing?c={{click_id}}"),
-            currency: Some("USD".into()),
-            payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+    let offer_1 = s2s_common::pipeline::OfferConfig {
+        url: format!("http://{affiliate}/landing?c={{click_id}}"),
+        currency: Some("USD".into()),
+        payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+        ..Default::default()
+    };
+    s2s_common::kafka::ensure_topics(&pipeline.kafka, &topics, Duration::from_secs(30)).await?;
+    s2s_catalog::file::import_unelected(
+        &pipeline.kafka,
+        &topics,
+        &pipeline.postbacks,
+        &s2s_catalog::file::CatalogFile {
+            offers: [("1".to_string(), offer_1)].into(),
             ..Default::default()
         },
-    );
+        "bench",
+    )
+    .await?;
     let write = |name: &str, body: String| -> anyhow::Result<PathBuf> {
         let p = dir.join(format!("{name}.toml"));
         std::fs::write(&p, body)?;

@@ -29,23 +29,36 @@ pub enum AffiliateStatus {
     Blocked,
 }
 
-/// Checks `document` as a `kind`'s; the error names the field.
+impl Affiliate {
+    pub fn check(&self) -> Result<(), FieldError> {
+        if self.name.trim().is_empty() {
+            return Err(FieldError::new("name", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks `document` as a `kind`'s and returns it in its one canonical form (defaults
+/// filled in, durations and amounts written one way): the form the catalog keeps, so
+/// that two documents that mean the same are equal. The error names the field.
 pub fn check(
     kind: Kind,
     document: &Value,
     vocabulary: &PostbackVocabulary,
-) -> Result<(), FieldError> {
+) -> Result<Value, FieldError> {
     if !document.is_object() {
         return Err(FieldError::new("document", "must be a JSON object"));
     }
     match kind {
-        Kind::Offer => typed::<OfferConfig>(document)?.check(vocabulary),
+        Kind::Offer => {
+            let o: OfferConfig = typed(document)?;
+            o.check(vocabulary)?;
+            canonical(&o)
+        }
         Kind::Affiliate => {
             let a: Affiliate = typed(document)?;
-            if a.name.trim().is_empty() {
-                return Err(FieldError::new("name", "must not be empty"));
-            }
-            Ok(())
+            a.check()?;
+            canonical(&a)
         }
         // Their documents hold secrets (tokens, signing secrets), which must be write-only
         // and encrypted in the catalog: until their types and that are built, they stay in
@@ -61,9 +74,14 @@ pub fn check(
     }
 }
 
-fn typed<T: serde::de::DeserializeOwned>(document: &Value) -> Result<T, FieldError> {
-    // serde's message names the field: "unknown field `x`", "missing field `url`", …
+/// The document as its type: serde's message names the field ("unknown field `x`",
+/// "missing field `url`", …).
+pub fn typed<T: serde::de::DeserializeOwned>(document: &Value) -> Result<T, FieldError> {
     T::deserialize(document).map_err(|e| FieldError::new("document", e.to_string()))
+}
+
+fn canonical<T: Serialize>(document: &T) -> Result<Value, FieldError> {
+    serde_json::to_value(document).map_err(|e| FieldError::new("document", e.to_string()))
 }
 
 #[cfg(test)]
@@ -80,7 +98,14 @@ mod tests {
     fn an_offer_is_checked_like_the_pipeline_checks_one() {
         let ok = json!({ "url": "https://o.example/?c={click_id}&a={aff_id}",
             "payouts": { "ftd": "50.00" }, "window": "30d" });
-        assert_eq!(check(Kind::Offer, &ok, &vocabulary()), Ok(()));
+        let canonical = check(Kind::Offer, &ok, &vocabulary()).expect("valid");
+        let same = json!({ "url": "https://o.example/?c={click_id}&a={aff_id}",
+            "payouts": { "ftd": "50.00" }, "window": "720h" });
+        assert_eq!(
+            check(Kind::Offer, &same, &vocabulary()),
+            Ok(canonical.clone()),
+            "one meaning, one form"
+        );
         let e = check(
             Kind::Offer,
             &json!({ "url": "https://o.example/?c={clickid}" }),
@@ -113,16 +138,14 @@ mod tests {
         let v = vocabulary();
         assert_eq!(
             check(Kind::Affiliate, &json!({ "name": "Acme" }), &v),
-            Ok(())
+            Ok(json!({ "name": "Acme", "status": "active" }))
         );
-        assert_eq!(
-            check(
-                Kind::Affiliate,
-                &json!({ "name": "Acme", "status": "blocked" }),
-                &v
-            ),
-            Ok(())
-        );
+        assert!(check(
+            Kind::Affiliate,
+            &json!({ "name": "Acme", "status": "blocked" }),
+            &v
+        )
+        .is_ok());
         assert!(check(
             Kind::Affiliate,
             &json!({ "name": "Acme", "status": "gone" }),

@@ -31,6 +31,9 @@ pub trait Materialized: Clone + Default + Send + Sync + 'static {
     fn next_offset(&self) -> i64;
 }
 
+/// How long a service may take to read the catalog to its end at start-up.
+pub const READY_WITHIN: Duration = Duration::from_secs(60);
+
 /// How long one poll of the reader waits: its reaction time to a shutdown.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -133,6 +136,11 @@ impl<S: Materialized> Follower<S> {
     /// What was read as of the last end reached.
     pub fn catalog(&self) -> Arc<S> {
         Arc::clone(&self.rx.borrow())
+    }
+
+    /// Each new catalog, as the reader publishes it (it reads while the follower lives).
+    pub fn changes(&self) -> watch::Receiver<Arc<S>> {
+        self.rx.clone()
     }
 
     /// The catalog once the reader has reached the topic's end after `since`: it then

@@ -17,6 +17,8 @@
 //! - [`documents`]: what each kind's document must be, checked before a change.
 //! - [`Election`]: which instance writes, through a consumer group (one writer at a
 //!   time: the topic's one partition goes to one member).
+//! - [`Live`]: a service's own compiled view of the catalog, replaced at each change.
+//! - [`file`]: the import and export format, and an import's plan.
 //!
 //! An entity's revision is the offset of its record in the catalog topic: unique,
 //! increasing, kept by compaction, and never reused after a delete (a stale `If-Match`
@@ -25,9 +27,11 @@
 pub mod catalog;
 pub mod documents;
 pub mod election;
+pub mod file;
 pub mod follower;
 pub mod history;
 pub mod record;
+pub mod view;
 pub mod writer;
 
 pub use catalog::{Catalog, Conflict};
@@ -35,4 +39,5 @@ pub use election::{Election, ElectionError};
 pub use follower::{Follower, FollowerError, Materialized};
 pub use history::History;
 pub use record::{AuditRecord, Change, Entry, Key, KeyError, Kind, Stored};
+pub use view::Live;
 pub use writer::{WriteError, Writer, Written};

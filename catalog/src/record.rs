@@ -132,6 +132,17 @@ pub struct Stored {
     pub reason: Option<String>,
 }
 
+impl Stored {
+    pub fn new(document: Value, changed_by: &str, changed_at_ms: i64) -> Self {
+        Stored {
+            document,
+            changed_by: changed_by.to_string(),
+            changed_at_ms,
+            reason: None,
+        }
+    }
+}
+
 /// An entity as the catalog holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {

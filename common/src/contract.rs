@@ -187,6 +187,12 @@ pub struct Conversion {
     /// (`min_click_to_conversion`): flagged for review (and held, if the offer says so).
     #[serde(default, skip_serializing_if = "is_false")]
     pub suspicious: bool,
+    /// The catalog the conversion was priced with: the revision of the catalog's last
+    /// change then (the offer's document as of that revision is in the offer's history).
+    /// Status updates keep version 1's, as they keep its `priced_payout`. Absent on
+    /// records from before the catalog, or priced with an empty one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_revision: Option<i64>,
 }
 
 impl Conversion {
@@ -269,10 +275,13 @@ pub enum RejectReason {
     ClickConflict,
     /// A pixel (browser) conversion for an offer that accepts server-to-server ones only.
     PixelNotAllowed,
+    /// A new conversion of an affiliate the catalog has blocked (status updates of its
+    /// earlier conversions still apply).
+    AffiliateBlocked,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::UnknownClick,
         RejectReason::OutsideWindow,
         RejectReason::Duplicate,
@@ -280,6 +289,7 @@ impl RejectReason {
         RejectReason::TooFast,
         RejectReason::ClickConflict,
         RejectReason::PixelNotAllowed,
+        RejectReason::AffiliateBlocked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -291,6 +301,7 @@ impl RejectReason {
             RejectReason::TooFast => "too_fast",
             RejectReason::ClickConflict => "click_conflict",
             RejectReason::PixelNotAllowed => "pixel_not_allowed",
+            RejectReason::AffiliateBlocked => "affiliate_blocked",
         }
     }
 }
@@ -310,6 +321,9 @@ pub struct Rejection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub click: Option<Click>,
     pub rejected_at_ms: i64,
+    /// The catalog the rejection was decided with (see [`Conversion::catalog_revision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_revision: Option<i64>,
 }
 
 impl Rejection {

@@ -101,6 +101,7 @@ pub fn conversion(conversion_id: &str, click_id: &str) -> Conversion {
         status_reason: None,
         trust: Trust::S2s,
         suspicious: false,
+        catalog_revision: Some(3),
     }
 }
 
@@ -114,6 +115,7 @@ pub fn rejection(postback: Postback, reason: RejectReason) -> Rejection {
         rejected_at_ms: postback.ts_ms + 10,
         postback: Some(postback),
         click: None,
+        catalog_revision: Some(3),
     }
 }
 

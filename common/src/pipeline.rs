@@ -1,5 +1,5 @@
-//! What every service of one pipeline shares: the Kafka connection, the topics, the events
-//! and statuses a postback may carry, and the offers. One file (`deploy/config/pipeline.toml`,
+//! What every service of one pipeline shares: the Kafka connection, the topics, and the
+//! events and statuses a postback may carry. One file (`deploy/config/pipeline.toml`,
 //! embedded as the default) that every service loads, layered like the services' own
 //! files: the defaults, then `--pipeline FILE` (or `S2S_PIPELINE`), then environment
 //! variables `S2S_PIPELINE__<SECTION>__<KEY>`, then `S2S_KAFKA_PROP_*` librdkafka
@@ -26,10 +26,11 @@ pub struct PipelineConfig {
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
     pub postbacks: PostbackVocabulary,
-    /// The offers, by ID: each defined once, for ingest (where a click goes) and the
-    /// attributor (windows, payouts, policies).
-    #[serde(default)]
-    pub offers: BTreeMap<String, OfferConfig>,
+    pub affiliates: AffiliatePolicy,
+    /// Offers live in the catalog; an `[offers]` section here is refused with a message
+    /// that says so (it is the import format of `console catalog import`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offers: Option<toml::Table>,
 }
 
 /// What a postback may say, for every service that reads one.
@@ -45,14 +46,39 @@ pub struct PostbackVocabulary {
     /// longer than the longest window.
     #[serde(with = "crate::config::duration")]
     pub max_event_time_age: Duration,
+    /// The longest attribution window an offer may have: the attributor keeps clicks
+    /// this long (plus `max_event_time_age` and its grace period), and the catalog
+    /// refuses offers with a longer window.
+    #[serde(with = "crate::config::duration")]
+    pub max_window: Duration,
 }
 
-/// One offer.
+/// What the pipeline does with affiliates the catalog does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffiliatePolicy {
+    pub unknown: UnknownAffiliates,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownAffiliates {
+    /// Any `aff_id` gets clicks (an affiliate needs no entity).
+    Accept,
+    /// A click for an affiliate ID the catalog does not hold gets no click ID.
+    Refuse,
+}
+
+/// One offer: its document in the catalog (`offer/<id>`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OfferConfig {
     /// Where `/click` redirects, with macros (`{click_id}`, `{aff_id}`, `{sub1}`…).
     pub url: String,
+    /// `paused`: its clicks get no click ID (ingest's `click.fallback_url`, or 403);
+    /// conversions of its earlier clicks still count.
+    #[serde(default)]
+    pub status: OfferStatus,
     /// Currency of its payouts; default: the attributor's `default_currency`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
@@ -96,6 +122,14 @@ pub struct OfferConfig {
     pub accept_pixel: Option<bool>,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfferStatus {
+    #[default]
+    Active,
+    Paused,
+}
+
 /// The macros an offer's URL may use.
 pub fn offer_macros() -> Vec<&'static str> {
     let mut m = vec!["click_id", "aff_id", "offer_id"];
@@ -122,38 +156,81 @@ impl FieldError {
 
 impl OfferConfig {
     /// Checks the offer against the pipeline's vocabulary: its URL template (known
-    /// macros only), its windows, the events of its windows and payouts. The error names
-    /// the field, relative to the offer.
+    /// macros only), its currency, its windows (each within `postbacks.max_window`), the
+    /// events of its windows and payouts, its payouts (not negative) and its too-fast
+    /// policy. The error names the field, relative to the offer.
     pub fn check(&self, vocabulary: &PostbackVocabulary) -> Result<(), FieldError> {
         if self.url.trim().is_empty() {
             return Err(FieldError::new("url", "must not be empty"));
         }
         crate::template::Template::parse(&self.url, &offer_macros())
             .map_err(|e| FieldError::new("url", e.to_string()))?;
-        if self.window.is_some_and(|w| w.is_zero()) {
-            return Err(FieldError::new("window", "must be > 0"));
+        if let Some(c) = self.currency.as_deref().filter(|c| !is_currency_code(c)) {
+            return Err(FieldError::new(
+                "currency",
+                format!("'{c}' is not a three-letter upper-case ISO 4217 code"),
+            ));
+        }
+        let max = vocabulary.max_window;
+        let window_ok = |field: String, w: &Duration| {
+            if w.is_zero() {
+                Err(FieldError::new(field, "must be > 0"))
+            } else if *w > max {
+                Err(FieldError::new(
+                    field,
+                    format!(
+                        "{} is longer than postbacks.max_window ({}): clicks are not kept \
+                         that long",
+                        crate::config::duration::format(*w),
+                        crate::config::duration::format(max)
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(w) = &self.window {
+            window_ok("window".into(), w)?;
         }
         let events = &vocabulary.events;
-        for (event, w) in &self.event_windows {
-            let field = format!("event_windows.{event}");
-            if !events.contains(event) {
-                return Err(FieldError::new(
+        let known = |field: String, event: &String| {
+            if events.contains(event) {
+                Ok(())
+            } else {
+                Err(FieldError::new(
                     field,
                     format!("'{event}' is not one of postbacks.events {events:?}"),
-                ));
+                ))
             }
-            if w.is_zero() {
-                return Err(FieldError::new(field, "must be > 0"));
+        };
+        for (event, w) in &self.event_windows {
+            let field = format!("event_windows.{event}");
+            known(field.clone(), event)?;
+            window_ok(field, w)?;
+        }
+        for (event, p) in &self.payouts {
+            let field = format!("payouts.{event}");
+            known(field.clone(), event)?;
+            if p.is_sign_negative() {
+                return Err(FieldError::new(field, format!("{p} must not be negative")));
             }
         }
-        if let Some(event) = self.payouts.keys().find(|e| !events.contains(e)) {
+        if self.on_too_fast != TooFastConfig::Flag && self.min_click_to_conversion.is_none() {
             return Err(FieldError::new(
-                format!("payouts.{event}"),
-                format!("'{event}' is not one of postbacks.events {events:?}"),
+                "on_too_fast",
+                "needs min_click_to_conversion: without a minimum no conversion is too fast",
             ));
+        }
+        if self.hold.is_some_and(|h| h.is_zero()) {
+            return Err(FieldError::new("hold", "must be longer than 0"));
         }
         Ok(())
     }
+}
+
+/// A three-letter upper-case code (ISO 4217's shape).
+pub fn is_currency_code(c: &str) -> bool {
+    c.len() == 3 && c.chars().all(|ch| ch.is_ascii_uppercase())
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -205,9 +282,16 @@ impl PipelineConfig {
         if p.events.is_empty() || p.statuses.is_empty() {
             return Err("postbacks.events and postbacks.statuses must not be empty".into());
         }
-        for (id, o) in &self.offers {
-            o.check(p)
-                .map_err(|e| format!("offers.{id}.{}: {}", e.field, e.message))?;
+        if p.max_window.is_zero() {
+            return Err("postbacks.max_window must be > 0".into());
+        }
+        if self.offers.is_some() {
+            return Err(
+                "offers are kept in the catalog now, not in the pipeline file: move \
+                 the [offers] section to a catalog file and import it with `console catalog \
+                 import FILE` (see docs/operations.md, \"The catalog\")"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -266,32 +350,45 @@ mod tests {
 
     #[test]
     fn offers_are_checked_against_the_vocabulary() {
+        let v = PipelineConfig::defaults().postbacks;
+        let ok = OfferConfig {
+            url: "https://o.example/?c={click_id}".into(),
+            payouts: [("ftd".to_string(), Decimal::ONE)].into(),
+            ..OfferConfig::default()
+        };
+        assert_eq!(ok.check(&v), Ok(()));
+        let field = |o: OfferConfig| o.check(&v).map_err(|e| (e.field, e.message));
+        let with = |f: &dyn Fn(&mut OfferConfig)| {
+            let mut o = ok.clone();
+            f(&mut o);
+            field(o).expect_err("refused")
+        };
+        let e = with(&|o| o.payouts = [("signup".to_string(), Decimal::ONE)].into());
+        assert_eq!(e.0, "payouts.signup");
+        let e = with(&|o| o.payouts = [("ftd".to_string(), -Decimal::ONE)].into());
+        assert_eq!(e.0, "payouts.ftd");
+        let e = with(&|o| o.url = "https://o.example/?c={clickid}".into());
+        assert!(e.0 == "url" && e.1.contains("{clickid}"), "{e:?}");
+        assert_eq!(with(&|o| o.url.clear()).0, "url");
+        assert_eq!(with(&|o| o.currency = Some("usd".into())).0, "currency");
+        let e = with(&|o| o.window = Some(v.max_window + Duration::from_secs(1)));
+        assert!(e.0 == "window" && e.1.contains("max_window"), "{e:?}");
+        let e = with(&|o| {
+            o.event_windows = [("ftd".to_string(), v.max_window * 2)].into();
+        });
+        assert_eq!(e.0, "event_windows.ftd");
+        assert_eq!(
+            with(&|o| o.on_too_fast = TooFastConfig::Hold).0,
+            "on_too_fast"
+        );
+        assert_eq!(with(&|o| o.hold = Some(Duration::ZERO)).0, "hold");
+    }
+
+    #[test]
+    fn offers_in_the_pipeline_file_are_refused_with_where_they_went() {
         let mut c = PipelineConfig::defaults();
-        c.offers.insert(
-            "7".into(),
-            OfferConfig {
-                url: "https://o.example/?c={click_id}".into(),
-                payouts: [("signup".to_string(), Decimal::ONE)].into(),
-                ..OfferConfig::default()
-            },
-        );
-        let err = c.validate().expect_err("unknown event");
-        assert!(err.starts_with("offers.7.payouts.signup"), "{err}");
-        if let Some(o) = c.offers.get_mut("7") {
-            o.payouts.clear();
-        }
-        c.validate().expect("valid");
-        if let Some(o) = c.offers.get_mut("7") {
-            o.url = "https://o.example/?c={clickid}".into();
-        }
-        let err = c.validate().expect_err("unknown macro");
-        assert!(
-            err.starts_with("offers.7.url: unknown macro {clickid}"),
-            "{err}"
-        );
-        if let Some(o) = c.offers.get_mut("7") {
-            o.url.clear();
-        }
-        assert!(c.validate().expect_err("no url").contains("offers.7.url"));
+        c.offers = Some(toml::Table::new());
+        let err = c.validate().expect_err("offers moved");
+        assert!(err.contains("catalog import"), "{err}");
     }
 }

@@ -18,6 +18,7 @@
 //!   ([`s2s_state::runtime`]), which commits it with the input offsets atomically.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod model;
@@ -37,8 +38,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::ConsoleConfig;
 
-/// How long reading the catalog and its history to their ends may take at start-up.
-const CATALOG_READY_WITHIN: Duration = Duration::from_secs(60);
 /// How long a catalog change may take to come back through this instance's readers (the
 /// catalog's and the history's).
 pub(crate) const CATALOG_APPLY_WITHIN: Duration = Duration::from_secs(10);
@@ -165,14 +164,19 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
     let (kafka, topics) = (&config.pipeline.kafka, &config.pipeline.topics);
     let stop = CancellationToken::new();
     let catalog = Arc::new(
-        Follower::start(kafka, &topics.catalog.name, CATALOG_READY_WITHIN, &stop)
-            .await
-            .map_err(|e| RuntimeError::Config(e.to_string()))?,
+        Follower::start(
+            kafka,
+            &topics.catalog.name,
+            s2s_catalog::follower::READY_WITHIN,
+            &stop,
+        )
+        .await
+        .map_err(|e| RuntimeError::Config(e.to_string()))?,
     );
     let history = Follower::start(
         kafka,
         &topics.catalog_audit.name,
-        CATALOG_READY_WITHIN,
+        s2s_catalog::follower::READY_WITHIN,
         &stop,
     )
     .await

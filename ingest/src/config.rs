@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use s2s_common::config::duration;
 pub use s2s_common::pipeline::{OfferConfig, PipelineConfig, ServiceConfig};
-use s2s_common::template::Template;
 
 use crate::source::{Auth, ProxyTrust, Secret, Source};
 use ipnet::IpNet;
@@ -36,10 +35,39 @@ pub struct IngestConfig {
     #[serde(default)]
     pub trusted_proxies: TrustedProxiesConfig,
     pub pixel: PixelConfig,
-    /// From the pipeline config ([`IngestConfig::with_pipeline`]): Kafka, topics, offers,
+    #[serde(default)]
+    pub click: ClickConfig,
+    /// From the pipeline config ([`IngestConfig::with_pipeline`]): Kafka, topics,
     /// and the events and statuses a postback may carry.
     #[serde(skip, default = "PipelineConfig::defaults")]
     pub pipeline: PipelineConfig,
+}
+
+/// `GET /click`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickConfig {
+    /// Where a click that gets no click ID goes (a paused offer's, a paused or blocked
+    /// affiliate's, or an unknown one's where the pipeline refuses those); `None`: 403
+    /// with the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_url: Option<String>,
+}
+
+impl ClickConfig {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(u) = &self.fallback_url {
+            let uri: axum::http::Uri = u
+                .parse()
+                .map_err(|e| format!("click.fallback_url '{u}' is not a URL: {e}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(format!(
+                    "click.fallback_url '{u}' must be an absolute http(s) URL"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `GET /pixel` and `GET /iframe`, and the click cookie.
@@ -188,7 +216,6 @@ fn parse_net(s: &str) -> Option<IpNet> {
 /// The validated, ready-to-use parts of the config.
 #[derive(Debug)]
 pub struct Compiled {
-    pub offers: BTreeMap<String, Template>,
     /// Always holds `default` (the plain routes' source).
     pub sources: BTreeMap<String, Arc<Source>>,
     pub proxies: ProxyTrust,
@@ -231,6 +258,7 @@ impl IngestConfig {
             return Err("refusal_events_per_second must be > 0".into());
         }
         self.pixel.validate()?;
+        self.click.validate()?;
         let p = &self.postback;
         if !p.statuses.contains(&p.default_status) {
             return Err(format!(
@@ -238,17 +266,6 @@ impl IngestConfig {
                 p.default_status, p.statuses
             ));
         }
-        let known = offer_macros();
-        let offers = self
-            .pipeline
-            .offers
-            .iter()
-            .map(|(id, o)| {
-                Template::parse(&o.url, &known)
-                    .map(|t| (id.clone(), t))
-                    .map_err(|e| format!("offers.{id}.url: {e}"))
-            })
-            .collect::<Result<_, _>>()?;
         if !self.sources.contains_key("default") {
             return Err(NO_DEFAULT_SOURCE.into());
         }
@@ -276,7 +293,6 @@ impl IngestConfig {
             })
             .collect::<Result<_, _>>()?;
         Ok(Compiled {
-            offers,
             sources,
             proxies: ProxyTrust { header, proxies },
         })
@@ -410,17 +426,12 @@ mod tests {
             c.postback.events,
             PipelineConfig::defaults().postbacks.events
         );
-        assert!(
-            compiled.offers.is_empty(),
-            "no demo offer in production defaults"
-        );
         let names: Vec<&String> = compiled.sources.keys().collect();
         assert_eq!(names, ["default"]);
         assert_eq!(compiled.sources["default"].auth, crate::source::Auth::None);
 
         let local = deployed("local");
         let compiled = local.validate().expect("valid");
-        assert!(compiled.offers.contains_key("1"));
         assert_eq!(
             compiled.sources["default"].auth,
             crate::source::Auth::None,
@@ -445,7 +456,7 @@ mod tests {
     #[test]
     fn deployment_overlays_are_valid() {
         let compose = deployed("compose");
-        assert!(compose.validate().expect("valid").offers.contains_key("1"));
+        compose.validate().expect("valid");
         assert!(
             !compose.pipeline.topics.create,
             "compose creates the topics in kafka-init"
@@ -468,23 +479,6 @@ mod tests {
                 .values()
                 .all(|s| s.auth != crate::source::Auth::None),
             "nothing open in the production example"
-        );
-    }
-
-    #[test]
-    fn bad_offer_macro_names_the_key() {
-        let mut c = defaults();
-        c.pipeline.offers.insert(
-            "9".into(),
-            OfferConfig {
-                url: "https://o/?c={clickid}".into(),
-                ..OfferConfig::default()
-            },
-        );
-        let err = c.validate().expect_err("invalid");
-        assert!(
-            err.starts_with("offers.9.url") && err.contains("{clickid}"),
-            "{err}"
         );
     }
 

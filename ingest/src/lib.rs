@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod batch;
+pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -53,6 +54,8 @@ pub enum IngestError {
     Metrics(#[from] prometheus::Error),
     #[error("kafka producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
+    #[error("catalog: {0}")]
+    Catalog(#[from] s2s_catalog::FollowerError),
 }
 
 /// A started ingest: topics provisioned, producer connected, listeners bound.
@@ -67,9 +70,13 @@ pub struct Ingest {
 use api::App;
 
 impl Ingest {
-    /// Validates the config, provisions topics, creates the producer and binds both
-    /// listeners (port 0 picks a free port; see [`Ingest::local_addr`]).
-    pub async fn bind(config: IngestConfig) -> Result<Self, IngestError> {
+    /// Validates the config, provisions topics, reads the catalog to its end (and follows
+    /// it until `shutdown`), creates the producer and binds both listeners (port 0 picks
+    /// a free port; see [`Ingest::local_addr`]).
+    pub async fn bind(
+        config: IngestConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, IngestError> {
         let compiled = config.validate().map_err(IngestError::Config)?;
         let produce_timeout = config.produce_timeout;
         ensure_topics(
@@ -81,6 +88,21 @@ impl Ingest {
 
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
+        let follower = s2s_catalog::Follower::start(
+            &config.pipeline.kafka,
+            &config.pipeline.topics.catalog.name,
+            s2s_catalog::follower::READY_WITHIN,
+            shutdown,
+        )
+        .await?;
+        let unknown = config.pipeline.affiliates.unknown;
+        let catalog = s2s_catalog::Live::spawn(
+            follower,
+            "ingest",
+            &admin.registry,
+            shutdown,
+            move |c, previous| catalog::compile(c, previous, unknown),
+        )?;
         let open: Vec<&String> = compiled
             .sources
             .iter()
@@ -118,11 +140,12 @@ impl Ingest {
         let app = Arc::new(App {
             publisher,
             refusals,
-            offers: compiled.offers,
+            catalog,
             sources: compiled.sources,
             proxies: compiled.proxies,
             max_body_bytes: config.max_body_bytes,
             pixel: config.pixel.clone(),
+            click: config.click.clone(),
             rules: config.postback.clone(),
             clicks_topic: config.pipeline.topics.clicks.name.clone(),
             postbacks_topic: config.pipeline.topics.postbacks.name.clone(),
@@ -188,7 +211,7 @@ fn no_delay(stream: &mut tokio::net::TcpStream) {
 
 /// Binds and serves until `shutdown`.
 pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<(), IngestError> {
-    Ingest::bind(config).await?.run(shutdown).await
+    Ingest::bind(config, &shutdown).await?.run(shutdown).await
 }
 
 #[cfg(test)]

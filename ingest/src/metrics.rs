@@ -12,6 +12,9 @@ pub struct Metrics {
     pub produce_seconds: HistogramVec,
     /// `ingest_records_total{kind, outcome}`: accepted, invalid, unavailable.
     pub records: IntCounterVec,
+    /// `ingest_clicks_not_issued_total{reason}`: clicks answered without a click ID (the
+    /// affiliate is blocked, paused, or unknown where those are refused).
+    pub clicks_not_issued: IntCounterVec,
     /// `ingest_unauthenticated_sources`: sources configured with `auth = "none"`.
     pub unauthenticated_sources: IntGauge,
 }
@@ -52,6 +55,13 @@ impl Metrics {
                 ),
                 &["kind", "outcome"],
             )?,
+            clicks_not_issued: IntCounterVec::new(
+                Opts::new(
+                    "ingest_clicks_not_issued_total",
+                    "Clicks answered without a click ID, by reason: affiliate_blocked, affiliate_paused, unknown_affiliate.",
+                ),
+                &["reason"],
+            )?,
             unauthenticated_sources: IntGauge::new(
                 "ingest_unauthenticated_sources",
                 "Sources configured with auth = \"none\": anyone who can reach ingest may post through them.",
@@ -62,6 +72,10 @@ impl Metrics {
         registry.register(Box::new(m.produce_seconds.clone()))?;
         registry.register(Box::new(m.records.clone()))?;
         registry.register(Box::new(m.unauthenticated_sources.clone()))?;
+        registry.register(Box::new(m.clicks_not_issued.clone()))?;
+        for why in crate::catalog::NotIssued::ALL {
+            m.clicks_not_issued.with_label_values(&[why.as_str()]);
+        }
         Ok(m)
     }
 }

@@ -15,7 +15,9 @@ use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_common::pipeline::ServiceConfig;
+use s2s_common::template::Template;
 use s2s_ingest::api::{router, App, OPENAPI, ROUTES};
+use s2s_ingest::catalog::IngestCatalog;
 use s2s_ingest::config::{AuthKind, IngestConfig, SourceConfig};
 use tower::ServiceExt;
 
@@ -27,13 +29,6 @@ const POSTBACKS: &str = "prop-postbacks";
 fn app_on(bootstrap: &str) -> Arc<App> {
     let mut pipeline = s2s_ingest::config::PipelineConfig::defaults();
     pipeline.kafka.bootstrap_servers = bootstrap.to_string();
-    pipeline.offers.insert(
-        "1".into(),
-        s2s_ingest::config::OfferConfig {
-            url: "https://offer.example/?c={click_id}".into(),
-            ..Default::default()
-        },
-    );
     let mut config: IngestConfig =
         s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
             .expect("defaults");
@@ -77,7 +72,17 @@ fn app_on(bootstrap: &str) -> Arc<App> {
     Arc::new(App {
         publisher,
         refusals,
-        offers: compiled.offers,
+        catalog: s2s_catalog::Live::fixed(IngestCatalog::of_offers(
+            [(
+                "1".to_string(),
+                Template::parse(
+                    "https://offer.example/?c={click_id}",
+                    &s2s_common::pipeline::offer_macros(),
+                )
+                .expect("a template"),
+            )]
+            .into(),
+        )),
         rules: config.postback.clone(),
         sources: compiled.sources,
         proxies: compiled.proxies,
@@ -86,6 +91,7 @@ fn app_on(bootstrap: &str) -> Arc<App> {
         max_body_bytes: config.max_body_bytes,
         metrics,
         pixel: config.pixel.clone(),
+        click: config.click.clone(),
     })
 }
 

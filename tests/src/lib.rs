@@ -281,7 +281,18 @@ impl<E: std::fmt::Debug + Send + 'static> Running<E> {
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
     {
-        let stop = CancellationToken::new();
+        Self::spawn_with(admin, CancellationToken::new(), run)
+    }
+
+    /// [`Running::spawn`] with the token the service was bound with.
+    pub fn spawn_with<F>(
+        admin: SocketAddr,
+        stop: CancellationToken,
+        run: impl FnOnce(CancellationToken) -> F,
+    ) -> Self
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+    {
         let task = tokio::spawn(run(stop.clone()));
         Running { admin, stop, task }
     }
@@ -316,11 +327,12 @@ pub type RunningService = Running<s2s_state::RuntimeError>;
 
 impl RunningService {
     pub async fn attributor(config: s2s_attributor::AttributorConfig) -> Self {
-        let attributor = s2s_attributor::Attributor::bind(config)
+        let stop = CancellationToken::new();
+        let attributor = s2s_attributor::Attributor::bind(config, &stop)
             .await
             .expect("the attributor starts");
         let admin = attributor.admin_addr().expect("admin address");
-        Running::spawn(admin, |stop| attributor.run(stop))
+        Running::spawn_with(admin, stop, |stop| attributor.run(stop))
     }
 
     pub async fn delivery(config: s2s_delivery::DeliveryConfig) -> Self {
@@ -417,22 +429,60 @@ fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
 
-/// Ingest's defaults pointed at the test broker and `topics`, on port 0, with offer 1
-/// redirecting to `https://offer.example/land?cid={click_id}&aff={aff_id}`, and the plain
-/// routes open (`[sources.default] auth = "none"`).
+/// Offer 1 as the tests know it: redirecting to
+/// `https://offer.example/land?cid={click_id}&aff={aff_id}`, paying USD 50.00 per `ftd`
+/// and 2.00 per `registration`.
+pub fn offer_1() -> s2s_common::pipeline::OfferConfig {
+    s2s_common::pipeline::OfferConfig {
+        url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
+        currency: Some("USD".into()),
+        payouts: [("ftd", 5000), ("registration", 200)]
+            .into_iter()
+            .map(|(e, cents)| (e.to_string(), rust_decimal::Decimal::new(cents, 2)))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Writes `file`'s entities into the catalog of `topics` (creating the topics first), as
+/// `console catalog import` would through a console: for tests that run services without
+/// one. Nothing else may write the catalog meanwhile (there is no election here).
+pub async fn seed_catalog(topics: &TopicsConfig, file: &s2s_catalog::file::CatalogFile) {
+    seed_catalog_on(&kafka(), topics, file).await;
+}
+
+/// [`seed_catalog`] on the broker `kafka` (a MockCluster).
+pub async fn seed_catalog_on(
+    kafka: &KafkaConfig,
+    topics: &TopicsConfig,
+    file: &s2s_catalog::file::CatalogFile,
+) {
+    let mut p = pipeline(topics);
+    p.kafka = kafka.clone();
+    s2s_common::kafka::ensure_topics(&p.kafka, topics, Duration::from_secs(30))
+        .await
+        .expect("topics");
+    s2s_catalog::file::import_unelected(&p.kafka, topics, &p.postbacks, file, "test-seed")
+        .await
+        .expect("the catalog is seeded");
+}
+
+/// The catalog of most tests: offer 1 ([`offer_1`]).
+pub fn catalog_with_offer_1() -> s2s_catalog::file::CatalogFile {
+    s2s_catalog::file::CatalogFile {
+        offers: [("1".to_string(), offer_1())].into(),
+        ..Default::default()
+    }
+}
+
+/// Ingest's defaults pointed at the test broker and `topics`, on port 0, and the plain
+/// routes open (`[sources.default] auth = "none"`). Offers come from the catalog: seed it
+/// ([`seed_catalog`]) before ingest starts, or change it while it runs.
 pub fn ingest_config(topics: &TopicsConfig) -> s2s_ingest::IngestConfig {
     let mut c: s2s_ingest::IngestConfig =
         s2s_common::config::load(s2s_ingest::config::DEFAULT_TOML, None, "S2S_TEST_NONE__")
             .expect("ingest defaults");
-    let mut p = pipeline(topics);
-    p.offers.insert(
-        "1".into(),
-        s2s_common::pipeline::OfferConfig {
-            url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
-            ..Default::default()
-        },
-    );
-    c = c.with_pipeline(p);
+    c = c.with_pipeline(pipeline(topics));
     c.listen = any_port();
     c.admin_listen = any_port();
     c.sources.insert(
@@ -497,10 +547,10 @@ pub struct IngestHandle {
 
 impl IngestHandle {
     pub async fn start(config: s2s_ingest::IngestConfig) -> Self {
-        let ingest = s2s_ingest::Ingest::bind(config)
+        let shutdown = CancellationToken::new();
+        let ingest = s2s_ingest::Ingest::bind(config, &shutdown)
             .await
             .expect("ingest starts");
-        let shutdown = CancellationToken::new();
         IngestHandle {
             addr: ingest.local_addr().expect("addr"),
             admin: ingest.admin_addr().expect("addr"),

@@ -67,20 +67,9 @@ impl Pipeline {
         let topics = topics(opts.partitions);
         let state = tempfile::tempdir().expect("state dir");
 
-        // One pipeline for all three, with offer 1 as ingest and the attributor need it.
-        let mut pipeline = pipeline(&topics);
-        pipeline.offers.insert(
-            "1".into(),
-            s2s_common::pipeline::OfferConfig {
-                url: "https://offer.example/land?cid={click_id}&aff={aff_id}".into(),
-                currency: Some("USD".into()),
-                payouts: [("ftd", 5000), ("registration", 200)]
-                    .into_iter()
-                    .map(|(e, cents)| (e.to_string(), rust_decimal::Decimal::new(cents, 2)))
-                    .collect(),
-                ..Default::default()
-            },
-        );
+        // One pipeline for all three, with offer 1 in the catalog.
+        let pipeline = pipeline(&topics);
+        crate::seed_catalog(&topics, &crate::catalog_with_offer_1()).await;
         let mut ac = attributor_config(&topics, &state.path().join("attributor"))
             .with_pipeline(pipeline.clone());
         ac.grace_period = Duration::from_millis(opts.grace_period_ms);
@@ -93,16 +82,17 @@ impl Pipeline {
             .map(|ms| Duration::from_millis(*ms))
             .collect();
 
-        let ingest = s2s_ingest::Ingest::bind(ingest_config(&topics).with_pipeline(pipeline))
-            .await
-            .expect("ingest starts");
-        let attributor = s2s_attributor::Attributor::bind(ac)
+        let shutdown = CancellationToken::new();
+        let ingest =
+            s2s_ingest::Ingest::bind(ingest_config(&topics).with_pipeline(pipeline), &shutdown)
+                .await
+                .expect("ingest starts");
+        let attributor = s2s_attributor::Attributor::bind(ac, &shutdown)
             .await
             .expect("attributor starts");
         let delivery = s2s_delivery::Delivery::bind(dc)
             .await
             .expect("delivery starts");
-        let shutdown = CancellationToken::new();
         let mut p = Pipeline {
             topics,
             ingest: ingest.local_addr().expect("addr"),

@@ -6,8 +6,9 @@
 //! `If-None-Match: *`), and a change against any other revision is refused with 409, so
 //! two operators editing one entity cannot overwrite each other unknowingly. Only the
 //! elected writer (see [`s2s_catalog::Election`]) changes the catalog; another console
-//! instance answers 503 with `Retry-After` (forwarding to the writer is not built yet). A change is answered once this instance has seen it applied, so
-//! the next read here shows it.
+//! instance answers 503 with `Retry-After` (forwarding to the writer is not built yet). A
+//! change is answered once this instance has seen it applied, so the next read here shows
+//! it. Documents are kept in their canonical form ([`documents::check`]).
 
 use std::sync::Arc;
 
@@ -81,13 +82,14 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     let key = key_of(&kind, &id)?;
     let Json(put) = body?;
-    documents::check(key.kind(), &put.document, &s.catalog.vocabulary).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_document",
-            format!("document.{}: {}", e.field, e.message),
-        )
-    })?;
+    let document =
+        documents::check(key.kind(), &put.document, &s.catalog.vocabulary).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_document",
+                format!("document.{}: {}", e.field, e.message),
+            )
+        })?;
     let base = match (if_match(&headers)?, creates(&headers)) {
         (Some(base), false) => Some(base),
         (None, true) => None,
@@ -101,7 +103,7 @@ pub async fn put(
         }
     };
     let created = base.is_none();
-    let written = write(&s, &op, key, base, Some(put.document), put.reason).await?;
+    let written = write(&s, &op, key, base, Some(document), put.reason).await?;
     let e = written.entry.ok_or_else(|| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

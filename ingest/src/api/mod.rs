@@ -29,15 +29,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::join_all;
+use s2s_catalog::Live;
 use s2s_common::contract::{Click, Postback, WireRecord};
 use s2s_common::ids::new_ulid;
 use s2s_common::now_ms;
-use s2s_common::template::Template;
 use s2s_common::topics::partition_key;
 use serde::Serialize;
 
 use crate::batch::parse_batch;
-use crate::config::{PixelConfig, PostbackRules};
+use crate::catalog::{IngestCatalog, NotIssued};
+use crate::config::{ClickConfig, PixelConfig, PostbackRules};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::params::{parse_json_object, parse_urlencoded, take, Pairs};
@@ -55,7 +56,8 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 #[derive(Debug)]
 pub struct App {
     pub publisher: Publisher,
-    pub offers: BTreeMap<String, Template>,
+    /// The offers, from the catalog, live.
+    pub catalog: Live<IngestCatalog>,
     pub rules: PostbackRules,
     /// By name; always holds `default` (see [`crate::config::Compiled`]).
     pub sources: BTreeMap<String, Arc<Source>>,
@@ -66,6 +68,7 @@ pub struct App {
     pub metrics: Metrics,
     pub refusals: Refusals,
     pub pixel: PixelConfig,
+    pub click: ClickConfig,
 }
 
 /// The OpenAPI document of these routes, served at `/openapi.json`.
@@ -220,6 +223,21 @@ impl App {
             .inc();
     }
 
+    /// A click that gets no click ID: to the fallback URL, or 403 with the reason.
+    /// Counted here, once; nothing was stored.
+    fn not_issued(&self, why: NotIssued, click: &Click) -> Result<Response, ApiError> {
+        self.metrics
+            .clicks_not_issued
+            .with_label_values(&[why.as_str()])
+            .inc();
+        tracing::debug!(offer_id = %click.offer_id, aff_id = %click.aff_id,
+            reason = why.as_str(), "click not issued");
+        match &self.click.fallback_url {
+            Some(url) => Ok((StatusCode::FOUND, [(header::LOCATION, url.clone())]).into_response()),
+            None => Err(not_issued_error(why, click)),
+        }
+    }
+
     /// Publishes the refusal event of a record answered `err`, if it is one (a 4xx).
     fn refused(&self, kind: &'static str, origin: &Origin<'_>, pairs: &Pairs, err: &ApiError) {
         if is_refusal(err) {
@@ -321,6 +339,20 @@ fn content_type(headers: &HeaderMap) -> String {
         .to_ascii_lowercase()
 }
 
+/// The 403 of a click that gets no click ID, naming the field that decided it.
+fn not_issued_error(why: NotIssued, click: &Click) -> ApiError {
+    let (field, what) = match why {
+        NotIssued::OfferPaused => ("offer_id", format!("offer '{}'", click.offer_id)),
+        _ => ("aff_id", format!("affiliate '{}'", click.aff_id)),
+    };
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        why.as_str(),
+        format!("{what} gets no clicks ({})", why.as_str().replace('_', " ")),
+    )
+    .field(field)
+}
+
 fn unsupported(ct: &str, supported: &str) -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -339,13 +371,22 @@ async fn click(
     let result = async {
         let pairs = parse_urlencoded(parts.uri.query().unwrap_or_default().as_bytes())?;
         let meta = request_meta(app.proxies.client_ip(peer.ip(), headers), headers);
-        let (click, location) = build_click(pairs, &app.offers, meta, new_ulid(), now_ms())?;
+        let catalog = app.catalog.current();
+        let (click, location) = build_click(pairs, &catalog.offers, meta, new_ulid(), now_ms())?;
+        if let Some(why) = catalog.refuses_click(&click.offer_id, &click.aff_id) {
+            return Ok(Err((why, click)));
+        }
         app.publish(&click).await?;
-        Ok((location, app.pixel.set_cookie(&click.click_id)))
+        Ok(Ok((location, app.pixel.set_cookie(&click.click_id))))
     }
     .await;
-    app.count("click", &result);
-    let (location, cookie) = result?;
+    let issued = match result {
+        Ok(Err((why, click))) => return app.not_issued(why, &click),
+        Ok(Ok(issued)) => Ok(issued),
+        Err(e) => Err(e),
+    };
+    app.count("click", &issued);
+    let (location, cookie) = issued?;
     let mut resp = (StatusCode::FOUND, [(header::LOCATION, location)]).into_response();
     if let Some(c) = cookie.and_then(|c| header::HeaderValue::try_from(c).ok()) {
         resp.headers_mut().insert(header::SET_COOKIE, c);
@@ -458,7 +499,12 @@ async fn click_batch(
     req: Request,
 ) -> Result<Response, ApiError> {
     run_batch::<Click>(&app, (source.map(|p| p.0), peer, req), |_, pairs| {
-        build_operator_click(pairs, &app.offers, now_ms())
+        let catalog = app.catalog.current();
+        let click = build_operator_click(pairs, &catalog.offers, now_ms())?;
+        match catalog.refuses_click(&click.offer_id, &click.aff_id) {
+            None => Ok(click),
+            Some(why) => Err(not_issued_error(why, &click)),
+        }
     })
     .await
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rdkafka::message::Message;
+use s2s_catalog::file::CatalogFile;
 use s2s_common::contract::{encode, Click, Postback};
 use s2s_common::fixtures::{self, outcome_id};
 use s2s_common::ids::derived;
@@ -85,17 +86,22 @@ async fn every_rule_on_the_real_broker() {
     let state = tempfile::tempdir().expect("tempdir");
     let mut config = attributor_config(&topics, state.path());
     config.grace_period = Duration::from_secs(1);
-    config.pipeline.offers.insert(
-        "7".into(),
-        s2s_attributor::config::OfferConfig {
-            url: "https://offer.example/?c={click_id}".into(),
-            currency: Some("USD".into()),
-            window: Some(Duration::from_secs(86_400)),
-            payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
-            min_click_to_conversion: Some(Duration::from_secs(60)),
+    let offer_7 = s2s_attributor::config::OfferConfig {
+        url: "https://offer.example/?c={click_id}".into(),
+        currency: Some("USD".into()),
+        window: Some(Duration::from_secs(86_400)),
+        payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+        min_click_to_conversion: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    s2s_tests::seed_catalog(
+        &topics,
+        &CatalogFile {
+            offers: [("7".to_string(), offer_7)].into(),
             ..Default::default()
         },
-    );
+    )
+    .await;
     let running = RunningService::attributor(config).await;
     let admin = running.admin;
 
@@ -852,18 +858,28 @@ async fn money_rules_on_the_real_broker() {
         min_click_to_conversion: min.map(Duration::from_secs),
         ..Default::default()
     };
-    config.pipeline.offers.insert(
-        "7".into(),
-        offer(Some(Duration::from_secs(1)), TooFastConfig::Flag, None),
-    );
-    config
-        .pipeline
-        .offers
-        .insert("8".into(), offer(None, TooFastConfig::Reject, Some(60)));
-    config.pipeline.offers.insert(
-        "9".into(),
-        offer(Some(Duration::from_secs(1)), TooFastConfig::Hold, Some(60)),
-    );
+    let offers = [
+        (
+            "7",
+            offer(Some(Duration::from_secs(1)), TooFastConfig::Flag, None),
+        ),
+        ("8", offer(None, TooFastConfig::Reject, Some(60))),
+        (
+            "9",
+            offer(Some(Duration::from_secs(1)), TooFastConfig::Hold, Some(60)),
+        ),
+    ];
+    s2s_tests::seed_catalog(
+        &topics,
+        &CatalogFile {
+            offers: offers
+                .into_iter()
+                .map(|(id, o)| (id.to_string(), o))
+                .collect(),
+            ..Default::default()
+        },
+    )
+    .await;
     let running = RunningService::attributor(config).await;
     let admin = running.admin;
 

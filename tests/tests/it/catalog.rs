@@ -266,18 +266,36 @@ async fn console(topics: &TopicsConfig, group: &str, state: &std::path::Path) ->
     }
 }
 
-/// The catalog part of a console's `/api/v1/status`.
-async fn status(c: &ApiConsole) -> Value {
-    let v: Value = s2s_tests::http()
-        .get(format!("{}/api/v1/status", c.url))
+/// A console's answer to `GET {url}` as operator "tester".
+async fn console_get(url: String) -> Value {
+    s2s_tests::http()
+        .get(url)
         .bearer_auth(s2s_tests::CONSOLE_TOKEN)
         .send()
         .await
         .expect("answer")
         .json()
         .await
-        .expect("JSON");
-    v["catalog"].clone()
+        .expect("JSON")
+}
+
+/// The catalog part of a console's `/api/v1/status`.
+async fn status(c: &ApiConsole) -> Value {
+    console_get(format!("{}/api/v1/status", c.url)).await["catalog"].clone()
+}
+
+/// Waits until the service whose admin listener is `admin` applies catalog `revision`.
+async fn applied(admin: std::net::SocketAddr, service: &str, revision: i64) {
+    let gauge = format!("{service}_catalog_revision");
+    poll_until(
+        &format!("{service} applies revision {revision}"),
+        WAIT,
+        || async {
+            let r = s2s_tests::metric(admin, &gauge).await?;
+            (r >= revision as f64).then_some(())
+        },
+    )
+    .await;
 }
 
 /// One request to the catalog API as operator "tester"; the status, ETag and body.
@@ -549,4 +567,187 @@ async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
     assert_eq!(raw.len(), 4, "no refused change was appended");
     a.running.stop().await;
     b.running.stop().await;
+}
+
+/// Offers changed through the console apply to every running service without a restart:
+/// an imported new offer redirects at ingest; a changed payout prices the next conversion
+/// at the attributor, which records the catalog revision it priced with. The import is
+/// the CLI's (`console catalog import`): a second run changes nothing, and the export
+/// imports as unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_apply_catalog_changes_live() {
+    use s2s_catalog::file::{CatalogFile, Imported};
+    use s2s_common::contract::Conversion;
+    use s2s_console::cli::{self, Api};
+    use s2s_tests::{Pipeline, PipelineOptions};
+
+    let p = Pipeline::start(PipelineOptions {
+        console: true,
+        ..Default::default()
+    })
+    .await;
+    let api = Api {
+        url: p.console_url(),
+        token: s2s_tests::CONSOLE_TOKEN.to_string(),
+    };
+    let vocabulary = s2s_tests::pipeline(&p.topics).postbacks;
+    let offer_2 = s2s_common::pipeline::OfferConfig {
+        url: "https://two.example/?c={click_id}".into(),
+        ..Default::default()
+    };
+    let mut offer_1 = s2s_tests::offer_1();
+    offer_1
+        .payouts
+        .insert("ftd".into(), rust_decimal::Decimal::new(7500, 2));
+    let file = CatalogFile {
+        offers: [("1".to_string(), offer_1), ("2".to_string(), offer_2)].into(),
+        ..Default::default()
+    };
+    let before = s2s_tests::http()
+        .get(p.ingest_url("/click?offer_id=2&aff_id=7"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(before.status(), 404, "offer 2 is not in the catalog yet");
+
+    // The console is elected writer shortly after it starts: the CLI retries its 503s.
+    let imported = cli::import(&api, &file, &vocabulary, Some("spring promo"), false)
+        .await
+        .expect("imported");
+    assert_eq!(
+        imported,
+        Imported {
+            created: 1,
+            updated: 1,
+            unchanged: 0
+        }
+    );
+    let imported_at = Instant::now();
+    let redirect = poll_until("ingest redirects the new offer", WAIT, || async {
+        let r = s2s_tests::http()
+            .get(p.ingest_url("/click?offer_id=2&aff_id=7"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 302).then(|| r.headers()["location"].to_str().unwrap_or("").to_string())
+    })
+    .await;
+    println!(
+        "offer 2 redirecting at ingest {:?} after the import returned",
+        imported_at.elapsed()
+    );
+    assert!(
+        redirect.starts_with("https://two.example/?c="),
+        "{redirect}"
+    );
+
+    // The attributor prices the next FTD on offer 1 with the new payout.
+    let offer_1 = console_get(format!("{}/api/v1/catalog/offer/1", api.url)).await;
+    let revision = offer_1["revision"].as_i64().expect("a revision");
+    applied(p.attributor_admin, "attributor", revision).await;
+    let click_id = p.click("offer_id=1&aff_id=42").await;
+    let resp = s2s_tests::http()
+        .get(p.ingest_url(&format!(
+            "/postback?click_id={click_id}&event=ftd&txn_id=t1"
+        )))
+        .send()
+        .await
+        .expect("postback");
+    assert_eq!(resp.status(), 200);
+    let conversions = TopicReader::new(&p.topics.conversions)
+        .read_until::<Conversion>("the FTD's conversion", WAIT, |cs| {
+            cs.iter().any(|c| c.click_id == click_id)
+        })
+        .await;
+    let c = conversions
+        .iter()
+        .find(|c| c.click_id == click_id)
+        .expect("found");
+    assert_eq!(c.payout.to_string(), "75.00", "the changed payout");
+    assert!(
+        c.catalog_revision >= Some(revision),
+        "priced with the catalog as of the change or later: {:?} vs {revision}",
+        c.catalog_revision
+    );
+
+    // Affiliate 42 blocked live: ingest issues no click ID for it, the attributor rejects
+    // the new conversion of a click issued before the block.
+    let earlier = p.click("offer_id=1&aff_id=42").await;
+    let resp = s2s_tests::http()
+        .put(format!("{}/api/v1/catalog/affiliate/42", api.url))
+        .bearer_auth(&api.token)
+        .header("If-None-Match", "*")
+        .json(&json!({ "document": { "name": "Acme", "status": "blocked" }, "reason": "fraud" }))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 201);
+    let blocked: Value = resp.json().await.expect("JSON");
+    let blocked_at = blocked["revision"].as_i64().expect("a revision");
+    let refused: Value = poll_until("ingest refuses affiliate 42's clicks", WAIT, || async {
+        let r = s2s_tests::http()
+            .get(p.ingest_url("/click?offer_id=1&aff_id=42"))
+            .send()
+            .await
+            .ok()?;
+        if r.status() != 403 {
+            return None;
+        }
+        r.json().await.ok()
+    })
+    .await;
+    assert_eq!(refused["error"]["code"], "affiliate_blocked", "{refused}");
+    assert!(
+        s2s_tests::metric(
+            p.ingest_admin,
+            "ingest_clicks_not_issued_total{reason=\"affiliate_blocked\"}"
+        )
+        .await
+            >= Some(1.0)
+    );
+    applied(p.attributor_admin, "attributor", blocked_at).await;
+    let resp = s2s_tests::http()
+        .get(p.ingest_url(&format!("/postback?click_id={earlier}&event=ftd&txn_id=t2")))
+        .send()
+        .await
+        .expect("postback");
+    assert_eq!(resp.status(), 200);
+    let rejections = TopicReader::new(&p.topics.rejections)
+        .read_until::<s2s_common::contract::Rejection>("the blocked FTD's rejection", WAIT, |rs| {
+            rs.iter().any(|r| r.click_id() == earlier)
+        })
+        .await;
+    let r = rejections
+        .iter()
+        .find(|r| r.click_id() == earlier)
+        .expect("found");
+    assert_eq!(
+        r.reason,
+        s2s_common::contract::RejectReason::AffiliateBlocked
+    );
+    assert!(r.catalog_revision >= Some(blocked_at), "{r:?}");
+
+    // Import is idempotent, and the export imports as unchanged.
+    let again = cli::import(&api, &file, &vocabulary, None, false)
+        .await
+        .expect("imported");
+    assert_eq!(again.unchanged, 2, "{again:?}");
+    let exported = CatalogFile::parse(&cli::export(&api).await.expect("exported")).expect("TOML");
+    let round = cli::import(&api, &exported, &vocabulary, None, true)
+        .await
+        .expect("planned");
+    assert_eq!(
+        round,
+        Imported {
+            created: 0,
+            updated: 0,
+            unchanged: 3
+        },
+        "offers 1 and 2, affiliate 42"
+    );
+    assert_eq!(
+        exported.affiliates.get("42").map(|a| a.status),
+        Some(s2s_catalog::documents::AffiliateStatus::Blocked)
+    );
+    p.stop().await;
 }

@@ -72,16 +72,22 @@ impl Cluster {
             .tempdir()
             .expect("dir");
         let topics = s.topics.clone().unwrap_or_else(|| topics(s.partitions));
-        let mut pipeline = s2s_tests::child_pipeline(&s.brokers, &topics);
-        pipeline.offers.insert(
-            "1".into(),
-            s2s_common::pipeline::OfferConfig {
-                url: "https://offer.example/land?click_id={click_id}&aff={aff_id}".into(),
-                currency: Some("USD".into()),
-                payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+        let pipeline = s2s_tests::child_pipeline(&s.brokers, &topics);
+        let offer_1 = s2s_common::pipeline::OfferConfig {
+            url: "https://offer.example/land?click_id={click_id}&aff={aff_id}".into(),
+            currency: Some("USD".into()),
+            payouts: [("ftd".to_string(), rust_decimal::Decimal::new(5000, 2))].into(),
+            ..Default::default()
+        };
+        s2s_tests::seed_catalog_on(
+            &pipeline.kafka,
+            &topics,
+            &s2s_catalog::file::CatalogFile {
+                offers: [("1".to_string(), offer_1)].into(),
                 ..Default::default()
             },
-        );
+        )
+        .await;
         s2s_tests::write_pipeline(dir.path(), &pipeline);
         // Each service's config serialized from its struct; the pipeline's beside them.
         let path = |name: &str| dir.path().join(format!("{name}.toml"));

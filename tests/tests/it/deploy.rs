@@ -386,6 +386,82 @@ fn compose_keeps_the_brokers_log_on_its_volume() {
     }
 }
 
+/// Compose runs the services with `topics.create = false`: kafka-init must create every
+/// topic of the pipeline, with its partition count and its cleanup and retention.
+#[test]
+fn compose_creates_every_topic_the_pipeline_names() {
+    let compose = yaml(&deploy().join("compose/compose.yaml"));
+    let script = compose[0]["services"]["kafka-init"]["command"][0]
+        .as_str()
+        .expect("kafka-init's script");
+    let pipeline =
+        s2s_common::pipeline::PipelineConfig::from_file(&deploy().join("compose/pipeline.toml"))
+            .expect("compose pipeline");
+    assert!(!pipeline.topics.create);
+    // One line (or loop) per topic: `--topic s2s.x` directly, or `s2s.$$t` over a list.
+    let lines: Vec<String> = script
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for topic in pipeline.topics.all() {
+        let suffix = topic
+            .name
+            .strip_prefix("s2s.")
+            .unwrap_or_else(|| panic!("{} is named s2s.*", topic.name));
+        let direct = lines
+            .iter()
+            .find(|l| l.contains(&format!("--topic {} ", topic.name)));
+        let looped = lines.iter().position(|l| {
+            l.trim_start().starts_with("for t in ")
+                && l.split_whitespace()
+                    .any(|w| w.trim_end_matches(';') == suffix)
+        });
+        let command = match (direct, looped) {
+            (Some(l), _) => l.clone(),
+            (None, Some(i)) => lines.get(i + 1).cloned().unwrap_or_default(),
+            (None, None) => panic!("kafka-init does not create {}", topic.name),
+        };
+        assert!(
+            command.contains(&format!("--partitions {} ", topic.partitions)),
+            "{}: {command}",
+            topic.name
+        );
+        for (k, v) in &topic.config {
+            assert!(
+                command.contains(&format!("--config {k}={v}")),
+                "{}: {k}={v} in {command}",
+                topic.name
+            );
+        }
+    }
+}
+
+/// The catalog files of the deployments import: they parse and pass the API's checks.
+#[test]
+fn the_deployments_catalog_files_are_valid() {
+    let vocabulary = s2s_common::pipeline::PipelineConfig::defaults().postbacks;
+    for path in [
+        "config/catalog.toml",
+        "local/catalog.toml",
+        "compose/catalog.toml",
+        "k8s/config/catalog.toml",
+    ] {
+        let text = std::fs::read_to_string(deploy().join(path)).expect("catalog file");
+        let file = s2s_catalog::file::CatalogFile::parse(&text)
+            .unwrap_or_else(|e| panic!("deploy/{path}: {e}"));
+        let entities = file
+            .entities(&vocabulary)
+            .unwrap_or_else(|e| panic!("deploy/{path}: {e}"));
+        if path != "config/catalog.toml" {
+            assert!(
+                entities.iter().any(|e| e.key.to_string() == "offer/1"),
+                "deploy/{path} has the demo offer"
+            );
+        }
+    }
+}
+
 /// The image: base images pinned by version, OCI labels, a HEALTHCHECK, and the demo
 /// affiliate endpoint only in the `demo` target. (No Docker engine here: the file is
 /// checked, not built; deploy/README.md says so.)

@@ -347,7 +347,7 @@ async fn start_up_refuses_topics_that_are_not_co_partitioned() {
     let topics = s2s_tests::topics(3);
     s2s_tests::create_topic(&topics.postbacks.name, 2).await;
     let c = s2s_tests::ingest_config(&topics);
-    let err = s2s_ingest::Ingest::bind(c)
+    let err = s2s_ingest::Ingest::bind(c, &tokio_util::sync::CancellationToken::new())
         .await
         .err()
         .map(|e| e.to_string())

@@ -35,6 +35,7 @@ fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
 
 async fn start() -> (IngestHandle, s2s_common::topics::TopicsConfig) {
     let topics = topics(1);
+    s2s_tests::seed_catalog(&topics, &s2s_tests::catalog_with_offer_1()).await;
     let mut c = ingest_config(&topics);
     c.max_body_bytes = 4096;
     c.sources
@@ -473,6 +474,7 @@ async fn batches_report_each_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pixel_conversions_come_from_the_click_cookie_and_are_marked() {
     let topics = topics(1);
+    s2s_tests::seed_catalog(&topics, &s2s_tests::catalog_with_offer_1()).await;
     let off = IngestHandle::start(ingest_config(&topics)).await;
     let c = http();
     let r = c

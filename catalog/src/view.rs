@@ -1,0 +1,130 @@
+//! A service's own view of the catalog, kept live: what it needs (ingest: the offers'
+//! URL templates and the affiliates' statuses; the attributor: the offers' rules),
+//! compiled from each catalog the [`Follower`] publishes, so that the hot path reads a
+//! ready structure through one `Arc` and never parses a document.
+//!
+//! `compile` is given the view it replaces: a document the service cannot take (the
+//! catalog checks documents with the pipeline's rules, but a service may have rules of
+//! its own) keeps its last accepted version there, and the service says so.
+
+use std::sync::Arc;
+
+use prometheus::{IntGauge, Registry};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::follower::Follower;
+use crate::record::Kind;
+
+/// A view of type `T`, replaced as a whole at each catalog change.
+#[derive(Debug)]
+pub struct Live<T> {
+    rx: watch::Receiver<Arc<T>>,
+}
+
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Live {
+            rx: self.rx.clone(),
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Live<T> {
+    /// Compiles the follower's catalog now (so the view is whole from the start) and
+    /// again at each change, until `shutdown`. `service` names the gauge
+    /// `<service>_catalog_revision`: the revision of the last change applied.
+    pub fn spawn(
+        follower: Follower,
+        service: &str,
+        registry: &Registry,
+        shutdown: &CancellationToken,
+        mut compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
+    ) -> Result<Self, prometheus::Error> {
+        let gauge = IntGauge::new(
+            format!("{service}_catalog_revision"),
+            "The revision of the last catalog change this instance applied (-1: none)",
+        )?;
+        registry.register(Box::new(gauge.clone()))?;
+        let mut changes = follower.changes();
+        let catalog = changes.borrow_and_update().clone();
+        gauge.set(revision(&catalog));
+        let (tx, rx) = watch::channel(Arc::new(compile(&catalog, None)));
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            // The follower reads for as long as this task holds it.
+            let _follower = follower;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    changed = changes.changed() => if changed.is_err() { break },
+                }
+                let catalog = changes.borrow_and_update().clone();
+                let previous = tx.borrow().clone();
+                tx.send_replace(Arc::new(compile(&catalog, Some(&previous))));
+                gauge.set(revision(&catalog));
+                tracing::info!(revision = revision(&catalog), "catalog change applied");
+            }
+        });
+        Ok(Live { rx })
+    }
+}
+
+impl<T> Live<T> {
+    /// A view that never changes (tests, tools without a broker).
+    pub fn fixed(view: T) -> Self {
+        let (_, rx) = watch::channel(Arc::new(view));
+        Live { rx }
+    }
+
+    /// The view now: cheap (one lock-free read of a pointer under a read lock).
+    pub fn current(&self) -> Arc<T> {
+        Arc::clone(&self.rx.borrow())
+    }
+
+    /// Whether the view changed since the last [`Live::current_if_changed`].
+    pub fn current_if_changed(&mut self) -> Option<Arc<T>> {
+        if self.rx.has_changed().unwrap_or(false) {
+            Some(Arc::clone(&self.rx.borrow_and_update()))
+        } else {
+            None
+        }
+    }
+}
+
+/// Every entity of `kind` in `catalog`, compiled by `compile`, as `(id, value)`. An entity
+/// `compile` refuses (the catalog checks documents with the pipeline's rules, so only a
+/// record written around the API, or a rule of the service's own, can be refused) keeps
+/// the value `previous` gives for its ID, or is left out; `service` names who refused it
+/// in the error logged.
+pub fn compile_each<V>(
+    catalog: &Catalog,
+    kind: Kind,
+    service: &str,
+    previous: impl Fn(&str) -> Option<V>,
+    mut compile: impl FnMut(&str, &serde_json::Value) -> Result<V, String>,
+) -> Vec<(String, V)> {
+    let mut out = Vec::new();
+    for e in catalog.list(kind) {
+        let id = e.key.id();
+        match compile(id, &e.stored.document) {
+            Ok(v) => out.push((id.to_string(), v)),
+            Err(error) => {
+                let kept = previous(id);
+                tracing::error!(key = %e.key, revision = e.revision, %error, service,
+                    kept_previous = kept.is_some(),
+                    "a catalog entity this service cannot use: its last usable version is kept");
+                if let Some(v) = kept {
+                    out.push((id.to_string(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The revision of a catalog: the offset of the last change applied (-1 before any).
+pub fn revision(catalog: &Catalog) -> i64 {
+    catalog.next_offset() - 1
+}
