@@ -104,22 +104,17 @@ impl Attributor {
         })
         .await?;
         let metrics = metrics::Metrics::new(runtime.registry())?;
-        let follower = s2s_catalog::Follower::start(
+        let compile_config = config.clone();
+        let catalog = s2s_catalog::Live::follow(
             &config.pipeline.kafka,
             &topics.catalog.name,
-            s2s_catalog::follower::READY_WITHIN,
-            shutdown,
-        )
-        .await
-        .map_err(|e| RuntimeError::Config(format!("reading the catalog: {e}")))?;
-        let compile_config = config.clone();
-        let catalog = s2s_catalog::Live::spawn(
-            follower,
             "attributor",
             runtime.registry(),
             shutdown,
             move |c, previous| catalog::compile(&compile_config, &base, c, previous),
-        )?;
+        )
+        .await
+        .map_err(|e| RuntimeError::Config(e.to_string()))?;
         let processor = Attribution {
             joiner: Joiner {
                 click_retention_ms,

@@ -265,7 +265,7 @@ pub async fn run(
     s2s_catalog::file::import_unelected(
         &pipeline.kafka,
         &topics,
-        &pipeline.postbacks,
+        &s2s_catalog::documents::Checks::new(pipeline.postbacks.clone()),
         &s2s_catalog::file::CatalogFile {
             offers: [("1".to_string(), offer_1)].into(),
             ..Default::default()

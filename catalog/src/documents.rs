@@ -2,8 +2,12 @@
 //! rules the services apply to the same settings in their config files, so that the
 //! catalog never holds a document a service would refuse.
 //!
-//! Offers and affiliates are typed here. Postbacks, sources and operators are refused
-//! until their types move here with write-only, encrypted secrets (issue 22's next parts).
+//! Offers and affiliates are typed here; postbacks are checked with delivery's rules,
+//! which whoever checks them supplies ([`Checks::with_postbacks`]: the console, which
+//! links delivery). Sources and operators are refused until their secrets can be kept
+//! write-only and encrypted (issue 22's next parts).
+
+use std::sync::Arc;
 
 use s2s_common::pipeline::{FieldError, OfferConfig, PostbackVocabulary};
 use serde::{Deserialize, Serialize};
@@ -38,33 +42,72 @@ impl Affiliate {
     }
 }
 
-/// Checks `document` as a `kind`'s and returns it in its one canonical form (defaults
-/// filled in, durations and amounts written one way): the form the catalog keeps, so
-/// that two documents that mean the same are equal. The error names the field.
-pub fn check(
-    kind: Kind,
-    document: &Value,
-    vocabulary: &PostbackVocabulary,
-) -> Result<Value, FieldError> {
+/// Checks a document of one kind by ID, returning its canonical form.
+pub type KindCheck = Arc<dyn Fn(&str, &Value) -> Result<Value, FieldError> + Send + Sync>;
+
+/// What documents are checked against.
+#[derive(Clone)]
+pub struct Checks {
+    /// The pipeline's events and statuses, and its longest window.
+    pub vocabulary: PostbackVocabulary,
+    /// Delivery's rules for a postback document.
+    postback: Option<KindCheck>,
+}
+
+impl std::fmt::Debug for Checks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checks")
+            .field("vocabulary", &self.vocabulary)
+            .field("postbacks", &self.postback.is_some())
+            .finish()
+    }
+}
+
+impl Checks {
+    /// Offers and affiliates; postbacks refused until [`Checks::with_postbacks`].
+    pub fn new(vocabulary: PostbackVocabulary) -> Self {
+        Checks {
+            vocabulary,
+            postback: None,
+        }
+    }
+
+    pub fn with_postbacks(mut self, check: KindCheck) -> Self {
+        self.postback = Some(check);
+        self
+    }
+}
+
+/// Checks `document` as the document of `kind` `id` and returns it in its one canonical
+/// form (defaults filled in, durations and amounts written one way): the form the catalog
+/// keeps, so that two documents that mean the same are equal. The error names the field.
+pub fn check(kind: Kind, id: &str, document: &Value, checks: &Checks) -> Result<Value, FieldError> {
     if !document.is_object() {
         return Err(FieldError::new("document", "must be a JSON object"));
     }
     match kind {
         Kind::Offer => {
             let o: OfferConfig = typed(document)?;
-            o.check(vocabulary)?;
+            o.check(&checks.vocabulary)?;
             canonical(&o)
         }
+        Kind::Postback => match &checks.postback {
+            Some(check) => check(id, document),
+            None => Err(FieldError::new(
+                "kind",
+                "postbacks are checked with delivery's rules, which this tool does not have",
+            )),
+        },
         Kind::Affiliate => {
             let a: Affiliate = typed(document)?;
             a.check()?;
             canonical(&a)
         }
-        // Their documents hold secrets (tokens, signing secrets), which must be write-only
-        // and encrypted in the catalog: until their types and that are built, they stay in
-        // the services' config files, and the catalog refuses them rather than keep
-        // secrets it would show back.
-        Kind::Postback | Kind::Source | Kind::Operator => Err(FieldError::new(
+        // Their documents hold secrets (tokens, HMAC secrets), which must be write-only
+        // and encrypted in the catalog: until that is built, they stay in ingest's and the
+        // console's config files, and the catalog refuses them rather than keep secrets it
+        // would show back.
+        Kind::Source | Kind::Operator => Err(FieldError::new(
             "kind",
             format!(
                 "{kind}s are not managed in the catalog yet: they stay in the services' \
@@ -90,24 +133,25 @@ mod tests {
 
     use super::*;
 
-    fn vocabulary() -> PostbackVocabulary {
-        s2s_common::pipeline::PipelineConfig::defaults().postbacks
+    fn vocabulary() -> Checks {
+        Checks::new(s2s_common::pipeline::PipelineConfig::defaults().postbacks)
     }
 
     #[test]
     fn an_offer_is_checked_like_the_pipeline_checks_one() {
         let ok = json!({ "url": "https://o.example/?c={click_id}&a={aff_id}",
             "payouts": { "ftd": "50.00" }, "window": "30d" });
-        let canonical = check(Kind::Offer, &ok, &vocabulary()).expect("valid");
+        let canonical = check(Kind::Offer, "1", &ok, &vocabulary()).expect("valid");
         let same = json!({ "url": "https://o.example/?c={click_id}&a={aff_id}",
             "payouts": { "ftd": "50.00" }, "window": "720h" });
         assert_eq!(
-            check(Kind::Offer, &same, &vocabulary()),
+            check(Kind::Offer, "1", &same, &vocabulary()),
             Ok(canonical.clone()),
             "one meaning, one form"
         );
         let e = check(
             Kind::Offer,
+            "1",
             &json!({ "url": "https://o.example/?c={clickid}" }),
             &vocabulary(),
         )
@@ -116,6 +160,7 @@ mod tests {
         assert!(e.message.contains("{clickid}"), "{e}");
         let e = check(
             Kind::Offer,
+            "1",
             &json!({ "url": "https://o.example/", "payouts": { "signup": "1" } }),
             &vocabulary(),
         )
@@ -123,13 +168,14 @@ mod tests {
         assert_eq!(e.field, "payouts.signup");
         let e = check(
             Kind::Offer,
+            "1",
             &json!({ "url": "https://o.example/", "colour": "red" }),
             &vocabulary(),
         )
         .expect_err("unknown field");
         assert!(e.message.contains("colour"), "{e}");
-        let e =
-            check(Kind::Offer, &json!({ "window": "1d" }), &vocabulary()).expect_err("missing url");
+        let e = check(Kind::Offer, "1", &json!({ "window": "1d" }), &vocabulary())
+            .expect_err("missing url");
         assert!(e.message.contains("url"), "{e}");
     }
 
@@ -137,28 +183,34 @@ mod tests {
     fn an_affiliate_has_a_name_and_a_known_status() {
         let v = vocabulary();
         assert_eq!(
-            check(Kind::Affiliate, &json!({ "name": "Acme" }), &v),
+            check(Kind::Affiliate, "a", &json!({ "name": "Acme" }), &v),
             Ok(json!({ "name": "Acme", "status": "active" }))
         );
         assert!(check(
             Kind::Affiliate,
+            "a",
             &json!({ "name": "Acme", "status": "blocked" }),
             &v
         )
         .is_ok());
         assert!(check(
             Kind::Affiliate,
+            "a",
             &json!({ "name": "Acme", "status": "gone" }),
             &v
         )
         .is_err());
         assert_eq!(
-            check(Kind::Affiliate, &json!({ "name": " " }), &v).map_err(|e| e.field),
+            check(Kind::Affiliate, "a", &json!({ "name": " " }), &v).map_err(|e| e.field),
             Err("name".to_string())
         );
-        assert!(check(Kind::Postback, &json!([1]), &v).is_err(), "an object");
+        assert!(
+            check(Kind::Postback, "p", &json!([1]), &v).is_err(),
+            "an object"
+        );
         let e = check(
             Kind::Source,
+            "s",
             &json!({ "auth": "token", "token": "s3cret" }),
             &v,
         )

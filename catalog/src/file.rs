@@ -1,6 +1,7 @@
 //! The catalog as a file: the import and export format (`console catalog import FILE`,
 //! `console catalog export`), a TOML table per kind and an entity per sub-table —
-//! `[offers.<id>]`, `[affiliates.<id>]` — the documents as the API takes them
+//! `[offers.<id>]`, `[affiliates.<id>]`, `[postbacks.<id>]` — the documents as the API
+//! takes them
 //! (`deploy/config/catalog.toml` documents every field).
 //!
 //! An import is a [`plan`] of changes against the catalog as it is: what the file has and
@@ -10,11 +11,11 @@
 
 use std::collections::BTreeMap;
 
-use s2s_common::pipeline::{FieldError, OfferConfig, PostbackVocabulary};
+use s2s_common::pipeline::{FieldError, OfferConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::documents::{self, Affiliate};
+use crate::documents::{self, Affiliate, Checks};
 use crate::record::{Key, KeyError, Kind};
 
 /// A catalog file.
@@ -25,6 +26,9 @@ pub struct CatalogFile {
     pub offers: BTreeMap<String, OfferConfig>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub affiliates: BTreeMap<String, Affiliate>,
+    /// Checked with delivery's rules ([`Checks::with_postbacks`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub postbacks: BTreeMap<String, toml::Table>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,14 +69,14 @@ impl CatalogFile {
         Ok(toml::from_str(text)?)
     }
 
-    /// Every entity, checked against `vocabulary` as the API checks a change.
-    pub fn entities(&self, vocabulary: &PostbackVocabulary) -> Result<Vec<FileEntity>, FileError> {
+    /// Every entity, checked as the API checks a change.
+    pub fn entities(&self, checks: &Checks) -> Result<Vec<FileEntity>, FileError> {
         fn one<T: Serialize>(
             section: &'static str,
             kind: Kind,
             id: &str,
             doc: &T,
-            vocabulary: &PostbackVocabulary,
+            checks: &Checks,
         ) -> Result<FileEntity, FileError> {
             let key = Key::new(kind, id).map_err(|error| FileError::Key {
                 section,
@@ -81,7 +85,7 @@ impl CatalogFile {
             })?;
             let document = serde_json::to_value(doc)
                 .map_err(|e| FieldError::new("document", e.to_string()))
-                .and_then(|v| documents::check(kind, &v, vocabulary))
+                .and_then(|v| documents::check(kind, id, &v, checks))
                 .map_err(|error| FileError::Document {
                     section,
                     id: id.to_string(),
@@ -92,12 +96,16 @@ impl CatalogFile {
         let offers = self
             .offers
             .iter()
-            .map(|(id, o)| one("offers", Kind::Offer, id, o, vocabulary));
+            .map(|(id, o)| one("offers", Kind::Offer, id, o, checks));
         let affiliates = self
             .affiliates
             .iter()
-            .map(|(id, a)| one("affiliates", Kind::Affiliate, id, a, vocabulary));
-        offers.chain(affiliates).collect()
+            .map(|(id, a)| one("affiliates", Kind::Affiliate, id, a, checks));
+        let postbacks = self
+            .postbacks
+            .iter()
+            .map(|(id, p)| one("postbacks", Kind::Postback, id, p, checks));
+        offers.chain(affiliates).chain(postbacks).collect()
     }
 
     /// The file of `entities` (documents as the catalog keeps them); kinds without a
@@ -121,7 +129,11 @@ impl CatalogFile {
                     let a = documents::typed(document).map_err(stored)?;
                     file.affiliates.insert(key.id().to_string(), a);
                 }
-                Kind::Postback | Kind::Source | Kind::Operator => {}
+                Kind::Postback => {
+                    let p = documents::typed(document).map_err(stored)?;
+                    file.postbacks.insert(key.id().to_string(), p);
+                }
+                Kind::Source | Kind::Operator => {}
             }
         }
         Ok(file)
@@ -162,14 +174,14 @@ pub enum ImportError {
 pub async fn import_unelected(
     kafka: &s2s_common::kafka::KafkaConfig,
     topics: &s2s_common::topics::TopicsConfig,
-    vocabulary: &PostbackVocabulary,
+    checks: &Checks,
     file: &CatalogFile,
     changed_by: &str,
 ) -> Result<Imported, ImportError> {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    let entities = file.entities(vocabulary)?;
+    let entities = file.entities(checks)?;
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let follower = Arc::new(
@@ -274,8 +286,8 @@ mod tests {
 
     use super::*;
 
-    fn vocabulary() -> PostbackVocabulary {
-        s2s_common::pipeline::PipelineConfig::defaults().postbacks
+    fn vocabulary() -> Checks {
+        Checks::new(s2s_common::pipeline::PipelineConfig::defaults().postbacks)
     }
 
     const FILE: &str = r#"

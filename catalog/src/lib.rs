@@ -39,5 +39,5 @@ pub use election::{Election, ElectionError};
 pub use follower::{Follower, FollowerError, Materialized};
 pub use history::History;
 pub use record::{AuditRecord, Change, Entry, Key, KeyError, Kind, Stored};
-pub use view::Live;
+pub use view::{Live, LiveError};
 pub use writer::{WriteError, Writer, Written};

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::follower::Follower;
+use crate::follower::{Follower, FollowerError, READY_WITHIN};
 use crate::record::Kind;
 
 /// A view of type `T`, replaced as a whole at each catalog change.
@@ -31,7 +31,30 @@ impl<T> Clone for Live<T> {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("reading the catalog: {0}")]
+    Follower(#[from] FollowerError),
+    #[error("the catalog's metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
 impl<T: Send + Sync + 'static> Live<T> {
+    /// Reads the catalog `topic` to its end (within [`READY_WITHIN`]) and follows it
+    /// until `shutdown`, compiling each catalog ([`Live::spawn`]): how a service starts
+    /// its view.
+    pub async fn follow(
+        kafka: &s2s_common::kafka::KafkaConfig,
+        topic: &str,
+        service: &str,
+        registry: &Registry,
+        shutdown: &CancellationToken,
+        compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
+    ) -> Result<Self, LiveError> {
+        let follower = Follower::start(kafka, topic, READY_WITHIN, shutdown).await?;
+        Ok(Self::spawn(follower, service, registry, shutdown, compile)?)
+    }
+
     /// Compiles the follower's catalog now (so the view is whole from the start) and
     /// again at each change, until `shutdown`. `service` names the gauge
     /// `<service>_catalog_revision`: the revision of the last change applied.

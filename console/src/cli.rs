@@ -11,9 +11,9 @@
 use std::collections::BTreeMap;
 
 use reqwest::StatusCode;
+use s2s_catalog::documents::Checks;
 use s2s_catalog::file::{plan, CatalogFile, FileError, Imported, Step};
 use s2s_catalog::{Key, Kind};
-use s2s_common::pipeline::PostbackVocabulary;
 use serde_json::{json, Value};
 
 /// Where the console's API is and who calls it.
@@ -131,18 +131,18 @@ impl Api {
     }
 }
 
-/// Imports `file` (checked with `vocabulary` first, as the console will check it);
+/// Imports `file` (checked with `checks` first, as the console will check it);
 /// prints a line per change to stderr. `dry_run`: plans and prints, changes nothing.
 pub async fn import(
     api: &Api,
     file: &CatalogFile,
-    vocabulary: &PostbackVocabulary,
+    checks: &Checks,
     reason: Option<&str>,
     dry_run: bool,
 ) -> Result<Imported, CliError> {
-    let entities = file.entities(vocabulary)?;
+    let entities = file.entities(checks)?;
     let mut current = BTreeMap::new();
-    for kind in [Kind::Offer, Kind::Affiliate] {
+    for kind in [Kind::Offer, Kind::Affiliate, Kind::Postback] {
         if entities.iter().any(|e| e.key.kind() == kind) {
             current.extend(api.list(kind).await?);
         }
@@ -189,10 +189,10 @@ pub async fn import(
     Ok(done)
 }
 
-/// The catalog's offers and affiliates as a catalog file.
+/// The catalog's offers, affiliates and postbacks as a catalog file.
 pub async fn export(api: &Api) -> Result<String, CliError> {
     let mut all = BTreeMap::new();
-    for kind in [Kind::Offer, Kind::Affiliate] {
+    for kind in [Kind::Offer, Kind::Affiliate, Kind::Postback] {
         all.extend(api.list(kind).await?);
     }
     let file = CatalogFile::from_documents(all.iter().map(|(k, (_, d))| (k, d)))?;

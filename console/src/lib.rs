@@ -196,7 +196,7 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
         CATALOG_APPLY_WITHIN,
     )?;
     Ok(api::catalog::CatalogApi {
-        vocabulary: config.pipeline.postbacks.clone(),
+        checks: catalog_checks(&config.pipeline.postbacks)?,
         catalog,
         history,
         election,
@@ -228,4 +228,14 @@ fn inputs(c: &ConsoleConfig) -> Vec<Input> {
 /// Binds and runs until `shutdown`.
 pub async fn run(config: ConsoleConfig, shutdown: CancellationToken) -> Result<(), RuntimeError> {
     Console::bind(config).await?.run(shutdown).await
+}
+
+/// The rules catalog documents are checked with: the pipeline's vocabulary, and delivery's
+/// rules for postbacks.
+pub fn catalog_checks(
+    vocabulary: &s2s_common::pipeline::PostbackVocabulary,
+) -> Result<s2s_catalog::documents::Checks, RuntimeError> {
+    let postbacks = s2s_delivery::catalog::postback_check()
+        .map_err(|e| RuntimeError::Config(format!("delivery's defaults: {e}")))?;
+    Ok(s2s_catalog::documents::Checks::new(vocabulary.clone()).with_postbacks(postbacks))
 }

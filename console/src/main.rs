@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// The catalog (offers, affiliates) as a file, through a running console's API.
+    /// The catalog (offers, affiliates, postbacks) as a file, through a running console's
+    /// API.
     Catalog {
         #[command(subcommand)]
         cmd: CatalogCmd,
@@ -48,7 +49,7 @@ enum CatalogCmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Prints the catalog's offers and affiliates in the import format.
+    /// Prints the catalog's offers, affiliates and postbacks in the import format.
     Export,
 }
 
@@ -77,15 +78,10 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("reading {}", file.display()))?;
                 let parsed = s2s_catalog::file::CatalogFile::parse(&text)
                     .with_context(|| format!("{}", file.display()))?;
-                let done = cli::import(
-                    &api,
-                    &parsed,
-                    &pipeline.postbacks,
-                    reason.as_deref(),
-                    dry_run,
-                )
-                .await
-                .with_context(|| format!("importing {}", file.display()))?;
+                let checks = s2s_console::catalog_checks(&pipeline.postbacks)?;
+                let done = cli::import(&api, &parsed, &checks, reason.as_deref(), dry_run)
+                    .await
+                    .with_context(|| format!("importing {}", file.display()))?;
                 eprintln!(
                     "{}: {} created, {} updated, {} unchanged",
                     file.display(),

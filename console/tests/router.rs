@@ -56,7 +56,10 @@ fn catalog_api(kafka: &s2s_common::kafka::KafkaConfig) -> s2s_console::api::cata
     let stop = tokio_util::sync::CancellationToken::new();
     let catalog = Arc::new(s2s_catalog::Follower::fixed(s2s_catalog::Catalog::default()));
     s2s_console::api::catalog::CatalogApi {
-        vocabulary: s2s_common::pipeline::PipelineConfig::defaults().postbacks,
+        checks: s2s_console::catalog_checks(
+            &s2s_common::pipeline::PipelineConfig::defaults().postbacks,
+        )
+        .expect("checks"),
         history: s2s_catalog::Follower::fixed(s2s_catalog::History::default()),
         election: s2s_catalog::Election::join(kafka, "g", "catalog", &stop).expect("candidate"),
         writer: s2s_catalog::Writer::new(

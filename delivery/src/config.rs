@@ -215,13 +215,25 @@ impl DeliveryConfig {
             .collect()
     }
 
+    /// A postback of the catalog (no secret there) as an endpoint, with this config's
+    /// defaults; the error names the field.
+    pub fn compile_postback(&self, p: &PostbackConfig) -> Result<Endpoint, String> {
+        if !valid_name(&p.name) {
+            return Err(format!(
+                "name: '{}' must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                p.name
+            ));
+        }
+        self.compile(p, &|_: &str| None)
+    }
+
     fn compile(
         &self,
         p: &PostbackConfig,
         env: &impl Fn(&str) -> Option<String>,
     ) -> Result<Endpoint, String> {
         if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
-            return Err("url must start with http:// or https://".into());
+            return Err("url: must start with http:// or https://".into());
         }
         let url = Template::parse(&p.url, MACROS).map_err(|e| format!("url: {e}"))?;
         let method = p.method.unwrap_or(if p.body.is_some() {
@@ -231,7 +243,7 @@ impl DeliveryConfig {
         });
         let body = match (&p.body, method) {
             (Some(_), Method::Get) => {
-                return Err("a body needs method POST or PUT".into());
+                return Err("body: needs method POST or PUT".into());
             }
             (Some(b), _) => {
                 let format = p.body_format.unwrap_or(BodyFormat::Json);
@@ -256,7 +268,7 @@ impl DeliveryConfig {
             }
             (None, _) => {
                 if p.body_format.is_some() {
-                    return Err("body_format without a body".into());
+                    return Err("body_format: set without a body".into());
                 }
                 None
             }
@@ -308,6 +320,7 @@ impl DeliveryConfig {
             max_in_flight: p.max_in_flight.unwrap_or(self.endpoint_max_in_flight),
             timeout: p.timeout.unwrap_or(self.request_timeout),
             secret,
+            enabled: true,
         })
     }
 }

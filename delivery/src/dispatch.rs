@@ -108,6 +108,39 @@ impl Dispatcher {
         d
     }
 
+    /// Replaces the endpoints (a catalog change). An endpoint that keeps its name keeps
+    /// its circuit, and its request slots unless its `max_in_flight` changed (attempts in
+    /// flight then hold the old slots until they end); a new one starts closed.
+    pub fn set_endpoints(&mut self, endpoints: Vec<Endpoint>, circuit: CircuitConfig) {
+        let mut slots = Vec::with_capacity(endpoints.len());
+        let mut circuits = Vec::with_capacity(endpoints.len());
+        for ep in &endpoints {
+            match self.index(&ep.name) {
+                Some(i) => {
+                    circuits.push(self.circuits[i].clone());
+                    slots.push(if self.endpoints[i].max_in_flight == ep.max_in_flight {
+                        Arc::clone(&self.slots[i])
+                    } else {
+                        Arc::new(Semaphore::new(ep.max_in_flight))
+                    });
+                }
+                None => {
+                    circuits.push(Circuit::new(circuit));
+                    slots.push(Arc::new(Semaphore::new(ep.max_in_flight)));
+                    set_circuit_gauge(&self.metrics, &ep.name, State::Closed);
+                }
+            }
+        }
+        self.by_name = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        self.slots = slots;
+        self.circuits = circuits;
+        self.endpoints = endpoints;
+    }
+
     /// The reports of every attempt started; taken once.
     pub fn reports(&mut self) -> Option<mpsc::UnboundedReceiver<Report>> {
         self.rx.take()
@@ -121,8 +154,11 @@ impl Dispatcher {
         self.by_name.get(name).copied()
     }
 
-    /// Attempts endpoint `i` may start now.
+    /// Attempts endpoint `i` may start now (none while it is disabled).
     pub fn room(&self, i: usize) -> usize {
+        if !self.endpoints[i].enabled {
+            return 0;
+        }
         self.slots[i]
             .available_permits()
             .min(self.total.available_permits())
@@ -368,6 +404,58 @@ mod tests {
             fresh.circuits[0].state(),
             State::Closed,
             "a 404 is the server's answer: the count starts again"
+        );
+    }
+
+    #[test]
+    fn new_endpoints_keep_the_circuit_of_a_name_and_a_disabled_one_has_no_room() {
+        let send: SendFn = Arc::new(|_r, _t| {
+            async { Sent::not_sent(crate::sender::Failure::Network, String::new()) }.boxed()
+        });
+        let mut d = dispatcher(send);
+        let config = CircuitConfig {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(30),
+            max_open_for: Duration::from_secs(300),
+        };
+        for _ in 0..5 {
+            d.on_report(&Report {
+                result: Some(AttemptResult {
+                    attempt: 1,
+                    url: String::new(),
+                    sent: Sent::not_sent(crate::sender::Failure::Network, String::new()),
+                    at_ms: 0,
+                }),
+                ..report()
+            });
+        }
+        assert_eq!(d.circuits[0].state(), State::Open);
+        let mut moved = endpoint("https://new.example/pb");
+        moved.max_in_flight = 1;
+        let mut added = endpoint("https://other.example/");
+        added.name = "other".into();
+        added.enabled = false;
+        d.set_endpoints(vec![added, moved], config);
+        assert_eq!((d.index("other"), d.index("e")), (Some(0), Some(1)));
+        assert_eq!(
+            d.circuits[1].state(),
+            State::Open,
+            "e keeps its open circuit"
+        );
+        assert_eq!(
+            d.circuits[0].state(),
+            State::Closed,
+            "a new one starts closed"
+        );
+        assert_eq!(d.room(0), 0, "a disabled endpoint starts nothing");
+        assert_eq!(d.room(1), 1);
+        let request = d.endpoints()[1].request(&conv(), "d1", 0);
+        assert_eq!(request.url, "https://new.example/pb", "its new URL");
+        d.set_endpoints(vec![], config);
+        assert_eq!(
+            d.index("e"),
+            None,
+            "removed: its deliveries are dead-lettered"
         );
     }
 }

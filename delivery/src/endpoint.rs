@@ -135,6 +135,9 @@ pub struct Endpoint {
     pub timeout: Duration,
     /// Signs each request per Standard Webhooks when set.
     pub secret: Option<Secret>,
+    /// `false` (a postback disabled in the catalog): no new deliveries, and its pending
+    /// ones wait.
+    pub enabled: bool,
 }
 
 /// A request ready to send.
@@ -252,6 +255,7 @@ pub(crate) mod tests {
             max_in_flight: 4,
             timeout: Duration::from_secs(1),
             secret: None,
+            enabled: true,
         }
     }
 

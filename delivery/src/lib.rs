@@ -18,6 +18,7 @@
 //! reaches delivery twice (an at-least-once replay upstream) is recognised by its delivery
 //! IDs and not sent again while they are remembered (`finished_retention`).
 
+pub mod catalog;
 pub mod circuit;
 pub mod config;
 pub mod dispatch;
@@ -33,6 +34,7 @@ pub mod sender;
 pub mod settle;
 pub mod signing;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::DeliveryConfig;
 use dispatch::Dispatcher;
-use processor::{Deliveries, Rules};
+use processor::{Deliveries, LivePostbacks, Rules};
 use schedule::Cf;
 use sender::Sender;
 
@@ -56,14 +58,13 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub async fn bind(config: DeliveryConfig) -> Result<Self, RuntimeError> {
-        let endpoints = config.validate().map_err(RuntimeError::Config)?;
-        if endpoints.is_empty() {
-            tracing::warn!(
-                "no [[postbacks]] configured: conversions will be consumed and committed \
-                 without notifying anyone"
-            );
-        }
+    /// Validates the config, provisions topics, reads the catalog to its end (and
+    /// follows its postbacks until `shutdown`) and binds the runtime.
+    pub async fn bind(
+        config: DeliveryConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, RuntimeError> {
+        let file = config.validate().map_err(RuntimeError::Config)?;
         ensure_topics(
             &config.pipeline.kafka,
             &config.pipeline.topics,
@@ -97,14 +98,40 @@ impl Delivery {
         })
         .await?;
         let metrics = metrics::Metrics::new(runtime.registry())?;
+        let taken: BTreeSet<String> = file.iter().map(|e| e.name.clone()).collect();
+        let compile_config = config.clone();
+        let catalog = s2s_catalog::Live::follow(
+            &config.pipeline.kafka,
+            &topics.catalog.name,
+            "delivery",
+            runtime.registry(),
+            shutdown,
+            move |c, previous| catalog::compile(&compile_config, &taken, c, previous),
+        )
+        .await
+        .map_err(|e| RuntimeError::Config(e.to_string()))?;
+        let from_catalog = catalog.current().endpoints.len();
+        if file.is_empty() && from_catalog == 0 {
+            tracing::warn!(
+                "no postbacks in the catalog or in [[postbacks]]: conversions are consumed \
+                 and committed without notifying anyone until one is added"
+            );
+        }
+        let endpoints = file.clone();
+        // Connections per host: enough for the largest max_in_flight at start-up (a
+        // catalog postback added later with a larger one shares this pool).
         let per_host = endpoints
             .iter()
+            .chain(catalog.current().endpoints.iter())
             .map(|e| e.max_in_flight)
-            .max()
-            .unwrap_or(config.endpoint_max_in_flight);
+            .fold(config.endpoint_max_in_flight, usize::max);
         let sender = Sender::new(config.connect_timeout, per_host)
             .map_err(|e| RuntimeError::Config(format!("http client: {e}")))?;
-        tracing::info!(endpoints = endpoints.len(), "delivery endpoints configured");
+        tracing::info!(
+            from_file = endpoints.len(),
+            from_catalog,
+            "delivery endpoints configured"
+        );
         let dispatcher = Dispatcher::new(
             endpoints,
             config.circuit(),
@@ -122,7 +149,11 @@ impl Delivery {
         };
         Ok(Delivery {
             runtime,
-            processor: Deliveries::new(rules, dispatcher, metrics),
+            processor: Deliveries::new(rules, dispatcher, metrics).with_postbacks(LivePostbacks {
+                catalog,
+                file,
+                circuit: config.circuit(),
+            }),
         })
     }
 
@@ -139,5 +170,5 @@ impl Delivery {
 
 /// Binds and runs until `shutdown`.
 pub async fn run(config: DeliveryConfig, shutdown: CancellationToken) -> Result<(), RuntimeError> {
-    Delivery::bind(config).await?.run(shutdown).await
+    Delivery::bind(config, &shutdown).await?.run(shutdown).await
 }

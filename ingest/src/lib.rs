@@ -54,8 +54,8 @@ pub enum IngestError {
     Metrics(#[from] prometheus::Error),
     #[error("kafka producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
-    #[error("catalog: {0}")]
-    Catalog(#[from] s2s_catalog::FollowerError),
+    #[error(transparent)]
+    Catalog(#[from] s2s_catalog::LiveError),
 }
 
 /// A started ingest: topics provisioned, producer connected, listeners bound.
@@ -88,21 +88,16 @@ impl Ingest {
 
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
-        let follower = s2s_catalog::Follower::start(
+        let unknown = config.pipeline.affiliates.unknown;
+        let catalog = s2s_catalog::Live::follow(
             &config.pipeline.kafka,
             &config.pipeline.topics.catalog.name,
-            s2s_catalog::follower::READY_WITHIN,
-            shutdown,
-        )
-        .await?;
-        let unknown = config.pipeline.affiliates.unknown;
-        let catalog = s2s_catalog::Live::spawn(
-            follower,
             "ingest",
             &admin.registry,
             shutdown,
             move |c, previous| catalog::compile(c, previous, unknown),
-        )?;
+        )
+        .await?;
         let open: Vec<&String> = compiled
             .sources
             .iter()

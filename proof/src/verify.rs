@@ -563,6 +563,7 @@ mod tests {
             max_in_flight: 1,
             timeout: Duration::from_secs(1),
             secret: None,
+            enabled: true,
         }
     }
 

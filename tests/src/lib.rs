@@ -336,11 +336,12 @@ impl RunningService {
     }
 
     pub async fn delivery(config: s2s_delivery::DeliveryConfig) -> Self {
-        let delivery = s2s_delivery::Delivery::bind(config)
+        let stop = CancellationToken::new();
+        let delivery = s2s_delivery::Delivery::bind(config, &stop)
             .await
             .expect("delivery starts");
         let admin = delivery.admin_addr().expect("admin address");
-        Running::spawn(admin, |stop| delivery.run(stop))
+        Running::spawn_with(admin, stop, |stop| delivery.run(stop))
     }
 }
 
@@ -462,7 +463,8 @@ pub async fn seed_catalog_on(
     s2s_common::kafka::ensure_topics(&p.kafka, topics, Duration::from_secs(30))
         .await
         .expect("topics");
-    s2s_catalog::file::import_unelected(&p.kafka, topics, &p.postbacks, file, "test-seed")
+    let checks = s2s_console::catalog_checks(&p.postbacks).expect("checks");
+    s2s_catalog::file::import_unelected(&p.kafka, topics, &checks, file, "test-seed")
         .await
         .expect("the catalog is seeded");
 }

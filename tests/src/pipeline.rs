@@ -90,7 +90,7 @@ impl Pipeline {
         let attributor = s2s_attributor::Attributor::bind(ac, &shutdown)
             .await
             .expect("attributor starts");
-        let delivery = s2s_delivery::Delivery::bind(dc)
+        let delivery = s2s_delivery::Delivery::bind(dc, &shutdown)
             .await
             .expect("delivery starts");
         let mut p = Pipeline {

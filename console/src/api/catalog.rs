@@ -17,11 +17,10 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use s2s_catalog::documents::{self, Checks};
 use s2s_catalog::{
-    documents, Catalog, Change, Conflict, Election, Entry, Follower, History, Key, Kind,
-    WriteError, Writer,
+    Catalog, Change, Conflict, Election, Entry, Follower, History, Key, Kind, WriteError, Writer,
 };
-use s2s_common::pipeline::PostbackVocabulary;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -30,8 +29,9 @@ use super::{ApiError, Operator, Shared};
 /// What the catalog's handlers share.
 #[derive(Debug)]
 pub struct CatalogApi {
-    /// The events and statuses documents are checked against.
-    pub vocabulary: PostbackVocabulary,
+    /// What documents are checked against (the pipeline's vocabulary, delivery's rules
+    /// for postbacks).
+    pub checks: Checks,
     pub catalog: Arc<Follower<Catalog>>,
     pub history: Follower<History>,
     pub election: Election,
@@ -82,8 +82,8 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     let key = key_of(&kind, &id)?;
     let Json(put) = body?;
-    let document =
-        documents::check(key.kind(), &put.document, &s.catalog.vocabulary).map_err(|e| {
+    let document = documents::check(key.kind(), key.id(), &put.document, &s.catalog.checks)
+        .map_err(|e| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_document",

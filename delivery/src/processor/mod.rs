@@ -28,7 +28,12 @@ use s2s_common::topics::partition_key;
 use s2s_state::runtime::{Cx, Output, Processor, RuntimeError};
 use tokio::sync::mpsc;
 
+use s2s_catalog::Live;
+
+use crate::catalog::DeliveryCatalog;
+use crate::circuit::CircuitConfig;
 use crate::dispatch::{Dispatcher, Report};
+use crate::endpoint::Endpoint;
 use crate::events::{self, Event};
 use crate::job::Job;
 use crate::metrics::Metrics;
@@ -83,10 +88,20 @@ pub struct Rules {
     pub dead_letter: Arc<str>,
 }
 
+/// The catalog's postbacks, live, beside the config file's.
+#[derive(Debug)]
+pub struct LivePostbacks {
+    pub catalog: Live<DeliveryCatalog>,
+    /// The config file's endpoints, always there.
+    pub file: Vec<Endpoint>,
+    pub circuit: CircuitConfig,
+}
+
 pub struct Deliveries {
     rules: Rules,
     dispatcher: Dispatcher,
     metrics: Metrics,
+    postbacks: Option<LivePostbacks>,
     parts: BTreeMap<i32, Part>,
     generation: u64,
     /// Turns the partition dispatch starts at.
@@ -105,27 +120,56 @@ impl std::fmt::Debug for Deliveries {
 
 impl Deliveries {
     pub fn new(rules: Rules, dispatcher: Dispatcher, metrics: Metrics) -> Self {
-        for ep in dispatcher.endpoints() {
-            // Counters of every configured endpoint start at 0, so that rate() sees the
-            // first event and dashboards show a zero rather than no data.
-            for counter in [&metrics.scheduled, &metrics.duplicates, &metrics.retries] {
-                counter.with_label_values(&[&ep.name]);
-            }
-            for reason in DeadLetterReason::ALL {
-                metrics
-                    .dead_lettered
-                    .with_label_values(&[&ep.name, reason.as_str()]);
-            }
-        }
+        zero_counters(&metrics, dispatcher.endpoints());
         Deliveries {
             rules,
             dispatcher,
             metrics,
+            postbacks: None,
             parts: BTreeMap::new(),
             generation: 0,
             round: 0,
             swept_at: Instant::now(),
         }
+    }
+
+    /// Follows the catalog's postbacks: each catalog change replaces the endpoints (the
+    /// config file's, then the catalog's).
+    pub fn with_postbacks(mut self, postbacks: LivePostbacks) -> Self {
+        let catalog = postbacks.catalog.current();
+        self.postbacks = Some(postbacks);
+        self.apply_postbacks(&catalog);
+        self
+    }
+
+    /// Takes the catalog's latest postbacks, if they changed.
+    fn refresh(&mut self) {
+        let changed = self
+            .postbacks
+            .as_mut()
+            .and_then(|live| live.catalog.current_if_changed());
+        if let Some(catalog) = changed {
+            self.apply_postbacks(&catalog);
+        }
+    }
+
+    fn apply_postbacks(&mut self, catalog: &DeliveryCatalog) {
+        let Some(live) = self.postbacks.as_ref() else {
+            return;
+        };
+        let endpoints: Vec<Endpoint> = live
+            .file
+            .iter()
+            .chain(catalog.endpoints.iter())
+            .cloned()
+            .collect();
+        zero_counters(&self.metrics, &endpoints);
+        tracing::info!(
+            revision = catalog.revision,
+            endpoints = endpoints.len(),
+            "delivery endpoints from the catalog applied"
+        );
+        self.dispatcher.set_endpoints(endpoints, live.circuit);
     }
 
     /// Applies one input record: a conversion schedules its deliveries, a command is
@@ -150,7 +194,7 @@ impl Deliveries {
                 .dispatcher
                 .endpoints()
                 .iter()
-                .filter(|e| e.filter.wants(&c))
+                .filter(|e| e.enabled && e.filter.wants(&c))
             {
                 let id = c.delivery_id(&ep.name);
                 if schedule::load(cx.state, &id)?.is_some() {
@@ -287,6 +331,7 @@ impl Processor<Cf> for Deliveries {
         cx: &mut Cx<'_, '_, Cf, Done>,
         records: &[OwnedMessage],
     ) -> Result<(), RuntimeError> {
+        self.refresh();
         let mut deltas = PendingDeltas::new();
         let mut put_back = Vec::new();
         for msg in records {
@@ -372,6 +417,7 @@ impl Processor<Cf> for Deliveries {
     }
 
     fn after_cycle(&mut self) -> Result<(), RuntimeError> {
+        self.refresh();
         if self.swept_at.elapsed() >= HOUSEKEEPING {
             self.swept_at = Instant::now();
         }
@@ -455,5 +501,20 @@ impl Processor<Cf> for Deliveries {
                 .set(oldest.get(ep).map_or(0, |c| (now - c).max(0) / 1000));
         }
         self.dispatcher.gauges();
+    }
+}
+
+/// Counters of every endpoint start at 0, so that rate() sees the first event and
+/// dashboards show a zero rather than no data.
+fn zero_counters(metrics: &Metrics, endpoints: &[Endpoint]) {
+    for ep in endpoints {
+        for counter in [&metrics.scheduled, &metrics.duplicates, &metrics.retries] {
+            counter.with_label_values(&[&ep.name]);
+        }
+        for reason in DeadLetterReason::ALL {
+            metrics
+                .dead_lettered
+                .with_label_values(&[&ep.name, reason.as_str()]);
+        }
     }
 }

@@ -590,7 +590,8 @@ async fn services_apply_catalog_changes_live() {
         url: p.console_url(),
         token: s2s_tests::CONSOLE_TOKEN.to_string(),
     };
-    let vocabulary = s2s_tests::pipeline(&p.topics).postbacks;
+    let vocabulary =
+        s2s_console::catalog_checks(&s2s_tests::pipeline(&p.topics).postbacks).expect("checks");
     let offer_2 = s2s_common::pipeline::OfferConfig {
         url: "https://two.example/?c={click_id}".into(),
         ..Default::default()
@@ -748,6 +749,143 @@ async fn services_apply_catalog_changes_live() {
     assert_eq!(
         exported.affiliates.get("42").map(|a| a.status),
         Some(s2s_catalog::documents::AffiliateStatus::Blocked)
+    );
+    p.stop().await;
+}
+
+/// `PUT /api/v1/catalog/{kind}/{id}` as operator "tester" (`base`: the revision changed,
+/// `None`: a creation), tried again while the console answers 503 (its election).
+async fn put_entity(url: &str, key: &str, base: Option<i64>, document: Value) -> (u16, Value) {
+    let (kind, id) = key.split_once('/').expect("kind/id");
+    poll_until(&format!("the console takes {key}"), WAIT, || async {
+        let mut req = s2s_tests::http()
+            .put(format!("{url}/api/v1/catalog/{kind}/{id}"))
+            .bearer_auth(s2s_tests::CONSOLE_TOKEN)
+            .json(&json!({ "document": document }));
+        req = match base {
+            Some(b) => req.header("If-Match", format!("\"{b}\"")),
+            None => req.header("If-None-Match", "*"),
+        };
+        let resp = req.send().await.ok()?;
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        (status != 503).then_some((status, body))
+    })
+    .await
+}
+
+/// Postbacks managed in the catalog apply to the running delivery worker without a
+/// restart: a new affiliate postback gets the next conversion; with its URL changed, the
+/// next goes to the new URL; disabled, the next conversion schedules nothing for it. A
+/// postback with a signing secret is refused (the catalog keeps no secrets yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_follows_the_catalogs_postbacks() {
+    use s2s_tests::{Pipeline, PipelineOptions, TestEndpoint};
+    let (first, second) = (
+        TestEndpoint::start(&[]).await,
+        TestEndpoint::start(&[]).await,
+    );
+    let p = Pipeline::start(PipelineOptions {
+        console: true,
+        ..Default::default()
+    })
+    .await;
+    let api = p.console_url();
+    let ftd = |click_id: String| {
+        let url = p.ingest_url(&format!("/postback?click_id={click_id}&event=ftd"));
+        async move {
+            let r = s2s_tests::http().get(url).send().await.expect("postback");
+            assert_eq!(r.status(), 200);
+        }
+    };
+    let received_by = |e: &TestEndpoint, click_id: &str| {
+        e.received().iter().any(|r| r.param("c") == Some(click_id))
+    };
+
+    let doc = |url: String, enabled: bool| json!({ "url": url, "aff_id": "42", "events": ["ftd"], "enabled": enabled });
+    let (status, created) = put_entity(
+        &api,
+        "postback/aff-42",
+        None,
+        doc(first.url("/pb?c={click_id}&p={payout}"), true),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let r1 = created["revision"].as_i64().expect("revision");
+    applied(p.delivery_admin, "delivery", r1).await;
+    let c1 = p.click("offer_id=1&aff_id=42").await;
+    ftd(c1.clone()).await;
+    poll_until("the new postback's first delivery", WAIT, || async {
+        received_by(&first, &c1).then_some(())
+    })
+    .await;
+
+    let (status, changed) = put_entity(
+        &api,
+        "postback/aff-42",
+        Some(r1),
+        doc(second.url("/pb?c={click_id}&p={payout}"), true),
+    )
+    .await;
+    assert_eq!(status, 200, "{changed}");
+    let r2 = changed["revision"].as_i64().expect("revision");
+    applied(p.delivery_admin, "delivery", r2).await;
+    let c2 = p.click("offer_id=1&aff_id=42").await;
+    ftd(c2.clone()).await;
+    poll_until("the delivery to the new URL", WAIT, || async {
+        received_by(&second, &c2).then_some(())
+    })
+    .await;
+    assert!(!received_by(&first, &c2), "the old URL got nothing more");
+
+    let (status, disabled) = put_entity(
+        &api,
+        "postback/aff-42",
+        Some(r2),
+        doc(second.url("/pb?c={click_id}&p={payout}"), false),
+    )
+    .await;
+    assert_eq!(status, 200, "{disabled}");
+    applied(
+        p.delivery_admin,
+        "delivery",
+        disabled["revision"].as_i64().expect("revision"),
+    )
+    .await;
+    let c3 = p.click("offer_id=1&aff_id=42").await;
+    ftd(c3.clone()).await;
+    // Once delivery has committed the third conversion, its scheduling is decided.
+    poll_until("delivery consumes the third conversion", WAIT, || async {
+        let n = s2s_tests::metric(
+            p.delivery_admin,
+            "stream_records_consumed_total{input=\"conversion\",service=\"delivery\"}",
+        )
+        .await?;
+        (n >= 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        s2s_tests::metric(
+            p.delivery_admin,
+            "delivery_scheduled_total{endpoint=\"aff-42\"}"
+        )
+        .await,
+        Some(2.0),
+        "a disabled postback gets no new deliveries"
+    );
+    assert!(!received_by(&second, &c3));
+
+    let (status, refused) = put_entity(
+        &api,
+        "postback/signed",
+        None,
+        json!({ "url": "https://aff.example/pb", "secret": "whsec_c2VjcmV0c2VjcmV0c2VjcmV0" }),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        !refused.to_string().contains("whsec_c2VjcmV0"),
+        "the answer does not echo the secret: {refused}"
     );
     p.stop().await;
 }

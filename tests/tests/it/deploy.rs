@@ -440,7 +440,9 @@ fn compose_creates_every_topic_the_pipeline_names() {
 /// The catalog files of the deployments import: they parse and pass the API's checks.
 #[test]
 fn the_deployments_catalog_files_are_valid() {
-    let vocabulary = s2s_common::pipeline::PipelineConfig::defaults().postbacks;
+    let vocabulary =
+        s2s_console::catalog_checks(&s2s_common::pipeline::PipelineConfig::defaults().postbacks)
+            .expect("checks");
     for path in [
         "config/catalog.toml",
         "local/catalog.toml",

@@ -1,0 +1,229 @@
+//! Postbacks from the catalog (`postback/<id>`): the document is a `[[postbacks]]` entry
+//! without its `name` (the ID is the name) and without a signing secret (the catalog
+//! does not keep secrets until it can keep them write-only and encrypted: a signed
+//! postback stays in this service's config file for now), plus `enabled`.
+//!
+//! [`check`] is the catalog's rule for these documents (the console applies it before a
+//! change is accepted); [`compile`] turns the catalog's postbacks into endpoints each
+//! time the catalog changes. A postback changed in the catalog keeps its name, so its
+//! pending deliveries go to its new URL at their next attempt; a disabled one gets no
+//! new deliveries and holds its pending ones until it is enabled again; a deleted one's
+//! pending deliveries are dead-lettered (`postback_removed`).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use s2s_catalog::documents::KindCheck;
+use s2s_catalog::{view, Catalog, Kind};
+use s2s_common::config::ConfigError;
+use s2s_common::pipeline::{FieldError, ServiceConfig};
+use serde_json::Value;
+
+use crate::config::{DeliveryConfig, PostbackConfig};
+use crate::endpoint::Endpoint;
+
+/// The catalog's postbacks as delivery's endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryCatalog {
+    pub endpoints: Vec<Endpoint>,
+    pub revision: i64,
+}
+
+/// The postback document `document` of ID `id` as a `[[postbacks]]` entry, and whether
+/// it is enabled.
+pub fn document(id: &str, document: &Value) -> Result<(PostbackConfig, bool), FieldError> {
+    let Some(fields) = document.as_object() else {
+        return Err(FieldError::new("document", "must be a JSON object"));
+    };
+    let mut fields = fields.clone();
+    for (field, why) in [
+        ("name", "a catalog postback's name is its ID"),
+        (
+            "secret",
+            "signing secrets are not kept in the catalog yet: configure a signed postback \
+             in delivery's [[postbacks]] with secret_env",
+        ),
+        (
+            "secret_env",
+            "signing secrets are not kept in the catalog yet: configure a signed postback \
+             in delivery's [[postbacks]] with secret_env",
+        ),
+    ] {
+        if fields.contains_key(field) {
+            return Err(FieldError::new(field, why));
+        }
+    }
+    let enabled = match fields.remove("enabled") {
+        None => true,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(FieldError::new("enabled", "must be true or false")),
+    };
+    fields.insert("name".into(), Value::String(id.to_string()));
+    let config: PostbackConfig = serde_json::from_value(Value::Object(fields))
+        .map_err(|e| FieldError::new("document", e.to_string()))?;
+    Ok((config, enabled))
+}
+
+/// Checks a postback document with the rules `[[postbacks]]` entries follow (URL, method,
+/// body, headers, filters), against `config`'s defaults; returns its canonical form.
+pub fn check_with(config: &DeliveryConfig, id: &str, doc: &Value) -> Result<Value, FieldError> {
+    let (p, enabled) = document(id, doc)?;
+    config.compile_postback(&p).map_err(field_error)?;
+    let mut canonical =
+        serde_json::to_value(&p).map_err(|e| FieldError::new("document", e.to_string()))?;
+    if let Some(fields) = canonical.as_object_mut() {
+        fields.remove("name");
+        fields.retain(|_, v| !v.is_null());
+        fields.insert("enabled".into(), Value::Bool(enabled));
+    }
+    Ok(canonical)
+}
+
+/// [`check_with`] delivery's defaults: the catalog's rule for postback documents.
+pub fn check(id: &str, doc: &Value) -> Result<Value, FieldError> {
+    let config =
+        DeliveryConfig::defaults().map_err(|e| FieldError::new("document", e.to_string()))?;
+    check_with(&config, id, doc)
+}
+
+/// The catalog's rule for postback documents, for [`s2s_catalog::documents::Checks`].
+pub fn postback_check() -> Result<KindCheck, ConfigError> {
+    let config = DeliveryConfig::defaults()?;
+    Ok(Arc::new(move |id: &str, doc: &Value| {
+        check_with(&config, id, doc)
+    }))
+}
+
+/// `url: must start with …` → field `url`; an error without a field prefix → `document`.
+fn field_error(e: String) -> FieldError {
+    match e.split_once(": ") {
+        Some((field, message)) if !field.contains(' ') => FieldError::new(field, message),
+        _ => FieldError::new("document", e),
+    }
+}
+
+/// The catalog's postbacks as endpoints. A postback named like one of the config file's
+/// (`taken`) is left out, with an error (the file's is the one delivered to); one that
+/// does not compile keeps its version from `previous`, or is left out.
+pub fn compile(
+    config: &DeliveryConfig,
+    taken: &BTreeSet<String>,
+    catalog: &Catalog,
+    previous: Option<&DeliveryCatalog>,
+) -> DeliveryCatalog {
+    let endpoints = view::compile_each(
+        catalog,
+        Kind::Postback,
+        "delivery",
+        |id| {
+            previous
+                .and_then(|p| p.endpoints.iter().find(|e| e.name == id))
+                .cloned()
+        },
+        |id, doc| {
+            if taken.contains(id) {
+                return Err(format!(
+                    "delivery's config file has a postback named '{id}' too; that one is used"
+                ));
+            }
+            let (p, enabled) = document(id, doc).map_err(|e| e.to_string())?;
+            let mut endpoint = config.compile_postback(&p)?;
+            endpoint.enabled = enabled;
+            Ok(endpoint)
+        },
+    )
+    .into_iter()
+    .map(|(_, e)| e)
+    .collect();
+    DeliveryCatalog {
+        endpoints,
+        revision: view::revision(catalog),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use s2s_catalog::{Key, Stored};
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_postback_document_is_checked_like_a_postbacks_entry() {
+        let ok = json!({ "url": "https://aff.example/pb?c={click_id}&p={payout}",
+            "aff_id": "42", "events": ["ftd"] });
+        let canonical = check("aff-42", &ok).expect("valid");
+        assert_eq!(canonical["enabled"], true);
+        assert!(canonical.get("name").is_none(), "the ID is the name");
+        assert_eq!(check("aff-42", &canonical), Ok(canonical.clone()), "stable");
+        let field = |doc: Value| check("p", &doc).expect_err("refused").field;
+        assert_eq!(field(json!({ "url": "ftp://x/" })), "url");
+        assert_eq!(field(json!({ "url": "https://x/?c={clickid}" })), "url");
+        assert_eq!(
+            field(json!({ "url": "https://x/", "secret": "whsec_abc" })),
+            "secret"
+        );
+        assert_eq!(
+            field(json!({ "url": "https://x/", "name": "other" })),
+            "name"
+        );
+        assert_eq!(
+            field(json!({ "url": "https://x/", "enabled": "yes" })),
+            "enabled"
+        );
+        assert_eq!(
+            field(json!({ "url": "https://x/", "colour": 1 })),
+            "document"
+        );
+        assert_eq!(
+            field(json!({ "url": "https://x/", "headers": { "webhook-id": "x" } })),
+            "headers"
+        );
+    }
+
+    #[test]
+    fn catalog_postbacks_become_endpoints_and_a_file_name_wins() {
+        let config = DeliveryConfig::defaults().expect("defaults");
+        let mut c = Catalog::default();
+        let put = |c: &mut Catalog, id: &str, offset: i64, doc: Value| {
+            c.apply(
+                Key::new(Kind::Postback, id).expect("key"),
+                offset,
+                Some(Stored::new(doc, "t", 0)),
+            );
+        };
+        put(
+            &mut c,
+            "a",
+            0,
+            json!({ "url": "https://a.example/?c={click_id}" }),
+        );
+        put(
+            &mut c,
+            "b",
+            1,
+            json!({ "url": "https://b.example/", "enabled": false }),
+        );
+        put(&mut c, "file", 2, json!({ "url": "https://f.example/" }));
+        let taken: BTreeSet<String> = ["file".to_string()].into();
+        let first = compile(&config, &taken, &c, None);
+        let names: Vec<(&str, bool)> = first
+            .endpoints
+            .iter()
+            .map(|e| (e.name.as_str(), e.enabled))
+            .collect();
+        assert_eq!(names, [("a", true), ("b", false)]);
+        assert_eq!(first.revision, 2);
+        put(
+            &mut c,
+            "a",
+            3,
+            json!({ "url": "https://a.example/?c={nope}" }),
+        );
+        let second = compile(&config, &taken, &c, Some(&first));
+        assert_eq!(
+            second.endpoints[0].url, first.endpoints[0].url,
+            "an unusable change keeps the last usable version"
+        );
+    }
+}
