@@ -19,6 +19,7 @@
 //!   time: the topic's one partition goes to one member).
 //! - [`Live`]: a service's own compiled view of the catalog, replaced at each change.
 //! - [`file`]: the import and export format, and an import's plan.
+//! - [`secrets`]: secret fields, write-only through the API and sealed in the topic.
 //!
 //! An entity's revision is the offset of its record in the catalog topic: unique,
 //! increasing, kept by compaction, and never reused after a delete (a stale `If-Match`
@@ -31,6 +32,7 @@ pub mod file;
 pub mod follower;
 pub mod history;
 pub mod record;
+pub mod secrets;
 pub mod view;
 pub mod writer;
 

@@ -27,6 +27,10 @@ pub struct PipelineConfig {
     pub topics: TopicsConfig,
     pub postbacks: PostbackVocabulary,
     pub affiliates: AffiliatePolicy,
+    /// The catalog's key (base64, 32 bytes), which seals the secrets the catalog holds:
+    /// from `S2S_CATALOG_KEY` only, never from a file, never serialized or shown.
+    #[serde(skip)]
+    pub catalog_key: Option<CatalogKey>,
     /// Offers live in the catalog; an `[offers]` section here is refused with a message
     /// that says so (it is the import format of `console catalog import`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +56,19 @@ pub struct PostbackVocabulary {
     #[serde(with = "crate::config::duration")]
     pub max_window: Duration,
 }
+
+/// The catalog's key as given (see `s2s_catalog::secrets`); its `Debug` shows nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CatalogKey(pub String);
+
+impl std::fmt::Debug for CatalogKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CatalogKey(…)")
+    }
+}
+
+/// The environment variable holding the catalog's key.
+pub const CATALOG_KEY_ENV: &str = "S2S_CATALOG_KEY";
 
 /// What the pipeline does with affiliates the catalog does not hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -247,6 +264,10 @@ impl PipelineConfig {
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut c: Self = crate::config::load(DEFAULT_TOML, file, ENV_PREFIX)?;
         c.kafka.apply_env_properties(std::env::vars());
+        c.catalog_key = std::env::var(CATALOG_KEY_ENV)
+            .ok()
+            .filter(|k| !k.trim().is_empty())
+            .map(CatalogKey);
         Ok(c)
     }
 

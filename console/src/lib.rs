@@ -197,6 +197,8 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
     )?;
     Ok(api::catalog::CatalogApi {
         checks: catalog_checks(&config.pipeline.postbacks)?,
+        secret_key: s2s_catalog::secrets::SecretKey::of(&config.pipeline)
+            .map_err(|e| RuntimeError::Config(e.to_string()))?,
         catalog,
         history,
         election,

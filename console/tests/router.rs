@@ -60,6 +60,7 @@ fn catalog_api(kafka: &s2s_common::kafka::KafkaConfig) -> s2s_console::api::cata
             &s2s_common::pipeline::PipelineConfig::defaults().postbacks,
         )
         .expect("checks"),
+        secret_key: None,
         history: s2s_catalog::Follower::fixed(s2s_catalog::History::default()),
         election: s2s_catalog::Election::join(kafka, "g", "catalog", &stop).expect("candidate"),
         writer: s2s_catalog::Writer::new(

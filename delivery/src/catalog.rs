@@ -1,7 +1,7 @@
 //! Postbacks from the catalog (`postback/<id>`): the document is a `[[postbacks]]` entry
-//! without its `name` (the ID is the name) and without a signing secret (the catalog
-//! does not keep secrets until it can keep them write-only and encrypted: a signed
-//! postback stays in this service's config file for now), plus `enabled`.
+//! without its `name` (the ID is the name) and `secret_env`, plus `enabled`. Its signing
+//! `secret` is write-only through the API and sealed in the catalog
+//! ([`s2s_catalog::secrets`]): this service opens it with the catalog's key.
 //!
 //! [`check`] is the catalog's rule for these documents (the console applies it before a
 //! change is accepted); [`compile`] turns the catalog's postbacks into endpoints each
@@ -14,13 +14,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use s2s_catalog::documents::KindCheck;
-use s2s_catalog::{view, Catalog, Kind};
+use s2s_catalog::secrets::{self, SecretKey, Written};
+use s2s_catalog::{view, Catalog, Key, Kind};
 use s2s_common::config::ConfigError;
 use s2s_common::pipeline::{FieldError, ServiceConfig};
 use serde_json::Value;
 
 use crate::config::{DeliveryConfig, PostbackConfig};
 use crate::endpoint::Endpoint;
+use crate::signing::Secret;
 
 /// The catalog's postbacks as delivery's endpoints.
 #[derive(Debug, Clone, Default)]
@@ -39,20 +41,16 @@ pub fn document(id: &str, document: &Value) -> Result<(PostbackConfig, bool), Fi
     for (field, why) in [
         ("name", "a catalog postback's name is its ID"),
         (
-            "secret",
-            "signing secrets are not kept in the catalog yet: configure a signed postback \
-             in delivery's [[postbacks]] with secret_env",
-        ),
-        (
             "secret_env",
-            "signing secrets are not kept in the catalog yet: configure a signed postback \
-             in delivery's [[postbacks]] with secret_env",
+            "a catalog postback's signing secret is its `secret` (write-only, kept sealed)",
         ),
     ] {
         if fields.contains_key(field) {
             return Err(FieldError::new(field, why));
         }
     }
+    // The secret is checked on its own (a new value, or one kept sealed).
+    fields.remove("secret");
     let enabled = match fields.remove("enabled") {
         None => true,
         Some(Value::Bool(b)) => b,
@@ -69,12 +67,20 @@ pub fn document(id: &str, document: &Value) -> Result<(PostbackConfig, bool), Fi
 pub fn check_with(config: &DeliveryConfig, id: &str, doc: &Value) -> Result<Value, FieldError> {
     let (p, enabled) = document(id, doc)?;
     config.compile_postback(&p).map_err(field_error)?;
+    let secret = doc.get("secret").filter(|v| !v.is_null()).cloned();
+    if let Written::Plain(plain) = secrets::written(doc, "secret")? {
+        // The error says what is wrong with it, never what it is.
+        Secret::parse(plain).map_err(|e| FieldError::new("secret", e.to_string()))?;
+    }
     let mut canonical =
         serde_json::to_value(&p).map_err(|e| FieldError::new("document", e.to_string()))?;
     if let Some(fields) = canonical.as_object_mut() {
         fields.remove("name");
         fields.retain(|_, v| !v.is_null());
         fields.insert("enabled".into(), Value::Bool(enabled));
+        if let Some(secret) = secret {
+            fields.insert("secret".into(), secret);
+        }
     }
     Ok(canonical)
 }
@@ -107,6 +113,7 @@ fn field_error(e: String) -> FieldError {
 /// does not compile keeps its version from `previous`, or is left out.
 pub fn compile(
     config: &DeliveryConfig,
+    secret_key: Option<&SecretKey>,
     taken: &BTreeSet<String>,
     catalog: &Catalog,
     previous: Option<&DeliveryCatalog>,
@@ -129,6 +136,12 @@ pub fn compile(
             let (p, enabled) = document(id, doc).map_err(|e| e.to_string())?;
             let mut endpoint = config.compile_postback(&p)?;
             endpoint.enabled = enabled;
+            let key = Key::new(Kind::Postback, id).map_err(|e| e.to_string())?;
+            if let Some(plain) =
+                secrets::open_field(&key, doc, "secret", secret_key).map_err(|e| e.to_string())?
+            {
+                endpoint.secret = Some(Secret::parse(&plain).map_err(|e| format!("secret: {e}"))?);
+            }
             Ok(endpoint)
         },
     )
@@ -160,9 +173,19 @@ mod tests {
         assert_eq!(field(json!({ "url": "ftp://x/" })), "url");
         assert_eq!(field(json!({ "url": "https://x/?c={clickid}" })), "url");
         assert_eq!(
-            field(json!({ "url": "https://x/", "secret": "whsec_abc" })),
+            field(json!({ "url": "https://x/", "secret": "not-whsec" })),
             "secret"
         );
+        assert_eq!(
+            field(json!({ "url": "https://x/", "secret_env": "X" })),
+            "secret_env"
+        );
+        let kept = check(
+            "p",
+            &json!({ "url": "https://x/", "secret": { "set": true } }),
+        )
+        .expect("a kept secret is checked by the console");
+        assert_eq!(kept["secret"], json!({ "set": true }));
         assert_eq!(
             field(json!({ "url": "https://x/", "name": "other" })),
             "name"
@@ -206,7 +229,7 @@ mod tests {
         );
         put(&mut c, "file", 2, json!({ "url": "https://f.example/" }));
         let taken: BTreeSet<String> = ["file".to_string()].into();
-        let first = compile(&config, &taken, &c, None);
+        let first = compile(&config, None, &taken, &c, None);
         let names: Vec<(&str, bool)> = first
             .endpoints
             .iter()
@@ -220,7 +243,7 @@ mod tests {
             3,
             json!({ "url": "https://a.example/?c={nope}" }),
         );
-        let second = compile(&config, &taken, &c, Some(&first));
+        let second = compile(&config, None, &taken, &c, Some(&first));
         assert_eq!(
             second.endpoints[0].url, first.endpoints[0].url,
             "an unusable change keeps the last usable version"

@@ -100,13 +100,17 @@ impl Delivery {
         let metrics = metrics::Metrics::new(runtime.registry())?;
         let taken: BTreeSet<String> = file.iter().map(|e| e.name.clone()).collect();
         let compile_config = config.clone();
+        let secret_key = s2s_catalog::secrets::SecretKey::of(&config.pipeline)
+            .map_err(|e| RuntimeError::Config(e.to_string()))?;
         let catalog = s2s_catalog::Live::follow(
             &config.pipeline.kafka,
             &topics.catalog.name,
             "delivery",
             runtime.registry(),
             shutdown,
-            move |c, previous| catalog::compile(&compile_config, &taken, c, previous),
+            move |c, previous| {
+                catalog::compile(&compile_config, secret_key.as_ref(), &taken, c, previous)
+            },
         )
         .await
         .map_err(|e| RuntimeError::Config(e.to_string()))?;

@@ -530,13 +530,18 @@ pub fn write_config<C: serde::Serialize>(path: &std::path::Path, config: &C) {
     std::fs::write(path, toml).expect("config file");
 }
 
-/// The pipeline's defaults pointed at the test broker and `topics`.
+/// The pipeline's defaults pointed at the test broker and `topics`, with the catalog key
+/// [`CATALOG_KEY`].
 pub fn pipeline(topics: &TopicsConfig) -> s2s_common::pipeline::PipelineConfig {
     let mut p = s2s_common::pipeline::PipelineConfig::defaults();
     p.kafka = kafka();
     p.topics = topics.clone();
+    p.catalog_key = Some(s2s_common::pipeline::CatalogKey(CATALOG_KEY.into()));
     p
 }
+
+/// The tests' catalog key (32 bytes, base64).
+pub const CATALOG_KEY: &str = "dGVzdHMtY2F0YWxvZy1rZXktMzItYnl0ZXMtbG9uZyE=";
 
 /// Ingest running in this process until dropped or stopped.
 #[derive(Debug)]

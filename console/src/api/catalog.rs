@@ -18,6 +18,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use s2s_catalog::documents::{self, Checks};
+use s2s_catalog::secrets::{self, SecretKey};
 use s2s_catalog::{
     Catalog, Change, Conflict, Election, Entry, Follower, History, Key, Kind, WriteError, Writer,
 };
@@ -32,6 +33,8 @@ pub struct CatalogApi {
     /// What documents are checked against (the pipeline's vocabulary, delivery's rules
     /// for postbacks).
     pub checks: Checks,
+    /// Seals the secrets of documents (none: documents with a secret are refused).
+    pub secret_key: Option<SecretKey>,
     pub catalog: Arc<Follower<Catalog>>,
     pub history: Follower<History>,
     pub election: Election,
@@ -82,14 +85,20 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     let key = key_of(&kind, &id)?;
     let Json(put) = body?;
-    let document = documents::check(key.kind(), key.id(), &put.document, &s.catalog.checks)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_document",
-                format!("document.{}: {}", e.field, e.message),
-            )
-        })?;
+    let invalid = |e: s2s_common::pipeline::FieldError| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_document",
+            format!("document.{}: {}", e.field, e.message),
+        )
+    };
+    let mut document = documents::check(key.kind(), key.id(), &put.document, &s.catalog.checks)
+        .map_err(invalid)?;
+    // Secrets are sealed before anything is written (a kept one: the entity's own).
+    let current = s.catalog.catalog.catalog();
+    let current = current.get(&key).map(|e| &e.stored.document);
+    secrets::seal_fields(&key, &mut document, current, s.catalog.secret_key.as_ref())
+        .map_err(invalid)?;
     let base = match (if_match(&headers)?, creates(&headers)) {
         (Some(base), false) => Some(base),
         (None, true) => None,
@@ -151,8 +160,16 @@ pub async fn history(
 ) -> Result<Json<Value>, ApiError> {
     let key = key_of(&kind, &id)?;
     let history = s.catalog.history.catalog();
+    let changes: Vec<s2s_catalog::AuditRecord> = history
+        .of(&key)
+        .iter()
+        .map(|r| s2s_catalog::AuditRecord {
+            document: r.document.as_ref().map(|d| secrets::redact(key.kind(), d)),
+            ..r.clone()
+        })
+        .collect();
     Ok(Json(
-        json!({ "kind": key.kind(), "id": key.id(), "changes": history.of(&key) }),
+        json!({ "kind": key.kind(), "id": key.id(), "changes": changes }),
     ))
 }
 
@@ -292,7 +309,7 @@ fn entity(e: &Entry) -> Value {
         "kind": e.key.kind(),
         "id": e.key.id(),
         "revision": e.revision,
-        "document": e.stored.document,
+        "document": secrets::redact(e.key.kind(), &e.stored.document),
         "changed_by": e.stored.changed_by,
         "changed_at_ms": e.stored.changed_at_ms,
         "reason": e.stored.reason,

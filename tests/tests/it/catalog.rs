@@ -777,9 +777,11 @@ async fn put_entity(url: &str, key: &str, base: Option<i64>, document: Value) ->
 /// Postbacks managed in the catalog apply to the running delivery worker without a
 /// restart: a new affiliate postback gets the next conversion; with its URL changed, the
 /// next goes to the new URL; disabled, the next conversion schedules nothing for it. A
-/// postback with a signing secret is refused (the catalog keeps no secrets yet).
+/// signed postback's secret is write-only (never in an answer, the history, an export or
+/// the topic), kept across a change that says `{"set": true}`, and signs its deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_follows_the_catalogs_postbacks() {
+    use base64::Engine as _;
     use s2s_tests::{Pipeline, PipelineOptions, TestEndpoint};
     let (first, second) = (
         TestEndpoint::start(&[]).await,
@@ -875,16 +877,94 @@ async fn delivery_follows_the_catalogs_postbacks() {
     );
     assert!(!received_by(&second, &c3));
 
-    let (status, refused) = put_entity(
+    // A signed postback: its secret is write-only (never in an answer, the history, an
+    // export or the topic) and delivery signs with it.
+    const SECRET: &str = "whsec_c2VjcmV0LXNpZ25pbmcta2V5LTEyMzQ1Njc4OTA=";
+    let (status, created) = put_entity(
         &api,
         "postback/signed",
         None,
-        json!({ "url": "https://aff.example/pb", "secret": "whsec_c2VjcmV0c2VjcmV0c2VjcmV0" }),
+        json!({ "url": first.url("/signed?c={click_id}"), "aff_id": "42",
+            "events": ["ftd"], "secret": SECRET }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["document"]["secret"], json!({ "set": true }));
+    let signed_at = created["revision"].as_i64().expect("revision");
+    let plain = "c2VjcmV0LXNpZ25pbmcta2V5";
+    for path in ["postback/signed", "postback", "postback/signed/history"] {
+        let answer = console_get(format!("{api}/api/v1/catalog/{path}")).await;
+        assert!(!answer.to_string().contains(plain), "{path}: {answer}");
+    }
+    let exported = s2s_console::cli::export(&s2s_console::cli::Api {
+        url: api.clone(),
+        token: s2s_tests::CONSOLE_TOKEN.into(),
+    })
+    .await
+    .expect("export");
+    assert!(!exported.contains(plain), "{exported}");
+    assert!(exported.contains("set = true"), "{exported}");
+    let raw = TopicReader::new(&p.topics.catalog)
+        .read_raw_until("the signed postback's record", WAIT, |ms| {
+            ms.iter().any(|m| m.offset() == signed_at)
+        })
+        .await;
+    for m in raw {
+        let bytes = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+        assert!(!bytes.contains(plain), "the topic holds it sealed: {bytes}");
+    }
+    let (status, kept) = put_entity(
+        &api,
+        "postback/signed",
+        Some(signed_at),
+        json!({ "url": first.url("/signed?c={click_id}&v=2"), "aff_id": "42",
+            "events": ["ftd"], "secret": { "set": true } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{kept}");
+    applied(
+        p.delivery_admin,
+        "delivery",
+        kept["revision"].as_i64().expect("revision"),
+    )
+    .await;
+    let c4 = p.click("offer_id=1&aff_id=42").await;
+    ftd(c4.clone()).await;
+    let got = poll_until("the signed delivery", WAIT, || async {
+        first
+            .received()
+            .into_iter()
+            .find(|r| r.path == "/signed" && r.param("c") == Some(c4.as_str()))
+    })
+    .await;
+    assert_eq!(got.param("v"), Some("2"), "the changed URL");
+    let id = got.header("webhook-id").expect("webhook-id");
+    let ts = got.header("webhook-timestamp").expect("webhook-timestamp");
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(SECRET.trim_start_matches("whsec_"))
+        .expect("key");
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&key).expect("hmac");
+    hmac::Mac::update(&mut mac, format!("{id}.{ts}.{}", got.body).as_bytes());
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(hmac::Mac::finalize(mac).into_bytes())
+    );
+    assert_eq!(
+        got.header("webhook-signature"),
+        Some(expected.as_str()),
+        "signed with the kept secret"
+    );
+
+    let (status, refused) = put_entity(
+        &api,
+        "postback/bad",
+        None,
+        json!({ "url": "https://aff.example/pb", "secret": "not-whsec-c2VjcmV0c2VjcmV0" }),
     )
     .await;
     assert_eq!(status, 422, "{refused}");
     assert!(
-        !refused.to_string().contains("whsec_c2VjcmV0"),
+        !refused.to_string().contains("c2VjcmV0c2VjcmV0"),
         "the answer does not echo the secret: {refused}"
     );
     p.stop().await;
