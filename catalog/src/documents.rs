@@ -4,8 +4,9 @@
 //!
 //! Offers and affiliates are typed here; postbacks are checked with delivery's rules,
 //! which whoever checks them supplies ([`Checks::with_postbacks`]: the console, which
-//! links delivery). Sources and operators are refused until their secrets can be kept
-//! write-only and encrypted (issue 22's next parts).
+//! links delivery). Operators are typed here, their tokens write-only
+//! ([`crate::secrets`]). Sources are refused until ingest can open their sealed secrets
+//! (issue 22's next parts).
 
 use std::sync::Arc;
 
@@ -41,6 +42,39 @@ impl Affiliate {
         Ok(())
     }
 }
+
+/// A console user: who, with which role, and a token (write-only, kept as its digest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operator {
+    pub name: String,
+    pub role: Role,
+}
+
+/// What an operator may do; each role may do what the ones after it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads.
+    Viewer,
+    /// Reads and re-fires deliveries.
+    Operator,
+    /// Everything, and changes the catalog.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The shortest operator token taken.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Checks a document of one kind by ID, returning its canonical form.
 pub type KindCheck = Arc<dyn Fn(&str, &Value) -> Result<Value, FieldError> + Send + Sync>;
@@ -103,11 +137,38 @@ pub fn check(kind: Kind, id: &str, document: &Value, checks: &Checks) -> Result<
             a.check()?;
             canonical(&a)
         }
-        // Their documents hold secrets (tokens, HMAC secrets), which must be write-only
-        // and encrypted in the catalog: until that is built, they stay in ingest's and the
-        // console's config files, and the catalog refuses them rather than keep secrets it
-        // would show back.
-        Kind::Source | Kind::Operator => Err(FieldError::new(
+        Kind::Operator => {
+            let mut fields = document.as_object().cloned().unwrap_or_default();
+            let token = fields.remove("token");
+            let o: Operator = typed(&Value::Object(fields))?;
+            if o.name.trim().is_empty() {
+                return Err(FieldError::new("name", "must not be empty"));
+            }
+            match crate::secrets::written(document, "token")? {
+                crate::secrets::Written::Plain(t) if t.chars().count() < MIN_TOKEN_LEN => {
+                    return Err(FieldError::new(
+                        "token",
+                        format!("must have at least {MIN_TOKEN_LEN} characters"),
+                    ))
+                }
+                crate::secrets::Written::Absent => {
+                    return Err(FieldError::new(
+                        "token",
+                        "an operator needs a token (or {\"set\": true} to keep the one set)",
+                    ))
+                }
+                _ => {}
+            }
+            let mut canonical = canonical(&o)?;
+            if let (Some(t), Some(obj)) = (token, canonical.as_object_mut()) {
+                obj.insert("token".into(), t);
+            }
+            Ok(canonical)
+        }
+        // A source's document holds its token or HMAC secret, which ingest needs back:
+        // until ingest opens sealed secrets, sources stay in its config file, and the
+        // catalog refuses them rather than keep secrets it would show back.
+        Kind::Source => Err(FieldError::new(
             "kind",
             format!(
                 "{kind}s are not managed in the catalog yet: they stay in the services' \
@@ -216,5 +277,39 @@ mod tests {
         )
         .expect_err("not in the catalog yet");
         assert_eq!(e.field, "kind");
+    }
+
+    #[test]
+    fn an_operator_has_a_name_a_role_and_a_token() {
+        let v = vocabulary();
+        let ok = json!({ "name": "Val", "role": "viewer", "token": "0123456789abcdef" });
+        let canonical = check(Kind::Operator, "val", &ok, &v).expect("valid");
+        assert_eq!(canonical, ok, "the token stays for the console to hash");
+        let field = |doc: Value| {
+            check(Kind::Operator, "val", &doc, &v)
+                .expect_err("refused")
+                .field
+        };
+        assert_eq!(
+            field(json!({ "name": "Val", "role": "viewer", "token": "short" })),
+            "token"
+        );
+        assert_eq!(field(json!({ "name": "Val", "role": "viewer" })), "token");
+        assert_eq!(
+            field(json!({ "name": "Val", "role": "root", "token": "0123456789abcdef" })),
+            "document"
+        );
+        assert_eq!(
+            field(json!({ "name": " ", "role": "admin", "token": "0123456789abcdef" })),
+            "name"
+        );
+        assert!(check(
+            Kind::Operator,
+            "val",
+            &json!({ "name": "Val", "role": "admin", "token": { "set": true } }),
+            &v
+        )
+        .is_ok());
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
     }
 }

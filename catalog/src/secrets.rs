@@ -1,4 +1,5 @@
-//! Secrets in catalog documents: write-only through the API, sealed in the topic.
+//! Secrets in catalog documents: write-only through the API, sealed (or hashed) in the
+//! topic.
 //!
 //! A secret field (a postback's signing `secret`) is written through the API as a string
 //! and read back as `{"set": true}`, never as its value; a change that sends `{"set":
@@ -9,6 +10,11 @@
 //! base64), a random 192-bit nonce per seal, and `<kind>/<id>#<field>` as associated
 //! data, so a sealed value copied to another entity or field does not open. The console
 //! seals; the services that use a secret open it with the same key.
+//!
+//! A secret nobody needs back — an operator's API `token` — is kept as
+//! `{"sha256": "<hex>"}` instead: the console compares the digest of the token a request
+//! presents. Tokens are random and at least 16 characters, so a fast digest is enough
+//! (a password would need a slow one).
 
 use std::fmt;
 
@@ -115,12 +121,37 @@ fn associated(key: &Key, field: &str) -> String {
     format!("{key}#{field}")
 }
 
-/// The secret fields of a kind's documents.
-pub fn fields(kind: Kind) -> &'static [&'static str] {
-    match kind {
-        Kind::Postback => &["secret"],
-        Kind::Offer | Kind::Affiliate | Kind::Source | Kind::Operator => &[],
+/// How a secret field is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keeping {
+    /// Sealed under the catalog's key: a service opens it to use it.
+    Sealed,
+    /// Its SHA-256 digest: compared, never used.
+    Hashed,
+}
+
+impl Keeping {
+    fn tag(self) -> &'static str {
+        match self {
+            Keeping::Sealed => "sealed",
+            Keeping::Hashed => "sha256",
+        }
     }
+}
+
+/// The secret fields of a kind's documents.
+pub fn fields(kind: Kind) -> &'static [(&'static str, Keeping)] {
+    match kind {
+        Kind::Postback => &[("secret", Keeping::Sealed)],
+        Kind::Operator => &[("token", Keeping::Hashed)],
+        Kind::Offer | Kind::Affiliate | Kind::Source => &[],
+    }
+}
+
+/// The digest a hashed secret is kept as, hex.
+pub fn digest(plain: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(plain.as_bytes()))
 }
 
 /// What a change says of a secret field.
@@ -130,8 +161,8 @@ pub enum Written<'a> {
     Plain(&'a str),
     /// `{"set": true}`: keep the entity's.
     Keep,
-    /// `{"sealed": …}`: a value already sealed (a document read from the topic itself).
-    Sealed,
+    /// `{"sealed": …}` or `{"sha256": …}`: a value as the topic keeps it.
+    Kept,
     /// Absent or null: no secret.
     Absent,
 }
@@ -144,8 +175,13 @@ pub fn written<'a>(document: &'a Value, field: &str) -> Result<Written<'a>, Fiel
         Some(Value::Object(o)) if o.len() == 1 && o.get("set") == Some(&Value::Bool(true)) => {
             Ok(Written::Keep)
         }
-        Some(Value::Object(o)) if o.len() == 1 && o.get("sealed").is_some_and(Value::is_string) => {
-            Ok(Written::Sealed)
+        Some(Value::Object(o))
+            if o.len() == 1
+                && ["sealed", "sha256"]
+                    .iter()
+                    .any(|t| o.get(*t).is_some_and(Value::is_string)) =>
+        {
+            Ok(Written::Kept)
         }
         Some(_) => Err(FieldError::new(
             field,
@@ -154,48 +190,52 @@ pub fn written<'a>(document: &'a Value, field: &str) -> Result<Written<'a>, Fiel
     }
 }
 
-/// Seals the secret fields of `document` (the document of `key`, checked): a new value
-/// with `secret_key`, `{"set": true}` replaced by `current`'s sealed value. The error
-/// names the field; it never holds the secret.
+/// Seals (or hashes) the secret fields of `document` (the document of `key`, checked): a
+/// new value with `secret_key`, `{"set": true}` replaced by `current`'s kept value. The
+/// error names the field; it never holds the secret.
 pub fn seal_fields(
     key: &Key,
     document: &mut Value,
     current: Option<&Value>,
     secret_key: Option<&SecretKey>,
 ) -> Result<(), FieldError> {
-    for field in fields(key.kind()) {
+    for (field, keeping) in fields(key.kind()) {
+        let field = *field;
         let replacement = match written(document, field)? {
             Written::Absent => None,
-            Written::Sealed => {
+            Written::Kept => {
                 return Err(FieldError::new(
-                    *field,
-                    "a sealed value cannot be written: send the secret, or {\"set\": true}",
+                    field,
+                    "a kept value cannot be written: send the secret, or {\"set\": true}",
                 ))
             }
-            Written::Plain(plain) => {
-                let Some(k) = secret_key else {
-                    return Err(FieldError::new(
-                        *field,
-                        format!(
-                            "the catalog keeps secrets encrypted, and this console has no key: \
-                             set {KEY_ENV}"
-                        ),
-                    ));
-                };
-                Some(k.seal(key, field, plain))
-            }
-            Written::Keep => match current.map(|c| written(c, field)) {
-                Some(Ok(Written::Sealed)) => current.and_then(|c| c.get(*field)).cloned(),
+            Written::Plain(plain) => Some(match keeping {
+                Keeping::Hashed => json!({ "sha256": digest(plain) }),
+                Keeping::Sealed => match secret_key {
+                    Some(k) => k.seal(key, field, plain),
+                    None => {
+                        return Err(FieldError::new(
+                            field,
+                            format!(
+                                "the catalog keeps secrets encrypted, and this console has no \
+                                 key: set {KEY_ENV}"
+                            ),
+                        ))
+                    }
+                },
+            }),
+            Written::Keep => match current.and_then(|c| c.get(field)) {
+                Some(v) if v.get(keeping.tag()).is_some() => Some(v.clone()),
                 _ => {
                     return Err(FieldError::new(
-                        *field,
+                        field,
                         "there is no secret to keep: send one, or leave the field out",
                     ))
                 }
             },
         };
         if let (Some(v), Some(fields)) = (replacement, document.as_object_mut()) {
-            fields.insert((*field).to_string(), v);
+            fields.insert(field.to_string(), v);
         }
     }
     Ok(())
@@ -212,7 +252,7 @@ pub fn redact(kind: Kind, document: &Value) -> Value {
 }
 
 fn redact_fields(kind: Kind, obj: &mut Map<String, Value>) {
-    for field in fields(kind) {
+    for (field, _) in fields(kind) {
         if obj.get(*field).is_some_and(|v| !v.is_null()) {
             obj.insert((*field).to_string(), json!({ "set": true }));
         }
@@ -309,7 +349,9 @@ mod tests {
         assert!(no_key.message.contains(KEY_ENV), "{no_key}");
         assert!(!no_key.to_string().contains("whsec_abc"));
         assert_eq!(e(json!({ "secret": 5 }), None, Some(&k)).field, "secret");
-        assert!(e(doc.clone(), None, Some(&k)).message.contains("sealed"));
+        assert!(e(doc.clone(), None, Some(&k))
+            .message
+            .contains("kept value"));
         let mut none = json!({ "url": "https://a/" });
         seal_fields(&pb("a"), &mut none, Some(&doc), Some(&k)).expect("no secret");
         assert!(none.get("secret").is_none(), "left out: removed");
@@ -317,5 +359,23 @@ mod tests {
             open_field(&pb("a"), &doc, "secret", None),
             Err(SecretError::NoKey("postback/a#secret".into()))
         );
+    }
+
+    #[test]
+    fn an_operators_token_is_kept_as_its_digest_without_a_key() {
+        let op = Key::new(Kind::Operator, "alice").expect("key");
+        let mut doc = json!({ "name": "Alice", "role": "admin", "token": "0123456789abcdef" });
+        seal_fields(&op, &mut doc, None, None).expect("hashed");
+        assert_eq!(
+            doc["token"],
+            json!({ "sha256": digest("0123456789abcdef") })
+        );
+        assert_eq!(
+            redact(Kind::Operator, &doc)["token"],
+            json!({ "set": true })
+        );
+        let mut kept = json!({ "name": "Alice", "role": "viewer", "token": { "set": true } });
+        seal_fields(&op, &mut kept, Some(&doc), None).expect("kept");
+        assert_eq!(kept["token"], doc["token"]);
     }
 }

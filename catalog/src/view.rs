@@ -63,6 +63,36 @@ impl<T: Send + Sync + 'static> Live<T> {
         service: &str,
         registry: &Registry,
         shutdown: &CancellationToken,
+        compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
+    ) -> Result<Self, prometheus::Error> {
+        let changes = follower.changes();
+        Self::start(
+            changes,
+            Some(follower),
+            service,
+            registry,
+            shutdown,
+            compile,
+        )
+    }
+
+    /// [`Live::spawn`] over the catalogs of a follower its caller keeps (and shares).
+    pub fn spawn_on(
+        changes: watch::Receiver<Arc<Catalog>>,
+        service: &str,
+        registry: &Registry,
+        shutdown: &CancellationToken,
+        compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
+    ) -> Result<Self, prometheus::Error> {
+        Self::start(changes, None, service, registry, shutdown, compile)
+    }
+
+    fn start(
+        mut changes: watch::Receiver<Arc<Catalog>>,
+        follower: Option<Follower>,
+        service: &str,
+        registry: &Registry,
+        shutdown: &CancellationToken,
         mut compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
     ) -> Result<Self, prometheus::Error> {
         let gauge = IntGauge::new(
@@ -70,13 +100,12 @@ impl<T: Send + Sync + 'static> Live<T> {
             "The revision of the last catalog change this instance applied (-1: none)",
         )?;
         registry.register(Box::new(gauge.clone()))?;
-        let mut changes = follower.changes();
         let catalog = changes.borrow_and_update().clone();
         gauge.set(revision(&catalog));
         let (tx, rx) = watch::channel(Arc::new(compile(&catalog, None)));
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            // The follower reads for as long as this task holds it.
+            // A follower of its own reads for as long as this task holds it.
             let _follower = follower;
             loop {
                 tokio::select! {

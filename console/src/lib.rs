@@ -98,6 +98,14 @@ impl Console {
                 })?;
         let metrics = metrics::Metrics::new(runtime.registry())?;
         let catalog = catalog_api(&config).await?;
+        // Ends with the catalog's follower, which the API holds.
+        let catalog_operators = s2s_catalog::Live::spawn_on(
+            catalog.catalog.changes(),
+            "console",
+            runtime.registry(),
+            &CancellationToken::new(),
+            api::catalog_operators,
+        )?;
         let reader = reader::Reader::new(&config.pipeline.topics);
         let api = Arc::new(api::ApiState {
             ownership: runtime.ownership().clone(),
@@ -105,6 +113,7 @@ impl Console {
             commands_topic: config.pipeline.topics.delivery_commands.name.clone(),
             inputs: inputs.into_iter().map(|i| i.topic).collect(),
             operators: config.operators.clone().into_iter().collect(),
+            catalog_operators,
             metrics,
             feed: reader.feed(),
             catalog,

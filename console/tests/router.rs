@@ -13,6 +13,9 @@ use s2s_state::{Limits, Ownership};
 use tower::ServiceExt;
 
 const TOKEN: &str = "operator-token-0123456789";
+/// Catalog operators: a viewer and an operator.
+const VIEWER: &str = "viewer-token-0123456789";
+const OPERATOR: &str = "refirer-token-0123456789";
 
 fn app(dir: &std::path::Path) -> axum::Router {
     let registry = prometheus::Registry::new();
@@ -44,6 +47,20 @@ fn app(dir: &std::path::Path) -> axum::Router {
         commands_topic: "commands".into(),
         inputs: vec!["clicks".into()],
         operators: vec![("alice".into(), TOKEN.into())],
+        catalog_operators: s2s_catalog::Live::fixed(
+            [
+                (VIEWER, "val", s2s_catalog::documents::Role::Viewer),
+                (OPERATOR, "otto", s2s_catalog::documents::Role::Operator),
+            ]
+            .into_iter()
+            .map(|(token, name, role)| {
+                (
+                    s2s_catalog::secrets::digest(token),
+                    (name.to_string(), role),
+                )
+            })
+            .collect(),
+        ),
         metrics,
         feed: tokio::sync::broadcast::channel(4).0,
         catalog: catalog_api(&kafka),
@@ -227,4 +244,42 @@ async fn every_list_route_reads_its_window_from_the_query_string() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Roles: a viewer reads; an operator reads and re-fires; only an admin (the config
+/// file's operators, or the catalog's admins) changes the catalog.
+#[tokio::test]
+async fn every_role_boundary_holds() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = app(dir.path());
+    let catalog_change = [
+        (Method::PUT, "/api/v1/catalog/offer/o1"),
+        (Method::DELETE, "/api/v1/catalog/offer/o1"),
+    ];
+    let refires = [
+        (Method::POST, "/api/v1/deliveries/none/refire"),
+        (Method::POST, "/api/v1/dead-letters/refire"),
+    ];
+    for token in [VIEWER, OPERATOR] {
+        let (status, body) = call(&app, Method::GET, "/api/v1/catalog/offer", Some(token)).await;
+        assert_eq!(status, StatusCode::OK, "{token} reads: {body}");
+        for (method, uri) in &catalog_change {
+            let (status, body) = call(&app, method.clone(), uri, Some(token)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri} as {token}");
+            assert!(body.contains("needs role admin"), "{body}");
+        }
+    }
+    for (method, uri) in &refires {
+        let (status, body) = call(&app, method.clone(), uri, Some(VIEWER)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri} as a viewer: {body}");
+        assert!(body.contains("needs role operator"), "{body}");
+        let (status, _) = call(&app, method.clone(), uri, Some(OPERATOR)).await;
+        assert_ne!(status, StatusCode::FORBIDDEN, "{uri} as an operator");
+    }
+    let (status, _) = call(&app, Method::PUT, "/api/v1/catalog/offer/o1", Some(TOKEN)).await;
+    assert_ne!(
+        status,
+        StatusCode::FORBIDDEN,
+        "an admin changes the catalog"
+    );
 }

@@ -17,7 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use s2s_catalog::documents::{self, Checks};
+use s2s_catalog::documents::{self, Checks, Role};
 use s2s_catalog::secrets::{self, SecretKey};
 use s2s_catalog::{
     Catalog, Change, Conflict, Election, Entry, Follower, History, Key, Kind, WriteError, Writer,
@@ -83,6 +83,7 @@ pub async fn put(
     headers: HeaderMap,
     body: Result<Json<Put>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    op.may(Role::Admin, "changing the catalog")?;
     let key = key_of(&kind, &id)?;
     let Json(put) = body?;
     let invalid = |e: s2s_common::pipeline::FieldError| {
@@ -135,6 +136,7 @@ pub async fn delete(
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    op.may(Role::Admin, "changing the catalog")?;
     let key = key_of(&kind, &id)?;
     let Some(base) = if_match(&headers)? else {
         return Err(ApiError::new(
@@ -192,14 +194,14 @@ async fn write(
     };
     let Some(since) = s.catalog.election.leader_since() else {
         count("not_the_writer");
-        tracing::info!(key = %key_text, by = %op.0, result = "not_the_writer", "catalog change refused");
+        tracing::info!(key = %key_text, by = %op.name, result = "not_the_writer", "catalog change refused");
         return Err(not_the_writer());
     };
     let change = Change {
         key,
         base,
         document,
-        changed_by: op.0.clone(),
+        changed_by: op.name.clone(),
         changed_at_ms: s2s_common::now_ms(),
         reason,
     };
@@ -215,13 +217,13 @@ async fn write(
                 tracing::warn!(key = %key_text, error = %e, "the change's history record not seen yet");
             }
             count("accepted");
-            tracing::info!(key = %key_text, revision = written.revision, by = %op.0,
+            tracing::info!(key = %key_text, revision = written.revision, by = %op.name,
                 result = "accepted", "catalog changed");
             Ok(written)
         }
         Err(WriteError::Conflict(c)) => {
             count("conflict");
-            tracing::info!(key = %key_text, by = %op.0, result = "conflict", conflict = %c,
+            tracing::info!(key = %key_text, by = %op.name, result = "conflict", conflict = %c,
                 "catalog change refused");
             Err(match c {
                 Conflict::Missing { key } => missing(&key),
@@ -230,7 +232,7 @@ async fn write(
         }
         Err(e) => {
             count("failed");
-            tracing::error!(key = %key_text, by = %op.0, result = "failed", error = %e,
+            tracing::error!(key = %key_text, by = %op.name, result = "failed", error = %e,
                 "catalog change failed");
             Err(match e {
                 WriteError::Append { .. } | WriteError::Behind(_) => ApiError::new(

@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rdkafka::producer::FutureProducer;
+use s2s_catalog::documents::Role;
 use s2s_common::kafka_stats::KafkaStats;
 use s2s_state::Ownership;
 use serde::Deserialize;
@@ -72,8 +73,11 @@ pub struct ApiState {
     pub commands_topic: String,
     /// The topics the read model is built from (for its freshness).
     pub inputs: Vec<String>,
-    /// (name, token).
+    /// The config file's operators, (name, token): admins, so that a console always has
+    /// one (the catalog's operators come and go with it).
     pub operators: Vec<(String, String)>,
+    /// The catalog's operators by the digest of their token, live.
+    pub catalog_operators: s2s_catalog::Live<CatalogOperators>,
     pub metrics: Metrics,
     pub feed: broadcast::Sender<LiveEvent>,
     pub catalog: catalog::CatalogApi,
@@ -157,9 +161,72 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// The operator a request is from.
+/// The catalog's operators: the digest of each token → (operator ID, role).
+pub type CatalogOperators = std::collections::HashMap<String, (String, Role)>;
+
+/// The catalog's operators, compiled from a catalog (an operator whose document is not
+/// one keeps its previous entry, logged).
+pub fn catalog_operators(
+    catalog: &s2s_catalog::Catalog,
+    previous: Option<&CatalogOperators>,
+) -> CatalogOperators {
+    s2s_catalog::view::compile_each(
+        catalog,
+        s2s_catalog::Kind::Operator,
+        "console",
+        |id| {
+            previous
+                .and_then(|p| p.iter().find(|(_, (who, _))| who == id))
+                .map(|(digest, (_, role))| (digest.clone(), *role))
+        },
+        |_, doc| {
+            let role = s2s_catalog::documents::typed::<OperatorRole>(doc)
+                .map_err(|e| e.to_string())?
+                .role;
+            let digest = doc["token"]["sha256"]
+                .as_str()
+                .ok_or("no token digest")?
+                .to_string();
+            Ok((digest, role))
+        },
+    )
+    .into_iter()
+    .map(|(id, (digest, role))| (digest, (id, role)))
+    .collect()
+}
+
+/// The role of an operator's document (its other fields are not needed here).
+#[derive(Deserialize)]
+struct OperatorRole {
+    role: Role,
+}
+
+/// The operator a request is from, and what they may do.
 #[derive(Debug, Clone)]
-pub struct Operator(pub(crate) String);
+pub struct Operator {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Operator {
+    /// 403 unless the operator's role is at least `needed`.
+    pub fn may(&self, needed: Role, what: &str) -> Result<(), ApiError> {
+        if self.role >= needed {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "{what} needs role {} or more; operator {} is {}",
+                    needed.as_str(),
+                    self.name,
+                    self.role.as_str()
+                ),
+            ))
+        }
+    }
+}
 
 pub fn router(state: Shared) -> Router {
     let static_file = |body: &'static str, ct: &'static str| {
@@ -245,16 +312,31 @@ async fn authenticate(State(s): State<Shared>, mut req: Request, next: Next) -> 
         .unwrap_or_default()
         .as_bytes()
         .to_vec();
-    // Compare with every operator's token in constant time, whichever matches.
+    // Compare with every configured operator's token in constant time, whichever
+    // matches; then look the token's digest up among the catalog's operators.
     let mut who = None;
     for (name, t) in &s.operators {
         if bool::from(t.as_bytes().ct_eq(&token)) {
-            who = Some(name.clone());
+            who = Some(Operator {
+                name: name.clone(),
+                role: Role::Admin,
+            });
         }
     }
+    if who.is_none() && !token.is_empty() {
+        let digest = s2s_catalog::secrets::digest(&String::from_utf8_lossy(&token));
+        who = s
+            .catalog_operators
+            .current()
+            .get(&digest)
+            .map(|(name, role)| Operator {
+                name: name.clone(),
+                role: *role,
+            });
+    }
     match who {
-        Some(name) => {
-            req.extensions_mut().insert(Operator(name));
+        Some(op) => {
+            req.extensions_mut().insert(op);
             next.run(req).await
         }
         None => ApiError::new(

@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use s2s_catalog::documents::Role;
 use s2s_common::contract::{CommandAction, DeliveryCommand, SCHEMA_VERSION};
 use s2s_common::kafka::{produce_all, OutRecord};
 use s2s_common::topics::partition_key;
@@ -54,7 +55,7 @@ fn command(
         action: CommandAction::Redeliver,
         endpoint,
         conversion,
-        requested_by: who.0.clone(),
+        requested_by: who.name.clone(),
         requested_at_ms: s2s_common::now_ms(),
         reason,
     }
@@ -66,6 +67,7 @@ pub(super) async fn refire_one(
     Path(id): Path<String>,
     body: Option<Json<RefireBody>>,
 ) -> Result<Response, ApiError> {
+    who.may(Role::Operator, "re-firing a delivery")?;
     let key = id.clone();
     let Some((conversion, row)) = read(&s, move |r| r.refire_source(&key)).await? else {
         s.metrics.refires.with_label_values(&["not_found"]).inc();
@@ -90,10 +92,10 @@ pub(super) async fn refire_one(
     let cmd = command(conversion, row.endpoint.clone(), &who, reason);
     send_commands(&s, std::slice::from_ref(&cmd)).await?;
     s.metrics.refires.with_label_values(&["sent"]).inc();
-    tracing::info!(operator = %who.0, delivery_id = %id, command_id = %cmd.command_id, "re-fire requested");
+    tracing::info!(operator = %who.name, delivery_id = %id, command_id = %cmd.command_id, "re-fire requested");
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({"command_id": cmd.command_id, "delivery_id": id, "requested_by": who.0})),
+        Json(serde_json::json!({"command_id": cmd.command_id, "delivery_id": id, "requested_by": who.name})),
     )
         .into_response())
 }
@@ -111,6 +113,7 @@ pub(super) async fn refire_many(
     axum::Extension(who): axum::Extension<Operator>,
     body: Result<Json<BulkRefire>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    who.may(Role::Operator, "re-firing deliveries")?;
     let Json(b) = body?;
     let (endpoint, from, to) = (b.endpoint.clone(), b.from, b.to);
     let sources = read(&s, move |r| {
@@ -149,12 +152,12 @@ pub(super) async fn refire_many(
         .refires
         .with_label_values(&["sent"])
         .inc_by(commands.len() as u64);
-    tracing::info!(operator = %who.0, endpoint = %b.endpoint, count = commands.len(), "bulk re-fire requested");
+    tracing::info!(operator = %who.name, endpoint = %b.endpoint, count = commands.len(), "bulk re-fire requested");
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({
             "sent": commands.len(),
-            "requested_by": who.0,
+            "requested_by": who.name,
             // More matched than one request re-fires: ask again once these are settled.
             "more": more,
             "delivery_ids": commands.iter().take(20).map(|c| c.conversion.delivery_id(&c.endpoint)).collect::<Vec<_>>(),

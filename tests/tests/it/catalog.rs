@@ -753,6 +753,19 @@ async fn services_apply_catalog_changes_live() {
     p.stop().await;
 }
 
+/// The catalog topic's records up to `offset`, as text: what a reader of the topic sees.
+async fn catalog_records_to(topics: &TopicsConfig, offset: i64) -> String {
+    TopicReader::new(&topics.catalog)
+        .read_raw_until("the catalog's records", WAIT, |ms| {
+            ms.iter().any(|m| m.offset() == offset)
+        })
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `PUT /api/v1/catalog/{kind}/{id}` as operator "tester" (`base`: the revision changed,
 /// `None`: a creation), tried again while the console answers 503 (its election).
 async fn put_entity(url: &str, key: &str, base: Option<i64>, document: Value) -> (u16, Value) {
@@ -904,15 +917,11 @@ async fn delivery_follows_the_catalogs_postbacks() {
     .expect("export");
     assert!(!exported.contains(plain), "{exported}");
     assert!(exported.contains("set = true"), "{exported}");
-    let raw = TopicReader::new(&p.topics.catalog)
-        .read_raw_until("the signed postback's record", WAIT, |ms| {
-            ms.iter().any(|m| m.offset() == signed_at)
-        })
-        .await;
-    for m in raw {
-        let bytes = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
-        assert!(!bytes.contains(plain), "the topic holds it sealed: {bytes}");
-    }
+    let kept_as = catalog_records_to(&p.topics, signed_at).await;
+    assert!(
+        !kept_as.contains(plain) && kept_as.contains("sealed"),
+        "{kept_as}"
+    );
     let (status, kept) = put_entity(
         &api,
         "postback/signed",
@@ -968,4 +977,65 @@ async fn delivery_follows_the_catalogs_postbacks() {
         "the answer does not echo the secret: {refused}"
     );
     p.stop().await;
+}
+
+/// Operators in the catalog: created by an admin, their token write-only and kept as its
+/// digest (never in an answer or the topic), signing in with their role once the console
+/// applied them; a viewer reads and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_operators_sign_in_with_their_role() {
+    let topics = provisioned().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let c = console(&topics, &s2s_tests::unique("console"), dir.path()).await;
+    const TOKEN: &str = "viewer-token-abcdef0123456789";
+    let (status, created) = put_entity(
+        &c.url,
+        "operator/val",
+        None,
+        json!({ "name": "Val", "role": "viewer", "token": TOKEN }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["document"]["token"], json!({ "set": true }));
+    let as_val = |method: reqwest::Method, path: &str, token: Option<&str>| {
+        let mut req = s2s_tests::http().request(method, format!("{}{path}", c.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.expect("answer").status().as_u16() }
+    };
+    poll_until("the viewer signs in", WAIT, || async {
+        (as_val(
+            reqwest::Method::GET,
+            "/api/v1/catalog/operator",
+            Some(TOKEN),
+        )
+        .await
+            == 200)
+            .then_some(())
+    })
+    .await;
+    let listed = console_get(format!("{}/api/v1/catalog/operator", c.url)).await;
+    assert!(!listed.to_string().contains(TOKEN), "{listed}");
+    assert_eq!(
+        as_val(
+            reqwest::Method::DELETE,
+            "/api/v1/catalog/operator/val",
+            Some(TOKEN)
+        )
+        .await,
+        403,
+        "a viewer changes nothing"
+    );
+    assert_eq!(
+        as_val(reqwest::Method::GET, "/api/v1/catalog/operator", None).await,
+        401
+    );
+    let revision = created["revision"].as_i64().expect("revision");
+    let kept_as = catalog_records_to(&topics, revision).await;
+    assert!(
+        !kept_as.contains(TOKEN) && kept_as.contains("sha256"),
+        "{kept_as}"
+    );
+    c.running.stop().await;
 }
