@@ -6,6 +6,9 @@
 //! `compile` is given the view it replaces: a document the service cannot take (the
 //! catalog checks documents with the pipeline's rules, but a service may have rules of
 //! its own) keeps its last accepted version there, and the service says so.
+//!
+//! Compiling runs on a thread of its own, never on the service's async workers: a big
+//! catalog takes a while to compile, and requests must not wait behind it.
 
 use std::sync::Arc;
 
@@ -37,6 +40,8 @@ pub enum LiveError {
     Follower(#[from] FollowerError),
     #[error("the catalog's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("starting the catalog's compiling thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl<T: Send + Sync + 'static> Live<T> {
@@ -52,7 +57,7 @@ impl<T: Send + Sync + 'static> Live<T> {
         compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
     ) -> Result<Self, LiveError> {
         let follower = Follower::start(kafka, topic, READY_WITHIN, shutdown).await?;
-        Ok(Self::spawn(follower, service, registry, shutdown, compile)?)
+        Self::spawn(follower, service, registry, shutdown, compile)
     }
 
     /// Compiles the follower's catalog now (so the view is whole from the start) and
@@ -64,7 +69,7 @@ impl<T: Send + Sync + 'static> Live<T> {
         registry: &Registry,
         shutdown: &CancellationToken,
         compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
-    ) -> Result<Self, prometheus::Error> {
+    ) -> Result<Self, LiveError> {
         let changes = follower.changes();
         Self::start(
             changes,
@@ -83,7 +88,7 @@ impl<T: Send + Sync + 'static> Live<T> {
         registry: &Registry,
         shutdown: &CancellationToken,
         compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
-    ) -> Result<Self, prometheus::Error> {
+    ) -> Result<Self, LiveError> {
         Self::start(changes, None, service, registry, shutdown, compile)
     }
 
@@ -94,7 +99,7 @@ impl<T: Send + Sync + 'static> Live<T> {
         registry: &Registry,
         shutdown: &CancellationToken,
         mut compile: impl FnMut(&Catalog, Option<&T>) -> T + Send + 'static,
-    ) -> Result<Self, prometheus::Error> {
+    ) -> Result<Self, LiveError> {
         let gauge = IntGauge::new(
             format!("{service}_catalog_revision"),
             "The revision of the last catalog change this instance applied (-1: none)",
@@ -104,21 +109,31 @@ impl<T: Send + Sync + 'static> Live<T> {
         gauge.set(revision(&catalog));
         let (tx, rx) = watch::channel(Arc::new(compile(&catalog, None)));
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            // A follower of its own reads for as long as this task holds it.
-            let _follower = follower;
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    changed = changes.changed() => if changed.is_err() { break },
+        let service = service.to_string();
+        std::thread::Builder::new()
+            .name(format!("{service}-catalog"))
+            .spawn(move || {
+                // A follower of its own reads for as long as this thread holds it.
+                let _follower = follower;
+                loop {
+                    let go_on = futures::executor::block_on(async {
+                        tokio::select! {
+                            () = shutdown.cancelled() => false,
+                            changed = changes.changed() => changed.is_ok(),
+                        }
+                    });
+                    if !go_on {
+                        break;
+                    }
+                    let catalog = changes.borrow_and_update().clone();
+                    let previous = tx.borrow().clone();
+                    tx.send_replace(Arc::new(compile(&catalog, Some(&previous))));
+                    gauge.set(revision(&catalog));
+                    tracing::info!(service = %service, revision = revision(&catalog),
+                        "catalog change applied");
                 }
-                let catalog = changes.borrow_and_update().clone();
-                let previous = tx.borrow().clone();
-                tx.send_replace(Arc::new(compile(&catalog, Some(&previous))));
-                gauge.set(revision(&catalog));
-                tracing::info!(revision = revision(&catalog), "catalog change applied");
-            }
-        });
+            })
+            .map_err(LiveError::Thread)?;
         Ok(Live { rx })
     }
 }

@@ -105,7 +105,8 @@ impl Console {
             runtime.registry(),
             &CancellationToken::new(),
             api::catalog_operators,
-        )?;
+        )
+        .map_err(|e| RuntimeError::Config(e.to_string()))?;
         let reader = reader::Reader::new(&config.pipeline.topics);
         let api = Arc::new(api::ApiState {
             ownership: runtime.ownership().clone(),
