@@ -2,11 +2,10 @@
 //! rules the services apply to the same settings in their config files, so that the
 //! catalog never holds a document a service would refuse.
 //!
-//! Offers and affiliates are typed here; postbacks are checked with delivery's rules,
-//! which whoever checks them supplies ([`Checks::with_postbacks`]: the console, which
-//! links delivery). Operators are typed here, their tokens write-only
-//! ([`crate::secrets`]). Sources are refused until ingest can open their sealed secrets
-//! (issue 22's next parts).
+//! Offers, affiliates and operators are typed here (operators' tokens write-only,
+//! [`crate::secrets`]); postbacks and sources are checked with delivery's and ingest's
+//! rules, which whoever checks them supplies ([`Checks::with`]: the console, which links
+//! both).
 
 use std::sync::Arc;
 
@@ -84,31 +83,42 @@ pub type KindCheck = Arc<dyn Fn(&str, &Value) -> Result<Value, FieldError> + Sen
 pub struct Checks {
     /// The pipeline's events and statuses, and its longest window.
     pub vocabulary: PostbackVocabulary,
-    /// Delivery's rules for a postback document.
-    postback: Option<KindCheck>,
+    /// The rules of kinds that live with a service: postbacks (delivery's), sources
+    /// (ingest's).
+    services: Vec<(Kind, KindCheck)>,
 }
 
 impl std::fmt::Debug for Checks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kinds: Vec<Kind> = self.services.iter().map(|(k, _)| *k).collect();
         f.debug_struct("Checks")
             .field("vocabulary", &self.vocabulary)
-            .field("postbacks", &self.postback.is_some())
+            .field("services", &kinds)
             .finish()
     }
 }
 
 impl Checks {
-    /// Offers and affiliates; postbacks refused until [`Checks::with_postbacks`].
+    /// Offers, affiliates and operators; postbacks and sources refused until their
+    /// services' rules are given ([`Checks::with`]).
     pub fn new(vocabulary: PostbackVocabulary) -> Self {
         Checks {
             vocabulary,
-            postback: None,
+            services: Vec::new(),
         }
     }
 
-    pub fn with_postbacks(mut self, check: KindCheck) -> Self {
-        self.postback = Some(check);
+    /// Checks `kind`'s documents with `check` (a service's rules).
+    pub fn with(mut self, kind: Kind, check: KindCheck) -> Self {
+        self.services.push((kind, check));
         self
+    }
+
+    fn service(&self, kind: Kind) -> Option<&KindCheck> {
+        self.services
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, c)| c)
     }
 }
 
@@ -125,11 +135,11 @@ pub fn check(kind: Kind, id: &str, document: &Value, checks: &Checks) -> Result<
             o.check(&checks.vocabulary)?;
             canonical(&o)
         }
-        Kind::Postback => match &checks.postback {
+        Kind::Postback | Kind::Source => match checks.service(kind) {
             Some(check) => check(id, document),
             None => Err(FieldError::new(
                 "kind",
-                "postbacks are checked with delivery's rules, which this tool does not have",
+                format!("{kind}s are checked with their service's rules, which this tool lacks"),
             )),
         },
         Kind::Affiliate => {
@@ -165,16 +175,6 @@ pub fn check(kind: Kind, id: &str, document: &Value, checks: &Checks) -> Result<
             }
             Ok(canonical)
         }
-        // A source's document holds its token or HMAC secret, which ingest needs back:
-        // until ingest opens sealed secrets, sources stay in its config file, and the
-        // catalog refuses them rather than keep secrets it would show back.
-        Kind::Source => Err(FieldError::new(
-            "kind",
-            format!(
-                "{kind}s are not managed in the catalog yet: they stay in the services' \
-                 config files for now"
-            ),
-        )),
     }
 }
 
@@ -275,7 +275,7 @@ mod tests {
             &json!({ "auth": "token", "token": "s3cret" }),
             &v,
         )
-        .expect_err("not in the catalog yet");
+        .expect_err("without ingest's rules");
         assert_eq!(e.field, "kind");
     }
 

@@ -26,9 +26,12 @@ pub struct CatalogFile {
     pub offers: BTreeMap<String, OfferConfig>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub affiliates: BTreeMap<String, Affiliate>,
-    /// Checked with delivery's rules ([`Checks::with_postbacks`]).
+    /// Checked with delivery's rules ([`Checks::with`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub postbacks: BTreeMap<String, toml::Table>,
+    /// Checked with ingest's rules ([`Checks::with`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<String, toml::Table>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +108,15 @@ impl CatalogFile {
             .postbacks
             .iter()
             .map(|(id, p)| one("postbacks", Kind::Postback, id, p, checks));
-        offers.chain(affiliates).chain(postbacks).collect()
+        let sources = self
+            .sources
+            .iter()
+            .map(|(id, p)| one("sources", Kind::Source, id, p, checks));
+        offers
+            .chain(affiliates)
+            .chain(postbacks)
+            .chain(sources)
+            .collect()
     }
 
     /// The file of `entities` (documents as the catalog keeps them); kinds without a
@@ -133,7 +144,11 @@ impl CatalogFile {
                     let p = documents::typed(document).map_err(stored)?;
                     file.postbacks.insert(key.id().to_string(), p);
                 }
-                Kind::Source | Kind::Operator => {}
+                Kind::Source => {
+                    let p = documents::typed(document).map_err(stored)?;
+                    file.sources.insert(key.id().to_string(), p);
+                }
+                Kind::Operator => {}
             }
         }
         Ok(file)

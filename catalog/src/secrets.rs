@@ -144,7 +144,8 @@ pub fn fields(kind: Kind) -> &'static [(&'static str, Keeping)] {
     match kind {
         Kind::Postback => &[("secret", Keeping::Sealed)],
         Kind::Operator => &[("token", Keeping::Hashed)],
-        Kind::Offer | Kind::Affiliate | Kind::Source => &[],
+        Kind::Source => &[("token", Keeping::Sealed), ("hmac_secret", Keeping::Sealed)],
+        Kind::Offer | Kind::Affiliate => &[],
     }
 }
 

@@ -242,12 +242,17 @@ pub async fn run(config: ConsoleConfig, shutdown: CancellationToken) -> Result<(
     Console::bind(config).await?.run(shutdown).await
 }
 
-/// The rules catalog documents are checked with: the pipeline's vocabulary, and delivery's
-/// rules for postbacks.
+/// The rules catalog documents are checked with: the pipeline's vocabulary, delivery's
+/// rules for postbacks and ingest's for sources.
 pub fn catalog_checks(
     vocabulary: &s2s_common::pipeline::PostbackVocabulary,
 ) -> Result<s2s_catalog::documents::Checks, RuntimeError> {
     let postbacks = s2s_delivery::catalog::postback_check()
         .map_err(|e| RuntimeError::Config(format!("delivery's defaults: {e}")))?;
-    Ok(s2s_catalog::documents::Checks::new(vocabulary.clone()).with_postbacks(postbacks))
+    Ok(s2s_catalog::documents::Checks::new(vocabulary.clone())
+        .with(s2s_catalog::Kind::Postback, postbacks)
+        .with(
+            s2s_catalog::Kind::Source,
+            s2s_ingest::catalog::source_check(),
+        ))
 }

@@ -1,11 +1,20 @@
-//! What ingest takes from the catalog: each offer's redirect template and each
-//! affiliate's status, compiled once per catalog change (see [`s2s_catalog::Live`]), so
-//! that a click looks them up in ready maps.
+//! What ingest takes from the catalog: each offer's redirect template, each affiliate's
+//! status and each source (an operator's integration: auth, aliases, allow-list, rate
+//! limit), compiled once per catalog change (see [`s2s_catalog::Live`]), so that a
+//! request looks them up in ready maps. A source's token or HMAC secret is sealed in the
+//! catalog ([`s2s_catalog::secrets`]) and opened here with the catalog's key.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
-use s2s_catalog::documents::{typed, Affiliate, AffiliateStatus};
-use s2s_catalog::{view, Catalog, Kind};
+use s2s_catalog::documents::{typed, Affiliate, AffiliateStatus, KindCheck};
+use s2s_catalog::secrets::{self, SecretKey, Written};
+use s2s_catalog::{view, Catalog, Key, Kind};
+use s2s_common::pipeline::FieldError;
+use serde_json::Value;
+
+use crate::config::{compile_source, SourceConfig};
+use crate::source::Source;
 use s2s_common::pipeline::{offer_macros, OfferConfig, OfferStatus, UnknownAffiliates};
 use s2s_common::template::Template;
 
@@ -18,6 +27,11 @@ pub struct IngestCatalog {
     pub paused_offers: HashSet<String>,
     /// The status of every affiliate the catalog holds.
     pub affiliates: HashMap<String, AffiliateStatus>,
+    /// The catalog's sources (the config file's come first: see `App::source`).
+    pub sources: BTreeMap<String, Arc<Source>>,
+    /// The revision each source was compiled from: an unchanged source is kept as it is
+    /// (its rate limiter's state too) when something else in the catalog changes.
+    source_revisions: HashMap<String, i64>,
     /// What a click for an affiliate the catalog does not hold gets.
     pub unknown_affiliates: UnknownAffiliates,
     /// The catalog revision this view is of.
@@ -58,6 +72,8 @@ impl IngestCatalog {
             offers,
             paused_offers: HashSet::new(),
             affiliates: HashMap::new(),
+            sources: BTreeMap::new(),
+            source_revisions: HashMap::new(),
             unknown_affiliates: UnknownAffiliates::Accept,
             revision: -1,
         }
@@ -87,7 +103,7 @@ impl IngestCatalog {
 pub fn compile(
     catalog: &Catalog,
     previous: Option<&IngestCatalog>,
-    unknown_affiliates: UnknownAffiliates,
+    settings: &Settings,
 ) -> IngestCatalog {
     let macros = offer_macros();
     let offers = view::compile_each(
@@ -127,13 +143,112 @@ pub fn compile(
     )
     .into_iter()
     .collect();
+    let sources = view::compile_each(
+        catalog,
+        Kind::Source,
+        "ingest",
+        |id| previous.and_then(|p| p.sources.get(id)).cloned(),
+        |id, doc| {
+            if settings.file_sources.contains(id) {
+                return Err(format!(
+                    "ingest's config file has a source named '{id}' too; that one is used"
+                ));
+            }
+            let revision = catalog
+                .get(&Key::new(Kind::Source, id).map_err(|e| e.to_string())?)
+                .map(|e| e.revision);
+            if let Some(p) = previous.filter(|p| p.source_revisions.get(id) == revision.as_ref()) {
+                if let Some(same) = p.sources.get(id) {
+                    return Ok(Arc::clone(same));
+                }
+            }
+            let key = Key::new(Kind::Source, id).map_err(|e| e.to_string())?;
+            let mut c = source_config(doc).map_err(|e| e.to_string())?;
+            let open = |field| {
+                secrets::open_field(&key, doc, field, settings.secret_key.as_ref())
+                    .map_err(|e| e.to_string())
+            };
+            c.token = open("token")?;
+            c.hmac_secret = open("hmac_secret")?;
+            compile_source(id, &c).map(Arc::new)
+        },
+    )
+    .into_iter()
+    .collect::<BTreeMap<_, _>>();
+    let source_revisions = sources
+        .keys()
+        .filter_map(|id| {
+            let e = catalog.get(&Key::new(Kind::Source, id).ok()?)?;
+            Some((id.clone(), e.revision))
+        })
+        .collect();
     IngestCatalog {
         offers,
         paused_offers,
         affiliates,
-        unknown_affiliates,
+        sources,
+        source_revisions,
+        unknown_affiliates: settings.unknown_affiliates,
         revision: view::revision(catalog),
     }
+}
+
+/// What compiling the catalog takes from ingest's config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub unknown_affiliates: UnknownAffiliates,
+    /// Opens sources' secrets.
+    pub secret_key: Option<SecretKey>,
+    /// The config file's sources: a catalog source of the same name is ignored.
+    pub file_sources: BTreeSet<String>,
+}
+
+/// A source document without its secrets, as a `[sources.<id>]` section.
+fn source_config(doc: &Value) -> Result<SourceConfig, FieldError> {
+    let mut fields = doc.as_object().cloned().unwrap_or_default();
+    fields.remove("token");
+    fields.remove("hmac_secret");
+    serde_json::from_value(Value::Object(fields))
+        .map_err(|e| FieldError::new("document", e.to_string()))
+}
+
+/// The catalog's rule for source documents: a `[sources.<id>]` section, its `token` or
+/// `hmac_secret` write-only (a string, or `{"set": true}` to keep the one set).
+pub fn source_check() -> KindCheck {
+    Arc::new(|id: &str, doc: &Value| {
+        let mut c = source_config(doc)?;
+        // A kept secret stands in as a valid one: the console keeps the sealed value.
+        let secret = |field: &str| -> Result<Option<String>, FieldError> {
+            Ok(match secrets::written(doc, field)? {
+                Written::Plain(s) => Some(s.to_string()),
+                Written::Keep | Written::Kept => Some("x".repeat(32)),
+                Written::Absent => None,
+            })
+        };
+        c.token = secret("token")?;
+        c.hmac_secret = secret("hmac_secret")?;
+        compile_source(id, &c).map_err(|e| {
+            // "sources.<id>.<field> …": the field, and the message without the secret.
+            let prefix = format!("sources.{id}.");
+            let rest = e.strip_prefix(&prefix).unwrap_or(&e);
+            let field = rest
+                .split([' ', ':'])
+                .next()
+                .filter(|f| !f.is_empty() && !rest.starts_with(':'))
+                .unwrap_or("document");
+            FieldError::new(field, e.clone())
+        })?;
+        let mut canonical =
+            serde_json::to_value(&c).map_err(|e| FieldError::new("document", e.to_string()))?;
+        if let Some(obj) = canonical.as_object_mut() {
+            for field in ["token", "hmac_secret"] {
+                if let Some(v) = doc.get(field).filter(|v| !v.is_null()) {
+                    obj.insert(field.into(), v.clone());
+                }
+            }
+        }
+        Ok(canonical)
+    })
 }
 
 #[cfg(test)]
@@ -142,6 +257,14 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn settings(unknown_affiliates: UnknownAffiliates) -> Settings {
+        Settings {
+            unknown_affiliates,
+            secret_key: None,
+            file_sources: BTreeSet::new(),
+        }
+    }
 
     fn stored(document: serde_json::Value) -> Option<Stored> {
         Some(Stored::new(document, "t", 0))
@@ -161,8 +284,8 @@ mod tests {
             1,
             stored(json!({ "name": "X" })),
         );
-        let accept = UnknownAffiliates::Accept;
-        let first = compile(&c, None, accept);
+        let accept = settings(UnknownAffiliates::Accept);
+        let first = compile(&c, None, &accept);
         assert_eq!(first.revision, 1);
         assert_eq!(first.offers.len(), 1);
         c.apply(
@@ -170,16 +293,16 @@ mod tests {
             2,
             stored(json!({ "url": "https://b.example/?c={nope}" })),
         );
-        let second = compile(&c, Some(&first), accept);
+        let second = compile(&c, Some(&first), &accept);
         assert_eq!(second.revision, 2);
         assert_eq!(second.offers.get("1"), first.offers.get("1"), "kept");
         assert!(
-            compile(&c, None, accept).offers.is_empty(),
+            compile(&c, None, &accept).offers.is_empty(),
             "nothing to keep"
         );
         c.apply(key(), 3, None);
         assert!(
-            compile(&c, Some(&second), accept).offers.is_empty(),
+            compile(&c, Some(&second), &accept).offers.is_empty(),
             "deleted"
         );
     }
@@ -197,7 +320,7 @@ mod tests {
                 stored(json!({ "name": id, "status": status })),
             );
         }
-        let accept = compile(&c, None, UnknownAffiliates::Accept);
+        let accept = compile(&c, None, &settings(UnknownAffiliates::Accept));
         assert_eq!(accept.refuses_click("1", "a"), None);
         assert_eq!(
             accept.refuses_click("1", "p"),
@@ -208,7 +331,7 @@ mod tests {
             Some(NotIssued::AffiliateBlocked)
         );
         assert_eq!(accept.refuses_click("1", "zz"), None);
-        let refuse = compile(&c, None, UnknownAffiliates::Refuse);
+        let refuse = compile(&c, None, &settings(UnknownAffiliates::Refuse));
         assert_eq!(
             refuse.refuses_click("1", "zz"),
             Some(NotIssued::UnknownAffiliate)
@@ -221,9 +344,65 @@ mod tests {
             stored(json!({ "url": "https://o.example/", "status": "paused" })),
         );
         assert_eq!(
-            compile(&c, None, UnknownAffiliates::Accept).refuses_click("1", "a"),
+            compile(&c, None, &settings(UnknownAffiliates::Accept)).refuses_click("1", "a"),
             Some(NotIssued::OfferPaused),
             "a paused offer's clicks, whoever the affiliate"
+        );
+    }
+
+    #[test]
+    fn a_source_is_checked_like_a_config_section_and_opens_its_sealed_token() {
+        let check = source_check();
+        let doc = json!({ "auth": "token", "token": "0123456789abcdef-token",
+            "aliases": { "cid": "click_id" } });
+        let canonical = check("acme", &doc).expect("valid");
+        assert_eq!(
+            canonical["token"], doc["token"],
+            "sealed by the console next"
+        );
+        let field = |d: Value| check("acme", &d).expect_err("refused").field;
+        assert_eq!(field(json!({ "auth": "token", "token": "short" })), "token");
+        assert_eq!(field(json!({ "token": "0123456789abcdef-token" })), "auth");
+        assert!(
+            !check("acme", &json!({ "auth": "token", "token": "short-secret" }))
+                .expect_err("refused")
+                .to_string()
+                .contains("short-secret"),
+            "the error never holds the secret"
+        );
+        assert!(check(
+            "acme",
+            &json!({ "auth": "token", "token": { "set": true } })
+        )
+        .is_ok());
+
+        let key =
+            SecretKey::from_base64("dGVzdHMtY2F0YWxvZy1rZXktMzItYnl0ZXMtbG9uZyE=").expect("key");
+        let source_key = Key::new(Kind::Source, "acme").expect("key");
+        let mut sealed = canonical.clone();
+        secrets::seal_fields(&source_key, &mut sealed, None, Some(&key)).expect("sealed");
+        let mut c = Catalog::default();
+        c.apply(source_key, 0, stored(sealed));
+        let with_key = Settings {
+            secret_key: Some(key),
+            ..settings(UnknownAffiliates::Accept)
+        };
+        let compiled = compile(&c, None, &with_key);
+        let acme = compiled.sources.get("acme").expect("compiled");
+        assert_eq!(
+            acme.auth,
+            crate::source::Auth::Token(crate::source::Secret::new("0123456789abcdef-token"))
+        );
+        let again = compile(&c, Some(&compiled), &with_key);
+        assert!(
+            Arc::ptr_eq(acme, &again.sources["acme"]),
+            "unchanged: the same source, rate limiter and all"
+        );
+        assert!(
+            compile(&c, None, &settings(UnknownAffiliates::Accept))
+                .sources
+                .is_empty(),
+            "without the key the token cannot be opened"
         );
     }
 }

@@ -323,7 +323,7 @@ pub const NO_DEFAULT_SOURCE: &str = "sources.default is not configured: it authe
     S2S_INGEST__SOURCES__DEFAULT__TOKEN) or auth = \"hmac\"; for a demo that anyone may \
     post to, say auth = \"none\"";
 
-fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
+pub(crate) fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
     let key = format!("sources.{name}");
     let Some(kind) = c.auth else {
         return Err(format!(

@@ -88,14 +88,19 @@ impl Ingest {
 
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
-        let unknown = config.pipeline.affiliates.unknown;
+        let settings = catalog::Settings {
+            unknown_affiliates: config.pipeline.affiliates.unknown,
+            secret_key: s2s_catalog::secrets::SecretKey::of(&config.pipeline)
+                .map_err(|e| IngestError::Config(e.to_string()))?,
+            file_sources: compiled.sources.keys().cloned().collect(),
+        };
         let catalog = s2s_catalog::Live::follow(
             &config.pipeline.kafka,
             &config.pipeline.topics.catalog.name,
             "ingest",
             &admin.registry,
             shutdown,
-            move |c, previous| catalog::compile(c, previous, unknown),
+            move |c, previous| catalog::compile(c, previous, &settings),
         )
         .await?;
         let open: Vec<&String> = compiled

@@ -263,6 +263,14 @@ impl App {
         }
     }
 
+    /// The source `name`: the config file's, else the catalog's.
+    fn source(&self, name: &str) -> Option<Arc<Source>> {
+        self.sources
+            .get(name)
+            .cloned()
+            .or_else(|| self.catalog.current().sources.get(name).cloned())
+    }
+
     /// Source lookup (404), IP allow-list (403), rate limit (429), body size (413), query
     /// parsing, and authentication (401) over the body (POST) or the raw query (GET).
     async fn admit(
@@ -274,7 +282,7 @@ impl App {
     ) -> Result<Admitted, ApiError> {
         let headers = &parts.headers;
         let name = source.as_deref().unwrap_or("default");
-        let source = self.sources.get(name).cloned().ok_or_else(|| {
+        let source = self.source(name).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_source",

@@ -537,8 +537,7 @@ async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
         Some(1.0)
     );
 
-    // Kinds whose documents carry secrets are refused until the catalog keeps them
-    // write-only and encrypted: nothing it holds is a secret it would show back.
+    // Secrets are write-only: accepted, never shown back.
     let (status, _, body) = call(
         writer,
         Method::PUT,
@@ -547,8 +546,9 @@ async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
         Some(json!({ "document": { "auth": "token", "token": "s3cret-s3cret-s3cret" } })),
     )
     .await;
-    assert_eq!(status, 422, "{body}");
+    assert_eq!(status, 201, "{body}");
     assert!(!body.to_string().contains("s3cret"), "{body}");
+    assert_eq!(body["document"]["token"], json!({ "set": true }));
 
     // Unauthenticated: refused.
     let resp = s2s_tests::http()
@@ -1038,4 +1038,59 @@ async fn catalog_operators_sign_in_with_their_role() {
         "{kept_as}"
     );
     c.running.stop().await;
+}
+
+/// A source (an operator's integration) created through the API authenticates and maps
+/// its aliases at ingest without a restart; its token is write-only, sealed in the topic,
+/// and a wrong one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_follows_the_catalogs_sources() {
+    use s2s_tests::{Pipeline, PipelineOptions};
+    let p = Pipeline::start(PipelineOptions {
+        console: true,
+        ..Default::default()
+    })
+    .await;
+    const TOKEN: &str = "casino-postback-token-0123";
+    let (status, created) = put_entity(
+        &p.console_url(),
+        "source/casino",
+        None,
+        json!({ "auth": "token", "token": TOKEN, "aliases": { "cid": "click_id", "goal": "event" } }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["document"]["token"], json!({ "set": true }));
+    let revision = created["revision"].as_i64().expect("revision");
+    let kept_as = catalog_records_to(&p.topics, revision).await;
+    assert!(
+        !kept_as.contains(TOKEN) && kept_as.contains("sealed"),
+        "{kept_as}"
+    );
+    applied(p.ingest_admin, "ingest", revision).await;
+
+    let click_id = p.click("offer_id=1&aff_id=42").await;
+    let send = |token: &'static str| {
+        let url = p.ingest_url(&format!("/postback/casino?cid={click_id}&goal=ftd"));
+        async move {
+            s2s_tests::http()
+                .get(url)
+                .header("X-Postback-Token", token)
+                .send()
+                .await
+                .expect("answer")
+        }
+    };
+    assert_eq!(send("wrong-token-0123456789").await.status(), 401);
+    let ok = send(TOKEN).await;
+    assert_eq!(ok.status(), 200);
+    let conversions = TopicReader::new(&p.topics.conversions)
+        .read_until::<s2s_common::contract::Conversion>("the source's FTD", WAIT, |cs| {
+            cs.iter().any(|c| c.click_id == click_id)
+        })
+        .await;
+    assert!(conversions
+        .iter()
+        .any(|c| c.click_id == click_id && c.event == "ftd"));
+    p.stop().await;
 }
