@@ -363,6 +363,10 @@ mod tests {
         let field = |d: Value| check("acme", &d).expect_err("refused").field;
         assert_eq!(field(json!({ "auth": "token", "token": "short" })), "token");
         assert_eq!(field(json!({ "token": "0123456789abcdef-token" })), "auth");
+        assert_eq!(
+            field(json!({ "auth": "none", "values": { "txn_id": { "a": "b" } } })),
+            "values.txn_id"
+        );
         assert!(
             !check("acme", &json!({ "auth": "token", "token": "short-secret" }))
                 .expect_err("refused")

@@ -149,6 +149,10 @@ pub struct SourceConfig {
     /// Their parameter name = our canonical name.
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
+    /// Their values of `event` and `status` = ours (`sale` → `ftd`, `1` → `approved`),
+    /// applied after the aliases.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, BTreeMap<String, String>>,
     /// Addresses or CIDRs allowed to call; empty = any.
     #[serde(default)]
     pub allow_ips: Vec<String>,
@@ -180,6 +184,7 @@ impl SourceConfig {
             hmac_secret: None,
             max_skew: default_skew(),
             aliases: BTreeMap::new(),
+            values: BTreeMap::new(),
             allow_ips: Vec::new(),
             rate_limit_per_second: None,
         }
@@ -323,6 +328,9 @@ pub const NO_DEFAULT_SOURCE: &str = "sources.default is not configured: it authe
     S2S_INGEST__SOURCES__DEFAULT__TOKEN) or auth = \"hmac\"; for a demo that anyone may \
     post to, say auth = \"none\"";
 
+/// The canonical parameters whose values a source may map.
+pub const MAPPED_FIELDS: [&str; 2] = ["event", "status"];
+
 pub(crate) fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, String> {
     let key = format!("sources.{name}");
     let Some(kind) = c.auth else {
@@ -388,10 +396,29 @@ pub(crate) fn compile_source(name: &str, c: &SourceConfig) -> Result<Source, Str
                 .ok_or_else(|| format!("{key}.rate_limit_per_second must be > 0"))?,
         )),
     };
+    if let Some(field) = c
+        .values
+        .keys()
+        .find(|f| !MAPPED_FIELDS.contains(&f.as_str()))
+    {
+        return Err(format!(
+            "{key}.values.{field}: values are mapped for {MAPPED_FIELDS:?} only"
+        ));
+    }
+    if let Some((field, theirs)) = c.values.iter().find_map(|(f, m)| {
+        m.iter()
+            .find(|(_, ours)| ours.trim().is_empty())
+            .map(|(t, _)| (f, t))
+    }) {
+        return Err(format!(
+            "{key}.values.{field}: '{theirs}' maps to an empty value"
+        ));
+    }
     Ok(Source {
         name: name.to_string(),
         auth,
         aliases: c.aliases.clone(),
+        values: c.values.clone(),
         allow,
         rate_limit,
     })

@@ -73,6 +73,8 @@ pub struct Source {
     pub auth: Auth,
     /// Their parameter name → ours (`clickid` → `click_id`).
     pub aliases: BTreeMap<String, String>,
+    /// Their value → ours, per canonical parameter (`event`: `sale` → `ftd`).
+    pub values: BTreeMap<String, BTreeMap<String, String>>,
     /// Empty: any address.
     pub allow: Vec<IpNet>,
     /// None: unlimited.
@@ -204,8 +206,10 @@ impl Source {
         }
     }
 
-    /// Renames aliased parameters to their canonical names. When both an alias and the
-    /// canonical name are present, the canonical one wins.
+    /// Renames aliased parameters to their canonical names (when both an alias and the
+    /// canonical name are present, the canonical one wins), then maps the source's own
+    /// values of `event` and `status` to ours. A value the map does not name is kept, and
+    /// checked like any other.
     pub fn apply_aliases(&self, pairs: &mut Pairs) {
         let mut tagged: Vec<(bool, (String, String))> = pairs
             .drain(..)
@@ -217,6 +221,18 @@ impl Source {
         // Stable: originals before renamed ones, so `take` finds the canonical first.
         tagged.sort_by_key(|(renamed, _)| *renamed);
         pairs.extend(tagged.into_iter().map(|(_, pair)| pair));
+        if self.values.is_empty() {
+            return;
+        }
+        for (name, value) in pairs.iter_mut() {
+            if let Some(ours) = self
+                .values
+                .get(name.as_str())
+                .and_then(|m| m.get(value.as_str()))
+            {
+                value.clone_from(ours);
+            }
+        }
     }
 }
 
@@ -245,6 +261,11 @@ mod tests {
                 .into_iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
+            values: [(
+                "event".to_string(),
+                [("sale".to_string(), "ftd".to_string())].into(),
+            )]
+            .into(),
             allow: vec!["203.0.113.0/24".parse().expect("cidr")],
             rate_limit: None,
         }
@@ -359,6 +380,24 @@ mod tests {
             Some("canonical")
         );
         assert_eq!(crate::params::take(&mut p, "amount").as_deref(), Some("5"));
+
+        let mut p: Pairs = vec![
+            ("et".into(), "sale".into()),
+            ("status".into(), "sale".into()),
+        ];
+        let mut s = s;
+        s.aliases.insert("et".into(), "event".into());
+        s.apply_aliases(&mut p);
+        assert_eq!(
+            crate::params::take(&mut p, "event").as_deref(),
+            Some("ftd"),
+            "renamed, then mapped"
+        );
+        assert_eq!(
+            crate::params::take(&mut p, "status").as_deref(),
+            Some("sale"),
+            "status has no map here"
+        );
     }
 
     #[test]

@@ -1041,7 +1041,7 @@ async fn catalog_operators_sign_in_with_their_role() {
 }
 
 /// A source (an operator's integration) created through the API authenticates and maps
-/// its aliases at ingest without a restart; its token is write-only, sealed in the topic,
+/// its aliases and values (`goal=sale` → `event=ftd`) at ingest without a restart; its token is write-only, sealed in the topic,
 /// and a wrong one is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_follows_the_catalogs_sources() {
@@ -1056,7 +1056,8 @@ async fn ingest_follows_the_catalogs_sources() {
         &p.console_url(),
         "source/casino",
         None,
-        json!({ "auth": "token", "token": TOKEN, "aliases": { "cid": "click_id", "goal": "event" } }),
+        json!({ "auth": "token", "token": TOKEN, "aliases": { "cid": "click_id", "goal": "event" },
+            "values": { "event": { "sale": "ftd" } } }),
     )
     .await;
     assert_eq!(status, 201, "{created}");
@@ -1071,7 +1072,7 @@ async fn ingest_follows_the_catalogs_sources() {
 
     let click_id = p.click("offer_id=1&aff_id=42").await;
     let send = |token: &'static str| {
-        let url = p.ingest_url(&format!("/postback/casino?cid={click_id}&goal=ftd"));
+        let url = p.ingest_url(&format!("/postback/casino?cid={click_id}&goal=sale"));
         async move {
             s2s_tests::http()
                 .get(url)
