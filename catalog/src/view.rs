@@ -1,5 +1,7 @@
 //! A service's own view of the catalog, kept live: what it needs (ingest: the offers'
-//! URL templates and the affiliates' statuses; the attributor: the offers' rules),
+//! URL templates, the affiliates' statuses, the sources; the attributor: the offers'
+//! rules and the blocked affiliates; delivery: the postbacks; the console: the
+//! operators),
 //! compiled from each catalog the [`Follower`] publishes, so that the hot path reads a
 //! ready structure through one `Arc` and never parses a document.
 //!
@@ -145,7 +147,7 @@ impl<T> Live<T> {
         Live { rx }
     }
 
-    /// The view now: cheap (one lock-free read of a pointer under a read lock).
+    /// The view now: cheap (a read lock held for one `Arc` clone).
     pub fn current(&self) -> Arc<T> {
         Arc::clone(&self.rx.borrow())
     }

@@ -31,9 +31,10 @@ use super::{ApiError, Operator, Shared};
 #[derive(Debug)]
 pub struct CatalogApi {
     /// What documents are checked against (the pipeline's vocabulary, delivery's rules
-    /// for postbacks).
+    /// for postbacks, ingest's for sources).
     pub checks: Checks,
-    /// Seals the secrets of documents (none: documents with a secret are refused).
+    /// Seals the secrets of documents (none: documents with a secret to seal are refused;
+    /// operators' tokens are hashed and need no key).
     pub secret_key: Option<SecretKey>,
     pub catalog: Arc<Follower<Catalog>>,
     pub history: Follower<History>,

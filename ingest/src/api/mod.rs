@@ -56,7 +56,7 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 #[derive(Debug)]
 pub struct App {
     pub publisher: Publisher,
-    /// The offers, from the catalog, live.
+    /// Offers, affiliates and sources from the catalog, live.
     pub catalog: Live<IngestCatalog>,
     pub rules: PostbackRules,
     /// By name; always holds `default` (see [`crate::config::Compiled`]).
