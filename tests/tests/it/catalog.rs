@@ -573,7 +573,7 @@ async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
 /// an imported new offer redirects at ingest; a changed payout prices the next conversion
 /// at the attributor, which records the catalog revision it priced with. The import is
 /// the CLI's (`console catalog import`): a second run changes nothing, and the export
-/// imports as unchanged.
+/// imports as unchanged. A new instance has the whole catalog before it serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_apply_catalog_changes_live() {
     use s2s_catalog::file::{CatalogFile, Imported};
@@ -750,6 +750,24 @@ async fn services_apply_catalog_changes_live() {
         exported.affiliates.get("42").map(|a| a.status),
         Some(s2s_catalog::documents::AffiliateStatus::Blocked)
     );
+
+    // A new ingest instance builds the same catalog from the topic before it serves: at
+    // once, no waiting, it redirects offer 2 and refuses affiliate 42.
+    let fresh = s2s_tests::IngestHandle::start(s2s_tests::ingest_config(&p.topics)).await;
+    let status = |query: &'static str| {
+        let url = fresh.url(query);
+        async move {
+            s2s_tests::http()
+                .get(url)
+                .send()
+                .await
+                .expect("answer")
+                .status()
+        }
+    };
+    assert_eq!(status("/click?offer_id=2&aff_id=7").await, 302);
+    assert_eq!(status("/click?offer_id=1&aff_id=42").await, 403);
+    fresh.stop().await;
     p.stop().await;
 }
 
