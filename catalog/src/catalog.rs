@@ -10,6 +10,19 @@ pub struct Catalog {
     entries: BTreeMap<Key, Entry>,
     /// The offset after the last record applied (0 before any).
     next: i64,
+    /// Where the last elected writer said it answers (its record keyed [`WRITER_KEY`]).
+    writer: Option<Announcement>,
+}
+
+/// The key of the record an elected writer appends to say where it answers; not an
+/// entity's (entity keys are `<kind>/<id>`), kept by compaction like one.
+pub const WRITER_KEY: &str = "_writer";
+
+/// An elected writer's announcement: the base URL of its API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Announcement {
+    pub url: String,
+    pub at_ms: i64,
 }
 
 /// Why a change was refused: it was not made against the entity's current revision.
@@ -50,6 +63,20 @@ impl Catalog {
                 self.entries.remove(&key);
             }
         }
+    }
+
+    /// Applies the writer's announcement at `offset`.
+    pub fn announce(&mut self, offset: i64, announcement: Announcement) {
+        if offset < self.next {
+            return;
+        }
+        self.next = offset + 1;
+        self.writer = Some(announcement);
+    }
+
+    /// Where the last elected writer said it answers.
+    pub fn writer(&self) -> Option<&Announcement> {
+        self.writer.as_ref()
     }
 
     /// Moves the position past `offset` without a change (a record that is not an

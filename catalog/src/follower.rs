@@ -249,6 +249,13 @@ impl Materialized for Catalog {
     /// A record that is not an entity's (a key or value no writer of ours produces) is
     /// logged and passed over.
     fn apply_record(&mut self, topic: &str, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>) {
+        if key == Some(crate::catalog::WRITER_KEY.as_bytes()) {
+            match value.map(serde_json::from_slice::<crate::catalog::Announcement>) {
+                Some(Ok(a)) => self.announce(offset, a),
+                _ => self.skip(offset),
+            }
+            return;
+        }
         let key = key
             .and_then(|k| std::str::from_utf8(k).ok())
             .map(str::parse::<Key>);

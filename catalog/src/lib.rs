@@ -36,7 +36,7 @@ pub mod secrets;
 pub mod view;
 pub mod writer;
 
-pub use catalog::{Catalog, Conflict};
+pub use catalog::{Announcement, Catalog, Conflict, WRITER_KEY};
 pub use election::{Election, ElectionError};
 pub use follower::{Follower, FollowerError, Materialized};
 pub use history::History;

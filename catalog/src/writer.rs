@@ -153,6 +153,31 @@ impl Writer {
         })
     }
 
+    /// Says where this writer answers (after its election), so that the other instances
+    /// can forward changes to it; returns once the follower applied it.
+    pub async fn announce(&self, url: &str) -> Result<i64, WriteError> {
+        let _turn = self.turn.lock().await;
+        let value = serde_json::to_vec(&crate::catalog::Announcement {
+            url: url.to_string(),
+            at_ms: s2s_common::now_ms(),
+        })?;
+        let offset = self
+            .append(&self.topic, crate::catalog::WRITER_KEY, Some(&value))
+            .await
+            .map_err(|error| WriteError::Append {
+                topic: self.topic.clone(),
+                error,
+            })?;
+        self.follower
+            .reached(offset + 1, self.apply_within)
+            .await
+            .map_err(|error| WriteError::NotApplied {
+                revision: offset,
+                error,
+            })?;
+        Ok(offset)
+    }
+
     /// Appends one record and returns its offset once the broker acknowledged it.
     async fn append(
         &self,

@@ -18,6 +18,16 @@ pub const ENV_PREFIX: &str = "S2S_CONSOLE__";
 pub struct ConsoleConfig {
     /// The JSON API and the web page.
     pub listen: SocketAddr,
+    /// How the other console instances reach this one's API (`http://console-0.console:8081`):
+    /// the elected catalog writer announces it, and the others forward catalog changes
+    /// there. Unset: this instance, when not the writer, answers them 503 instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_url: Option<String>,
+    /// The consumer group that elects the catalog's one writer: the same for every
+    /// console instance of a pipeline, even where each has a `group_id` of its own.
+    /// Default: `<group_id>.catalog-writer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_writer_group: Option<String>,
     /// /metrics, /healthz, /readyz.
     pub admin_listen: SocketAddr,
     pub group_id: String,
@@ -72,6 +82,14 @@ impl ConsoleConfig {
                  model keeps)"
                     .into(),
             );
+        }
+        if let Some(u) = &self.advertised_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) || u.ends_with('/') {
+                return Err(format!(
+                    "advertised_url '{u}' must be http:// or https://, host and port, without \
+                     a trailing slash"
+                ));
+            }
         }
         if self.operators.is_empty() {
             return Err(

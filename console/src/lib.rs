@@ -151,9 +151,19 @@ impl Console {
             let mut standing = self.api.catalog.election.subscribe();
             let gauge = self.api.metrics.catalog_writer.clone();
             let stop = shutdown.clone();
+            let api = self.api.clone();
             async move {
                 loop {
-                    gauge.set(i64::from(standing.borrow_and_update().is_some()));
+                    let elected = standing.borrow_and_update().is_some();
+                    gauge.set(i64::from(elected));
+                    // Elected: say where this instance answers, for the others to forward to.
+                    if let (true, Some(url)) = (elected, api.catalog.advertised_url.as_deref()) {
+                        match api.catalog.writer.announce(url).await {
+                            Ok(offset) => tracing::info!(url, offset, "catalog writer announced"),
+                            Err(error) => tracing::warn!(url, %error,
+                                "catalog writer not announced: the others answer changes 503"),
+                        }
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         changed = standing.changed() => if changed.is_err() { break },
@@ -193,7 +203,10 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
     .map_err(|e| RuntimeError::Config(e.to_string()))?;
     let election = Election::join(
         kafka,
-        &format!("{}.catalog-writer", config.group_id),
+        &config
+            .catalog_writer_group
+            .clone()
+            .unwrap_or_else(|| format!("{}.catalog-writer", config.group_id)),
         &topics.catalog.name,
         &stop,
     )
@@ -211,6 +224,11 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
             .map_err(|e| RuntimeError::Config(e.to_string()))?,
         catalog,
         history,
+        advertised_url: config.advertised_url.clone(),
+        client: reqwest::Client::builder()
+            .timeout(CATALOG_APPLY_WITHIN + Duration::from_secs(5))
+            .build()
+            .map_err(|e| RuntimeError::Config(format!("http client: {e}")))?,
         election,
         writer,
     })

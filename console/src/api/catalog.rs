@@ -6,7 +6,8 @@
 //! `If-None-Match: *`), and a change against any other revision is refused with 409, so
 //! two operators editing one entity cannot overwrite each other unknowingly. Only the
 //! elected writer (see [`s2s_catalog::Election`]) changes the catalog; another console
-//! instance answers 503 with `Retry-After` (forwarding to the writer is not built yet). A
+//! instance forwards the change to the writer its catalog names (the writer announces its
+//! `advertised_url` when elected), or answers 503 with `Retry-After` when it knows none. A
 //! change is answered once this instance has seen it applied, so the next read here shows
 //! it. Documents are kept in their canonical form ([`documents::check`]).
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use s2s_catalog::documents::{self, Checks, Role};
@@ -38,6 +39,10 @@ pub struct CatalogApi {
     pub secret_key: Option<SecretKey>,
     pub catalog: Arc<Follower<Catalog>>,
     pub history: Follower<History>,
+    /// This instance's API as the others reach it (see `ConsoleConfig::advertised_url`).
+    pub advertised_url: Option<String>,
+    /// Forwards catalog changes to the writer.
+    pub client: reqwest::Client,
     pub election: Election,
     pub writer: Writer,
 }
@@ -87,6 +92,10 @@ pub async fn put(
     op.may(Role::Admin, "changing the catalog")?;
     let key = key_of(&kind, &id)?;
     let Json(put) = body?;
+    let forwarded = json!({ "document": put.document, "reason": put.reason });
+    if let Some(resp) = forward(&s, &op, &key, Method::PUT, &headers, Some(forwarded)).await {
+        return Ok(resp);
+    }
     let invalid = |e: s2s_common::pipeline::FieldError| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -139,6 +148,9 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     op.may(Role::Admin, "changing the catalog")?;
     let key = key_of(&kind, &id)?;
+    if let Some(resp) = forward(&s, &op, &key, Method::DELETE, &headers, None).await {
+        return Ok(resp);
+    }
     let Some(base) = if_match(&headers)? else {
         return Err(ApiError::new(
             StatusCode::PRECONDITION_REQUIRED,
@@ -244,6 +256,102 @@ async fn write(
                 .with_retry_after(1),
                 _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
             })
+        }
+    }
+}
+
+/// Marks a change forwarded by another console instance: it is not forwarded again.
+const FORWARDED: &str = "s2s-forwarded-by";
+
+/// A change made on an instance that does not write the catalog, sent on to the one that
+/// announced it does ([`s2s_catalog::Announcement`]) with the same credentials and
+/// preconditions, and its answer returned as it is. `None`: this instance writes, or
+/// there is nowhere (else) to forward to — the change goes on here (and is answered 503
+/// if this instance is not the writer). One hop at most.
+async fn forward(
+    s: &Shared,
+    op: &Operator,
+    key: &Key,
+    method: Method,
+    headers: &HeaderMap,
+    body: Option<Value>,
+) -> Option<Response> {
+    if s.catalog.election.is_leader() || headers.contains_key(FORWARDED) {
+        return None;
+    }
+    let writer = s.catalog.catalog.catalog().writer()?.url.clone();
+    if Some(&writer) == s.catalog.advertised_url.as_ref() {
+        return None;
+    }
+    let url = format!("{writer}/api/v1/catalog/{}/{}", key.kind(), key.id());
+    let mut req = s.catalog.client.request(method, &url).header(
+        FORWARDED,
+        s.catalog.advertised_url.as_deref().unwrap_or("console"),
+    );
+    for name in [
+        header::AUTHORIZATION,
+        header::IF_MATCH,
+        header::IF_NONE_MATCH,
+    ] {
+        if let Some(v) = headers.get(&name) {
+            req = req.header(name, v.clone());
+        }
+    }
+    if let Some(b) = body {
+        req = req
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(b.to_string());
+    }
+    let kind = key.kind().as_str();
+    let answer = match req.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let etag = resp.headers().get(header::ETAG).cloned();
+            let retry = resp.headers().get(header::RETRY_AFTER).cloned();
+            match resp.bytes().await {
+                Ok(body) => {
+                    let mut out = (status, body).into_response();
+                    let h = out.headers_mut();
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    if let Some(e) = etag {
+                        h.insert(header::ETAG, e);
+                    }
+                    if let Some(r) = retry {
+                        h.insert(header::RETRY_AFTER, r);
+                    }
+                    Ok(out)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    // One change, one outcome here: forwarded (the writer counts and logs the change).
+    s.metrics
+        .catalog_changes
+        .with_label_values(&[kind, "forwarded"])
+        .inc();
+    match answer {
+        Ok(resp) => {
+            tracing::info!(key = %key, by = %op.name, writer = %writer,
+                status = resp.status().as_u16(), result = "forwarded", "catalog change forwarded");
+            Some(resp)
+        }
+        Err(error) => {
+            tracing::warn!(key = %key, by = %op.name, writer = %writer, %error,
+                result = "forwarded", "the catalog's writer did not answer");
+            Some(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_the_writer",
+                    format!("this instance does not write the catalog, and the writer it knows did not answer: {error}"),
+                )
+                .with_retry_after(1)
+                .into_response(),
+            )
         }
     }
 }

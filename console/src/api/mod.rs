@@ -530,6 +530,9 @@ struct CatalogStatus {
     entities: usize,
     /// The offset after the last catalog record applied here.
     next_revision: i64,
+    /// Where the elected writer said it answers (the others forward changes there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writer_url: Option<String>,
 }
 
 async fn status(State(s): State<Shared>) -> Result<Response, ApiError> {
@@ -540,6 +543,7 @@ async fn status(State(s): State<Shared>) -> Result<Response, ApiError> {
         candidate: s.catalog.election.joined(),
         entities: read.len(),
         next_revision: read.next_offset(),
+        writer_url: read.writer().map(|w| w.url.clone()),
     };
     let freshness = tokio::task::spawn_blocking(move || {
         let assigned = ownership.assigned();

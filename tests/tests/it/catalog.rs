@@ -253,8 +253,27 @@ struct ApiConsole {
 }
 
 async fn console(topics: &TopicsConfig, group: &str, state: &std::path::Path) -> ApiConsole {
+    console_with(topics, group, state, false).await
+}
+
+/// A console instance; `advertised`: on a port chosen first, announced as its URL when it
+/// is elected writer (the others forward changes to it).
+async fn console_with(
+    topics: &TopicsConfig,
+    group: &str,
+    state: &std::path::Path,
+    advertised: bool,
+) -> ApiConsole {
     let mut config = s2s_tests::console_config(topics, state);
     config.group_id = group.to_string();
+    if advertised {
+        // A free port, taken again at once by the console.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        config.listen = addr;
+        config.advertised_url = Some(format!("http://{addr}"));
+    }
     let console = s2s_console::Console::bind(config)
         .await
         .expect("the console starts");
@@ -1112,4 +1131,76 @@ async fn ingest_follows_the_catalogs_sources() {
         .iter()
         .any(|c| c.click_id == click_id && c.event == "ftd"));
     p.stop().await;
+}
+
+/// A change sent to the instance that does not write the catalog is forwarded to the one
+/// that does (it announced its URL when elected) and answered as the writer answers:
+/// created, then a stale revision 409; the other instance shows it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_a_non_writer_is_forwarded_to_the_writer() {
+    let topics = provisioned().await;
+    let group = s2s_tests::unique("console");
+    let (sa, sb) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = console_with(&topics, &group, sa.path(), true).await;
+    let b = console_with(&topics, &group, sb.path(), true).await;
+    // Both take part, one is elected and its announcement reached the other.
+    let (writer, other) = poll_until("a writer announced to the other", WAIT, || async {
+        let (sa, sb) = (status(&a).await, status(&b).await);
+        let announced = |s: &Value| s["writer_url"].as_str().map(str::to_string);
+        match (sa["writer"].as_bool(), sb["writer"].as_bool()) {
+            (Some(true), Some(false)) if announced(&sb).is_some_and(|u| a.url == u) => {
+                Some((&a, &b))
+            }
+            (Some(false), Some(true)) if announced(&sa).is_some_and(|u| b.url == u) => {
+                Some((&b, &a))
+            }
+            _ => None,
+        }
+    })
+    .await;
+    let create = [("If-None-Match", "*")];
+    let doc = json!({ "document": { "name": "Fwd", "status": "active" } });
+    let (status_code, etag, body) = call(
+        other,
+        reqwest::Method::PUT,
+        "affiliate/fwd",
+        &create,
+        Some(doc.clone()),
+    )
+    .await;
+    assert_eq!(status_code, 201, "created through the writer: {body}");
+    let etag = etag.expect("the writer's ETag");
+    let (status_code, _, body) = call(
+        other,
+        reqwest::Method::PUT,
+        "affiliate/fwd",
+        &[("If-Match", "\"0\"")],
+        Some(doc),
+    )
+    .await;
+    if etag != "\"0\"" {
+        assert_eq!(status_code, 409, "the writer's answer, as it is: {body}");
+    }
+    let (status_code, _, got) =
+        call(writer, reqwest::Method::GET, "affiliate/fwd", &[], None).await;
+    assert_eq!(
+        (status_code, got["document"]["name"].as_str()),
+        (200, Some("Fwd"))
+    );
+    poll_until("the other instance shows it", WAIT, || async {
+        let (s, _, _) = call(other, reqwest::Method::GET, "affiliate/fwd", &[], None).await;
+        (s == 200).then_some(())
+    })
+    .await;
+    assert!(
+        s2s_tests::metric(
+            other.running.admin,
+            "console_catalog_changes_total{kind=\"affiliate\",result=\"forwarded\"}"
+        )
+        .await
+            >= Some(2.0)
+    );
 }
