@@ -266,6 +266,7 @@ pub async fn run(
         &pipeline.kafka,
         &topics,
         &s2s_catalog::documents::Checks::new(pipeline.postbacks.clone()),
+        None,
         &s2s_catalog::file::CatalogFile {
             offers: [("1".to_string(), offer_1)].into(),
             ..Default::default()

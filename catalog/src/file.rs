@@ -124,30 +124,26 @@ impl CatalogFile {
     pub fn from_documents<'a>(
         entities: impl IntoIterator<Item = (&'a Key, &'a Value)>,
     ) -> Result<Self, FileError> {
-        let mut file = CatalogFile::default();
-        for (key, document) in entities {
-            let stored = |error| FileError::Stored {
+        fn put<T: serde::de::DeserializeOwned>(
+            section: &mut BTreeMap<String, T>,
+            key: &Key,
+            document: &Value,
+        ) -> Result<(), FileError> {
+            let typed = documents::typed(document).map_err(|error| FileError::Stored {
                 key: key.to_string(),
                 kind: key.kind(),
                 error,
-            };
+            })?;
+            section.insert(key.id().to_string(), typed);
+            Ok(())
+        }
+        let mut file = CatalogFile::default();
+        for (key, document) in entities {
             match key.kind() {
-                Kind::Offer => {
-                    let o = documents::typed(document).map_err(stored)?;
-                    file.offers.insert(key.id().to_string(), o);
-                }
-                Kind::Affiliate => {
-                    let a = documents::typed(document).map_err(stored)?;
-                    file.affiliates.insert(key.id().to_string(), a);
-                }
-                Kind::Postback => {
-                    let p = documents::typed(document).map_err(stored)?;
-                    file.postbacks.insert(key.id().to_string(), p);
-                }
-                Kind::Source => {
-                    let p = documents::typed(document).map_err(stored)?;
-                    file.sources.insert(key.id().to_string(), p);
-                }
+                Kind::Offer => put(&mut file.offers, key, document)?,
+                Kind::Affiliate => put(&mut file.affiliates, key, document)?,
+                Kind::Postback => put(&mut file.postbacks, key, document)?,
+                Kind::Source => put(&mut file.sources, key, document)?,
                 Kind::Operator => {}
             }
         }
@@ -180,16 +176,20 @@ pub enum ImportError {
         key: String,
         error: crate::WriteError,
     },
+    #[error("{key}.{}: {}", .error.field, .error.message)]
+    Secret { key: String, error: FieldError },
 }
 
 /// Imports `file` by writing to the catalog topic itself, without an election: only
 /// where nothing else writes the catalog (tests and benchmarks that run services
 /// without a console). Everywhere else an import goes through the console's API
-/// (`console catalog import`), whose elected writer checks it.
+/// (`console catalog import`), whose elected writer checks it. Secrets are sealed (or
+/// hashed) as the console does, with `secret_key`.
 pub async fn import_unelected(
     kafka: &s2s_common::kafka::KafkaConfig,
     topics: &s2s_common::topics::TopicsConfig,
     checks: &Checks,
+    secret_key: Option<&crate::secrets::SecretKey>,
     file: &CatalogFile,
     changed_by: &str,
 ) -> Result<Imported, ImportError> {
@@ -221,24 +221,23 @@ pub async fn import_unelected(
     });
     let mut done = Imported::default();
     for step in steps {
-        let (key, base, document) = match step {
-            Step::Create { key, document } => {
-                done.created += 1;
-                (key, None, document)
-            }
-            Step::Update {
-                key,
-                base,
-                document,
-            } => {
-                done.updated += 1;
-                (key, Some(base), document)
-            }
-            Step::Unchanged { .. } => {
-                done.unchanged += 1;
-                continue;
-            }
+        let created = matches!(step, Step::Create { .. });
+        let Some((key, base, mut document)) = step.change() else {
+            done.unchanged += 1;
+            continue;
         };
+        let current = catalog.get(&key).map(|e| &e.stored.document);
+        crate::secrets::seal_fields(&key, &mut document, current, secret_key).map_err(|error| {
+            ImportError::Secret {
+                key: key.to_string(),
+                error,
+            }
+        })?;
+        if created {
+            done.created += 1;
+        } else {
+            done.updated += 1;
+        }
         let change = crate::Change {
             key: key.clone(),
             base,
@@ -273,6 +272,22 @@ pub enum Step {
     Unchanged {
         key: Key,
     },
+}
+
+impl Step {
+    /// The change the step makes — the entity, the revision it is made against (`None`:
+    /// a creation) and its document —, or `None` when it leaves the entity alone.
+    pub fn change(self) -> Option<(Key, Option<i64>, Value)> {
+        match self {
+            Step::Create { key, document } => Some((key, None, document)),
+            Step::Update {
+                key,
+                base,
+                document,
+            } => Some((key, Some(base), document)),
+            Step::Unchanged { .. } => None,
+        }
+    }
 }
 
 /// The changes that make the catalog hold `entities`; `current` gives an entity's

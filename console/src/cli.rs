@@ -150,19 +150,15 @@ pub async fn import(
     let mut done = Imported::default();
     let mut refused = 0;
     for step in plan(entities, |k| current.get(k).map(|(r, d)| (*r, d))) {
-        let (key, base, document, verb) = match step {
-            Step::Unchanged { key } => {
-                done.unchanged += 1;
-                eprintln!("unchanged {key}");
-                continue;
-            }
-            Step::Create { key, document } => (key, None, document, "created"),
-            Step::Update {
-                key,
-                base,
-                document,
-            } => (key, Some(base), document, "updated"),
+        if let Step::Unchanged { key } = &step {
+            done.unchanged += 1;
+            eprintln!("unchanged {key}");
+            continue;
+        }
+        let Some((key, base, document)) = step.change() else {
+            continue;
         };
+        let verb = if base.is_some() { "updated" } else { "created" };
         if dry_run {
             eprintln!("would have {verb} {key}");
             continue;

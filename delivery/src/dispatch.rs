@@ -59,6 +59,8 @@ pub struct Dispatcher {
     total: Arc<Semaphore>,
     max_total: usize,
     circuits: Vec<Circuit>,
+    /// What a new endpoint's circuit starts with.
+    circuit: CircuitConfig,
     send: SendFn,
     tx: mpsc::UnboundedSender<Report>,
     rx: Option<mpsc::UnboundedReceiver<Report>>,
@@ -94,6 +96,7 @@ impl Dispatcher {
                 .map(|e| Arc::new(Semaphore::new(e.max_in_flight)))
                 .collect(),
             circuits: endpoints.iter().map(|_| Circuit::new(circuit)).collect(),
+            circuit,
             total: Arc::new(Semaphore::new(max_in_flight)),
             max_total: max_in_flight,
             endpoints,
@@ -111,7 +114,7 @@ impl Dispatcher {
     /// Replaces the endpoints (a catalog change). An endpoint that keeps its name keeps
     /// its circuit, and its request slots unless its `max_in_flight` changed (attempts in
     /// flight then hold the old slots until they end); a new one starts closed.
-    pub fn set_endpoints(&mut self, endpoints: Vec<Endpoint>, circuit: CircuitConfig) {
+    pub fn set_endpoints(&mut self, endpoints: Vec<Endpoint>) {
         let mut slots = Vec::with_capacity(endpoints.len());
         let mut circuits = Vec::with_capacity(endpoints.len());
         for ep in &endpoints {
@@ -125,7 +128,7 @@ impl Dispatcher {
                     });
                 }
                 None => {
-                    circuits.push(Circuit::new(circuit));
+                    circuits.push(Circuit::new(self.circuit));
                     slots.push(Arc::new(Semaphore::new(ep.max_in_flight)));
                     set_circuit_gauge(&self.metrics, &ep.name, State::Closed);
                 }
@@ -413,11 +416,6 @@ mod tests {
             async { Sent::not_sent(crate::sender::Failure::Network, String::new()) }.boxed()
         });
         let mut d = dispatcher(send);
-        let config = CircuitConfig {
-            failure_threshold: 5,
-            open_for: Duration::from_secs(30),
-            max_open_for: Duration::from_secs(300),
-        };
         for _ in 0..5 {
             d.on_report(&Report {
                 result: Some(AttemptResult {
@@ -435,7 +433,7 @@ mod tests {
         let mut added = endpoint("https://other.example/");
         added.name = "other".into();
         added.enabled = false;
-        d.set_endpoints(vec![added, moved], config);
+        d.set_endpoints(vec![added, moved]);
         assert_eq!((d.index("other"), d.index("e")), (Some(0), Some(1)));
         assert_eq!(
             d.circuits[1].state(),
@@ -451,7 +449,7 @@ mod tests {
         assert_eq!(d.room(1), 1);
         let request = d.endpoints()[1].request(&conv(), "d1", 0);
         assert_eq!(request.url, "https://new.example/pb", "its new URL");
-        d.set_endpoints(vec![], config);
+        d.set_endpoints(vec![]);
         assert_eq!(
             d.index("e"),
             None,

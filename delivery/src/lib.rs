@@ -153,11 +153,8 @@ impl Delivery {
         };
         Ok(Delivery {
             runtime,
-            processor: Deliveries::new(rules, dispatcher, metrics).with_postbacks(LivePostbacks {
-                catalog,
-                file,
-                circuit: config.circuit(),
-            }),
+            processor: Deliveries::new(rules, dispatcher, metrics)
+                .with_postbacks(LivePostbacks { catalog, file }),
         })
     }
 

@@ -27,11 +27,10 @@ pub struct IngestCatalog {
     pub paused_offers: HashSet<String>,
     /// The status of every affiliate the catalog holds.
     pub affiliates: HashMap<String, AffiliateStatus>,
-    /// The catalog's sources (the config file's come first: see `App::source`).
-    pub sources: BTreeMap<String, Arc<Source>>,
-    /// The revision each source was compiled from: an unchanged source is kept as it is
-    /// (its rate limiter's state too) when something else in the catalog changes.
-    source_revisions: HashMap<String, i64>,
+    /// The catalog's sources (the config file's come first: see `App::source`), each
+    /// with the revision it was compiled from: an unchanged source is kept as it is (its
+    /// rate limiter's state too) when something else in the catalog changes.
+    sources: BTreeMap<String, (i64, Arc<Source>)>,
     /// What a click for an affiliate the catalog does not hold gets.
     pub unknown_affiliates: UnknownAffiliates,
     /// The catalog revision this view is of.
@@ -73,10 +72,14 @@ impl IngestCatalog {
             paused_offers: HashSet::new(),
             affiliates: HashMap::new(),
             sources: BTreeMap::new(),
-            source_revisions: HashMap::new(),
             unknown_affiliates: UnknownAffiliates::Accept,
             revision: -1,
         }
+    }
+
+    /// The catalog's source `name`.
+    pub fn source(&self, name: &str) -> Option<Arc<Source>> {
+        self.sources.get(name).map(|(_, s)| Arc::clone(s))
     }
 
     /// Whether a click of `offer_id` for `aff_id` gets a click ID; why not, if it does
@@ -154,15 +157,14 @@ pub fn compile(
                     "ingest's config file has a source named '{id}' too; that one is used"
                 ));
             }
-            let revision = catalog
-                .get(&Key::new(Kind::Source, id).map_err(|e| e.to_string())?)
-                .map(|e| e.revision);
-            if let Some(p) = previous.filter(|p| p.source_revisions.get(id) == revision.as_ref()) {
-                if let Some(same) = p.sources.get(id) {
-                    return Ok(Arc::clone(same));
-                }
-            }
             let key = Key::new(Kind::Source, id).map_err(|e| e.to_string())?;
+            let revision = catalog.get(&key).map_or(-1, |e| e.revision);
+            let unchanged = previous
+                .and_then(|p| p.sources.get(id))
+                .filter(|(r, _)| *r == revision);
+            if let Some(same) = unchanged {
+                return Ok(same.clone());
+            }
             let mut c = source_config(doc).map_err(|e| e.to_string())?;
             let open = |field| {
                 secrets::open_field(&key, doc, field, settings.secret_key.as_ref())
@@ -170,24 +172,16 @@ pub fn compile(
             };
             c.token = open("token")?;
             c.hmac_secret = open("hmac_secret")?;
-            compile_source(id, &c).map(Arc::new)
+            Ok((revision, Arc::new(compile_source(id, &c)?)))
         },
     )
     .into_iter()
-    .collect::<BTreeMap<_, _>>();
-    let source_revisions = sources
-        .keys()
-        .filter_map(|id| {
-            let e = catalog.get(&Key::new(Kind::Source, id).ok()?)?;
-            Some((id.clone(), e.revision))
-        })
-        .collect();
+    .collect();
     IngestCatalog {
         offers,
         paused_offers,
         affiliates,
         sources,
-        source_revisions,
         unknown_affiliates: settings.unknown_affiliates,
         revision: view::revision(catalog),
     }
@@ -392,14 +386,14 @@ mod tests {
             ..settings(UnknownAffiliates::Accept)
         };
         let compiled = compile(&c, None, &with_key);
-        let acme = compiled.sources.get("acme").expect("compiled");
+        let acme = compiled.source("acme").expect("compiled");
         assert_eq!(
             acme.auth,
             crate::source::Auth::Token(crate::source::Secret::new("0123456789abcdef-token"))
         );
         let again = compile(&c, Some(&compiled), &with_key);
         assert!(
-            Arc::ptr_eq(acme, &again.sources["acme"]),
+            Arc::ptr_eq(&acme, &again.source("acme").expect("kept")),
             "unchanged: the same source, rate limiter and all"
         );
         assert!(

@@ -464,7 +464,8 @@ pub async fn seed_catalog_on(
         .await
         .expect("topics");
     let checks = s2s_console::catalog_checks(&p.postbacks).expect("checks");
-    s2s_catalog::file::import_unelected(&p.kafka, topics, &checks, file, "test-seed")
+    let key = s2s_catalog::secrets::SecretKey::of(&p).expect("the tests' key");
+    s2s_catalog::file::import_unelected(&p.kafka, topics, &checks, key.as_ref(), file, "test-seed")
         .await
         .expect("the catalog is seeded");
 }

@@ -31,7 +31,6 @@ use tokio::sync::mpsc;
 use s2s_catalog::Live;
 
 use crate::catalog::DeliveryCatalog;
-use crate::circuit::CircuitConfig;
 use crate::dispatch::{Dispatcher, Report};
 use crate::endpoint::Endpoint;
 use crate::events::{self, Event};
@@ -94,7 +93,6 @@ pub struct LivePostbacks {
     pub catalog: Live<DeliveryCatalog>,
     /// The config file's endpoints, always there.
     pub file: Vec<Endpoint>,
-    pub circuit: CircuitConfig,
 }
 
 pub struct Deliveries {
@@ -169,7 +167,7 @@ impl Deliveries {
             endpoints = endpoints.len(),
             "delivery endpoints from the catalog applied"
         );
-        self.dispatcher.set_endpoints(endpoints, live.circuit);
+        self.dispatcher.set_endpoints(endpoints);
     }
 
     /// Applies one input record: a conversion schedules its deliveries, a command is

@@ -268,7 +268,7 @@ impl App {
         self.sources
             .get(name)
             .cloned()
-            .or_else(|| self.catalog.current().sources.get(name).cloned())
+            .or_else(|| self.catalog.current().source(name))
     }
 
     /// Source lookup (404), IP allow-list (403), rate limit (429), body size (413), query
