@@ -436,12 +436,17 @@ pub enum CommandAction {
     /// Send a dead-lettered delivery again with a fresh retry schedule (or, if it is still
     /// waiting for a retry, now). A delivered one is left alone: it was paid.
     Redeliver,
+    /// Deliver a conversion to a postback it was never delivered to (a backfill, asked
+    /// when the postback is created): scheduled like a new conversion if the postback
+    /// wants it; a delivery that already exists, in any state, is left alone.
+    Backfill,
 }
 
 impl CommandAction {
     pub fn as_str(self) -> &'static str {
         match self {
             CommandAction::Redeliver => "redeliver",
+            CommandAction::Backfill => "backfill",
         }
     }
 }
@@ -465,6 +470,29 @@ pub struct DeliveryCommand {
     pub requested_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+impl DeliveryCommand {
+    /// A new command (its own ID) asked at `requested_at_ms`.
+    pub fn new(
+        action: CommandAction,
+        endpoint: String,
+        conversion: Conversion,
+        requested_by: String,
+        requested_at_ms: i64,
+        reason: Option<String>,
+    ) -> Self {
+        DeliveryCommand {
+            schema_version: SCHEMA_VERSION,
+            command_id: crate::ids::new_ulid(),
+            action,
+            endpoint,
+            conversion,
+            requested_by,
+            requested_at_ms,
+            reason,
+        }
+    }
 }
 
 /// A postback or batch record ingest refused with a 4xx, published to the refusals topic

@@ -534,6 +534,23 @@ pub async fn ensure_topics(
     Ok(counts)
 }
 
+/// The partitions of `topic` as the broker's metadata lists them (blocking); none if it
+/// does not exist.
+pub fn partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, KafkaError> {
+    use rdkafka::consumer::Consumer as _;
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default())
+}
+
 /// Polls metadata (blocking) until every topic shows at least one partition.
 fn partition_counts(
     admin: &AdminClient<DefaultClientContext>,

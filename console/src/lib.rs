@@ -14,10 +14,13 @@
 //!   totals per hour or day;
 //! - [`api`]: the page, the API, the live feed, re-fire (a command to the delivery
 //!   worker, never a second HTTP sender);
+//! - [`backfill`]: a postback sent the conversions it would have been sent since a time
+//!   (commands to the delivery worker too);
 //! - [`reader`]: the read model as a processor of the stream runtime
 //!   ([`s2s_state::runtime`]), which commits it with the input offsets atomically.
 
 pub mod api;
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod metrics;
@@ -108,6 +111,13 @@ impl Console {
         )
         .map_err(|e| RuntimeError::Config(e.to_string()))?;
         let reader = reader::Reader::new(&config.pipeline.topics);
+        let backfills = Arc::new(backfill::Backfills::new(
+            config.pipeline.kafka.clone(),
+            config.pipeline.topics.conversions.name.clone(),
+            config.pipeline.topics.delivery_commands.name.clone(),
+            runtime.producer().clone(),
+            metrics.clone(),
+        ));
         let api = Arc::new(api::ApiState {
             ownership: runtime.ownership().clone(),
             producer: runtime.producer().clone(),
@@ -118,6 +128,7 @@ impl Console {
             metrics,
             feed: reader.feed(),
             catalog,
+            backfills,
         });
         Ok(Console {
             runtime,
@@ -172,6 +183,7 @@ impl Console {
             }
         });
         let result = self.runtime.run(self.reader, shutdown.clone()).await;
+        self.api.backfills.stop();
         let _ = writer_gauge.await;
         shutdown.cancel();
         let _ = server.await;

@@ -1,6 +1,6 @@
 //! The console's own Prometheus metrics (the read model's are the runtime's,
 //! `stream_*{service="console"}`): API requests where they are answered, re-fires, live
-//! feeds, catalog changes.
+//! feeds, catalog changes, backfills.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
@@ -19,6 +19,11 @@ pub struct Metrics {
     pub catalog_changes: IntCounterVec,
     /// `console_catalog_writer`: 1 while this instance writes the catalog.
     pub catalog_writer: IntGauge,
+    /// `console_backfills_total{state}`: backfills this instance ran, by how they ended
+    /// (`done`, `failed`, `stopped`).
+    pub backfills: IntCounterVec,
+    /// `console_backfill_commands_total`: backfill commands the broker acknowledged.
+    pub backfill_commands: prometheus::IntCounter,
 }
 
 /// What became of a catalog change: `accepted`, `conflict` (stale revision, exists,
@@ -59,6 +64,17 @@ impl Metrics {
                 "console_catalog_writer",
                 "1 while this instance is the elected catalog writer.",
             )?,
+            backfills: IntCounterVec::new(
+                Opts::new(
+                    "console_backfills_total",
+                    "Postback backfills this instance ran, by how they ended.",
+                ),
+                &["state"],
+            )?,
+            backfill_commands: prometheus::IntCounter::new(
+                "console_backfill_commands_total",
+                "Backfill commands the broker acknowledged.",
+            )?,
         };
         // Every route from the start, so dashboards and rules find the series at once.
         for (route, _) in crate::api::ROUTES {
@@ -79,6 +95,11 @@ impl Metrics {
         }
         registry.register(Box::new(m.catalog_changes.clone()))?;
         registry.register(Box::new(m.catalog_writer.clone()))?;
+        for state in ["done", "failed", "stopped"] {
+            m.backfills.with_label_values(&[state]);
+        }
+        registry.register(Box::new(m.backfills.clone()))?;
+        registry.register(Box::new(m.backfill_commands.clone()))?;
         Ok(m)
     }
 }

@@ -38,12 +38,20 @@ fn app(dir: &std::path::Path) -> axum::Router {
         s2s_common::ops::Health::default(),
     )
     .expect("stats");
+    let producer: rdkafka::producer::FutureProducer<_> = kafka
+        .producer_config()
+        .create_with_context(stats)
+        .expect("producer");
+    let backfills = Arc::new(s2s_console::backfill::Backfills::new(
+        kafka.clone(),
+        "conversions".into(),
+        "commands".into(),
+        producer.clone(),
+        metrics.clone(),
+    ));
     let state = ApiState {
         ownership: Arc::new(Ownership::new(stores, vec![], None)),
-        producer: kafka
-            .producer_config()
-            .create_with_context(stats)
-            .expect("producer"),
+        producer,
         commands_topic: "commands".into(),
         inputs: vec!["clicks".into()],
         operators: vec![("alice".into(), TOKEN.into())],
@@ -64,6 +72,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
         metrics,
         feed: tokio::sync::broadcast::channel(4).0,
         catalog: catalog_api(&kafka),
+        backfills,
     };
     router(Arc::new(state))
 }
@@ -261,6 +270,7 @@ async fn every_role_boundary_holds() {
     let refires = [
         (Method::POST, "/api/v1/deliveries/none/refire"),
         (Method::POST, "/api/v1/dead-letters/refire"),
+        (Method::POST, "/api/v1/catalog/postback/p1/backfills"),
     ];
     for token in [VIEWER, OPERATOR] {
         let (status, body) = call(&app, Method::GET, "/api/v1/catalog/offer", Some(token)).await;

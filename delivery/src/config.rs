@@ -120,6 +120,21 @@ pub struct PostbackConfig {
     pub secret_env: Option<String>,
 }
 
+impl PostbackConfig {
+    /// Which conversions it fires for.
+    pub fn filter(&self) -> Filter {
+        Filter {
+            aff_id: self.aff_id.clone(),
+            offer_id: self.offer_id.clone(),
+            events: self.events.clone(),
+            statuses: self.statuses.clone(),
+            send_updates: self.send_updates,
+            update_statuses: self.update_statuses.clone(),
+            exclude_suspicious: self.exclude_suspicious,
+        }
+    }
+}
+
 impl DeliveryConfig {
     /// The retry policy this config describes.
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -308,15 +323,7 @@ impl DeliveryConfig {
             url,
             body,
             headers,
-            filter: Filter {
-                aff_id: p.aff_id.clone(),
-                offer_id: p.offer_id.clone(),
-                events: p.events.clone(),
-                statuses: p.statuses.clone(),
-                send_updates: p.send_updates,
-                update_statuses: p.update_statuses.clone(),
-                exclude_suspicious: p.exclude_suspicious,
-            },
+            filter: p.filter(),
             max_in_flight: p.max_in_flight.unwrap_or(self.endpoint_max_in_flight),
             timeout: p.timeout.unwrap_or(self.request_timeout),
             secret,

@@ -18,7 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
-use s2s_common::contract::{self, CommandAction, DeadLetter, DeliveryCommand, SCHEMA_VERSION};
+use s2s_common::contract::{self, CommandAction, DeadLetter, DeliveryCommand};
 use s2s_common::kafka::{produce_all, KafkaConfig, OutRecord};
 use s2s_common::topics::{partition_key, TopicsConfig};
 
@@ -139,15 +139,15 @@ pub async fn replay(
     let now = s2s_common::now_ms();
     let commands: Vec<DeliveryCommand> = picked
         .iter()
-        .map(|dl| DeliveryCommand {
-            schema_version: SCHEMA_VERSION,
-            command_id: s2s_common::ids::new_ulid(),
-            action: CommandAction::Redeliver,
-            endpoint: dl.endpoint.clone(),
-            conversion: dl.conversion.clone(),
-            requested_by: opts.requested_by.clone(),
-            requested_at_ms: now,
-            reason: opts.reason.clone(),
+        .map(|dl| {
+            DeliveryCommand::new(
+                CommandAction::Redeliver,
+                dl.endpoint.clone(),
+                dl.conversion.clone(),
+                opts.requested_by.clone(),
+                now,
+                opts.reason.clone(),
+            )
         })
         .collect();
     let total = commands.len() as u64;
@@ -185,13 +185,7 @@ fn read(
     let mut config = kafka.consumer_config(&format!("s2s-replay-{}", s2s_common::ids::new_ulid()));
     config.set("enable.partition.eof", "true");
     let consumer: BaseConsumer = config.create()?;
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let partitions = s2s_common::kafka::partitions(&consumer, topic, Duration::from_secs(30))?;
     if partitions.is_empty() {
         return Err(ReplayError::NoTopic(topic.to_string()));
     }

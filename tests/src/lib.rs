@@ -390,6 +390,16 @@ pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     })
 }
 
+/// Polls `series` on `admin` until it reaches `at_least` (within 30 s).
+pub async fn metric_reaches(admin: SocketAddr, series: &str, at_least: f64) {
+    poll_until(
+        &format!("{series} reaches {at_least}"),
+        Duration::from_secs(30),
+        || async { (metric(admin, series).await? >= at_least).then_some(()) },
+    )
+    .await;
+}
+
 /// Creates a topic directly (for tests that need a topic the services did not create).
 pub async fn create_topic(name: &str, partitions: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

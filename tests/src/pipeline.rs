@@ -148,6 +148,16 @@ impl Pipeline {
             .to_string()
     }
 
+    /// An FTD postback for `click_id` through ingest's `GET /postback`, acknowledged.
+    pub async fn ftd(&self, click_id: &str) {
+        let resp = http()
+            .get(self.ingest_url(&format!("/postback?click_id={click_id}&event=ftd")))
+            .send()
+            .await
+            .expect("postback");
+        assert_eq!(resp.status(), 200, "the postback is taken");
+    }
+
     /// The console's base URL (the pipeline must have been started with `console`).
     pub fn console_url(&self) -> String {
         format!("http://{}", self.console.expect("the console runs").0)

@@ -276,6 +276,38 @@ async fn forward(
     headers: &HeaderMap,
     body: Option<Value>,
 ) -> Option<Response> {
+    let path = format!("/api/v1/catalog/{}/{}", key.kind(), key.id());
+    let (writer, answer) = to_writer(s, &path, method, headers, body).await?;
+    // One change, one outcome here: forwarded (the writer counts and logs the change).
+    s.metrics
+        .catalog_changes
+        .with_label_values(&[key.kind().as_str(), "forwarded"])
+        .inc();
+    Some(match answer {
+        Ok(resp) => {
+            tracing::info!(key = %key, by = %op.name, writer = %writer,
+                status = resp.status().as_u16(), result = "forwarded", "catalog change forwarded");
+            resp
+        }
+        Err(error) => {
+            tracing::warn!(key = %key, by = %op.name, writer = %writer, %error,
+                result = "forwarded", "the catalog's writer did not answer");
+            writer_silent(&error)
+        }
+    })
+}
+
+/// A request this instance leaves to the catalog's writer, sent there (`path` on its
+/// advertised URL) with the caller's credentials and preconditions; the writer and its
+/// answer as it is. `None`: this instance is the writer, or knows of no other, or the
+/// request was already forwarded once.
+pub(super) async fn to_writer(
+    s: &Shared,
+    path: &str,
+    method: Method,
+    headers: &HeaderMap,
+    body: Option<Value>,
+) -> Option<(String, Result<Response, reqwest::Error>)> {
     if s.catalog.election.is_leader() || headers.contains_key(FORWARDED) {
         return None;
     }
@@ -283,11 +315,14 @@ async fn forward(
     if Some(&writer) == s.catalog.advertised_url.as_ref() {
         return None;
     }
-    let url = format!("{writer}/api/v1/catalog/{}/{}", key.kind(), key.id());
-    let mut req = s.catalog.client.request(method, &url).header(
-        FORWARDED,
-        s.catalog.advertised_url.as_deref().unwrap_or("console"),
-    );
+    let mut req = s
+        .catalog
+        .client
+        .request(method, format!("{writer}{path}"))
+        .header(
+            FORWARDED,
+            s.catalog.advertised_url.as_deref().unwrap_or("console"),
+        );
     for name in [
         header::AUTHORIZATION,
         header::IF_MATCH,
@@ -302,58 +337,38 @@ async fn forward(
             .header(header::CONTENT_TYPE, "application/json")
             .body(b.to_string());
     }
-    let kind = key.kind().as_str();
-    let answer = match req.send().await {
-        Ok(resp) => {
-            let status = resp.status();
-            let etag = resp.headers().get(header::ETAG).cloned();
-            let retry = resp.headers().get(header::RETRY_AFTER).cloned();
-            match resp.bytes().await {
-                Ok(body) => {
-                    let mut out = (status, body).into_response();
-                    let h = out.headers_mut();
-                    h.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    if let Some(e) = etag {
-                        h.insert(header::ETAG, e);
-                    }
-                    if let Some(r) = retry {
-                        h.insert(header::RETRY_AFTER, r);
-                    }
-                    Ok(out)
-                }
-                Err(e) => Err(e),
-            }
+    let answer = async {
+        let resp = req.send().await?;
+        let status = resp.status();
+        let kept: Vec<_> = [header::ETAG, header::RETRY_AFTER, header::LOCATION]
+            .into_iter()
+            .filter_map(|h| resp.headers().get(&h).cloned().map(|v| (h, v)))
+            .collect();
+        let body = resp.bytes().await?;
+        let mut out = (status, body).into_response();
+        let h = out.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (name, value) in kept {
+            h.insert(name, value);
         }
-        Err(e) => Err(e),
-    };
-    // One change, one outcome here: forwarded (the writer counts and logs the change).
-    s.metrics
-        .catalog_changes
-        .with_label_values(&[kind, "forwarded"])
-        .inc();
-    match answer {
-        Ok(resp) => {
-            tracing::info!(key = %key, by = %op.name, writer = %writer,
-                status = resp.status().as_u16(), result = "forwarded", "catalog change forwarded");
-            Some(resp)
-        }
-        Err(error) => {
-            tracing::warn!(key = %key, by = %op.name, writer = %writer, %error,
-                result = "forwarded", "the catalog's writer did not answer");
-            Some(
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not_the_writer",
-                    format!("this instance does not write the catalog, and the writer it knows did not answer: {error}"),
-                )
-                .with_retry_after(1)
-                .into_response(),
-            )
-        }
+        Ok(out)
     }
+    .await;
+    Some((writer, answer))
+}
+
+/// The answer when the writer a request was forwarded to did not answer.
+pub(super) fn writer_silent(error: &reqwest::Error) -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_the_writer",
+        format!("this instance does not write the catalog, and the writer it knows did not answer: {error}"),
+    )
+    .with_retry_after(1)
+    .into_response()
 }
 
 fn not_the_writer() -> ApiError {
@@ -371,7 +386,7 @@ fn kind_of(kind: &str) -> Result<Kind, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))
 }
 
-fn key_of(kind: &str, id: &str) -> Result<Key, ApiError> {
+pub(super) fn key_of(kind: &str, id: &str) -> Result<Key, ApiError> {
     Key::new(kind_of(kind)?, id).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -381,7 +396,7 @@ fn key_of(kind: &str, id: &str) -> Result<Key, ApiError> {
     })
 }
 
-fn missing(key: &impl std::fmt::Display) -> ApiError {
+pub(super) fn missing(key: &impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",

@@ -31,6 +31,7 @@ use crate::model::LiveEvent;
 use crate::query::{ConversionFilter, GroupBy, QueryError, Reader, Window};
 use crate::schema::{Cf, Granularity};
 
+mod backfill;
 pub mod catalog;
 mod refire;
 
@@ -40,7 +41,7 @@ pub const APP_JS: &str = include_str!("../../web/app.js");
 pub const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 /// Every route and its methods; the OpenAPI document lists the same (a test checks).
-pub const ROUTES: [(&str, &[&str]); 20] = [
+pub const ROUTES: [(&str, &[&str]); 22] = [
     ("/", &["GET"]),
     ("/app.js", &["GET"]),
     ("/style.css", &["GET"]),
@@ -61,6 +62,11 @@ pub const ROUTES: [(&str, &[&str]); 20] = [
     ("/api/v1/catalog/{kind}", &["GET"]),
     ("/api/v1/catalog/{kind}/{id}", &["GET", "PUT", "DELETE"]),
     ("/api/v1/catalog/{kind}/{id}/history", &["GET"]),
+    ("/api/v1/catalog/{kind}/{id}/backfills", &["GET", "POST"]),
+    (
+        "/api/v1/catalog/{kind}/{id}/backfills/{backfill_id}",
+        &["GET"],
+    ),
 ];
 
 /// Re-fired in one bulk request at most.
@@ -81,6 +87,7 @@ pub struct ApiState {
     pub metrics: Metrics,
     pub feed: broadcast::Sender<LiveEvent>,
     pub catalog: catalog::CatalogApi,
+    pub backfills: Arc<crate::backfill::Backfills>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -267,6 +274,8 @@ pub fn router(state: Shared) -> Router {
                 .delete(catalog::delete),
         )
         .route(ROUTES[19].0, get(catalog::history))
+        .route(ROUTES[20].0, get(backfill::list).post(backfill::start))
+        .route(ROUTES[21].0, get(backfill::get_one))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

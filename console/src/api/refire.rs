@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use s2s_catalog::documents::Role;
-use s2s_common::contract::{CommandAction, DeliveryCommand, SCHEMA_VERSION};
+use s2s_common::contract::{CommandAction, DeliveryCommand};
 use s2s_common::kafka::{produce_all, OutRecord};
 use s2s_common::topics::partition_key;
 use serde::Deserialize;
@@ -49,16 +49,14 @@ fn command(
     who: &Operator,
     reason: Option<String>,
 ) -> DeliveryCommand {
-    DeliveryCommand {
-        schema_version: SCHEMA_VERSION,
-        command_id: s2s_common::ids::new_ulid(),
-        action: CommandAction::Redeliver,
+    DeliveryCommand::new(
+        CommandAction::Redeliver,
         endpoint,
         conversion,
-        requested_by: who.name.clone(),
-        requested_at_ms: s2s_common::now_ms(),
+        who.name.clone(),
+        s2s_common::now_ms(),
         reason,
-    }
+    )
 }
 
 pub(super) async fn refire_one(

@@ -237,6 +237,29 @@ impl Deliveries {
                 }
                 result
             }
+            CommandAction::Backfill => {
+                let endpoint = self
+                    .dispatcher
+                    .index(&cmd.endpoint)
+                    .map(|i| &self.dispatcher.endpoints()[i]);
+                match endpoint {
+                    None => "unknown_endpoint",
+                    Some(ep) if !ep.enabled => "disabled",
+                    Some(ep) if !ep.filter.wants(&cmd.conversion) => "not_wanted",
+                    Some(ep) => {
+                        let id = cmd.conversion.delivery_id(&ep.name);
+                        if schedule::load(cx.state, &id)?.is_some() {
+                            "exists"
+                        } else {
+                            let job = Job::new(id, ep.name.clone(), cmd.conversion.clone(), now);
+                            *deltas.entry(ep.name.clone()).or_insert(0) +=
+                                schedule::write(cx.state, None, Some(&job));
+                            cx.event(Done::Event(Event::Scheduled(ep.name.clone())));
+                            "created"
+                        }
+                    }
+                }
+            }
         };
         cx.event(Done::Event(Event::Command {
             command: Box::new(cmd),

@@ -286,7 +286,7 @@ async fn console_with(
 }
 
 /// A console's answer to `GET {url}` as operator "tester".
-async fn console_get(url: String) -> Value {
+pub(crate) async fn console_get(url: String) -> Value {
     s2s_tests::http()
         .get(url)
         .bearer_auth(s2s_tests::CONSOLE_TOKEN)
@@ -304,7 +304,7 @@ async fn status(c: &ApiConsole) -> Value {
 }
 
 /// Waits until the service whose admin listener is `admin` applies catalog `revision`.
-async fn applied(admin: std::net::SocketAddr, service: &str, revision: i64) {
+pub(crate) async fn applied(admin: std::net::SocketAddr, service: &str, revision: i64) {
     let gauge = format!("{service}_catalog_revision");
     poll_until(
         &format!("{service} applies revision {revision}"),
@@ -805,7 +805,12 @@ async fn catalog_records_to(topics: &TopicsConfig, offset: i64) -> String {
 
 /// `PUT /api/v1/catalog/{kind}/{id}` as operator "tester" (`base`: the revision changed,
 /// `None`: a creation), tried again while the console answers 503 (its election).
-async fn put_entity(url: &str, key: &str, base: Option<i64>, document: Value) -> (u16, Value) {
+pub(crate) async fn put_entity(
+    url: &str,
+    key: &str,
+    base: Option<i64>,
+    document: Value,
+) -> (u16, Value) {
     let (kind, id) = key.split_once('/').expect("kind/id");
     poll_until(&format!("the console takes {key}"), WAIT, || async {
         let mut req = s2s_tests::http()
@@ -843,13 +848,6 @@ async fn delivery_follows_the_catalogs_postbacks() {
     })
     .await;
     let api = p.console_url();
-    let ftd = |click_id: String| {
-        let url = p.ingest_url(&format!("/postback?click_id={click_id}&event=ftd"));
-        async move {
-            let r = s2s_tests::http().get(url).send().await.expect("postback");
-            assert_eq!(r.status(), 200);
-        }
-    };
     let received_by = |e: &TestEndpoint, click_id: &str| {
         e.received().iter().any(|r| r.param("c") == Some(click_id))
     };
@@ -866,7 +864,7 @@ async fn delivery_follows_the_catalogs_postbacks() {
     let r1 = created["revision"].as_i64().expect("revision");
     applied(p.delivery_admin, "delivery", r1).await;
     let c1 = p.click("offer_id=1&aff_id=42").await;
-    ftd(c1.clone()).await;
+    p.ftd(&c1).await;
     poll_until("the new postback's first delivery", WAIT, || async {
         received_by(&first, &c1).then_some(())
     })
@@ -883,7 +881,7 @@ async fn delivery_follows_the_catalogs_postbacks() {
     let r2 = changed["revision"].as_i64().expect("revision");
     applied(p.delivery_admin, "delivery", r2).await;
     let c2 = p.click("offer_id=1&aff_id=42").await;
-    ftd(c2.clone()).await;
+    p.ftd(&c2).await;
     poll_until("the delivery to the new URL", WAIT, || async {
         received_by(&second, &c2).then_some(())
     })
@@ -905,16 +903,13 @@ async fn delivery_follows_the_catalogs_postbacks() {
     )
     .await;
     let c3 = p.click("offer_id=1&aff_id=42").await;
-    ftd(c3.clone()).await;
+    p.ftd(&c3).await;
     // Once delivery has committed the third conversion, its scheduling is decided.
-    poll_until("delivery consumes the third conversion", WAIT, || async {
-        let n = s2s_tests::metric(
-            p.delivery_admin,
-            "stream_records_consumed_total{input=\"conversion\",service=\"delivery\"}",
-        )
-        .await?;
-        (n >= 3.0).then_some(())
-    })
+    s2s_tests::metric_reaches(
+        p.delivery_admin,
+        "stream_records_consumed_total{input=\"conversion\",service=\"delivery\"}",
+        3.0,
+    )
     .await;
     assert_eq!(
         s2s_tests::metric(
@@ -975,7 +970,7 @@ async fn delivery_follows_the_catalogs_postbacks() {
     )
     .await;
     let c4 = p.click("offer_id=1&aff_id=42").await;
-    ftd(c4.clone()).await;
+    p.ftd(&c4).await;
     let got = poll_until("the signed delivery", WAIT, || async {
         first
             .received()

@@ -6,6 +6,7 @@
 
 mod attributor;
 mod attributor_faults;
+mod backfill;
 mod broker_probe;
 mod catalog;
 mod chaos;
