@@ -1,6 +1,7 @@
 //! The console's own Prometheus metrics (the read model's are the runtime's,
 //! `stream_*{service="console"}`): API requests where they are answered, re-fires, live
-//! feeds, catalog changes, backfills.
+//! feeds, catalog changes, backfills,
+//! postback tests.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
@@ -24,6 +25,9 @@ pub struct Metrics {
     pub backfills: IntCounterVec,
     /// `console_backfill_commands_total`: backfill commands the broker acknowledged.
     pub backfill_commands: prometheus::IntCounter,
+    /// `console_postback_tests_total{result}`: postback tests sent, `answered` (any
+    /// status) or `no_answer` (connect error, timeout).
+    pub postback_tests: IntCounterVec,
 }
 
 /// What became of a catalog change: `accepted`, `conflict` (stale revision, exists,
@@ -71,6 +75,13 @@ impl Metrics {
                 ),
                 &["state"],
             )?,
+            postback_tests: IntCounterVec::new(
+                Opts::new(
+                    "console_postback_tests_total",
+                    "Postback tests sent, by whether the endpoint answered.",
+                ),
+                &["result"],
+            )?,
             backfill_commands: prometheus::IntCounter::new(
                 "console_backfill_commands_total",
                 "Backfill commands the broker acknowledged.",
@@ -100,6 +111,10 @@ impl Metrics {
         }
         registry.register(Box::new(m.backfills.clone()))?;
         registry.register(Box::new(m.backfill_commands.clone()))?;
+        for result in ["answered", "no_answer"] {
+            m.postback_tests.with_label_values(&[result]);
+        }
+        registry.register(Box::new(m.postback_tests.clone()))?;
         Ok(m)
     }
 }

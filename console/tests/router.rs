@@ -271,6 +271,7 @@ async fn every_role_boundary_holds() {
         (Method::POST, "/api/v1/deliveries/none/refire"),
         (Method::POST, "/api/v1/dead-letters/refire"),
         (Method::POST, "/api/v1/catalog/postback/p1/backfills"),
+        (Method::POST, "/api/v1/catalog/postback/p1/test"),
     ];
     for token in [VIEWER, OPERATOR] {
         let (status, body) = call(&app, Method::GET, "/api/v1/catalog/offer", Some(token)).await;

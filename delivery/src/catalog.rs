@@ -133,16 +133,7 @@ pub fn compile(
                     "delivery's config file has a postback named '{id}' too; that one is used"
                 ));
             }
-            let (p, enabled) = document(id, doc).map_err(|e| e.to_string())?;
-            let mut endpoint = config.compile_postback(&p)?;
-            endpoint.enabled = enabled;
-            let key = Key::new(Kind::Postback, id).map_err(|e| e.to_string())?;
-            if let Some(plain) =
-                secrets::open_field(&key, doc, "secret", secret_key).map_err(|e| e.to_string())?
-            {
-                endpoint.secret = Some(Secret::parse(&plain).map_err(|e| format!("secret: {e}"))?);
-            }
-            Ok(endpoint)
+            endpoint(config, secret_key, id, doc)
         },
     )
     .into_iter()
@@ -152,6 +143,26 @@ pub fn compile(
         endpoints,
         revision: view::revision(catalog),
     }
+}
+
+/// One catalog postback as the endpoint delivery sends to: its document compiled against
+/// `config`'s defaults, its signing secret opened with `secret_key`.
+pub fn endpoint(
+    config: &DeliveryConfig,
+    secret_key: Option<&SecretKey>,
+    id: &str,
+    doc: &Value,
+) -> Result<Endpoint, String> {
+    let (p, enabled) = document(id, doc).map_err(|e| e.to_string())?;
+    let mut endpoint = config.compile_postback(&p)?;
+    endpoint.enabled = enabled;
+    let key = Key::new(Kind::Postback, id).map_err(|e| e.to_string())?;
+    if let Some(plain) =
+        secrets::open_field(&key, doc, "secret", secret_key).map_err(|e| e.to_string())?
+    {
+        endpoint.secret = Some(Secret::parse(&plain).map_err(|e| format!("secret: {e}"))?);
+    }
+    Ok(endpoint)
 }
 
 #[cfg(test)]

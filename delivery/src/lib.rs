@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod policy;
 pub mod processor;
 pub mod replay;
+pub mod sample;
 pub mod schedule;
 pub mod sender;
 pub mod settle;

@@ -33,6 +33,7 @@ use crate::schema::{Cf, Granularity};
 
 mod backfill;
 pub mod catalog;
+mod postback_test;
 mod refire;
 
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -41,7 +42,7 @@ pub const APP_JS: &str = include_str!("../../web/app.js");
 pub const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 /// Every route and its methods; the OpenAPI document lists the same (a test checks).
-pub const ROUTES: [(&str, &[&str]); 22] = [
+pub const ROUTES: [(&str, &[&str]); 23] = [
     ("/", &["GET"]),
     ("/app.js", &["GET"]),
     ("/style.css", &["GET"]),
@@ -67,6 +68,7 @@ pub const ROUTES: [(&str, &[&str]); 22] = [
         "/api/v1/catalog/{kind}/{id}/backfills/{backfill_id}",
         &["GET"],
     ),
+    ("/api/v1/catalog/{kind}/{id}/test", &["POST"]),
 ];
 
 /// Re-fired in one bulk request at most.
@@ -276,6 +278,7 @@ pub fn router(state: Shared) -> Router {
         .route(ROUTES[19].0, get(catalog::history))
         .route(ROUTES[20].0, get(backfill::list).post(backfill::start))
         .route(ROUTES[21].0, get(backfill::get_one))
+        .route(ROUTES[22].0, post(postback_test::test))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -6,7 +6,7 @@
 
 mod attributor;
 mod attributor_faults;
-mod backfill;
+
 mod broker_probe;
 mod catalog;
 mod chaos;
@@ -19,3 +19,4 @@ mod ingest;
 mod ingest_faults;
 mod k8s;
 mod openapi;
+mod postbacks;

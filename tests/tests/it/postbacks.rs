@@ -1,5 +1,7 @@
-//! A postback created after the fact, backfilled: the conversions it would have been sent
-//! since a given time are delivered to it, once, however often the backfill runs.
+//! A postback's tools in the console: the backfill (a postback created after the fact is
+//! sent the conversions it would have been sent since a given time, once, however often
+//! the backfill runs) and the Test button (a sample conversion through its real template
+//! and signing, shown exactly as sent, written nowhere).
 
 use std::time::Duration;
 
@@ -178,4 +180,101 @@ async fn a_new_postback_is_backfilled_once() {
         (409, Some("postback_disabled")),
         "{refused}"
     );
+}
+
+/// The Test button: the endpoint gets the sample exactly as the answer shows it (URL,
+/// headers, the signature the secret makes), marked as a test; nothing is written to the
+/// pipeline; an endpoint that does not answer is a 200 that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_button_sends_the_real_request_and_shows_it() {
+    let endpoint = TestEndpoint::start(&[202]).await;
+    let p = Pipeline::start(PipelineOptions {
+        console: true,
+        ..Default::default()
+    })
+    .await;
+    let api = p.console_url();
+    let (status, created) = put_entity(
+        &api,
+        "postback/signed",
+        None,
+        json!({ "url": endpoint.url("/pb?c={click_id}&p={payout}&e={event}"), "aff_id": "42",
+            "events": ["deposit"], "secret": "whsec_c2VjcmV0LXNpZ25pbmcta2V5LTEyMzQ1Njc4OTA=" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let test = |id: &'static str| {
+        let url = format!("{api}/api/v1/catalog/postback/{id}/test");
+        async move {
+            let resp = s2s_tests::http()
+                .post(url)
+                .bearer_auth(s2s_tests::CONSOLE_TOKEN)
+                .send()
+                .await
+                .expect("answer");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("JSON"))
+        }
+    };
+    let (status, shown) = test("signed").await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["test"], true);
+    assert_eq!(shown["response"]["status"], 202, "{shown}");
+    let got = endpoint.received();
+    assert_eq!(got.len(), 1, "one test request");
+    let got = &got[0];
+    let click_id = got.param("c").expect("c");
+    assert!(click_id.starts_with("test_"), "{got:?}");
+    assert_eq!(
+        got.param("e"),
+        Some("deposit"),
+        "an event the postback wants"
+    );
+    assert_eq!(
+        shown["request"]["url"].as_str(),
+        Some(
+            endpoint
+                .url(&format!("/pb?c={click_id}&p=50.00&e=deposit"))
+                .as_str()
+        ),
+        "the URL as sent"
+    );
+    assert_eq!(got.header("s2s-test"), Some("1"));
+    for (name, value) in shown["request"]["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter_map(|h| Some((h[0].as_str()?, h[1].as_str()?)))
+    {
+        assert_eq!(got.header(name), Some(value), "header {name} as shown");
+    }
+    assert!(
+        got.header("webhook-signature")
+            .is_some_and(|s| s.starts_with("v1,")),
+        "signed with the postback's secret"
+    );
+    assert!(
+        !shown.to_string().contains("c2VjcmV0LXNpZ25pbmcta2V5"),
+        "the secret is not shown"
+    );
+    let listed = console_get(format!("{api}/api/v1/conversions")).await;
+    assert_eq!(listed["items"], json!([]), "not a conversion: {listed}");
+
+    let (status, created) = put_entity(
+        &api,
+        "postback/down",
+        None,
+        json!({ "url": "http://127.0.0.1:9/pb?c={click_id}", "timeout": "2s" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, shown) = test("down").await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["response"], Value::Null);
+    assert!(
+        shown["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{shown}"
+    );
+    let (status, _) = test("nobody").await;
+    assert_eq!(status, 404);
 }
