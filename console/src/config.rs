@@ -28,6 +28,15 @@ pub struct ConsoleConfig {
     /// Default: `<group_id>.catalog-writer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog_writer_group: Option<String>,
+    /// `exactly_once`: catalog changes are appended with their audit records in one
+    /// transaction under one fixed `transactional.id` (`catalog_transactional_id`), so
+    /// a newly elected writer fences a deposed one. `at_least_once`: no transactions
+    /// (brokers without them).
+    pub catalog_guarantee: s2s_state::Guarantee,
+    /// The catalog writer's `transactional.id`, the same for every instance. Default:
+    /// the writer group's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_transactional_id: Option<String>,
     /// /metrics, /healthz, /readyz.
     pub admin_listen: SocketAddr,
     pub group_id: String,
@@ -64,12 +73,37 @@ impl ConsoleConfig {
         }
     }
 
+    /// The consumer group that elects the catalog's writer.
+    pub fn catalog_writer_group(&self) -> String {
+        self.catalog_writer_group
+            .clone()
+            .unwrap_or_else(|| format!("{}.catalog-writer", self.group_id))
+    }
+
+    /// The catalog writer's `transactional.id` under `exactly_once`.
+    pub fn catalog_transactional_id(&self) -> Option<String> {
+        (self.catalog_guarantee == s2s_state::Guarantee::ExactlyOnce).then(|| {
+            self.catalog_transactional_id
+                .clone()
+                .unwrap_or_else(|| self.catalog_writer_group())
+        })
+    }
+
     /// Checks the config; the error names the key to fix.
     pub fn validate(&self) -> Result<(), String> {
         self.pipeline.validate()?;
         self.rocksdb.validate()?;
         if self.group_id.trim().is_empty() {
             return Err("group_id must not be empty".into());
+        }
+        if self
+            .catalog_transactional_id
+            .as_ref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(
+                "catalog_transactional_id must not be empty (unset it for the default)".into(),
+            );
         }
         if self.commit_interval.is_zero() || self.max_batch == 0 {
             return Err("commit_interval and max_batch must be > 0".into());

@@ -165,11 +165,12 @@ impl Console {
             let api = self.api.clone();
             async move {
                 loop {
-                    let elected = standing.borrow_and_update().is_some();
-                    gauge.set(i64::from(elected));
+                    let since = *standing.borrow_and_update();
+                    gauge.set(i64::from(since.is_some()));
                     // Elected: say where this instance answers, for the others to forward to.
-                    if let (true, Some(url)) = (elected, api.catalog.advertised_url.as_deref()) {
-                        match api.catalog.writer.announce(url).await {
+                    if let (Some(since), Some(url)) = (since, api.catalog.advertised_url.as_deref())
+                    {
+                        match api.catalog.writer.announce(url, since).await {
                             Ok(offset) => tracing::info!(url, offset, "catalog writer announced"),
                             Err(error) => tracing::warn!(url, %error,
                                 "catalog writer not announced: the others answer changes 503"),
@@ -215,21 +216,29 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
     .map_err(|e| RuntimeError::Config(e.to_string()))?;
     let election = Election::join(
         kafka,
-        &config
-            .catalog_writer_group
-            .clone()
-            .unwrap_or_else(|| format!("{}.catalog-writer", config.group_id)),
+        &config.catalog_writer_group(),
         &topics.catalog.name,
         &stop,
     )
     .map_err(|e| RuntimeError::Config(e.to_string()))?;
-    let writer = Writer::new(
-        kafka,
-        &topics.catalog.name,
-        &topics.catalog_audit.name,
-        Arc::clone(&catalog),
-        CATALOG_APPLY_WITHIN,
-    )?;
+    let (catalog_topic, audit_topic) = (&topics.catalog.name, &topics.catalog_audit.name);
+    let writer = match config.catalog_transactional_id() {
+        Some(id) => Writer::transactional(
+            kafka,
+            &id,
+            catalog_topic,
+            audit_topic,
+            Arc::clone(&catalog),
+            CATALOG_APPLY_WITHIN,
+        ),
+        None => Writer::new(
+            kafka,
+            catalog_topic,
+            audit_topic,
+            Arc::clone(&catalog),
+            CATALOG_APPLY_WITHIN,
+        )?,
+    };
     Ok(api::catalog::CatalogApi {
         checks: catalog_checks(&config.pipeline.postbacks)?,
         secret_key: s2s_catalog::secrets::SecretKey::of(&config.pipeline)

@@ -428,6 +428,8 @@ pub fn console_config(
     c.listen = any_port();
     c.admin_listen = any_port();
     c.group_id = unique("console");
+    // Tansu has no transactions.
+    c.catalog_guarantee = s2s_state::Guarantee::AtLeastOnce;
     c.state_dir = state_dir.to_path_buf();
     c.commit_interval = Duration::from_millis(50);
     c.operators = [("tester".to_string(), CONSOLE_TOKEN.to_string())].into();

@@ -248,7 +248,10 @@ async fn write(
             tracing::error!(key = %key_text, by = %op.name, result = "failed", error = %e,
                 "catalog change failed");
             Err(match e {
-                WriteError::Append { .. } | WriteError::Behind(_) => ApiError::new(
+                WriteError::Append { .. }
+                | WriteError::Behind(_)
+                | WriteError::Transaction(_)
+                | WriteError::Fenced => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "catalog_unavailable",
                     e.to_string(),

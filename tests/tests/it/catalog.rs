@@ -33,7 +33,7 @@ async fn follower(topics: &TopicsConfig, shutdown: &CancellationToken) -> Arc<Fo
     )
 }
 
-fn change(key: &str, base: Option<i64>, document: Option<Value>) -> Change {
+pub(crate) fn change(key: &str, base: Option<i64>, document: Option<Value>) -> Change {
     Change {
         key: key.parse().expect("key"),
         base,
@@ -44,7 +44,7 @@ fn change(key: &str, base: Option<i64>, document: Option<Value>) -> Change {
     }
 }
 
-fn key(s: &str) -> Key {
+pub(crate) fn key(s: &str) -> Key {
     s.parse().expect("key")
 }
 

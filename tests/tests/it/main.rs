@@ -9,6 +9,7 @@ mod attributor_faults;
 
 mod broker_probe;
 mod catalog;
+mod catalog_fencing;
 mod chaos;
 mod console;
 mod data_teams;
