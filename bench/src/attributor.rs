@@ -66,7 +66,12 @@ pub(crate) fn realistic_click(ts_ms: i64) -> Click {
 
 /// `(VmRSS, VmHWM)` of this process, bytes.
 pub fn memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    memory_of("self")
+}
+
+/// `(VmRSS, VmHWM)` of process `pid` (`self`: this one), bytes.
+pub fn memory_of(pid: &str) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()

@@ -68,21 +68,26 @@ async fn endpoint(arrivals: Arrivals) -> anyhow::Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// A service binary as a child process.
-struct Service {
-    name: &'static str,
+pub(crate) struct Service {
+    pub(crate) name: &'static str,
     child: tokio::process::Child,
     pid: u32,
 }
 
 impl Service {
-    fn spawn(name: &'static str, bin: &Path, config: &Path, log: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(
+        name: &'static str,
+        bin: &Path,
+        config: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log)?;
         let child = tokio::process::Command::new(bin)
             .arg("--config")
@@ -98,20 +103,18 @@ impl Service {
         Ok(Service { name, child, pid })
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// User + system CPU seconds so far.
-    fn cpu(&self) -> f64 {
+    pub(crate) fn cpu(&self) -> f64 {
         crate::delivery::cpu_seconds(self.pid)
     }
 
     /// Peak resident memory (VmHWM), MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
+    pub(crate) fn peak_rss_mib(&self) -> f64 {
+        crate::attributor::memory_of(&self.pid.to_string()).1 as f64 / (1024.0 * 1024.0)
     }
 }
 
@@ -172,7 +175,7 @@ async fn clicks(ingest: &str, run: &str, from: u64, to: u64) -> anyhow::Result<(
 }
 
 /// Polls `admin`'s /metrics until `series` reaches `at_least`.
-async fn metric_at_least(
+pub(crate) async fn metric_at_least(
     admin: &str,
     series: &str,
     at_least: f64,

@@ -62,7 +62,7 @@ impl Conn {
         self.sender.as_mut().context("no connection")
     }
 
-    /// Sends one GET and reads the whole answer: Ok(true) for a 2xx.
+    /// Sends one GET and reads the whole answer: Ok(true) for a 2xx or 3xx.
     async fn get(&mut self, path: &str) -> anyhow::Result<bool> {
         let host = self.host.clone();
         let sender = self.connect().await?;
@@ -78,7 +78,8 @@ impl Conn {
                 return Err(e).context("send");
             }
         };
-        let ok = resp.status().is_success();
+        // A redirect is the answer a click wants.
+        let ok = resp.status().is_success() || resp.status().is_redirection();
         resp.into_body().collect().await.context("body")?;
         Ok(ok)
     }
@@ -86,9 +87,19 @@ impl Conn {
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// `path` with `{n}` replaced by a number unique within this process.
+/// `path` with `{n}` replaced by a number unique within this process, and `{n%K}` by
+/// that number modulo K (requests spread over K entities).
 fn numbered(path: &str) -> String {
-    path.replace("{n}", &SEQ.fetch_add(1, Ordering::Relaxed).to_string())
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut out = path.replace("{n}", &n.to_string());
+    while let Some(start) = out.find("{n%") {
+        let Some(len) = out[start..].find('}') else {
+            break;
+        };
+        let k: u64 = out[start + 3..start + len].parse().unwrap_or(1).max(1);
+        out.replace_range(start..=start + len, &(n % k).to_string());
+    }
+    out
 }
 
 /// The connections' runs as one, timed from `start`.

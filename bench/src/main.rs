@@ -10,7 +10,8 @@
 //! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`);
 //! - `delivery`: the delivery benchmark (see `delivery.rs`);
 //! - `e2e`: the whole pipeline, end to end (see `e2e.rs`);
-//! - `catalog`: the catalog's start-up read, memory and change latency (see `catalog.rs`).
+//! - `catalog`: the catalog's start-up read, memory, ingest's CPU per click on a big
+//!   catalog and the time from an API change to applied in every service (see `catalog.rs`).
 //!
 //! The load generator keeps `--connections` HTTP/1.1 keep-alive connections busy (closed
 //! loop) for the throughput figure. For latency it sends at a fixed rate (open loop) and
@@ -180,7 +181,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         p99_goal_ms: f64,
     },
-    /// The catalog: read to its end at start-up, memory per entity, write → applied.
+    /// The catalog: start-up, memory per entity, ingest's CPU per click, API → applied.
     Catalog {
         #[arg(long)]
         brokers: String,
@@ -193,9 +194,20 @@ enum Cmd {
         /// Fresh readers timed reading the catalog to its end.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Live changes timed from write to applied in every reader.
+        /// Live changes timed from the API's 2xx to applied in every service.
         #[arg(long, default_value_t = 100)]
         changes: usize,
+        /// Where the release service binaries are.
+        #[arg(long)]
+        bins: std::path::PathBuf,
+        /// Configs, state and logs.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Alternating rounds of clicks per ingest, for CPU per click.
+        #[arg(long, default_value_t = 5)]
+        cpu_rounds: usize,
+        #[arg(long, default_value_t = 5)]
+        cpu_seconds: u64,
     },
     /// The whole pipeline: sustained postbacks/s, latency at half that rate.
     E2e {
@@ -290,15 +302,23 @@ async fn main() -> anyhow::Result<()> {
             offers,
             rounds,
             changes,
+            bins,
+            dir,
+            cpu_rounds,
+            cpu_seconds,
         } => {
             catalog::run(
                 &brokers,
+                &bins,
+                &dir,
                 catalog::Sizes {
                     affiliates,
                     postbacks,
                     offers,
                     rounds,
                     changes,
+                    cpu_rounds,
+                    cpu_seconds,
                 },
             )
             .await

@@ -23,6 +23,10 @@ pub struct ConsoleConfig {
     /// there. Unset: this instance, when not the writer, answers them 503 instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertised_url: Option<String>,
+    /// Ingest as operators reach it (`https://track.example.com`): a source's page shows
+    /// the postback URL to call on it. Unset: the path alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest_public_url: Option<String>,
     /// The consumer group that elects the catalog's one writer: the same for every
     /// console instance of a pipeline, even where each has a `group_id` of its own.
     /// Default: `<group_id>.catalog-writer`.
@@ -116,6 +120,13 @@ impl ConsoleConfig {
                  model keeps)"
                     .into(),
             );
+        }
+        if let Some(u) = &self.ingest_public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!(
+                    "ingest_public_url '{u}' must be an http:// or https:// URL (https://track.example.com)"
+                ));
+            }
         }
         if let Some(u) = &self.advertised_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) || u.ends_with('/') {

@@ -246,6 +246,7 @@ async fn catalog_api(config: &ConsoleConfig) -> Result<api::catalog::CatalogApi,
         catalog,
         history,
         advertised_url: config.advertised_url.clone(),
+        ingest_public_url: config.ingest_public_url.clone(),
         client: reqwest::Client::builder()
             .timeout(CATALOG_APPLY_WITHIN + Duration::from_secs(5))
             .build()

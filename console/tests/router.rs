@@ -88,6 +88,7 @@ fn catalog_api(kafka: &s2s_common::kafka::KafkaConfig) -> s2s_console::api::cata
         .expect("checks"),
         secret_key: None,
         advertised_url: None,
+        ingest_public_url: None,
         client: reqwest::Client::new(),
         history: s2s_catalog::Follower::fixed(s2s_catalog::History::default()),
         election: s2s_catalog::Election::join(kafka, "g", "catalog", &stop).expect("candidate"),

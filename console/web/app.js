@@ -23,7 +23,11 @@ async function api(path, options = {}) {
   const body = resp.status === 204 ? null : await resp.json().catch(() => null);
   if (!resp.ok) {
     const msg = body && body.error ? `${body.error.code}: ${body.error.message}` : `HTTP ${resp.status}`;
-    throw new Error(msg);
+    const err = new Error(msg);
+    err.status = resp.status;
+    err.code = body && body.error ? body.error.code : null;
+    err.detail = body && body.error ? body.error.message : msg;
+    throw err;
   }
   return body;
 }
@@ -369,10 +373,356 @@ async function updateFreshness() {
 }
 setInterval(updateFreshness, 5000);
 
+// ---- Catalog: offers, affiliates, postbacks, sources, operators ----
+// Each kind's form: the usual fields of its document; anything else stays in "Other
+// fields (JSON)". A secret field is write-only: left empty, the value set before is kept
+// ({"set": true}); the API never sends one back.
+const KINDS = {
+  offer: {
+    title: "Offers",
+    fields: [
+      { name: "url", label: "Redirect URL template", size: 70, hint: "macros: {click_id}, {aff_id}, {sub1}…" },
+      { name: "status", type: "select", options: ["active", "paused"] },
+      { name: "currency", size: 4 },
+      { name: "window", label: "Attribution window", size: 8, hint: "e.g. 30d" },
+      { name: "payouts", type: "map", label: "Payouts", hint: "event=amount, …  e.g. ftd=50.00, registration=2.00" },
+    ],
+    summary: (d) => `${d.status || "active"} · ${d.url || ""}`,
+  },
+  affiliate: {
+    title: "Affiliates",
+    fields: [
+      { name: "name", size: 40 },
+      { name: "status", type: "select", options: ["active", "paused", "blocked"] },
+    ],
+    summary: (d) => `${d.name || ""} · ${d.status || "active"}`,
+  },
+  postback: {
+    title: "Postbacks",
+    fields: [
+      { name: "url", label: "URL template", size: 70, hint: "macros: {click_id}, {payout}, {currency}, {event}, {status}, {txn_id}, {sub1}…" },
+      { name: "aff_id", label: "Affiliate", size: 12, hint: "empty: a global postback" },
+      { name: "offer_id", label: "Offer", size: 12, hint: "empty: any" },
+      { name: "events", type: "list", hint: "comma-separated; empty: every event" },
+      { name: "statuses", type: "list", hint: "new conversions with these statuses; empty: any" },
+      { name: "send_updates", type: "checkbox", label: "Send status updates" },
+      { name: "method", type: "select", options: ["", "GET", "POST", "PUT"] },
+      { name: "body", size: 70, hint: "body template (POST, PUT)" },
+      { name: "enabled", type: "checkbox", initial: true },
+      { name: "secret", type: "secret", label: "Signing secret", hint: "whsec_…; Standard Webhooks signature" },
+    ],
+    summary: (d) => `${d.enabled === false ? "disabled" : "enabled"} · ${d.aff_id ? "affiliate " + d.aff_id : "global"} · ${d.url || ""}`,
+  },
+  source: {
+    title: "Sources",
+    fields: [
+      { name: "auth", type: "select", options: ["none", "token", "hmac"] },
+      { name: "token", type: "secret" },
+      { name: "hmac_secret", type: "secret", label: "HMAC secret" },
+      { name: "aliases", type: "map", hint: "their name=ours, …  e.g. cid=click_id, goal=event" },
+      { name: "allow_ips", type: "list", label: "Allowed IPs", hint: "addresses or CIDRs; empty: any" },
+      { name: "rate_limit_per_second", type: "number", label: "Rate limit per second" },
+    ],
+    summary: (d) => `auth ${d.auth || ""}${d.aliases ? " · aliases " + Object.keys(d.aliases).length : ""}`,
+  },
+  operator: {
+    title: "Operators",
+    fields: [
+      { name: "name", size: 30 },
+      { name: "role", type: "select", options: ["viewer", "operator", "admin"] },
+      { name: "token", type: "secret", hint: "at least 16 characters; kept as its SHA-256 digest" },
+    ],
+    summary: (d) => `${d.name || ""} · ${d.role || ""}`,
+  },
+};
+
+// What the editor holds: the kind, the entity (null: a new one) and its revision.
+let editing = { kind: "offer", entity: null };
+const catalogTurn = latestOnly();
+const entityPath = (kind, id) => `/api/v1/catalog/${kind}/${encodeURIComponent(id)}`;
+
+async function loadCatalogList(kind) {
+  const current = catalogTurn();
+  editing = { kind, entity: null };
+  $("#catalog-list-view").hidden = false;
+  $("#catalog-entity").hidden = true;
+  $("#catalog-kind-title").textContent = KINDS[kind].title;
+  try {
+    const r = await api(`/api/v1/catalog/${kind}`);
+    if (!current()) return;
+    const tbody = $("#catalog-list tbody");
+    tbody.textContent = "";
+    for (const e of r.items) {
+      const tr = tbody.insertRow();
+      tr.dataset.id = e.id;
+      const td = document.createElement("td");
+      const a = document.createElement("a");
+      a.href = `#catalog/${kind}/${encodeURIComponent(e.id)}`;
+      a.textContent = e.id;
+      td.appendChild(a);
+      tr.appendChild(td);
+      cell(tr, KINDS[kind].summary(e.document || {}));
+      cell(tr, e.revision); cell(tr, e.changed_by); cell(tr, fmtTime(e.changed_at_ms)); cell(tr, e.reason);
+    }
+    showError("");
+  } catch (e) { showError(e.message); }
+}
+
+function fieldInput(f, value) {
+  let input;
+  if (f.type === "select") {
+    input = document.createElement("select");
+    for (const o of f.options) {
+      const opt = document.createElement("option");
+      opt.value = o; opt.textContent = o || "(default)";
+      input.appendChild(opt);
+    }
+    input.value = value === undefined ? f.options[0] : String(value);
+  } else if (f.type === "checkbox") {
+    input = document.createElement("input");
+    input.type = "checkbox";
+    input.checked = value === undefined ? Boolean(f.initial) : Boolean(value);
+  } else {
+    input = document.createElement("input");
+    input.size = f.size || 30;
+    if (f.type === "secret") {
+      input.type = "password";
+      input.autocomplete = "new-password";
+      input.placeholder = value && value.set ? "set — leave empty to keep it" : "not set";
+    } else if (f.type === "number") {
+      input.type = "number";
+      input.value = value === undefined ? "" : String(value);
+    } else if (f.type === "list") {
+      input.value = Array.isArray(value) ? value.join(", ") : "";
+    } else if (f.type === "map") {
+      input.value = value && typeof value === "object" ? Object.entries(value).map(([k, v]) => `${k}=${v}`).join(", ") : "";
+    } else {
+      input.value = value === undefined || value === null ? "" : String(value);
+    }
+  }
+  input.name = f.name;
+  input.id = "field-" + f.name;
+  return input;
+}
+
+function showEntityForm(kind, entity) {
+  editing = { kind, entity };
+  $("#catalog-list-view").hidden = true;
+  $("#catalog-entity").hidden = false;
+  const doc = entity ? entity.document || {} : {};
+  $("#entity-title").textContent = entity ? `${kind} ${entity.id} (revision ${entity.revision})` : `New ${kind}`;
+  const id = $("#entity-id");
+  id.value = entity ? entity.id : "";
+  id.readOnly = Boolean(entity);
+  const box = $("#entity-fields");
+  box.textContent = "";
+  const known = new Set();
+  for (const f of KINDS[kind].fields) {
+    known.add(f.name);
+    const label = document.createElement("label");
+    const text = f.label || f.name.replace(/_/g, " ");
+    label.appendChild(document.createTextNode(text[0].toUpperCase() + text.slice(1)));
+    label.appendChild(fieldInput(f, doc[f.name]));
+    if (f.hint) {
+      const hint = document.createElement("small");
+      hint.className = "hint"; hint.textContent = f.hint;
+      label.appendChild(hint);
+    }
+    box.appendChild(label);
+  }
+  const extra = Object.fromEntries(Object.entries(doc).filter(([k]) => !known.has(k)));
+  $("#entity-extra").value = Object.keys(extra).length ? JSON.stringify(extra, null, 1) : "";
+  $("#entity-reason").value = "";
+  $("#entity-delete").hidden = !entity;
+  setEntityMessage("", "");
+  $("#postback-tools").hidden = !(kind === "postback" && entity);
+  $("#postback-test-result").textContent = "";
+  $("#source-tools").hidden = !(kind === "source" && entity && entity.call);
+  if (kind === "source" && entity && entity.call) {
+    $("#source-url").textContent = entity.call.postback_url;
+    $("#source-auth").textContent = entity.call.auth;
+  }
+  $("#entity-history tbody").textContent = "";
+  if (entity) { loadHistory(kind, entity.id); if (kind === "postback") loadBackfills(entity.id); }
+}
+
+function setEntityMessage(text, cls) {
+  const m = $("#entity-message");
+  m.textContent = text;
+  m.className = cls;
+}
+
+// The document the form says, or an error naming the field that is wrong.
+function formDocument() {
+  const { kind, entity } = editing;
+  let doc = {};
+  const extraText = $("#entity-extra").value.trim();
+  if (extraText) {
+    try { doc = JSON.parse(extraText); } catch (e) { throw fieldError("extra", "not JSON: " + e.message); }
+    if (!doc || typeof doc !== "object" || Array.isArray(doc)) throw fieldError("extra", "must be a JSON object");
+  }
+  const before = entity ? entity.document || {} : {};
+  for (const f of KINDS[kind].fields) {
+    const input = $("#field-" + f.name);
+    const v = f.type === "checkbox" ? input.checked : input.value.trim();
+    if (f.type === "checkbox") { doc[f.name] = v; continue; }
+    if (f.type === "secret") {
+      if (v) doc[f.name] = v;
+      else if (before[f.name] && before[f.name].set) doc[f.name] = { set: true };
+      continue;
+    }
+    if (v === "") continue;
+    if (f.type === "list") doc[f.name] = v.split(",").map((x) => x.trim()).filter(Boolean);
+    else if (f.type === "number") doc[f.name] = Number(v);
+    else if (f.type === "map") {
+      const m = {};
+      for (const pair of v.split(",").map((x) => x.trim()).filter(Boolean)) {
+        const cut = pair.indexOf("=");
+        if (cut < 1) throw fieldError(f.name, `"${pair}" is not name=value`);
+        m[pair.slice(0, cut).trim()] = pair.slice(cut + 1).trim();
+      }
+      doc[f.name] = m;
+    } else doc[f.name] = v;
+  }
+  return doc;
+}
+
+function fieldError(field, message) {
+  const e = new Error(message);
+  e.field = field;
+  return e;
+}
+
+// Marks the field an error names ("document.url: …" from the API, or the form's own).
+function markField(field, message) {
+  for (const old of document.querySelectorAll("#entity-form .field-error")) old.remove();
+  for (const old of document.querySelectorAll("#entity-form .invalid")) old.classList.remove("invalid");
+  if (!field) return;
+  const top = field.split(/[.[]/)[0];
+  const input = top === "extra" ? $("#entity-extra") : $("#field-" + top) || $("#entity-extra");
+  input.classList.add("invalid");
+  const note = document.createElement("span");
+  note.className = "field-error";
+  note.textContent = message;
+  input.parentElement.appendChild(note);
+}
+
+async function saveEntity(e) {
+  e.preventDefault();
+  const { kind, entity } = editing;
+  const id = $("#entity-id").value.trim();
+  markField(null);
+  let document_;
+  try { document_ = formDocument(); } catch (err) { markField(err.field, err.message); setEntityMessage(err.message, "bad"); return; }
+  if (!id) { $("#entity-id").classList.add("invalid"); setEntityMessage("An ID is needed.", "bad"); return; }
+  const headers = entity ? { "If-Match": `"${entity.revision}"` } : { "If-None-Match": "*" };
+  const reason = $("#entity-reason").value.trim();
+  try {
+    const saved = await api(entityPath(kind, id), {
+      method: "PUT", headers,
+      body: JSON.stringify({ document: document_, reason: reason || null }),
+    });
+    // The address follows the entity shown, without reloading it (no hashchange).
+    if (!entity) history.replaceState(null, "", `#catalog/${kind}/${encodeURIComponent(id)}`);
+    showEntityForm(kind, saved);
+    setEntityMessage(`Saved: revision ${saved.revision}.`, "ok");
+  } catch (err) {
+    if (err.code === "invalid_document") {
+      const m = /^document\.([^:]+): (.*)$/s.exec(err.detail);
+      if (m) markField(m[1], m[2]);
+    }
+    setEntityMessage(err.status === 409 && err.code === "conflict"
+      ? `${err.detail} — someone changed it meanwhile: reload to see their version.` : err.message, "bad");
+  }
+}
+
+async function deleteEntity() {
+  const { kind, entity } = editing;
+  if (!entity || !confirm(`Delete ${kind} ${entity.id}?`)) return;
+  try {
+    await api(entityPath(kind, entity.id), { method: "DELETE", headers: { "If-Match": `"${entity.revision}"` } });
+    location.hash = `#catalog/${kind}`;
+  } catch (err) { setEntityMessage(err.message, "bad"); }
+}
+
+async function loadHistory(kind, id) {
+  try {
+    const h = await api(entityPath(kind, id) + "/history");
+    const tbody = $("#entity-history tbody");
+    tbody.textContent = "";
+    for (const c of h.changes.slice().reverse()) {
+      const tr = tbody.insertRow();
+      cell(tr, c.revision); cell(tr, fmtTime(c.changed_at_ms)); cell(tr, c.changed_by); cell(tr, c.reason);
+      cell(tr, c.document ? JSON.stringify(c.document) : "(deleted)");
+    }
+  } catch (err) { showError(err.message); }
+}
+
+async function loadBackfills(id) {
+  try {
+    const r = await api(entityPath("postback", id) + "/backfills");
+    const tbody = $("#backfills tbody");
+    tbody.textContent = "";
+    let running = false;
+    for (const b of r.items.slice().reverse()) {
+      const tr = tbody.insertRow();
+      tr.dataset.state = b.state;
+      cell(tr, fmtTime(b.requested_at_ms)); cell(tr, b.requested_by); cell(tr, fmtTime(b.since_ms));
+      cell(tr, b.state + (b.error ? ": " + b.error : "")); cell(tr, b.read); cell(tr, b.matched); cell(tr, b.sent);
+      cell(tr, `${b.partitions_done}/${b.partitions}`);
+      running = running || b.state === "running";
+    }
+    // Progress while one runs, as long as this postback is on the page.
+    if (running) setTimeout(() => { if (editing.entity && editing.entity.id === id) loadBackfills(id); }, 1000);
+  } catch (err) { showError(err.message); }
+}
+
+async function testPostback() {
+  const out = $("#postback-test-result");
+  out.textContent = "Sending…";
+  try {
+    const t = await api(entityPath("postback", editing.entity.id) + "/test", { method: "POST" });
+    const req = t.request;
+    const lines = [`${req.method} ${req.url}`, ...req.headers.map(([n, v]) => `${n}: ${v}`)];
+    if (req.body) lines.push("", req.body);
+    lines.push("", "→ " + (t.response
+      ? `HTTP ${t.response.status} in ${t.duration_ms} ms` : `no answer after ${t.duration_ms} ms: ${t.error}`));
+    if (t.response) {
+      for (const [n, v] of t.response.headers) lines.push(`${n}: ${v}`);
+      if (t.response.body) lines.push("", t.response.body + (t.response.truncated ? " …" : ""));
+    }
+    out.textContent = lines.join("\n");
+    out.dataset.status = t.response ? String(t.response.status) : "none";
+  } catch (err) { out.textContent = err.message; }
+}
+
+async function startBackfill(e) {
+  e.preventDefault();
+  try {
+    await api(entityPath("postback", editing.entity.id) + "/backfills", {
+      method: "POST",
+      body: JSON.stringify({ since: $("#backfill-since").value.trim(), reason: "backfill from the console" }),
+    });
+    loadBackfills(editing.entity.id);
+  } catch (err) { setEntityMessage(err.message, "bad"); }
+}
+
+async function showCatalog(kind, id) {
+  for (const a of document.querySelectorAll("#catalog-kinds a")) a.classList.toggle("active", a.dataset.kind === kind);
+  if (id === undefined) { loadCatalogList(kind); return; }
+  if (id === "") { showEntityForm(kind, null); return; }
+  const current = catalogTurn();
+  try {
+    const entity = await api(entityPath(kind, id));
+    if (!current()) return;
+    showEntityForm(kind, entity);
+  } catch (err) { showError(err.message); }
+}
+
 // ---- Pages ----
 function route() {
-  const [page, arg] = (location.hash.slice(1) || "live").split("/");
-  for (const p of ["live", "click", "failures", "totals"]) {
+  const [page, arg, sub] = (location.hash.slice(1) || "live").split("/");
+  for (const p of ["live", "click", "failures", "totals", "catalog"]) {
     $("#page-" + p).hidden = p !== page;
     $("#nav-" + p).classList.toggle("active", p === page);
   }
@@ -381,6 +731,11 @@ function route() {
   if (page === "click" && arg) showStory(decodeURIComponent(arg));
   if (page === "failures") { loadEndpoints(); deadLetters(true); refusals(true); }
   if (page === "totals") loadTotals();
+  if (page === "catalog") {
+    const kind = KINDS[arg] ? arg : "offer";
+    // #catalog/<kind>: the list; #catalog/<kind>/<id>: one entity; #catalog/<kind>/new: a new one.
+    showCatalog(kind, sub === undefined ? undefined : sub === "new" ? "" : decodeURIComponent(sub));
+  }
 }
 
 $("#token-form").addEventListener("submit", (e) => {
@@ -416,6 +771,16 @@ $("#dead-refire-all").addEventListener("click", async () => {
   } catch (e) { msg.textContent = e.message; }
 });
 $("#totals-form").addEventListener("submit", (e) => { e.preventDefault(); loadTotals(); });
+$("#catalog-new").addEventListener("click", () => {
+  const kind = KINDS[editing.kind] ? editing.kind : "offer";
+  const target = `#catalog/${kind}/new`;
+  if (location.hash === target) showEntityForm(kind, null); else location.hash = target;
+});
+$("#entity-form").addEventListener("submit", saveEntity);
+$("#entity-delete").addEventListener("click", deleteEntity);
+$("#entity-back").addEventListener("click", (e) => { e.preventDefault(); location.hash = `#catalog/${editing.kind}`; });
+$("#postback-test").addEventListener("click", testPostback);
+$("#backfill-form").addEventListener("submit", startBackfill);
 window.addEventListener("hashchange", route);
 
 $("#token-state").textContent = token ? "set" : "";

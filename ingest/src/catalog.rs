@@ -245,6 +245,63 @@ pub fn source_check() -> KindCheck {
     })
 }
 
+/// How an operator calls a source: the exact postback URL with the operator's own
+/// parameter names, and how it proves itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SourceCall {
+    /// `{base}/postback/{id}?…`; each canonical field under the operator's name for it
+    /// (its alias, else ours) with a `{field}` placeholder for their macro.
+    pub postback_url: String,
+    /// What else the request needs (the token, the signature headers), for people.
+    pub auth: String,
+}
+
+/// The call for source `id` with document `doc`, on ingest's public URL `base` (`None`:
+/// the path alone).
+pub fn source_call(id: &str, doc: &Value, base: Option<&str>) -> SourceCall {
+    // Read from the document as it is (its secrets sealed): only the names and the mode.
+    let aliases = doc.get("aliases").and_then(Value::as_object);
+    let name_of = |field: &str| {
+        aliases
+            .and_then(|a| a.iter().find(|(_, ours)| ours.as_str() == Some(field)))
+            .map_or(field, |(theirs, _)| theirs.as_str())
+            .to_string()
+    };
+    let mut query: Vec<String> = [
+        "click_id", "event", "status", "txn_id", "amount", "currency",
+    ]
+    .iter()
+    .map(|f| format!("{}={{{f}}}", encode(&name_of(f))))
+    .collect();
+    let auth = match doc.get("auth").and_then(Value::as_str) {
+        Some("token") => {
+            query.push("token={token}".into());
+            "the source's token: as the token parameter above, or in Authorization: Bearer \
+             <token>, or X-Postback-Token"
+                .to_string()
+        }
+        Some("hmac") => "X-Timestamp: <unix seconds> and X-Signature: sha256=<hex HMAC-SHA256 of \
+             \"<timestamp>.<query string as sent>\" (GET) or of the body (POST) with the \
+             source's secret>"
+            .to_string(),
+        _ => "none: anyone who knows the URL can send postbacks".to_string(),
+    };
+    SourceCall {
+        postback_url: format!(
+            "{}/postback/{}?{}",
+            base.unwrap_or("").trim_end_matches('/'),
+            encode(id),
+            query.join("&")
+        ),
+        auth,
+    }
+}
+
+/// A query-string component, percent-encoded.
+fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use s2s_catalog::{Key, Stored};
@@ -402,5 +459,30 @@ mod tests {
                 .is_empty(),
             "without the key the token cannot be opened"
         );
+    }
+
+    #[test]
+    fn a_sources_call_uses_its_own_parameter_names() {
+        let doc = json!({ "auth": "token", "token": { "sealed": "x" },
+            "aliases": { "cid": "click_id", "goal": "event" } });
+        let call = source_call("acme", &doc, Some("https://track.example/"));
+        assert_eq!(
+            call.postback_url,
+            "https://track.example/postback/acme?cid={click_id}&goal={event}&status={status}\
+             &txn_id={txn_id}&amount={amount}&currency={currency}&token={token}"
+        );
+        assert!(call.auth.contains("Bearer"), "{}", call.auth);
+        let open = source_call("plain", &json!({ "auth": "none" }), None);
+        assert!(open
+            .postback_url
+            .starts_with("/postback/plain?click_id={click_id}&event="));
+        assert!(open.auth.starts_with("none"));
+        let hmac = source_call("s", &json!({ "auth": "hmac" }), None);
+        assert!(
+            !hmac.postback_url.contains("token"),
+            "{}",
+            hmac.postback_url
+        );
+        assert!(hmac.auth.contains("X-Signature"));
     }
 }

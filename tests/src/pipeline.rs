@@ -63,6 +63,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The pipeline with its console, otherwise as [`PipelineOptions::default`].
+    pub async fn with_console() -> Self {
+        Self::start(PipelineOptions {
+            console: true,
+            ..Default::default()
+        })
+        .await
+    }
+
     pub async fn start(opts: PipelineOptions) -> Self {
         let topics = topics(opts.partitions);
         let state = tempfile::tempdir().expect("state dir");

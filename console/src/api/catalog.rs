@@ -41,6 +41,8 @@ pub struct CatalogApi {
     pub history: Follower<History>,
     /// This instance's API as the others reach it (see `ConsoleConfig::advertised_url`).
     pub advertised_url: Option<String>,
+    /// Ingest as operators reach it, for a source's postback URL.
+    pub ingest_public_url: Option<String>,
     /// Forwards catalog changes to the writer.
     pub client: reqwest::Client,
     pub election: Election,
@@ -65,7 +67,8 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let kind = kind_of(&kind)?;
     let catalog = s.catalog.catalog.catalog();
-    let items: Vec<Value> = catalog.list(kind).map(entity).collect();
+    let base = s.catalog.ingest_public_url.as_deref();
+    let items: Vec<Value> = catalog.list(kind).map(|e| entity(e, base)).collect();
     Ok(Json(json!({ "items": items })))
 }
 
@@ -77,7 +80,11 @@ pub async fn get_one(
     let key = key_of(&kind, &id)?;
     let catalog = s.catalog.catalog.catalog();
     let e = catalog.get(&key).ok_or_else(|| missing(&key))?;
-    Ok(with_etag(StatusCode::OK, e.revision, entity(e)))
+    Ok(with_etag(
+        StatusCode::OK,
+        e.revision,
+        entity(e, s.catalog.ingest_public_url.as_deref()),
+    ))
 }
 
 /// `PUT /api/v1/catalog/{kind}/{id}`: creates (`If-None-Match: *`) or changes
@@ -136,7 +143,11 @@ pub async fn put(
     } else {
         StatusCode::OK
     };
-    Ok(with_etag(status, e.revision, entity(&e)))
+    Ok(with_etag(
+        status,
+        e.revision,
+        entity(&e, s.catalog.ingest_public_url.as_deref()),
+    ))
 }
 
 /// `DELETE /api/v1/catalog/{kind}/{id}` with `If-Match: "<revision>"`.
@@ -433,8 +444,10 @@ fn creates(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().trim_ascii() == b"*")
 }
 
-fn entity(e: &Entry) -> Value {
-    json!({
+/// An entity as the API shows it; a source with how its operator calls it (the exact
+/// postback URL with their parameter names, on `ingest_public_url`).
+fn entity(e: &Entry, ingest_public_url: Option<&str>) -> Value {
+    let mut v = json!({
         "kind": e.key.kind(),
         "id": e.key.id(),
         "revision": e.revision,
@@ -442,7 +455,15 @@ fn entity(e: &Entry) -> Value {
         "changed_by": e.stored.changed_by,
         "changed_at_ms": e.stored.changed_at_ms,
         "reason": e.stored.reason,
-    })
+    });
+    if e.key.kind() == Kind::Source {
+        v["call"] = json!(s2s_ingest::catalog::source_call(
+            e.key.id(),
+            &e.stored.document,
+            ingest_public_url
+        ));
+    }
+    v
 }
 
 fn with_etag(status: StatusCode, revision: i64, body: Value) -> Response {

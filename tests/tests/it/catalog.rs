@@ -598,13 +598,9 @@ async fn services_apply_catalog_changes_live() {
     use s2s_catalog::file::{CatalogFile, Imported};
     use s2s_common::contract::Conversion;
     use s2s_console::cli::{self, Api};
-    use s2s_tests::{Pipeline, PipelineOptions};
+    use s2s_tests::Pipeline;
 
-    let p = Pipeline::start(PipelineOptions {
-        console: true,
-        ..Default::default()
-    })
-    .await;
+    let p = Pipeline::with_console().await;
     let api = Api {
         url: p.console_url(),
         token: s2s_tests::CONSOLE_TOKEN.to_string(),
@@ -837,16 +833,12 @@ pub(crate) async fn put_entity(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_follows_the_catalogs_postbacks() {
     use base64::Engine as _;
-    use s2s_tests::{Pipeline, PipelineOptions, TestEndpoint};
+    use s2s_tests::{Pipeline, TestEndpoint};
     let (first, second) = (
         TestEndpoint::start(&[]).await,
         TestEndpoint::start(&[]).await,
     );
-    let p = Pipeline::start(PipelineOptions {
-        console: true,
-        ..Default::default()
-    })
-    .await;
+    let p = Pipeline::with_console().await;
     let api = p.console_url();
     let received_by = |e: &TestEndpoint, click_id: &str| {
         e.received().iter().any(|r| r.param("c") == Some(click_id))
@@ -1077,12 +1069,8 @@ async fn catalog_operators_sign_in_with_their_role() {
 /// and a wrong one is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_follows_the_catalogs_sources() {
-    use s2s_tests::{Pipeline, PipelineOptions};
-    let p = Pipeline::start(PipelineOptions {
-        console: true,
-        ..Default::default()
-    })
-    .await;
+    use s2s_tests::Pipeline;
+    let p = Pipeline::with_console().await;
     const TOKEN: &str = "casino-postback-token-0123";
     let (status, created) = put_entity(
         &p.console_url(),

@@ -15,7 +15,7 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One scenario at a time: each runs a whole pipeline (and one a browser) on two cores.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The pipeline with the console, two endpoints (`ok`, and `flaky`, down until told
 /// otherwise), a delivered-and-dead-lettered click and a rejected postback.
@@ -468,13 +468,15 @@ async fn bulk_refire_takes_an_endpoints_dead_letters_in_a_range() {
 }
 
 /// chromedriver on a free port, for as long as it is held.
-struct Driver {
+pub(crate) struct Driver {
     child: tokio::process::Child,
     port: u16,
+    /// The browser's profile, removed with the driver.
+    profile: tempfile::TempDir,
 }
 
 impl Driver {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         for (bin, pkg) in [
             ("/usr/bin/chromium", "chromium"),
             ("/usr/bin/chromedriver", "chromium-driver"),
@@ -502,7 +504,33 @@ impl Driver {
                 .map(|_| ())
         })
         .await;
-        Driver { child, port }
+        Driver {
+            child,
+            port,
+            profile: tempfile::tempdir().expect("profile dir"),
+        }
+    }
+
+    /// A headless Chromium session.
+    pub(crate) async fn browser(&self) -> fantoccini::Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--window-size=1280,1000",
+                    format!("--user-data-dir={}", self.profile.path().display()),
+                ],
+            }),
+        );
+        fantoccini::ClientBuilder::native()
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("a browser session")
     }
 }
 
@@ -515,7 +543,11 @@ fn artifacts() -> std::path::PathBuf {
 
 /// Waits for an element; on timeout saves a screenshot and fails with the page's text, so
 /// a failure in CI says what the page showed instead.
-async fn wait_for(c: &fantoccini::Client, css: &str, what: &str) -> fantoccini::elements::Element {
+pub(crate) async fn wait_for(
+    c: &fantoccini::Client,
+    css: &str,
+    what: &str,
+) -> fantoccini::elements::Element {
     match c.wait().for_element(fantoccini::Locator::Css(css)).await {
         Ok(e) => e,
         Err(err) => {
@@ -529,7 +561,7 @@ async fn wait_for(c: &fantoccini::Client, css: &str, what: &str) -> fantoccini::
     }
 }
 
-async fn screenshot(c: &fantoccini::Client, name: &str) {
+pub(crate) async fn screenshot(c: &fantoccini::Client, name: &str) {
     let png = c.screenshot().await.expect("screenshot");
     let path = artifacts().join(format!("{name}.png"));
     std::fs::write(&path, png).expect("write screenshot");
@@ -549,25 +581,7 @@ async fn the_web_page_shows_the_story_and_refires_from_a_button() {
     )
     .await;
     let mut driver = Driver::start().await;
-    let profile = tempfile::tempdir().expect("profile dir");
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
-            "binary": "/usr/bin/chromium",
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--window-size=1280,1000",
-                format!("--user-data-dir={}", profile.path().display()),
-            ],
-        }),
-    );
-    let c = fantoccini::ClientBuilder::native()
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{}", driver.port))
-        .await
-        .expect("a browser session");
+    let c = driver.browser().await;
     let base = s.p.console_url();
 
     // The live page, once the token is given: the feed connects, conversions list.

@@ -10,6 +10,7 @@ mod attributor_faults;
 mod broker_probe;
 mod catalog;
 mod catalog_fencing;
+mod catalog_page;
 mod chaos;
 mod console;
 mod data_teams;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use s2s_tests::{poll_until, Pipeline, PipelineOptions, TestEndpoint};
+use s2s_tests::{poll_until, Pipeline, TestEndpoint};
 use serde_json::{json, Value};
 
 use crate::catalog::{applied, console_get, put_entity};
@@ -47,11 +47,7 @@ async fn finished(api: &str, location: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_postback_is_backfilled_once() {
     let endpoint = TestEndpoint::start(&[]).await;
-    let p = Pipeline::start(PipelineOptions {
-        console: true,
-        ..Default::default()
-    })
-    .await;
+    let p = Pipeline::with_console().await;
     let api = p.console_url();
     // Before the postback exists: two FTDs of affiliate 42, one of 43.
     let (a, b, other) = (
@@ -188,11 +184,7 @@ async fn a_new_postback_is_backfilled_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_button_sends_the_real_request_and_shows_it() {
     let endpoint = TestEndpoint::start(&[202]).await;
-    let p = Pipeline::start(PipelineOptions {
-        console: true,
-        ..Default::default()
-    })
-    .await;
+    let p = Pipeline::with_console().await;
     let api = p.console_url();
     let (status, created) = put_entity(
         &api,
