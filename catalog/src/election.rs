@@ -40,10 +40,11 @@ impl Election {
         let (tx, leader) = watch::channel(None);
         let joined = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<Member> =
-            kafka.consumer_config(group).create_with_context(Member {
-                leader: tx,
-                joined: Arc::clone(&joined),
-            })?;
+            s2s_common::kafka::without_statistics(&mut kafka.consumer_config(group))
+                .create_with_context(Member {
+                    leader: tx,
+                    joined: Arc::clone(&joined),
+                })?;
         consumer.subscribe(&[topic])?;
         let stop = shutdown.child_token();
         let member_stop = stop.clone();

@@ -75,7 +75,7 @@ impl<S: Materialized> Follower<S> {
         shutdown: &CancellationToken,
     ) -> Result<Self, FollowerError> {
         let mut config = kafka.consumer_config(&format!("{topic}.reader"));
-        config
+        s2s_common::kafka::without_statistics(&mut config)
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             // A change must reach every service within a second: a broker that holds an
@@ -281,7 +281,10 @@ struct Quiet;
 
 impl ClientContext for Quiet {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        // As a partition's error or as a global one, depending on where librdkafka saw it.
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::PartitionEOF);
+        if !eof {
             tracing::warn!(%error, reason, "catalog reader error");
         }
     }

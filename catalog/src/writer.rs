@@ -121,7 +121,8 @@ impl Writer {
         follower: Arc<Follower>,
         apply_within: Duration,
     ) -> Result<Self, KafkaError> {
-        let producer = kafka.producer_config().create()?;
+        let producer =
+            s2s_common::kafka::without_statistics(&mut kafka.producer_config()).create()?;
         Ok(Self::with(
             kafka,
             None,
@@ -201,7 +202,7 @@ impl Writer {
         }
         term.producer = None;
         let mut config = self.kafka.producer_config();
-        config.set("transactional.id", id);
+        s2s_common::kafka::without_statistics(&mut config).set("transactional.id", id);
         let producer: FutureProducer = config.create().map_err(WriteError::Transaction)?;
         blocking(&producer, |p| p.init_transactions(TXN_TIMEOUT))
             .await

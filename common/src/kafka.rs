@@ -534,6 +534,13 @@ pub async fn ensure_topics(
     Ok(counts)
 }
 
+/// For a client whose statistics nobody reads (no [`crate::kafka_stats::KafkaStats`]
+/// context): librdkafka computes none, and rdkafka's default context does not log each
+/// one (at `info`, a long line per second).
+pub fn without_statistics(config: &mut ClientConfig) -> &mut ClientConfig {
+    config.set("statistics.interval.ms", "0")
+}
+
 /// The partitions of `topic` as the broker's metadata lists them (blocking); none if it
 /// does not exist.
 pub fn partitions<C: rdkafka::consumer::ConsumerContext>(

@@ -269,7 +269,7 @@ fn read(
 ) -> Result<(), String> {
     let mut config =
         kafka.consumer_config(&format!("s2s-backfill-{}", s2s_common::ids::new_ulid()));
-    config.set("enable.partition.eof", "true");
+    s2s_common::kafka::without_statistics(&mut config).set("enable.partition.eof", "true");
     let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
     let partitions =
         s2s_common::kafka::partitions(&consumer, topic, ASK_WITHIN).map_err(|e| e.to_string())?;

@@ -135,7 +135,8 @@ pub async fn replay(
     if opts.dry_run || picked.is_empty() {
         return Ok(summary);
     }
-    let producer: FutureProducer = kafka.producer_config().create()?;
+    let producer: FutureProducer =
+        s2s_common::kafka::without_statistics(&mut kafka.producer_config()).create()?;
     let now = s2s_common::now_ms();
     let commands: Vec<DeliveryCommand> = picked
         .iter()
@@ -183,7 +184,7 @@ fn read(
     mut progress: impl FnMut(&Progress),
 ) -> Result<(Summary, Vec<DeadLetter>), ReplayError> {
     let mut config = kafka.consumer_config(&format!("s2s-replay-{}", s2s_common::ids::new_ulid()));
-    config.set("enable.partition.eof", "true");
+    s2s_common::kafka::without_statistics(&mut config).set("enable.partition.eof", "true");
     let consumer: BaseConsumer = config.create()?;
     let partitions = s2s_common::kafka::partitions(&consumer, topic, Duration::from_secs(30))?;
     if partitions.is_empty() {

@@ -21,6 +21,8 @@ pub struct ChildService {
     pub starts: usize,
     /// Set: the environment variable that gives each start a consumer group of its own.
     group_per_start: Option<String>,
+    /// More environment for each start (over the defaults, `RUST_LOG` too).
+    env: Vec<(String, String)>,
 }
 
 impl ChildService {
@@ -34,7 +36,14 @@ impl ChildService {
             child: None,
             starts: 0,
             group_per_start: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Starts it with `name=value` in its environment too.
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// Every start joins a new consumer group, through `S2S_<SERVICE>__GROUP_ID`
@@ -80,6 +89,7 @@ impl ChildService {
         if let Some(var) = &self.group_per_start {
             cmd.env(var, crate::unique("group"));
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))

@@ -22,3 +22,4 @@ mod ingest_faults;
 mod k8s;
 mod openapi;
 mod postbacks;
+mod secrets;
