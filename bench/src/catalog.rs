@@ -171,17 +171,20 @@ pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow
     let client = reqwest::Client::new();
     let admins = [&ingest, &attributor, &delivery];
     let mut latencies = Vec::with_capacity(sizes.changes);
+    let mut each: Vec<Vec<f64>> = vec![Vec::with_capacity(sizes.changes); admins.len()];
     let mut base: Option<i64> = None;
     for i in 0..sizes.changes {
         let doc = json!({ "document": { "name": format!("Live {i}"), "status": "active" } });
         let revision = put(&client, &console.base, "affiliate/bench-live", base, &doc).await?;
         let answered = Instant::now();
-        let mut waiting: Vec<_> = admins.iter().collect();
+        let mut waiting: Vec<usize> = (0..admins.len()).collect();
         while !waiting.is_empty() {
             let mut still = Vec::with_capacity(waiting.len());
-            for s in waiting {
-                if s.revision(&client).await? < revision {
-                    still.push(s);
+            for i in waiting {
+                if admins[i].revision(&client).await? < revision {
+                    still.push(i);
+                } else {
+                    each[i].push(answered.elapsed().as_secs_f64());
                 }
             }
             waiting = still;
@@ -200,6 +203,16 @@ pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow
         latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
     };
     let (p50, p99) = (q(0.5), q(0.99));
+    for (s, mut l) in admins.iter().zip(each) {
+        l.sort_by(f64::total_cmp);
+        let at = |p: f64| l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1] * 1e3;
+        println!(
+            "catalog: API 2xx → applied in {}: p50 {:.0} ms p99 {:.0} ms",
+            s.service.name,
+            at(0.5),
+            at(0.99)
+        );
+    }
     println!(
         "catalog: API 2xx → applied in ingest, attributor and delivery p50 {:.0} ms p99 {:.0} ms \
          ({} changes; goal p99 ≤ {} ms: {})",

@@ -1,13 +1,16 @@
 //! The materialized catalog and the rule every change must pass.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::record::{Change, Entry, Key, Kind, Stored};
 
 /// Every entity as of a position in the catalog topic.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Catalog {
-    entries: BTreeMap<Key, Entry>,
+    /// Each entry behind an `Arc`: the follower publishes a copy of the catalog at each
+    /// change, which then copies pointers, not documents.
+    entries: BTreeMap<Key, Arc<Entry>>,
     /// The offset after the last record applied (0 before any).
     next: i64,
     /// Where the last elected writer said it answers (its record keyed [`WRITER_KEY`]).
@@ -52,11 +55,11 @@ impl Catalog {
             Some(stored) => {
                 self.entries.insert(
                     key.clone(),
-                    Entry {
+                    Arc::new(Entry {
                         key,
                         revision: offset,
                         stored,
-                    },
+                    }),
                 );
             }
             None => {
@@ -91,12 +94,15 @@ impl Catalog {
     }
 
     pub fn get(&self, key: &Key) -> Option<&Entry> {
-        self.entries.get(key)
+        self.entries.get(key).map(Arc::as_ref)
     }
 
     /// The entities of `kind`, by ID.
     pub fn list(&self, kind: Kind) -> impl Iterator<Item = &Entry> {
-        self.entries.values().filter(move |e| e.key.kind() == kind)
+        self.entries
+            .values()
+            .map(Arc::as_ref)
+            .filter(move |e| e.key.kind() == kind)
     }
 
     pub fn len(&self) -> usize {

@@ -193,6 +193,48 @@ pub fn compile_each<V>(
     out
 }
 
+/// Like [`compile_each`], for a view that remembers each value's revision: an entity
+/// whose revision is the one `previous` gives for its ID keeps that value without being
+/// compiled again, so a change costs the entities it changed, not the whole kind.
+/// Returns `(id, revision, value)`.
+pub fn compile_changed<V>(
+    catalog: &Catalog,
+    kind: Kind,
+    service: &str,
+    previous: impl Fn(&str) -> Option<(i64, V)>,
+    mut compile: impl FnMut(&str, &serde_json::Value) -> Result<V, String>,
+) -> Vec<(String, i64, V)> {
+    let mut out = Vec::new();
+    for e in catalog.list(kind) {
+        let id = e.key.id();
+        let kept = previous(id);
+        if let Some((revision, v)) = kept {
+            if revision == e.revision {
+                out.push((id.to_string(), revision, v));
+                continue;
+            }
+            match compile(id, &e.stored.document) {
+                Ok(v) => out.push((id.to_string(), e.revision, v)),
+                Err(error) => {
+                    refused(e, &error, service, true);
+                    out.push((id.to_string(), revision, v));
+                }
+            }
+            continue;
+        }
+        match compile(id, &e.stored.document) {
+            Ok(v) => out.push((id.to_string(), e.revision, v)),
+            Err(error) => refused(e, &error, service, false),
+        }
+    }
+    out
+}
+
+fn refused(e: &crate::record::Entry, error: &str, service: &str, kept_previous: bool) {
+    tracing::error!(key = %e.key, revision = e.revision, %error, service, kept_previous,
+        "a catalog entity this service cannot use: its last usable version is kept");
+}
+
 /// The revision of a catalog: the offset of the last change applied (-1 before any).
 pub fn revision(catalog: &Catalog) -> i64 {
     catalog.next_offset() - 1

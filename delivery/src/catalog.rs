@@ -10,7 +10,7 @@
 //! new deliveries and holds its pending ones until it is enabled again; a deleted one's
 //! pending deliveries are dead-lettered (`postback_removed`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use s2s_catalog::documents::KindCheck;
@@ -27,7 +27,9 @@ use crate::signing::Secret;
 /// The catalog's postbacks as delivery's endpoints.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryCatalog {
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// The catalog revision each endpoint was compiled from (aligned with `endpoints`).
+    pub revisions: Vec<i64>,
     pub revision: i64,
 }
 
@@ -118,29 +120,37 @@ pub fn compile(
     catalog: &Catalog,
     previous: Option<&DeliveryCatalog>,
 ) -> DeliveryCatalog {
-    let endpoints = view::compile_each(
+    // An unchanged postback keeps its compiled endpoint: a change costs what it changed.
+    let before: HashMap<&str, (i64, &Arc<Endpoint>)> = previous
+        .map(|p| {
+            p.endpoints
+                .iter()
+                .zip(&p.revisions)
+                .map(|(e, r)| (e.name.as_str(), (*r, e)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (mut endpoints, mut revisions) = (Vec::new(), Vec::new());
+    for (_, revision, endpoint) in view::compile_changed(
         catalog,
         Kind::Postback,
         "delivery",
-        |id| {
-            previous
-                .and_then(|p| p.endpoints.iter().find(|e| e.name == id))
-                .cloned()
-        },
+        |id| before.get(id).map(|(r, e)| (*r, Arc::clone(e))),
         |id, doc| {
             if taken.contains(id) {
                 return Err(format!(
                     "delivery's config file has a postback named '{id}' too; that one is used"
                 ));
             }
-            endpoint(config, secret_key, id, doc)
+            endpoint(config, secret_key, id, doc).map(Arc::new)
         },
-    )
-    .into_iter()
-    .map(|(_, e)| e)
-    .collect();
+    ) {
+        endpoints.push(endpoint);
+        revisions.push(revision);
+    }
     DeliveryCatalog {
         endpoints,
+        revisions,
         revision: view::revision(catalog),
     }
 }

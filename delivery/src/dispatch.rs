@@ -9,7 +9,7 @@
 //! its endpoint's circuit breaker ([`crate::circuit`]), fed by what the results say
 //! ([`crate::policy::circuit_health`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +53,9 @@ pub struct Report {
 }
 
 pub struct Dispatcher {
-    endpoints: Vec<Endpoint>,
+    /// Shared with the catalog's view they were compiled in: a catalog change copies
+    /// pointers, not endpoints.
+    endpoints: Vec<Arc<Endpoint>>,
     by_name: HashMap<String, usize>,
     slots: Vec<Arc<Semaphore>>,
     total: Arc<Semaphore>,
@@ -65,6 +67,13 @@ pub struct Dispatcher {
     tx: mpsc::UnboundedSender<Report>,
     rx: Option<mpsc::UnboundedReceiver<Report>>,
     metrics: Metrics,
+    /// Circuits per state, by `endpoint` label (a file postback's own: 1 for its state;
+    /// `catalog`: how many catalog postbacks are in each), kept as circuits move.
+    circuit_counts: BTreeMap<String, [i64; 3]>,
+    /// The file postbacks (labelled by their own names), and whether there are catalog
+    /// ones: what the in-flight gauges are set for.
+    own: Vec<usize>,
+    catalog: bool,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -85,7 +94,7 @@ impl Dispatcher {
         metrics: Metrics,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let d = Dispatcher {
+        let mut d = Dispatcher {
             by_name: endpoints
                 .iter()
                 .enumerate()
@@ -99,22 +108,48 @@ impl Dispatcher {
             circuit,
             total: Arc::new(Semaphore::new(max_in_flight)),
             max_total: max_in_flight,
-            endpoints,
+            endpoints: endpoints.into_iter().map(Arc::new).collect(),
             send,
             tx,
             rx: Some(rx),
             metrics,
+            circuit_counts: BTreeMap::new(),
+            own: Vec::new(),
+            catalog: false,
         };
-        for ep in &d.endpoints {
-            set_circuit_gauge(&d.metrics, &ep.name, State::Closed);
-        }
+        d.count_circuits();
         d
+    }
+
+    /// Counts every circuit by label and state again, and sets the gauges (after the
+    /// endpoints changed).
+    fn count_circuits(&mut self) {
+        let mut counts: BTreeMap<String, [i64; 3]> = BTreeMap::new();
+        self.own.clear();
+        self.catalog = false;
+        for (i, (ep, c)) in self.endpoints.iter().zip(&self.circuits).enumerate() {
+            let label = self.metrics.endpoint_label(&ep.name);
+            if label == crate::metrics::CATALOG_ENDPOINTS {
+                self.catalog = true;
+            } else {
+                self.own.push(i);
+            }
+            counts.entry(label.to_string()).or_default()[state_index(c.state())] += 1;
+        }
+        // A label no endpoint has any more shows none in every state.
+        for old in self.circuit_counts.keys() {
+            counts.entry(old.clone()).or_default();
+        }
+        for (label, n) in &counts {
+            set_circuit_gauges(&self.metrics, label, n);
+        }
+        self.circuit_counts = counts;
     }
 
     /// Replaces the endpoints (a catalog change). An endpoint that keeps its name keeps
     /// its circuit, and its request slots unless its `max_in_flight` changed (attempts in
     /// flight then hold the old slots until they end); a new one starts closed.
-    pub fn set_endpoints(&mut self, endpoints: Vec<Endpoint>) {
+    pub fn set_endpoints(&mut self, endpoints: Vec<Arc<Endpoint>>) {
         let mut slots = Vec::with_capacity(endpoints.len());
         let mut circuits = Vec::with_capacity(endpoints.len());
         for ep in &endpoints {
@@ -130,7 +165,6 @@ impl Dispatcher {
                 None => {
                     circuits.push(Circuit::new(self.circuit));
                     slots.push(Arc::new(Semaphore::new(ep.max_in_flight)));
-                    set_circuit_gauge(&self.metrics, &ep.name, State::Closed);
                 }
             }
         }
@@ -142,6 +176,7 @@ impl Dispatcher {
         self.slots = slots;
         self.circuits = circuits;
         self.endpoints = endpoints;
+        self.count_circuits();
     }
 
     /// The reports of every attempt started; taken once.
@@ -149,7 +184,7 @@ impl Dispatcher {
         self.rx.take()
     }
 
-    pub fn endpoints(&self) -> &[Endpoint] {
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
     }
 
@@ -243,28 +278,44 @@ impl Dispatcher {
         self.circuit_moved(i, before);
     }
 
-    /// Sets the in-flight gauges.
+    /// Sets the in-flight gauges: each file postback's own, and the catalog's postbacks'
+    /// together (what the instance has in flight less the file postbacks').
     pub fn gauges(&self) {
-        for (i, ep) in self.endpoints.iter().enumerate() {
+        let mut own = 0;
+        for &i in &self.own {
+            let n = self.in_flight(i);
+            own += n;
             self.metrics
                 .in_flight
-                .with_label_values(&[&ep.name])
-                .set(i64::try_from(self.in_flight(i)).unwrap_or(i64::MAX));
+                .with_label_values(&[&self.endpoints[i].name])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if self.catalog {
+            let n = self.in_flight_total().saturating_sub(own);
+            self.metrics
+                .in_flight
+                .with_label_values(&[crate::metrics::CATALOG_ENDPOINTS])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
     /// Counts and logs a circuit transition of endpoint `i`, if there was one.
-    fn circuit_moved(&self, i: usize, before: State) {
+    fn circuit_moved(&mut self, i: usize, before: State) {
         let after = self.circuits[i].state();
         if after == before {
             return;
         }
         let name = &self.endpoints[i].name;
+        let label = self.metrics.endpoint_label(name);
         self.metrics
             .circuit_transitions
-            .with_label_values(&[name, after.as_str()])
+            .with_label_values(&[label, after.as_str()])
             .inc();
-        set_circuit_gauge(&self.metrics, name, after);
+        if let Some(n) = self.circuit_counts.get_mut(label) {
+            n[state_index(before)] -= 1;
+            n[state_index(after)] += 1;
+            set_circuit_gauges(&self.metrics, label, n);
+        }
         match after {
             State::Open => {
                 tracing::warn!(endpoint = %name, "circuit opened: attempts to this endpoint are held back")
@@ -279,12 +330,18 @@ impl Dispatcher {
     }
 }
 
-fn set_circuit_gauge(m: &Metrics, name: &str, current: State) {
+/// `delivery_circuit_state{endpoint=label}`: how many of the label's circuits are in
+/// each state.
+fn set_circuit_gauges(m: &Metrics, label: &str, counts: &[i64; 3]) {
     for s in State::ALL {
         m.circuit_state
-            .with_label_values(&[name, s.as_str()])
-            .set(i64::from(s == current));
+            .with_label_values(&[label, s.as_str()])
+            .set(counts[state_index(s)]);
     }
+}
+
+fn state_index(s: State) -> usize {
+    State::ALL.iter().position(|x| *x == s).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -433,7 +490,7 @@ mod tests {
         let mut added = endpoint("https://other.example/");
         added.name = "other".into();
         added.enabled = false;
-        d.set_endpoints(vec![added, moved]);
+        d.set_endpoints(vec![Arc::new(added), Arc::new(moved)]);
         assert_eq!((d.index("other"), d.index("e")), (Some(0), Some(1)));
         assert_eq!(
             d.circuits[1].state(),

@@ -39,10 +39,15 @@ pub enum Event {
 pub fn count(m: &Metrics, events: impl IntoIterator<Item = Event>) {
     for e in events {
         match e {
-            Event::Scheduled(ep) => m.scheduled.with_label_values(&[&ep]).inc(),
+            Event::Scheduled(ep) => m
+                .scheduled
+                .with_label_values(&[m.endpoint_label(&ep)])
+                .inc(),
             Event::Duplicate(ep) => {
                 tracing::debug!(endpoint = %ep, "conversion already delivered or scheduled; not sent twice");
-                m.duplicates.with_label_values(&[&ep]).inc();
+                m.duplicates
+                    .with_label_values(&[m.endpoint_label(&ep)])
+                    .inc();
             }
             Event::Attempt {
                 endpoint,
@@ -51,15 +56,15 @@ pub fn count(m: &Metrics, events: impl IntoIterator<Item = Event>) {
                 latency,
             } => {
                 m.attempts
-                    .with_label_values(&[&endpoint, outcome.as_str(), class])
+                    .with_label_values(&[m.endpoint_label(&endpoint), outcome.as_str(), class])
                     .inc();
                 if let Some(l) = latency {
                     m.attempt_seconds
-                        .with_label_values(&[&endpoint])
+                        .with_label_values(&[m.endpoint_label(&endpoint)])
                         .observe(l.as_secs_f64());
                 }
             }
-            Event::Retry(ep) => m.retries.with_label_values(&[&ep]).inc(),
+            Event::Retry(ep) => m.retries.with_label_values(&[m.endpoint_label(&ep)]).inc(),
             Event::Delivered {
                 attributed_at_ms,
                 at_ms,
@@ -72,7 +77,7 @@ pub fn count(m: &Metrics, events: impl IntoIterator<Item = Event>) {
                     last_status = ?dl.last_status, last_error = ?dl.last_error,
                     reason = dl.reason.as_str(), "delivery dead-lettered");
                 m.dead_lettered
-                    .with_label_values(&[&dl.endpoint, dl.reason.as_str()])
+                    .with_label_values(&[m.endpoint_label(&dl.endpoint), dl.reason.as_str()])
                     .inc();
             }
             Event::Command { command, result } => {

@@ -98,7 +98,9 @@ impl Delivery {
             admin_listen: config.admin_listen,
         })
         .await?;
-        let metrics = metrics::Metrics::new(runtime.registry())?;
+        // The file's postbacks are labelled by name, the catalog's together.
+        let metrics = metrics::Metrics::new(runtime.registry())?
+            .with_own_endpoints(file.iter().map(|e| e.name.clone()));
         let taken: BTreeSet<String> = file.iter().map(|e| e.name.clone()).collect();
         let compile_config = config.clone();
         let secret_key = s2s_catalog::secrets::SecretKey::of(&config.pipeline)
@@ -127,8 +129,8 @@ impl Delivery {
         // catalog postback added later with a larger one shares this pool).
         let per_host = endpoints
             .iter()
-            .chain(catalog.current().endpoints.iter())
             .map(|e| e.max_in_flight)
+            .chain(catalog.current().endpoints.iter().map(|e| e.max_in_flight))
             .fold(config.endpoint_max_in_flight, usize::max);
         let sender = Sender::new(config.connect_timeout, per_host)
             .map_err(|e| RuntimeError::Config(format!("http client: {e}")))?;
@@ -154,8 +156,10 @@ impl Delivery {
         };
         Ok(Delivery {
             runtime,
-            processor: Deliveries::new(rules, dispatcher, metrics)
-                .with_postbacks(LivePostbacks { catalog, file }),
+            processor: Deliveries::new(rules, dispatcher, metrics).with_postbacks(LivePostbacks {
+                catalog,
+                file: file.into_iter().map(Arc::new).collect(),
+            }),
         })
     }
 

@@ -1,7 +1,11 @@
 //! Delivery's own Prometheus metrics (the runtime's are `stream_*{service="delivery"}`).
 //! Each event is counted in one place: circuit transitions where the breaker is fed,
 //! everything else after the cycle that produced the event was committed. The `endpoint`
-//! label takes configured postback names only, so it is bounded by the config.
+//! label takes the config file's postback names and `catalog` for every catalog postback
+//! ([`Metrics::endpoint_label`]), so it is bounded by the config file.
+
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -44,9 +48,35 @@ pub struct Metrics {
     pub attempts_lost: IntCounterVec,
     /// `delivery_expired_total`: finished deliveries forgotten after their retention.
     pub expired: IntCounter,
+    /// The config file's postbacks, labelled by their own names; see
+    /// [`Metrics::endpoint_label`].
+    own: Arc<HashSet<String>>,
 }
 
+/// The `endpoint` label every catalog postback shares.
+pub const CATALOG_ENDPOINTS: &str = "catalog";
+
 impl Metrics {
+    /// The `endpoint` label of postback `name`: its own name for a postback of the config
+    /// file (a few, fixed at start-up), `catalog` for every catalog postback — there can
+    /// be one per affiliate, and a label per postback would make series without bound
+    /// (a catalog postback's own figures are in the console's endpoints list). Gauges of
+    /// `catalog` add up (pending, in flight, circuits per state) or take the worst (the
+    /// oldest pending) over the catalog's postbacks.
+    pub fn endpoint_label<'a>(&self, name: &'a str) -> &'a str {
+        if self.own.contains(name) {
+            name
+        } else {
+            CATALOG_ENDPOINTS
+        }
+    }
+
+    /// Metrics whose `endpoint` label names `own` postbacks (the config file's) apart.
+    pub fn with_own_endpoints(mut self, own: impl IntoIterator<Item = String>) -> Self {
+        self.own = Arc::new(own.into_iter().collect());
+        self
+    }
+
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
@@ -134,6 +164,7 @@ impl Metrics {
                 "delivery_expired_total",
                 "Finished deliveries forgotten after finished_retention.",
             )?,
+            own: Arc::default(),
         };
         registry.register(Box::new(m.attempts.clone()))?;
         registry.register(Box::new(m.attempt_seconds.clone()))?;

@@ -18,7 +18,7 @@
 //! same `webhook-id` — at-least-once towards HTTP endpoints, deduplicable by that ID. The
 //! delivery log may then show such an attempt twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,7 +92,7 @@ pub struct Rules {
 pub struct LivePostbacks {
     pub catalog: Live<DeliveryCatalog>,
     /// The config file's endpoints, always there.
-    pub file: Vec<Endpoint>,
+    pub file: Vec<Arc<Endpoint>>,
 }
 
 pub struct Deliveries {
@@ -101,6 +101,8 @@ pub struct Deliveries {
     metrics: Metrics,
     postbacks: Option<LivePostbacks>,
     parts: BTreeMap<i32, Part>,
+    /// The `endpoint` labels of the endpoints (see [`Metrics::endpoint_label`]).
+    labels: Vec<String>,
     generation: u64,
     /// Turns the partition dispatch starts at.
     round: usize,
@@ -118,13 +120,14 @@ impl std::fmt::Debug for Deliveries {
 
 impl Deliveries {
     pub fn new(rules: Rules, dispatcher: Dispatcher, metrics: Metrics) -> Self {
-        zero_counters(&metrics, dispatcher.endpoints());
+        let labels = zero_counters(&metrics, dispatcher.endpoints());
         Deliveries {
             rules,
             dispatcher,
             metrics,
             postbacks: None,
             parts: BTreeMap::new(),
+            labels,
             generation: 0,
             round: 0,
             swept_at: Instant::now(),
@@ -155,13 +158,13 @@ impl Deliveries {
         let Some(live) = self.postbacks.as_ref() else {
             return;
         };
-        let endpoints: Vec<Endpoint> = live
+        let endpoints: Vec<Arc<Endpoint>> = live
             .file
             .iter()
-            .chain(catalog.endpoints.iter())
             .cloned()
+            .chain(catalog.endpoints.iter().cloned())
             .collect();
-        zero_counters(&self.metrics, &endpoints);
+        self.labels = zero_counters(&self.metrics, &endpoints);
         tracing::info!(
             revision = catalog.revision,
             endpoints = endpoints.len(),
@@ -462,7 +465,7 @@ impl Processor<Cf> for Deliveries {
                         "attempt panicked; the delivery stays due");
                     self.metrics
                         .attempts_lost
-                        .with_label_values(&[&r.endpoint])
+                        .with_label_values(&[self.metrics.endpoint_label(&r.endpoint)])
                         .inc();
                     if let Some(q) = queue_of(part, &r.key) {
                         q.put_back(r.key);
@@ -499,27 +502,31 @@ impl Processor<Cf> for Deliveries {
     fn gauges(&self) {
         let m = &self.metrics;
         let now = s2s_common::now_ms();
+        // By label: a file postback's own, or `catalog` for all of the catalog's (their
+        // pending deliveries add up, the oldest is the oldest of them all).
         let mut pending: BTreeMap<&str, i64> = BTreeMap::new();
         let mut oldest: BTreeMap<&str, i64> = BTreeMap::new();
         for part in self.parts.values() {
             for (ep, n) in &part.pending {
-                *pending.entry(ep).or_insert(0) += n;
+                let label = m.endpoint_label(ep);
+                *pending.entry(label).or_insert(0) += n;
                 if *n > 0 {
                     if let Ok(Some(created)) = schedule::oldest_pending(&part.store, ep) {
-                        let o = oldest.entry(ep).or_insert(created);
+                        let o = oldest.entry(label).or_insert(created);
                         *o = (*o).min(created);
                     }
                 }
             }
         }
-        let configured = self.dispatcher.endpoints().iter().map(|e| e.name.as_str());
-        for ep in configured.chain(pending.keys().copied().collect::<Vec<_>>()) {
+        let mut labels: BTreeSet<&str> = pending.keys().copied().collect();
+        labels.extend(self.labels.iter().map(String::as_str));
+        for label in labels {
             m.pending
-                .with_label_values(&[ep])
-                .set(pending.get(ep).copied().unwrap_or(0));
+                .with_label_values(&[label])
+                .set(pending.get(label).copied().unwrap_or(0));
             m.oldest_pending_seconds
-                .with_label_values(&[ep])
-                .set(oldest.get(ep).map_or(0, |c| (now - c).max(0) / 1000));
+                .with_label_values(&[label])
+                .set(oldest.get(label).map_or(0, |c| (now - c).max(0) / 1000));
         }
         self.dispatcher.gauges();
     }
@@ -527,15 +534,22 @@ impl Processor<Cf> for Deliveries {
 
 /// Counters of every endpoint start at 0, so that rate() sees the first event and
 /// dashboards show a zero rather than no data.
-fn zero_counters(metrics: &Metrics, endpoints: &[Endpoint]) {
-    for ep in endpoints {
+/// Returns the endpoints' labels.
+fn zero_counters(metrics: &Metrics, endpoints: &[Arc<Endpoint>]) -> Vec<String> {
+    let labels: BTreeSet<&str> = endpoints
+        .iter()
+        .map(|ep| metrics.endpoint_label(&ep.name))
+        .collect();
+    for label in &labels {
+        let label = *label;
         for counter in [&metrics.scheduled, &metrics.duplicates, &metrics.retries] {
-            counter.with_label_values(&[&ep.name]);
+            counter.with_label_values(&[label]);
         }
         for reason in DeadLetterReason::ALL {
             metrics
                 .dead_lettered
-                .with_label_values(&[&ep.name, reason.as_str()]);
+                .with_label_values(&[label, reason.as_str()]);
         }
     }
+    labels.into_iter().map(str::to_string).collect()
 }

@@ -906,7 +906,7 @@ async fn delivery_follows_the_catalogs_postbacks() {
     assert_eq!(
         s2s_tests::metric(
             p.delivery_admin,
-            "delivery_scheduled_total{endpoint=\"aff-42\"}"
+            "delivery_scheduled_total{endpoint=\"catalog\"}"
         )
         .await,
         Some(2.0),
