@@ -1118,7 +1118,9 @@ async fn ingest_follows_the_catalogs_sources() {
 
 /// A change sent to the instance that does not write the catalog is forwarded to the one
 /// that does (it announced its URL when elected) and answered as the writer answers:
-/// created, then a stale revision 409; the other instance shows it too.
+/// created, then a stale revision 409; the two instances racing on one revision: exactly
+/// one wins, the topic holds no record of the other, a reader from scratch builds the
+/// winner's catalog; the other instance shows it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_on_a_non_writer_is_forwarded_to_the_writer() {
     let topics = provisioned().await;
@@ -1167,11 +1169,57 @@ async fn a_change_on_a_non_writer_is_forwarded_to_the_writer() {
     if etag != "\"0\"" {
         assert_eq!(status_code, 409, "the writer's answer, as it is: {body}");
     }
+
+    // The two instances racing on one revision: exactly one change wins, the topic holds
+    // no record of the other, and a reader from scratch builds the winner's catalog.
+    let base = [("If-Match", etag.as_str())];
+    let named = |name: &str| json!({ "document": { "name": name, "status": "active" } });
+    let (x, y) = tokio::join!(
+        call(
+            other,
+            reqwest::Method::PUT,
+            "affiliate/fwd",
+            &base,
+            Some(named("via-other"))
+        ),
+        call(
+            writer,
+            reqwest::Method::PUT,
+            "affiliate/fwd",
+            &base,
+            Some(named("via-writer"))
+        ),
+    );
+    let mut statuses = [x.0, y.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "{x:?} {y:?}");
+    let (won, lost, winner) = if x.0 == 200 {
+        ("via-other", "via-writer", x)
+    } else {
+        ("via-writer", "via-other", y)
+    };
+    let revision: i64 = winner
+        .1
+        .as_deref()
+        .map(|e| e.trim_matches('"'))
+        .and_then(|e| e.parse().ok())
+        .expect("the winner's ETag");
+    let records = catalog_records_to(&topics, revision).await;
+    assert!(
+        records.contains(won) && !records.contains(lost),
+        "{records}"
+    );
+    let shutdown = CancellationToken::new();
+    let fresh = follower(&topics, &shutdown).await;
+    let seen = fresh.catalog();
+    let entry = seen.get(&key("affiliate/fwd")).expect("the entity");
+    assert_eq!(entry.stored.document["name"], won);
+    shutdown.cancel();
     let (status_code, _, got) =
         call(writer, reqwest::Method::GET, "affiliate/fwd", &[], None).await;
     assert_eq!(
         (status_code, got["document"]["name"].as_str()),
-        (200, Some("Fwd"))
+        (200, Some(won))
     );
     poll_until("the other instance shows it", WAIT, || async {
         let (s, _, _) = call(other, reqwest::Method::GET, "affiliate/fwd", &[], None).await;
