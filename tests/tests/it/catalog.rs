@@ -590,7 +590,8 @@ async fn the_api_changes_the_catalog_through_one_writer_with_revisions() {
 
 /// Offers changed through the console apply to every running service without a restart:
 /// an imported new offer redirects at ingest; a changed payout prices the next conversion
-/// at the attributor, which records the catalog revision it priced with. The import is
+/// at the attributor, which records the catalog revision it priced with; a narrowed
+/// window rejects the next late conversion (`outside_window`). The import is
 /// the CLI's (`console catalog import`): a second run changes nothing, and the export
 /// imports as unchanged. A new instance has the whole catalog before it serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,6 +686,49 @@ async fn services_apply_catalog_changes_live() {
         "priced with the catalog as of the change or later: {:?} vs {revision}",
         c.catalog_revision
     );
+
+    // A shorter window applies to the next postback: an FTD whose operator says it came
+    // 3 minutes after its click is outside a 1-minute window.
+    let mut narrower = offer_1["document"].clone();
+    narrower["window"] = json!("1m");
+    let (status, changed) = put_entity(&api.url, "offer/1", Some(revision), narrower).await;
+    assert_eq!(status, 200, "{changed}");
+    let narrowed = changed["revision"].as_i64().expect("a revision");
+    applied(p.attributor_admin, "attributor", narrowed).await;
+    let late = p.click("offer_id=1&aff_id=42").await;
+    let event_ms = s2s_common::now_ms() + 3 * 60_000;
+    let resp = s2s_tests::http()
+        .get(p.ingest_url(&format!(
+            "/postback?click_id={late}&event=ftd&txn_id=t3&event_time={event_ms}"
+        )))
+        .send()
+        .await
+        .expect("postback");
+    assert_eq!(resp.status(), 200);
+    let rejections = TopicReader::new(&p.topics.rejections)
+        .read_until::<s2s_common::contract::Rejection>("the late FTD's rejection", WAIT, |rs| {
+            rs.iter().any(|r| r.click_id() == late)
+        })
+        .await;
+    let r = rejections
+        .iter()
+        .find(|r| r.click_id() == late)
+        .expect("found");
+    assert_eq!(
+        r.reason,
+        s2s_common::contract::RejectReason::OutsideWindow,
+        "{r:?}"
+    );
+    assert!(r.catalog_revision >= Some(narrowed), "{r:?}");
+    // Back as the file has it (the import below finds it unchanged).
+    let (status, restored) = put_entity(
+        &api.url,
+        "offer/1",
+        Some(narrowed),
+        offer_1["document"].clone(),
+    )
+    .await;
+    assert_eq!(status, 200, "{restored}");
 
     // Affiliate 42 blocked live: ingest issues no click ID for it, the attributor rejects
     // the new conversion of a click issued before the block.
