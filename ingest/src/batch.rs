@@ -5,7 +5,7 @@
 use axum::http::StatusCode;
 
 use crate::error::ApiError;
-use crate::params::{flatten_json_object, Pairs};
+use crate::params::{flatten_json_object, Loose, Pairs};
 
 /// Most records accepted in one request.
 pub const MAX_BATCH_RECORDS: usize = 1000;
@@ -29,17 +29,15 @@ pub fn parse_batch(
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|line| {
-                serde_json::from_str::<serde_json::Value>(line)
+                serde_json::from_str::<Loose>(line)
                     .map_err(|e| invalid_json(&e.to_string()))
                     .and_then(flatten_json_object)
             })
             .collect()
     } else {
-        match serde_json::from_str::<serde_json::Value>(text)
-            .map_err(|e| invalid_json(&e.to_string()))?
-        {
-            serde_json::Value::Array(items) => items.into_iter().map(flatten_json_object).collect(),
-            obj @ serde_json::Value::Object(_) => vec![flatten_json_object(obj)],
+        match serde_json::from_str::<Loose>(text).map_err(|e| invalid_json(&e.to_string()))? {
+            Loose::Array(items) => items.into_iter().map(flatten_json_object).collect(),
+            obj @ Loose::Object(_) => vec![flatten_json_object(obj)],
             _ => {
                 return Err(invalid_json(
                     "body must be a JSON object, an array of objects, or NDJSON",

@@ -1,9 +1,15 @@
 //! Request parameters: strict `application/x-www-form-urlencoded` decoding (query strings
 //! and form bodies) and flat JSON objects, both into ordered `(name, value)` pairs.
 //!
-//! Why not `form_urlencoded::parse`: it replaces invalid UTF-8 with U+FFFD, which would
-//! store a corrupted click ID or sub ID without telling anyone. Here bad UTF-8, too many
-//! parameters and over-long names or values are rejected with a clear error instead.
+//! Why not `form_urlencoded::parse`: it replaces invalid UTF-8 with U+FFFD and keeps a
+//! malformed escape (`%G1`) as it is, which would store a corrupted click ID or sub ID
+//! without telling anyone. Here bad UTF-8, malformed escapes, too many parameters and
+//! over-long names or values are rejected with a clear error instead.
+//!
+//! Ambiguous input is refused, not guessed: a field read twice — given twice, or as
+//! itself and through an alias, in a query, a form or a JSON object alike — is a 400
+//! `duplicate_parameter` naming it ([`take`]). JSON objects keep every member for that
+//! ([`Loose`]): `serde_json::Value` would keep the last of a name silently.
 
 use axum::http::StatusCode;
 use percent_encoding::percent_decode;
@@ -33,7 +39,7 @@ pub fn parse_urlencoded(input: &[u8]) -> Result<Pairs, ApiError> {
 
 /// A flat JSON object: string, number and boolean values; `null` means absent.
 pub fn parse_json_object(body: &[u8]) -> Result<Pairs, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+    let value: Loose = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -43,9 +49,63 @@ pub fn parse_json_object(body: &[u8]) -> Result<Pairs, ApiError> {
     flatten_json_object(value)
 }
 
+/// A JSON value whose objects keep every member in order, a name given twice included
+/// (members' own values are plain `serde_json::Value`s).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Loose {
+    Object(Vec<(String, serde_json::Value)>),
+    Array(Vec<Loose>),
+    Other(serde_json::Value),
+}
+
+impl<'de> serde::Deserialize<'de> for Loose {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Loose;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Loose, A::Error> {
+                let mut members = Vec::new();
+                while let Some(entry) = m.next_entry::<String, serde_json::Value>()? {
+                    members.push(entry);
+                }
+                Ok(Loose::Object(members))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Loose, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = s.next_element::<Loose>()? {
+                    items.push(item);
+                }
+                Ok(Loose::Array(items))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Loose, E> {
+                Ok(Loose::Other(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Loose, E> {
+                Ok(Loose::Other(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Loose, E> {
+                Ok(Loose::Other(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Loose, E> {
+                Ok(Loose::Other(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Loose, E> {
+                Ok(Loose::Other(v.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Loose, E> {
+                Ok(Loose::Other(serde_json::Value::Null))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The pairs of one flat JSON object.
-pub fn flatten_json_object(value: serde_json::Value) -> Result<Pairs, ApiError> {
-    let serde_json::Value::Object(map) = value else {
+pub fn flatten_json_object(value: Loose) -> Result<Pairs, ApiError> {
+    let Loose::Object(members) = value else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -53,7 +113,7 @@ pub fn flatten_json_object(value: serde_json::Value) -> Result<Pairs, ApiError> 
         ));
     };
     let mut pairs = Vec::new();
-    for (name, v) in map {
+    for (name, v) in members {
         let value = match v {
             serde_json::Value::Null => continue,
             serde_json::Value::String(s) => s,
@@ -74,6 +134,20 @@ pub fn flatten_json_object(value: serde_json::Value) -> Result<Pairs, ApiError> 
 }
 
 fn decode_component(raw: &[u8]) -> Result<String, ApiError> {
+    // Every `%` starts an escape of two hex digits: `%G1` or a trailing `%` is refused,
+    // not kept as it is.
+    let malformed = raw.iter().enumerate().any(|(i, b)| {
+        *b == b'%'
+            && !(raw.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && raw.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_percent_encoding",
+            "a '%' must be followed by two hexadecimal digits (%20); encode a literal '%' as %25",
+        ));
+    }
     let plus_as_space: Vec<u8> = raw
         .iter()
         .map(|b| if *b == b'+' { b' ' } else { *b })
@@ -117,17 +191,30 @@ fn push_checked(pairs: &mut Pairs, name: String, value: String) -> Result<(), Ap
     Ok(())
 }
 
-/// Removes and returns the first value of `name`; later duplicates are dropped.
-pub fn take(pairs: &mut Pairs, name: &str) -> Option<String> {
-    let first = pairs.iter().position(|(n, _)| n == name)?;
-    let (_, v) = pairs.remove(first);
-    pairs.retain(|(n, _)| n != name);
-    Some(v)
+/// Removes and returns the value of `name`; a name given more than once (itself twice,
+/// or itself and an alias of it) is refused, naming it.
+pub fn take(pairs: &mut Pairs, name: &str) -> Result<Option<String>, ApiError> {
+    let mut found = pairs.iter().enumerate().filter(|(_, (n, _))| n == name);
+    let Some((first, _)) = found.next() else {
+        return Ok(None);
+    };
+    if found.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate_parameter",
+            format!(
+                "'{name}' is given more than once (twice, or as itself and an alias): \
+                 give it once"
+            ),
+        )
+        .field(name.to_string()));
+    }
+    Ok(Some(pairs.remove(first).1))
 }
 
 /// Like [`take`], but an empty value counts as absent.
-pub fn take_non_empty(pairs: &mut Pairs, name: &str) -> Option<String> {
-    take(pairs, name).filter(|v| !v.trim().is_empty())
+pub fn take_non_empty(pairs: &mut Pairs, name: &str) -> Result<Option<String>, ApiError> {
+    Ok(take(pairs, name)?.filter(|v| !v.trim().is_empty()))
 }
 
 #[cfg(test)]
@@ -182,13 +269,43 @@ mod tests {
     }
 
     #[test]
-    fn take_returns_first_and_drops_duplicates() {
+    fn a_field_given_twice_is_refused_naming_it() {
         let mut p = parse_urlencoded(b"a=1&b=2&a=3").expect("valid");
-        assert_eq!(take(&mut p, "a").as_deref(), Some("1"));
-        assert_eq!(p, vec![("b".to_string(), "2".to_string())]);
+        let e = take(&mut p, "a").expect_err("ambiguous");
         assert_eq!(
-            take_non_empty(&mut parse_urlencoded(b"a=").expect("v"), "a"),
+            (e.code, e.field.as_deref()),
+            ("duplicate_parameter", Some("a"))
+        );
+        assert_eq!(take(&mut p, "b").expect("once"), Some("2".into()));
+        assert_eq!(take(&mut p, "c").expect("absent"), None);
+        assert_eq!(
+            take_non_empty(&mut parse_urlencoded(b"a=").expect("v"), "a").expect("once"),
             None
+        );
+        let mut j = parse_json_object(br#"{"click_id":"a","click_id":"b"}"#).expect("JSON");
+        let e = take(&mut j, "click_id").expect_err("a JSON object's duplicate too");
+        assert_eq!(e.code, "duplicate_parameter");
+    }
+
+    #[test]
+    fn malformed_escapes_are_refused() {
+        for bad in [
+            &b"click_id=%G1"[..],
+            b"click_id=ab%",
+            b"click_id=%4",
+            b"c%zz=1",
+        ] {
+            let e = parse_urlencoded(bad).expect_err("malformed");
+            assert_eq!(
+                e.code,
+                "invalid_percent_encoding",
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse_urlencoded(b"v=100%25").expect("a literal %"),
+            vec![("v".to_string(), "100%".to_string())]
         );
     }
 }

@@ -49,7 +49,7 @@ pub fn build_click(
     click_id: String,
     now_ms: i64,
 ) -> Result<(Click, String), ApiError> {
-    let offer_id = take_non_empty(&mut pairs, "offer_id").ok_or(ApiError::missing("offer_id"))?;
+    let offer_id = take_non_empty(&mut pairs, "offer_id")?.ok_or(ApiError::missing("offer_id"))?;
     let template = known_offer(offers, &offer_id)?;
     let click = click_record(pairs, offer_id, click_id, meta, now_ms)?;
     let location = template.render(|m| click_macro(&click, m), Encoding::UrlComponent);
@@ -64,15 +64,15 @@ pub fn build_operator_click(
     offers: &BTreeMap<String, Template>,
     now_ms: i64,
 ) -> Result<Click, ApiError> {
-    let click_id = valid_click_id(take_non_empty(&mut pairs, "click_id"))?;
-    let offer_id = take_non_empty(&mut pairs, "offer_id").ok_or(ApiError::missing("offer_id"))?;
+    let click_id = valid_click_id(take_non_empty(&mut pairs, "click_id")?)?;
+    let offer_id = take_non_empty(&mut pairs, "offer_id")?.ok_or(ApiError::missing("offer_id"))?;
     known_offer(offers, &offer_id)?;
     let meta = RequestMeta {
-        ip: take_non_empty(&mut pairs, "ip"),
-        user_agent: take_non_empty(&mut pairs, "user_agent"),
-        referrer: take_non_empty(&mut pairs, "referrer"),
+        ip: take_non_empty(&mut pairs, "ip")?,
+        user_agent: take_non_empty(&mut pairs, "user_agent")?,
+        referrer: take_non_empty(&mut pairs, "referrer")?,
     };
-    let ts = match take_non_empty(&mut pairs, "ts_ms") {
+    let ts = match take_non_empty(&mut pairs, "ts_ms")? {
         None => now_ms,
         Some(raw) => match raw.parse::<i64>() {
             Ok(ts) if ts > 0 && ts <= now_ms + 300_000 => ts,
@@ -96,7 +96,7 @@ fn click_record(
     meta: RequestMeta,
     ts_ms: i64,
 ) -> Result<Click, ApiError> {
-    let aff_id = take_non_empty(&mut pairs, "aff_id").ok_or(ApiError::missing("aff_id"))?;
+    let aff_id = take_non_empty(&mut pairs, "aff_id")?.ok_or(ApiError::missing("aff_id"))?;
     if aff_id.len() > 64
         || !aff_id
             .chars()
@@ -111,7 +111,7 @@ fn click_record(
     }
     let mut subs = Params::new();
     for key in SUB_ID_KEYS {
-        if let Some(v) = take_non_empty(&mut pairs, key) {
+        if let Some(v) = take_non_empty(&mut pairs, key)? {
             subs.insert(key.to_string(), v);
         }
     }
@@ -166,21 +166,21 @@ pub fn build_postback(
     postback_id: String,
     now_ms: i64,
 ) -> Result<Postback, ApiError> {
-    let click_id = valid_click_id(take_non_empty(&mut pairs, "click_id"))?;
-    let event = take_non_empty(&mut pairs, "event").ok_or(ApiError::missing("event"))?;
+    let click_id = valid_click_id(take_non_empty(&mut pairs, "click_id")?)?;
+    let event = take_non_empty(&mut pairs, "event")?.ok_or(ApiError::missing("event"))?;
     let event = one_of("event", event, &rules.events)?;
-    let status = match take_non_empty(&mut pairs, "status") {
+    let status = match take_non_empty(&mut pairs, "status")? {
         Some(s) => one_of("status", s, &rules.statuses)?,
         None => rules.default_status.clone(),
     };
-    let txn_id = take_non_empty(&mut pairs, "txn_id");
-    let amount = take_non_empty(&mut pairs, "amount")
+    let txn_id = take_non_empty(&mut pairs, "txn_id")?;
+    let amount = take_non_empty(&mut pairs, "amount")?
         .map(|a| parse_amount(&a))
         .transpose()?;
-    let currency = take_non_empty(&mut pairs, "currency")
+    let currency = take_non_empty(&mut pairs, "currency")?
         .map(|c| parse_currency(&c))
         .transpose()?;
-    let event_time_ms = take_non_empty(&mut pairs, "event_time")
+    let event_time_ms = take_non_empty(&mut pairs, "event_time")?
         .map(|t| parse_event_time(&t, rules, now_ms))
         .transpose()?;
     Ok(Postback {
@@ -267,13 +267,31 @@ fn one_of(field: &str, value: String, allowed: &[String]) -> Result<String, ApiE
     }
 }
 
-/// A non-negative decimal with at most 8 fractional digits. Floats are never involved.
+/// A non-negative decimal with at most 8 fractional digits, in one grammar: digits,
+/// optionally a `.` and 1 to 8 more digits (`12`, `12.50`). No sign, exponent, leading or
+/// trailing `.`, or spaces: `1e3`, `+5`, `.5` and ` 5 ` are refused, not guessed. (A
+/// JSON number is its value: `12.5` reads as `12.5`.) Floats are never involved.
 pub fn parse_amount(raw: &str) -> Result<Decimal, ApiError> {
     let bad = |msg: &str| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_amount", msg.to_string()).field("amount")
     };
-    let d = Decimal::from_str(raw.trim()).map_err(|_| bad("amount must be a decimal number"))?;
-    if d.is_sign_negative() && !d.is_zero() {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (unsigned, negative) = match raw.strip_prefix('-') {
+        Some(rest) => (rest, true),
+        None => (raw, false),
+    };
+    let plain = match unsigned.split_once('.') {
+        Some((int, frac)) => digits(int) && digits(frac),
+        None => digits(unsigned),
+    };
+    if !plain {
+        return Err(bad(
+            "amount must be a plain decimal: digits, optionally '.' and more digits (12.50); \
+             no sign, exponent or spaces",
+        ));
+    }
+    let d = Decimal::from_str(raw).map_err(|_| bad("amount is too large"))?;
+    if negative && !d.is_zero() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_amount",
@@ -497,6 +515,39 @@ mod tests {
         assert_eq!(e("event=ftd").code, "missing_field");
         assert_eq!(e("click_id=c&event=ftd&amount=abc").code, "invalid_amount");
         assert_eq!(e("click_id=c&event=ftd&amount=NaN").code, "invalid_amount");
+        // One decimal grammar: no exponent, sign, bare point or spaces.
+        for amount in [
+            "1e3", "%2B5", ".5", "5.", "%205%20", "1.2.3", "0x10", "1_000",
+        ] {
+            let err = e(&format!("click_id=c&event=ftd&amount={amount}"));
+            assert_eq!(
+                (err.code, err.status),
+                ("invalid_amount", StatusCode::BAD_REQUEST),
+                "{amount}"
+            );
+        }
+        for (amount, value) in [
+            ("12", "12"),
+            ("12.50", "12.5"),
+            ("0.00000001", "0.00000001"),
+        ] {
+            let pb = build_postback(
+                q(&format!("click_id=c1&event=ftd&amount={amount}")),
+                &rules(),
+                None,
+                RequestMeta::default(),
+                "p".into(),
+                0,
+            )
+            .expect("a plain decimal");
+            assert_eq!(pb.amount.map(|a| a.to_string()).as_deref(), Some(value));
+        }
+        // A field given twice, or with its alias, is ambiguous.
+        let dup = e("click_id=c&event=ftd&amount=1&amount=2");
+        assert_eq!(
+            (dup.code, dup.field.as_deref()),
+            ("duplicate_parameter", Some("amount"))
+        );
         assert_eq!(
             e("click_id=c&event=ftd&amount=-1").status,
             StatusCode::UNPROCESSABLE_ENTITY

@@ -206,8 +206,9 @@ impl Source {
         }
     }
 
-    /// Renames aliased parameters to their canonical names (when both an alias and the
-    /// canonical name are present, the canonical one wins), then maps the source's own
+    /// Renames aliased parameters to their canonical names (an alias and its canonical
+    /// name both present read as the name given twice: refused where it is read), then
+    /// maps the source's own
     /// values of `event` and `status` to ours. A value the map does not name is kept, and
     /// checked like any other.
     pub fn apply_aliases(&self, pairs: &mut Pairs) {
@@ -367,19 +368,26 @@ mod tests {
     }
 
     #[test]
-    fn aliases_rename_and_canonical_wins() {
+    fn aliases_rename_and_a_name_with_its_alias_is_ambiguous() {
         let s = source(Auth::None);
+        let take = |p: &mut Pairs, name: &str| crate::params::take(p, name).expect("once");
         let mut p: Pairs = vec![
             ("clickid".into(), "from-alias".into()),
             ("payout".into(), "5".into()),
-            ("click_id".into(), "canonical".into()),
         ];
         s.apply_aliases(&mut p);
+        assert_eq!(take(&mut p, "click_id").as_deref(), Some("from-alias"));
+        assert_eq!(take(&mut p, "amount").as_deref(), Some("5"));
+        let mut both: Pairs = vec![
+            ("clickid".into(), "from-alias".into()),
+            ("click_id".into(), "canonical".into()),
+        ];
+        s.apply_aliases(&mut both);
+        let e = crate::params::take(&mut both, "click_id").expect_err("ambiguous");
         assert_eq!(
-            crate::params::take(&mut p, "click_id").as_deref(),
-            Some("canonical")
+            (e.code, e.field.as_deref()),
+            ("duplicate_parameter", Some("click_id"))
         );
-        assert_eq!(crate::params::take(&mut p, "amount").as_deref(), Some("5"));
 
         let mut p: Pairs = vec![
             ("et".into(), "sale".into()),
@@ -389,12 +397,12 @@ mod tests {
         s.aliases.insert("et".into(), "event".into());
         s.apply_aliases(&mut p);
         assert_eq!(
-            crate::params::take(&mut p, "event").as_deref(),
+            take(&mut p, "event").as_deref(),
             Some("ftd"),
             "renamed, then mapped"
         );
         assert_eq!(
-            crate::params::take(&mut p, "status").as_deref(),
+            take(&mut p, "status").as_deref(),
             Some("sale"),
             "status has no map here"
         );

@@ -95,7 +95,7 @@ async fn browser_postback(app: &App, peer: SocketAddr, req: Request) -> Option<S
         }
         let mut pairs = parse_urlencoded(query.as_bytes())?;
         // `token` is never stored, as on the other routes.
-        take(&mut pairs, "token");
+        take(&mut pairs, "token")?;
         let from_cookie = app
             .pixel
             .cookie

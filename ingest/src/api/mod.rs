@@ -304,7 +304,7 @@ impl App {
         let query = parts.uri.query().unwrap_or_default();
         let mut pairs = parse_urlencoded(query.as_bytes())?;
         // `token` is reserved for authentication and never stored.
-        let token = take(&mut pairs, "token");
+        let token = take(&mut pairs, "token")?;
         let payload = if parts.method == Method::POST {
             &body[..]
         } else {
