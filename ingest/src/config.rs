@@ -29,6 +29,9 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// Refusal events published per second at most for each (source, reason).
     pub refusal_events_per_second: u32,
+    /// HMAC signatures remembered at most (each is accepted once within its source's
+    /// `max_skew`); beyond, signed requests get 503 until older ones expire.
+    pub max_replay_entries: usize,
     pub postback: PostbackRules,
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,

@@ -16,6 +16,7 @@ pub mod params;
 pub mod publish;
 pub mod records;
 pub mod refusals;
+pub mod replay;
 pub mod source;
 
 use std::net::SocketAddr;
@@ -150,6 +151,7 @@ impl Ingest {
             clicks_topic: config.pipeline.topics.clicks.name.clone(),
             postbacks_topic: config.pipeline.topics.postbacks.name.clone(),
             metrics,
+            replays: replay::Replays::new(config.max_replay_entries),
         });
         Ok(Ingest {
             app,

@@ -31,6 +31,7 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::params::Pairs;
+use crate::replay::Signed;
 
 /// A secret: `Debug` shows only that it is set.
 #[derive(Clone, PartialEq, Eq)]
@@ -155,16 +156,17 @@ impl Source {
 
     /// 401 unless the request proves it comes from this source. `query_token` is the
     /// `token` query parameter (already removed from the parameters); `payload` is what an
-    /// HMAC signature covers.
+    /// HMAC signature covers. A signed request's signature comes back, to be accepted
+    /// once ([`crate::replay`]).
     pub fn authenticate(
         &self,
         headers: &HeaderMap,
         query_token: Option<&str>,
         payload: &[u8],
         now_s: i64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<Signed>, ApiError> {
         match &self.auth {
-            Auth::None => Ok(()),
+            Auth::None => Ok(None),
             Auth::Token(secret) => {
                 let given = header(headers, "authorization")
                     .and_then(|v| v.strip_prefix("Bearer "))
@@ -172,7 +174,7 @@ impl Source {
                     .or(query_token)
                     .ok_or_else(|| unauthorized("a token is required for this source"))?;
                 if bool::from(given.as_bytes().ct_eq(&secret.0)) {
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(unauthorized("invalid token"))
                 }
@@ -201,7 +203,8 @@ impl Source {
                 mac.update(b".");
                 mac.update(payload);
                 mac.verify_slice(&sig)
-                    .map_err(|_| unauthorized("signature does not match"))
+                    .map_err(|_| unauthorized("signature does not match"))?;
+                Ok(Some(Signed::new(&self.name, &sig, ts + max_skew_seconds)))
             }
         }
     }

@@ -69,6 +69,8 @@ pub struct App {
     pub refusals: Refusals,
     pub pixel: PixelConfig,
     pub click: ClickConfig,
+    /// The HMAC signatures accepted, each once.
+    pub replays: crate::replay::Replays,
 }
 
 /// The OpenAPI document of these routes, served at `/openapi.json`.
@@ -188,6 +190,8 @@ struct Admitted {
     meta: RequestMeta,
     pairs: Pairs,
     body: Bytes,
+    /// A signed request's signature, reserved: released if the request stores nothing.
+    signed: Option<crate::replay::Signed>,
 }
 
 impl App {
@@ -310,12 +314,17 @@ impl App {
         } else {
             query.as_bytes()
         };
-        source.authenticate(headers, token.as_deref(), payload, now_ms() / 1000)?;
+        let now_s = now_ms() / 1000;
+        let signed = source.authenticate(headers, token.as_deref(), payload, now_s)?;
+        if let Some(s) = signed {
+            self.replays.first_use(s, now_s)?;
+        }
         Ok(Admitted {
             source,
             meta: request_meta(ip, headers),
             pairs,
             body,
+            signed,
         })
     }
 }
@@ -412,9 +421,11 @@ async fn postback(
     let source = source.map(|p| p.0);
     // The body as read, for a refusal's parameters (only looked at on a refusal).
     let mut read_body = Bytes::new();
+    let mut signed = None;
     let result = async {
         let a = app.admit(source.clone(), peer, &parts, body).await?;
         read_body = a.body.clone();
+        signed = a.signed;
         let mut pairs = a.pairs;
         if parts.method == Method::POST && !a.body.is_empty() {
             let ct = content_type(&parts.headers);
@@ -446,6 +457,10 @@ async fn postback(
     }
     .await;
     app.count("postback", &result);
+    if let (Err(_), Some(s)) = (&result, signed) {
+        // Nothing stored: the operator's retry with the same signature is taken.
+        app.replays.release(s);
+    }
     if let Err(e) = &result {
         let mut pairs =
             parse_urlencoded(parts.uri.query().unwrap_or_default().as_bytes()).unwrap_or_default();
@@ -537,9 +552,11 @@ async fn run_batch<R: Record>(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let origin = app.origin(source.as_deref(), peer, &parts);
+    let mut reserved = None;
     let admitted = async {
         // The batch routes take POST only (405 otherwise), so authentication is over the body.
         let a = app.admit(source.clone(), peer, &parts, body).await?;
+        reserved = a.signed;
         let ct = content_type(&parts.headers);
         if !matches!(
             ct.as_str(),
@@ -553,6 +570,9 @@ async fn run_batch<R: Record>(
     .await;
     if let Err(e) = &admitted {
         app.count(R::KIND, &admitted);
+        if let Some(s) = reserved {
+            app.replays.release(s);
+        }
         let query = parse_urlencoded(parts.uri.query().unwrap_or_default().as_bytes());
         app.refused(R::KIND, &origin, &query.unwrap_or_default(), e);
     }
@@ -617,6 +637,10 @@ async fn run_batch<R: Record>(
         StatusCode::OK
     };
     let accepted = results.len() - rejected - unavailable;
+    if let (0, Some(s)) = (accepted, a.signed) {
+        // Nothing stored: the batch may be sent again with the same signature.
+        app.replays.release(s);
+    }
     let mut resp = (
         status,
         Json(serde_json::json!({

@@ -280,6 +280,19 @@ async fn sources_map_aliases_and_authenticate() {
             .expect("req");
         assert_eq!(r.status(), expect);
     }
+    // The same signed request again, within its clock skew: a signature is taken once.
+    let r = c
+        .post(ingest.url("/postback/signed"))
+        .header("content-type", "application/json")
+        .header("x-timestamp", now.to_string())
+        .header("x-signature", sign(HMAC_KEY, now, body.as_bytes()))
+        .body(body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let refused: Value = r.json().await.expect("JSON");
+    assert_eq!(refused["error"]["code"], "replayed", "{refused}");
     // A forged signature.
     let r = c
         .post(ingest.url("/postback/signed"))
