@@ -27,6 +27,10 @@ pub struct IngestConfig {
     #[serde(with = "duration")]
     pub produce_timeout: Duration,
     pub max_body_bytes: usize,
+    /// How long a request's body may take to arrive once its headers have; a slower
+    /// client gets 408 and its connection is closed.
+    #[serde(with = "duration")]
+    pub body_read_timeout: Duration,
     /// Refusal events published per second at most for each (source, reason).
     pub refusal_events_per_second: u32,
     /// HMAC signatures remembered at most (each is accepted once within its source's
@@ -258,6 +262,9 @@ impl IngestConfig {
         self.pipeline.validate()?;
         if self.produce_timeout.is_zero() {
             return Err("produce_timeout must be > 0".into());
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err("body_read_timeout must be > 0 (\"10s\")".into());
         }
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes must be > 0".into());

@@ -145,6 +145,7 @@ impl Ingest {
             sources: compiled.sources,
             proxies: compiled.proxies,
             max_body_bytes: config.max_body_bytes,
+            body_read_timeout: config.body_read_timeout,
             pixel: config.pixel.clone(),
             click: config.click.clone(),
             rules: config.postback.clone(),

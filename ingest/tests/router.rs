@@ -89,6 +89,7 @@ fn app_on(bootstrap: &str) -> Arc<App> {
         clicks_topic: CLICKS.into(),
         postbacks_topic: POSTBACKS.into(),
         max_body_bytes: config.max_body_bytes,
+        body_read_timeout: config.body_read_timeout,
         metrics,
         pixel: config.pixel.clone(),
         click: config.click.clone(),

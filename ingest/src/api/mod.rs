@@ -65,6 +65,8 @@ pub struct App {
     pub clicks_topic: String,
     pub postbacks_topic: String,
     pub max_body_bytes: usize,
+    /// How long a body may take to arrive (408 after).
+    pub body_read_timeout: std::time::Duration,
     pub metrics: Metrics,
     pub refusals: Refusals,
     pub pixel: PixelConfig,
@@ -296,15 +298,29 @@ impl App {
         let ip = self.proxies.client_ip(peer.ip(), headers);
         source.check_ip(ip)?;
         source.check_rate()?;
-        let body = axum::body::to_bytes(body, self.max_body_bytes)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("request body exceeds {} bytes", self.max_body_bytes),
-                )
-            })?;
+        let body = tokio::time::timeout(
+            self.body_read_timeout,
+            axum::body::to_bytes(body, self.max_body_bytes),
+        )
+        .await
+        .map_err(|_| {
+            // Answered with the body unread: hyper closes the connection after it.
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {:?}",
+                    self.body_read_timeout
+                ),
+            )
+        })?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {} bytes", self.max_body_bytes),
+            )
+        })?;
         let query = parts.uri.query().unwrap_or_default();
         let mut pairs = parse_urlencoded(query.as_bytes())?;
         // `token` is reserved for authentication and never stored.

@@ -587,3 +587,51 @@ async fn pixel_conversions_come_from_the_click_cookie_and_are_marked() {
     );
     on.stop().await;
 }
+
+/// A client that sends its headers and then stalls its body gets 408 `body_timeout` once
+/// `body_read_timeout` has passed, and its connection is closed; nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let topics = topics(1);
+    s2s_tests::seed_catalog(&topics, &s2s_tests::catalog_with_offer_1()).await;
+    let mut c = ingest_config(&topics);
+    c.body_read_timeout = Duration::from_millis(300);
+    let ingest = IngestHandle::start(c).await;
+    let mut stream = tokio::net::TcpStream::connect(ingest.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"POST /postback HTTP/1.1\r\nHost: ingest\r\n\
+              Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n\
+              click_id=",
+        )
+        .await
+        .expect("headers and the start of the body");
+    // The answer, then the end of the connection, within a deadline.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes within 10 s");
+    read.expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"body_timeout\""), "{text}");
+    let marker = TopicReader::new(&topics.postbacks);
+    let r = s2s_tests::http()
+        .get(ingest.url("/postback?click_id=after&event=ftd"))
+        .send()
+        .await
+        .expect("a later postback");
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = marker
+        .read_until::<Postback>("the later postback", WAIT, |p| !p.is_empty())
+        .await;
+    assert_eq!(
+        seen.iter().map(|p| p.click_id.as_str()).collect::<Vec<_>>(),
+        ["after"],
+        "the cut-off request stored nothing"
+    );
+    ingest.stop().await;
+}
