@@ -297,7 +297,8 @@ impl Stack {
         let config = match name {
             "ingest" => format!(
                 "listen = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-                 [sources.default]\nauth = \"none\"\n"
+                 [sources.default]\nauth = \"none\"\n\
+                 [click]\nrate_limit_per_client = 1000000\n"
             ),
             "attributor" => format!(
                 "admin_listen = \"127.0.0.1:{admin}\"\ngroup_id = \"{group}\"\nstate_dir = \"{}\"\n\

@@ -59,10 +59,17 @@ pub struct ClickConfig {
     /// with the reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_url: Option<String>,
+    /// Clicks per second one client address may make on average (an IPv6 client: its
+    /// /64), a second's worth at once; more get 429. Absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_client: Option<u32>,
 }
 
 impl ClickConfig {
     fn validate(&self) -> Result<(), String> {
+        if self.rate_limit_per_client == Some(0) {
+            return Err("click.rate_limit_per_client must be > 0 (remove it for no limit)".into());
+        }
         if let Some(u) = &self.fallback_url {
             let uri: axum::http::Uri = u
                 .parse()

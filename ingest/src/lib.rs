@@ -9,6 +9,7 @@
 pub mod api;
 pub mod batch;
 pub mod catalog;
+pub mod client_limit;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -153,6 +154,11 @@ impl Ingest {
             postbacks_topic: config.pipeline.topics.postbacks.name.clone(),
             metrics,
             replays: replay::Replays::new(config.max_replay_entries),
+            click_limit: config
+                .click
+                .rate_limit_per_client
+                .and_then(NonZeroU32::new)
+                .map(client_limit::ClientLimiter::new),
         });
         Ok(Ingest {
             app,

@@ -94,6 +94,7 @@ fn app_on(bootstrap: &str) -> Arc<App> {
         pixel: config.pixel.clone(),
         click: config.click.clone(),
         replays: s2s_ingest::replay::Replays::new(config.max_replay_entries),
+        click_limit: None,
     })
 }
 

@@ -504,6 +504,10 @@ pub fn ingest_config(topics: &TopicsConfig) -> s2s_ingest::IngestConfig {
         "default".into(),
         s2s_ingest::config::SourceConfig::new(s2s_ingest::config::AuthKind::None),
     );
+    // The tests click from one address at load-test rates: no per-client limit to speak
+    // of (written out, so that child processes, whose files layer over the default of 50,
+    // get it too).
+    c.click.rate_limit_per_client = Some(1_000_000);
     c
 }
 

@@ -73,6 +73,8 @@ pub struct App {
     pub click: ClickConfig,
     /// The HMAC signatures accepted, each once.
     pub replays: crate::replay::Replays,
+    /// `/click`'s rate per client address (`None`: unlimited).
+    pub click_limit: Option<crate::client_limit::ClientLimiter>,
 }
 
 /// The OpenAPI document of these routes, served at `/openapi.json`.
@@ -402,8 +404,12 @@ async fn click(
     let (parts, _) = req.into_parts();
     let headers = &parts.headers;
     let result = async {
+        let ip = app.proxies.client_ip(peer.ip(), headers);
+        if let Some(limit) = &app.click_limit {
+            limit.check(ip)?;
+        }
         let pairs = parse_urlencoded(parts.uri.query().unwrap_or_default().as_bytes())?;
-        let meta = request_meta(app.proxies.client_ip(peer.ip(), headers), headers);
+        let meta = request_meta(ip, headers);
         let catalog = app.catalog.current();
         let (click, location) = build_click(pairs, &catalog.offers, meta, new_ulid(), now_ms())?;
         if let Some(why) = catalog.refuses_click(&click.offer_id, &click.aff_id) {

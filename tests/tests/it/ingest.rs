@@ -635,3 +635,57 @@ async fn a_stalled_body_is_cut_off() {
     );
     ingest.stop().await;
 }
+
+/// `/click` has a rate per client address: over it, 429 with `Retry-After`, nothing
+/// stored; another address is not held back (a trusted proxy's header names it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_are_limited_per_client() {
+    let topics = topics(1);
+    s2s_tests::seed_catalog(&topics, &s2s_tests::catalog_with_offer_1()).await;
+    let mut c = ingest_config(&topics);
+    c.click.rate_limit_per_client = Some(2);
+    c.trusted_proxies.header = Some("x-forwarded-for".into());
+    c.trusted_proxies.cidrs = vec!["127.0.0.1/32".into()];
+    let ingest = IngestHandle::start(c).await;
+    let click = |client: &'static str| {
+        let url = ingest.url(&format!("/click?offer_id=1&aff_id={client}"));
+        async move {
+            http()
+                .get(url)
+                .header("x-forwarded-for", client)
+                .send()
+                .await
+                .expect("answer")
+        }
+    };
+    let marker = TopicReader::new(&topics.clicks);
+    // The bucket holds a second's worth (2): the third at once is over.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(click("192.0.2.10").await.status().as_u16());
+    }
+    assert_eq!(&statuses[..2], [302, 302]);
+    let over = click("192.0.2.10").await;
+    assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        over.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let (_, error) = error_of(over).await;
+    assert_eq!(error["code"], "rate_limited");
+    assert_eq!(click("192.0.2.11").await.status(), StatusCode::FOUND);
+    let stored = marker
+        .read_until::<Click>("the accepted clicks", WAIT, |c| {
+            c.iter().any(|c| c.aff_id == "192.0.2.11")
+        })
+        .await;
+    let from_first = stored.iter().filter(|c| c.aff_id == "192.0.2.10").count();
+    let accepted = statuses.iter().filter(|s| **s == 302).count();
+    assert_eq!(
+        from_first, accepted,
+        "one click stored per 302, none for a 429"
+    );
+    ingest.stop().await;
+}
