@@ -378,9 +378,11 @@ fn is_fenced(e: &WriteError) -> bool {
         | WriteError::Audit { error: k, .. } => k,
         _ => return false,
     };
+    // librdkafka makes a fenced transactional producer fatal: later calls on it fail with
+    // `Fatal` rather than the fencing code itself.
     matches!(
         kafka.rdkafka_error_code(),
-        Some(Code::Fenced | Code::ProducerFenced | Code::InvalidProducerEpoch)
+        Some(Code::Fenced | Code::ProducerFenced | Code::InvalidProducerEpoch | Code::Fatal)
     )
 }
 

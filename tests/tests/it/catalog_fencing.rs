@@ -86,3 +86,64 @@ async fn a_newly_elected_writer_fences_the_deposed_one() {
     assert!(follower.catalog().get(&key("affiliate/a4")).is_some());
     stop.cancel();
 }
+
+/// The fencing itself, on a broker that has it. Run by hand against Apache Kafka:
+/// `S2S_TEST_TXN_BROKERS=host:9092 cargo test --workspace --test it -- --ignored catalog_fencing::`.
+/// The newly elected writer's `init_transactions` fences the deposed one: its next change
+/// is refused as fenced, and a reader of the catalog from its start (`read_committed`)
+/// never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker with transactional.id fencing (Apache Kafka): S2S_TEST_TXN_BROKERS"]
+async fn on_apache_kafka_a_deposed_writers_change_never_reaches_a_reader() {
+    let brokers = std::env::var("S2S_TEST_TXN_BROKERS")
+        .expect("S2S_TEST_TXN_BROKERS names an Apache Kafka with transactions");
+    let mut kafka = s2s_tests::kafka();
+    kafka.bootstrap_servers = brokers;
+    let topics = s2s_tests::topics(1);
+    s2s_common::kafka::ensure_topics(&kafka, &topics, WAIT)
+        .await
+        .expect("topics");
+    let stop = CancellationToken::new();
+    let follower = Arc::new(
+        Follower::start(&kafka, &topics.catalog.name, WAIT, &stop)
+            .await
+            .expect("the catalog read to its end"),
+    );
+    let id = s2s_tests::unique("catalog-writer");
+    let writer = || {
+        Writer::transactional(
+            &kafka,
+            &id,
+            &topics.catalog.name,
+            &topics.catalog_audit.name,
+            Arc::clone(&follower),
+            WAIT,
+        )
+    };
+    let (deposed, elected) = (writer(), writer());
+    let doc = || Some(json!({ "name": "Acme", "status": "active" }));
+    let first_term = Instant::now();
+    deposed
+        .write(change("affiliate/a1", None, doc()), first_term)
+        .await
+        .expect("the first writer writes");
+    elected
+        .write(change("affiliate/a2", None, doc()), Instant::now())
+        .await
+        .expect("the newly elected writer writes");
+    let refused = deposed
+        .write(change("affiliate/a3", None, doc()), first_term)
+        .await
+        .expect_err("the deposed writer is fenced by the broker");
+    assert!(matches!(refused, WriteError::Fenced), "{refused}");
+    let fresh = Follower::<s2s_catalog::Catalog>::start(&kafka, &topics.catalog.name, WAIT, &stop)
+        .await
+        .expect("a reader from scratch");
+    let seen = fresh.catalog();
+    assert!(seen.get(&key("affiliate/a2")).is_some());
+    assert!(
+        seen.get(&key("affiliate/a3")).is_none(),
+        "the fenced change is not in the catalog as read"
+    );
+    stop.cancel();
+}
