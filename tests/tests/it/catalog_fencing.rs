@@ -23,6 +23,23 @@ use crate::catalog::{change, key};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A transactional catalog writer with `transactional_id` over `follower`.
+fn writer(
+    kafka: &KafkaConfig,
+    transactional_id: &str,
+    topics: &s2s_common::topics::TopicsConfig,
+    follower: &Arc<Follower>,
+) -> Writer {
+    Writer::transactional(
+        kafka,
+        transactional_id,
+        &topics.catalog.name,
+        &topics.catalog_audit.name,
+        Arc::clone(follower),
+        WAIT,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newly_elected_writer_fences_the_deposed_one() {
     let (mock, topics) = s2s_tests::mock_with_topics(1);
@@ -36,16 +53,7 @@ async fn a_newly_elected_writer_fences_the_deposed_one() {
             .await
             .expect("the catalog read to its end"),
     );
-    let writer = || {
-        Writer::transactional(
-            &kafka,
-            "s2s-console.catalog-writer",
-            &topics.catalog.name,
-            &topics.catalog_audit.name,
-            Arc::clone(&follower),
-            WAIT,
-        )
-    };
+    let writer = || writer(&kafka, "s2s-console.catalog-writer", &topics, &follower);
     let (deposed, elected) = (writer(), writer());
     let doc = || Some(json!({ "name": "Acme", "status": "active" }));
 
@@ -110,16 +118,7 @@ async fn on_apache_kafka_a_deposed_writers_change_never_reaches_a_reader() {
             .expect("the catalog read to its end"),
     );
     let id = s2s_tests::unique("catalog-writer");
-    let writer = || {
-        Writer::transactional(
-            &kafka,
-            &id,
-            &topics.catalog.name,
-            &topics.catalog_audit.name,
-            Arc::clone(&follower),
-            WAIT,
-        )
-    };
+    let writer = || writer(&kafka, &id, &topics, &follower);
     let (deposed, elected) = (writer(), writer());
     let doc = || Some(json!({ "name": "Acme", "status": "active" }));
     let first_term = Instant::now();
