@@ -104,3 +104,57 @@ fn the_console_feed_is_an_event_stream_and_ingest_declares_its_security() {
         }
     }
 }
+
+/// Ingest's document says what it enforces, so that a schema-driven client or fuzzer and
+/// the server agree: a required string is never empty (empty reads as missing: 400), a
+/// batch holds 1 to `MAX_BATCH_RECORDS` records, an amount follows one decimal grammar.
+#[test]
+fn ingest_says_what_it_enforces() {
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&documents()[0]).expect("ingest's document"))
+            .expect("JSON");
+    let max = s2s_ingest::batch::MAX_BATCH_RECORDS as u64;
+    let non_empty =
+        |s: &Value| s["minLength"].as_u64() >= Some(1) || s["pattern"].as_str().is_some();
+    let mut checked = 0;
+    for (route, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("operations") {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["required"] == true && p["in"] == "query" && p["schema"]["type"] == "string" {
+                    assert!(non_empty(&p["schema"]), "{method} {route}: {}", p["name"]);
+                    checked += 1;
+                }
+            }
+            for c in op["requestBody"]["content"]
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                for alt in c.1["schema"]["oneOf"].as_array().into_iter().flatten() {
+                    if alt["type"] == "array" {
+                        assert_eq!(
+                            (alt["minItems"].as_u64(), alt["maxItems"].as_u64()),
+                            (Some(1), Some(max)),
+                            "{method} {route} {}",
+                            c.0
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    for name in ["PostbackFields", "OperatorClick"] {
+        let s = &doc["components"]["schemas"][name];
+        for r in s["required"].as_array().expect("required") {
+            let field = r.as_str().expect("a name");
+            assert!(non_empty(&s["properties"][field]), "{name}.{field}");
+            checked += 1;
+        }
+    }
+    assert!(
+        doc["components"]["schemas"]["PostbackFields"]["properties"]["amount"]["pattern"]
+            .is_string()
+    );
+    assert!(checked >= 16, "{checked} constraints checked");
+}
