@@ -172,67 +172,55 @@ pub fn compile_each<V>(
     kind: Kind,
     service: &str,
     previous: impl Fn(&str) -> Option<V>,
-    mut compile: impl FnMut(&str, &serde_json::Value) -> Result<V, String>,
+    compile: impl FnMut(&str, &serde_json::Value) -> Result<V, String>,
 ) -> Vec<(String, V)> {
-    let mut out = Vec::new();
-    for e in catalog.list(kind) {
-        let id = e.key.id();
-        match compile(id, &e.stored.document) {
-            Ok(v) => out.push((id.to_string(), v)),
-            Err(error) => {
-                let kept = previous(id);
-                tracing::error!(key = %e.key, revision = e.revision, %error, service,
-                    kept_previous = kept.is_some(),
-                    "a catalog entity this service cannot use: its last usable version is kept");
-                if let Some(v) = kept {
-                    out.push((id.to_string(), v));
-                }
-            }
-        }
-    }
-    out
+    compile_changed(
+        catalog,
+        kind,
+        service,
+        |_, _| None,
+        |id| previous(id).map(|v| (0, v)),
+        compile,
+    )
+    .into_iter()
+    .map(|(id, _, v)| (id, v))
+    .collect()
 }
 
-/// Like [`compile_each`], for a view that remembers each value's revision: an entity
-/// whose revision is the one `previous` gives for its ID keeps that value without being
-/// compiled again, so a change costs the entities it changed, not the whole kind.
-/// Returns `(id, revision, value)`.
+/// Like [`compile_each`], for a view that remembers each value's revision: `unchanged`
+/// gives the value an entity's ID had at the given revision, if the view has it, and that
+/// value is kept without compiling the entity again — a change costs the entities it
+/// changed, not the whole kind. A refused entity keeps what `previous` gives (its value
+/// and the revision it was compiled from). Returns `(id, revision, value)`.
 pub fn compile_changed<V>(
     catalog: &Catalog,
     kind: Kind,
     service: &str,
+    unchanged: impl Fn(&str, i64) -> Option<V>,
     previous: impl Fn(&str) -> Option<(i64, V)>,
     mut compile: impl FnMut(&str, &serde_json::Value) -> Result<V, String>,
 ) -> Vec<(String, i64, V)> {
     let mut out = Vec::new();
     for e in catalog.list(kind) {
         let id = e.key.id();
-        let kept = previous(id);
-        if let Some((revision, v)) = kept {
-            if revision == e.revision {
-                out.push((id.to_string(), revision, v));
-                continue;
-            }
-            match compile(id, &e.stored.document) {
-                Ok(v) => out.push((id.to_string(), e.revision, v)),
-                Err(error) => {
-                    refused(e, &error, service, true);
-                    out.push((id.to_string(), revision, v));
-                }
-            }
+        if let Some(v) = unchanged(id, e.revision) {
+            out.push((id.to_string(), e.revision, v));
             continue;
         }
         match compile(id, &e.stored.document) {
             Ok(v) => out.push((id.to_string(), e.revision, v)),
-            Err(error) => refused(e, &error, service, false),
+            Err(error) => {
+                let kept = previous(id);
+                tracing::error!(key = %e.key, revision = e.revision, %error, service,
+                    kept_previous = kept.is_some(),
+                    "a catalog entity this service cannot use: its last usable version is kept");
+                if let Some((revision, v)) = kept {
+                    out.push((id.to_string(), revision, v));
+                }
+            }
         }
     }
     out
-}
-
-fn refused(e: &crate::record::Entry, error: &str, service: &str, kept_previous: bool) {
-    tracing::error!(key = %e.key, revision = e.revision, %error, service, kept_previous,
-        "a catalog entity this service cannot use: its last usable version is kept");
 }
 
 /// The revision of a catalog: the offset of the last change applied (-1 before any).

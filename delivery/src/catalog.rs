@@ -135,6 +135,12 @@ pub fn compile(
         catalog,
         Kind::Postback,
         "delivery",
+        |id, revision| {
+            before
+                .get(id)
+                .filter(|(r, _)| *r == revision)
+                .map(|(_, e)| Arc::clone(e))
+        },
         |id| before.get(id).map(|(r, e)| (*r, Arc::clone(e))),
         |id, doc| {
             if taken.contains(id) {

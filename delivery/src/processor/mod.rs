@@ -197,15 +197,9 @@ impl Deliveries {
                 .iter()
                 .filter(|e| e.enabled && e.filter.wants(&c))
             {
-                let id = c.delivery_id(&ep.name);
-                if schedule::load(cx.state, &id)?.is_some() {
+                if !schedule_new(cx, &ep.name, &c, deltas)? {
                     cx.event(Done::Event(Event::Duplicate(ep.name.clone())));
-                    continue;
                 }
-                let job = Job::new(id, ep.name.clone(), c.clone(), now);
-                *deltas.entry(ep.name.clone()).or_insert(0) +=
-                    schedule::write(cx.state, None, Some(&job));
-                cx.event(Done::Event(Event::Scheduled(ep.name.clone())));
             }
             return Ok(());
         }
@@ -249,18 +243,10 @@ impl Deliveries {
                     None => "unknown_endpoint",
                     Some(ep) if !ep.enabled => "disabled",
                     Some(ep) if !ep.filter.wants(&cmd.conversion) => "not_wanted",
-                    Some(ep) => {
-                        let id = cmd.conversion.delivery_id(&ep.name);
-                        if schedule::load(cx.state, &id)?.is_some() {
-                            "exists"
-                        } else {
-                            let job = Job::new(id, ep.name.clone(), cmd.conversion.clone(), now);
-                            *deltas.entry(ep.name.clone()).or_insert(0) +=
-                                schedule::write(cx.state, None, Some(&job));
-                            cx.event(Done::Event(Event::Scheduled(ep.name.clone())));
-                            "created"
-                        }
-                    }
+                    Some(ep) => match schedule_new(cx, &ep.name, &cmd.conversion, deltas)? {
+                        true => "created",
+                        false => "exists",
+                    },
                 }
             }
         };
@@ -530,6 +516,24 @@ impl Processor<Cf> for Deliveries {
         }
         self.dispatcher.gauges();
     }
+}
+
+/// Schedules the delivery of `c` to `endpoint` unless it exists in any state; whether it
+/// was scheduled.
+fn schedule_new(
+    cx: &mut Cx<'_, '_, Cf, Done>,
+    endpoint: &str,
+    c: &Conversion,
+    deltas: &mut PendingDeltas,
+) -> Result<bool, RuntimeError> {
+    let id = c.delivery_id(endpoint);
+    if schedule::load(cx.state, &id)?.is_some() {
+        return Ok(false);
+    }
+    let job = Job::new(id, endpoint.to_string(), c.clone(), cx.now_ms);
+    *deltas.entry(endpoint.to_string()).or_insert(0) += schedule::write(cx.state, None, Some(&job));
+    cx.event(Done::Event(Event::Scheduled(endpoint.to_string())));
+    Ok(true)
 }
 
 /// Counters of every endpoint start at 0, so that rate() sees the first event and

@@ -705,15 +705,7 @@ async fn services_apply_catalog_changes_live() {
         .await
         .expect("postback");
     assert_eq!(resp.status(), 200);
-    let rejections = TopicReader::new(&p.topics.rejections)
-        .read_until::<s2s_common::contract::Rejection>("the late FTD's rejection", WAIT, |rs| {
-            rs.iter().any(|r| r.click_id() == late)
-        })
-        .await;
-    let r = rejections
-        .iter()
-        .find(|r| r.click_id() == late)
-        .expect("found");
+    let r = rejection_of(&p.topics, &late).await;
     assert_eq!(
         r.reason,
         s2s_common::contract::RejectReason::OutsideWindow,
@@ -772,15 +764,7 @@ async fn services_apply_catalog_changes_live() {
         .await
         .expect("postback");
     assert_eq!(resp.status(), 200);
-    let rejections = TopicReader::new(&p.topics.rejections)
-        .read_until::<s2s_common::contract::Rejection>("the blocked FTD's rejection", WAIT, |rs| {
-            rs.iter().any(|r| r.click_id() == earlier)
-        })
-        .await;
-    let r = rejections
-        .iter()
-        .find(|r| r.click_id() == earlier)
-        .expect("found");
+    let r = rejection_of(&p.topics, &earlier).await;
     assert_eq!(
         r.reason,
         s2s_common::contract::RejectReason::AffiliateBlocked
@@ -845,6 +829,20 @@ async fn catalog_records_to(topics: &TopicsConfig, offset: i64) -> String {
 
 /// `PUT /api/v1/catalog/{kind}/{id}` as operator "tester" (`base`: the revision changed,
 /// `None`: a creation), tried again while the console answers 503 (its election).
+/// The rejection of `click_id`'s postback, once the rejections topic has it.
+async fn rejection_of(topics: &TopicsConfig, click_id: &str) -> s2s_common::contract::Rejection {
+    TopicReader::new(&topics.rejections)
+        .read_until::<s2s_common::contract::Rejection>(
+            &format!("the rejection of {click_id}'s postback"),
+            WAIT,
+            |rs| rs.iter().any(|r| r.click_id() == click_id),
+        )
+        .await
+        .into_iter()
+        .find(|r| r.click_id() == click_id)
+        .expect("found")
+}
+
 pub(crate) async fn put_entity(
     url: &str,
     key: &str,
