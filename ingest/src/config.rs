@@ -31,6 +31,14 @@ pub struct IngestConfig {
     /// client gets 408 and its connection is closed.
     #[serde(with = "duration")]
     pub body_read_timeout: Duration,
+    /// How long a connection may take, once ready for a request (opened, or its last
+    /// answer sent), to send that request's headers; also the keep-alive idle timeout.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Public connections open at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Requests being handled at most; one more is answered 503 `overloaded` at once.
+    pub max_requests_in_flight: usize,
     /// Refusal events published per second at most for each (source, reason).
     pub refusal_events_per_second: u32,
     /// HMAC signatures remembered at most (each is accepted once within its source's
@@ -275,6 +283,17 @@ impl IngestConfig {
         }
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes must be > 0".into());
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err("header_read_timeout must be > 0 (\"10s\")".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be > 0 (10000)".into());
+        }
+        if self.max_requests_in_flight == 0
+            || self.max_requests_in_flight > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return Err("max_requests_in_flight must be > 0 (1024)".into());
         }
         if self.refusal_events_per_second == 0 {
             return Err("refusal_events_per_second must be > 0".into());

@@ -18,6 +18,7 @@ pub mod publish;
 pub mod records;
 pub mod refusals;
 pub mod replay;
+pub mod serve;
 pub mod source;
 
 use std::net::SocketAddr;
@@ -25,7 +26,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use rdkafka::producer::FutureProducer;
 use s2s_common::kafka::{ensure_topics, KafkaSetupError};
 use s2s_common::kafka_stats::KafkaStats;
@@ -66,6 +66,8 @@ pub struct Ingest {
     app: Arc<App>,
     produce_timeout: Duration,
     listener: TcpListener,
+    limits: serve::Limits,
+    serve_metrics: serve::ServeMetrics,
     admin: Admin,
 }
 
@@ -80,6 +82,7 @@ impl Ingest {
         shutdown: &CancellationToken,
     ) -> Result<Self, IngestError> {
         let compiled = config.validate().map_err(IngestError::Config)?;
+        serve::ensure_descriptors(config.max_connections).map_err(IngestError::Config)?;
         let produce_timeout = config.produce_timeout;
         ensure_topics(
             &config.pipeline.kafka,
@@ -90,6 +93,7 @@ impl Ingest {
 
         let admin = Admin::bind(config.admin_listen).await?;
         let metrics = metrics::Metrics::new(&admin.registry)?;
+        let serve_metrics = serve::ServeMetrics::new(&admin.registry)?;
         let settings = catalog::Settings {
             unknown_affiliates: config.pipeline.affiliates.unknown,
             secret_key: s2s_catalog::secrets::SecretKey::of(&config.pipeline)
@@ -164,6 +168,13 @@ impl Ingest {
             app,
             produce_timeout,
             listener: ops::bind(config.listen).await?,
+            limits: serve::Limits {
+                max_connections: config.max_connections,
+                max_requests_in_flight: config.max_requests_in_flight,
+                header_read_timeout: config.header_read_timeout,
+                shutdown_grace: produce_timeout + Duration::from_secs(1),
+            },
+            serve_metrics,
             admin,
         })
     }
@@ -185,18 +196,24 @@ impl Ingest {
         tracing::info!(%addr, admin = %self.admin_addr()?, "ingest listening");
         let health = self.admin.health.clone();
         let admin = self.admin.spawn(shutdown.clone());
-        let public =
-            api::router(self.app.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(self.listener.tap_io(no_delay), public)
-            .with_graceful_shutdown({
-                let health = health.clone();
-                let s = shutdown.clone();
-                async move {
-                    s.cancelled().await;
-                    health.drain();
-                }
-            })
-            .await;
+        let public = api::router(self.app.clone());
+        let draining = {
+            let (health, shutdown) = (health.clone(), shutdown.clone());
+            async move {
+                shutdown.cancelled().await;
+                health.drain();
+            }
+        };
+        let ((), ()) = tokio::join!(
+            serve::serve(
+                self.listener,
+                public,
+                self.limits,
+                self.serve_metrics,
+                shutdown.clone()
+            ),
+            draining
+        );
         if let Err(e) = self.app.publisher.flush(self.produce_timeout) {
             tracing::warn!(error = %e, "producer flush at shutdown incomplete");
         }
@@ -205,38 +222,11 @@ impl Ingest {
             tracing::warn!(error = %e, "admin server error");
         }
         tracing::info!("ingest stopped");
-        Ok(served?)
-    }
-}
-
-/// Answers leave at once: with Nagle's algorithm a response written while an earlier
-/// segment is unacknowledged waits for that ACK, which the client may delay by up to
-/// 40 ms.
-fn no_delay(stream: &mut tokio::net::TcpStream) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+        Ok(())
     }
 }
 
 /// Binds and serves until `shutdown`.
 pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<(), IngestError> {
     Ingest::bind(config, &shutdown).await?.run(shutdown).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_do_not_wait_for_acks() -> std::io::Result<()> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let mut listener = listener.tap_io(no_delay);
-        let addr = axum::serve::Listener::local_addr(&listener)?;
-        let client = tokio::net::TcpStream::connect(addr).await?;
-        let (server, _) = axum::serve::Listener::accept(&mut listener).await;
-        // Linux's default for a fresh socket is Nagle on; the client side shows it.
-        assert!(!client.nodelay()?);
-        assert!(server.nodelay()?);
-        Ok(())
-    }
 }

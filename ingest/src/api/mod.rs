@@ -52,6 +52,8 @@ pub use browser::GIF;
 
 /// Largest total size of request headers accepted (431 above).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Longest request URI (path and query string) accepted (414 above).
+pub const MAX_URI_BYTES: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct App {
@@ -121,7 +123,7 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Bounds header size, then counts every request by route and status and times it.
+/// Bounds URI and header size, then counts every request by route and status and times it.
 async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -134,7 +136,15 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len())
         .sum();
-    let resp = if header_bytes > MAX_HEADER_BYTES {
+    let uri_bytes = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let resp = if uri_bytes > MAX_URI_BYTES {
+        ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request's URI exceeds {MAX_URI_BYTES} bytes"),
+        )
+        .into_response()
+    } else if header_bytes > MAX_HEADER_BYTES {
         ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers_too_large",

@@ -169,6 +169,16 @@ async fn every_error_class_is_json_and_publishes_nothing() {
             "headers_too_large",
         ),
         (
+            get(&format!(
+                "/postback?click_id=c&event=ftd&sub1={}",
+                "x".repeat(17 * 1024)
+            ))
+            .await
+            .expect("req"),
+            414,
+            "uri_too_long",
+        ),
+        (
             c.post(ingest.url("/v1/postbacks"))
                 .header("content-type", "application/json")
                 .body("[]")
@@ -187,6 +197,36 @@ async fn every_error_class_is_json_and_publishes_nothing() {
             "{err}"
         );
         assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // Heads that never reach the router: hyper refuses them, with the same error body.
+    let long_uri = format!(
+        "GET /postback?click_id=c&event=ftd&sub1={} HTTP/1.1\r\nHost: i\r\n\r\n",
+        "x".repeat(70_000)
+    );
+    let many_headers = format!(
+        "GET /postback?click_id=c&event=ftd HTTP/1.1\r\n{}\r\n",
+        "x-a: b\r\n".repeat(101)
+    );
+    for (raw, status, code) in [
+        (
+            b"GET /postback?click_id=c\x01&event=ftd HTTP/1.1\r\nHost: i\r\n\r\n".to_vec(),
+            "400",
+            "bad_request",
+        ),
+        (long_uri.into_bytes(), "414", "uri_too_long"),
+        (many_headers.into_bytes(), "431", "headers_too_large"),
+    ] {
+        let answer = raw_exchange(ingest.addr, &raw).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer}"
+        );
+        let body: Value = answer
+            .split_once("\r\n\r\n")
+            .and_then(|(_, b)| serde_json::from_str(b).ok())
+            .unwrap_or_else(|| panic!("a JSON body: {answer}"));
+        assert_eq!(body["error"]["code"], code, "{answer}");
     }
 
     // Every refused record is counted once, batches included; the 431 is refused before
@@ -592,30 +632,19 @@ async fn pixel_conversions_come_from_the_click_cookie_and_are_marked() {
 /// `body_read_timeout` has passed, and its connection is closed; nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_is_cut_off() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let topics = topics(1);
     s2s_tests::seed_catalog(&topics, &s2s_tests::catalog_with_offer_1()).await;
     let mut c = ingest_config(&topics);
     c.body_read_timeout = Duration::from_millis(300);
     let ingest = IngestHandle::start(c).await;
-    let mut stream = tokio::net::TcpStream::connect(ingest.addr)
-        .await
-        .expect("connect");
-    stream
-        .write_all(
-            b"POST /postback HTTP/1.1\r\nHost: ingest\r\n\
-              Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n\
-              click_id=",
-        )
-        .await
-        .expect("headers and the start of the body");
     // The answer, then the end of the connection, within a deadline.
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("the server answers and closes within 10 s");
-    read.expect("read");
-    let text = String::from_utf8_lossy(&answer);
+    let text = raw_exchange(
+        ingest.addr,
+        b"POST /postback HTTP/1.1\r\nHost: ingest\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n\
+          click_id=",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"body_timeout\""), "{text}");
     let marker = TopicReader::new(&topics.postbacks);
@@ -632,6 +661,142 @@ async fn a_stalled_body_is_cut_off() {
         seen.iter().map(|p| p.click_id.as_str()).collect::<Vec<_>>(),
         ["after"],
         "the cut-off request stored nothing"
+    );
+    ingest.stop().await;
+}
+
+/// A client that sends half a request head and stops, and a keep-alive connection left
+/// idle after its answer, are both closed once `header_read_timeout` has passed, and
+/// counted; a request in time is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_idle_connections_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let topics = topics(1);
+    s2s_tests::seed_catalog(&topics, &s2s_tests::catalog_with_offer_1()).await;
+    let mut c = ingest_config(&topics);
+    c.header_read_timeout = Duration::from_millis(300);
+    let ingest = IngestHandle::start(c).await;
+    let mut slow = tokio::net::TcpStream::connect(ingest.addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /postback?click_id=slow&event=ftd HTTP/1.1\r\nHost: ingest\r\n")
+        .await
+        .expect("half a head");
+    let rest = read_to_close(&mut slow).await;
+    assert!(!rest.contains("200"), "never answered as a request: {rest}");
+    s2s_tests::metric_reaches(
+        ingest.admin,
+        "ingest_connections_closed_total{reason=\"header_timeout\"}",
+        1.0,
+    )
+    .await;
+
+    let marker = TopicReader::new(&topics.postbacks);
+    let answer = raw_exchange(
+        ingest.addr,
+        b"GET /postback?click_id=in-time&event=ftd HTTP/1.1\r\nHost: ingest\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    s2s_tests::metric_reaches(
+        ingest.admin,
+        "ingest_connections_closed_total{reason=\"header_timeout\"}",
+        2.0,
+    )
+    .await;
+    let seen = marker
+        .read_until::<Postback>("the request in time", WAIT, |p| !p.is_empty())
+        .await;
+    assert_eq!(
+        seen.iter().map(|p| p.click_id.as_str()).collect::<Vec<_>>(),
+        ["in-time"],
+        "the cut-off head stored nothing"
+    );
+    ingest.stop().await;
+}
+
+/// Over `max_requests_in_flight`, a request is answered 503 `overloaded` with
+/// `Retry-After` at once and stores nothing; over `max_connections`, a connection gets
+/// 503 `too_many_connections` before its request is read. The requests admitted are
+/// served and stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_fast_and_stores_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let topics = topics(1);
+    s2s_tests::seed_catalog(&topics, &s2s_tests::catalog_with_offer_1()).await;
+    let mut c = ingest_config(&topics);
+    c.max_requests_in_flight = 1;
+    c.max_connections = 2;
+    let ingest = IngestHandle::start(c).await;
+    let marker = TopicReader::new(&topics.postbacks);
+    // In flight: a postback whose body has not all arrived yet.
+    let mut held = tokio::net::TcpStream::connect(ingest.addr)
+        .await
+        .expect("connect");
+    held.write_all(
+        b"POST /postback HTTP/1.1\r\nHost: ingest\r\nConnection: close\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 23\r\n\r\n\
+          click_id=held",
+    )
+    .await
+    .expect("headers and half the body");
+    s2s_tests::metric_reaches(ingest.admin, "ingest_connections", 1.0).await;
+    // Poll until the held request is in flight: the next one is then shed. The probe
+    // lacks its click ID, so that if admitted (the held one not in flight yet) it is
+    // refused 400 and stores nothing either.
+    let deadline = std::time::Instant::now() + WAIT;
+    let shed = loop {
+        let r = http()
+            .get(ingest.url("/postback?event=ftd"))
+            .header("connection", "close")
+            .send()
+            .await
+            .expect("an answer");
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never shed: {}",
+            r.status()
+        );
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll
+    };
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: serde_json::Value = shed.json().await.expect("JSON body");
+    assert_eq!(body["error"]["code"], "overloaded");
+    s2s_tests::metric_reaches(ingest.admin, "ingest_requests_shed_total", 1.0).await;
+
+    // The held connection and one idle one fill max_connections: a third is refused.
+    let _idle = tokio::net::TcpStream::connect(ingest.addr)
+        .await
+        .expect("connect");
+    s2s_tests::metric_reaches(ingest.admin, "ingest_connections", 2.0).await;
+    let answer = raw_exchange(
+        ingest.addr,
+        b"GET /postback?click_id=refused&event=ftd HTTP/1.1\r\nHost: ingest\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("\"too_many_connections\""), "{answer}");
+    s2s_tests::metric_reaches(ingest.admin, "ingest_connections_refused_total", 1.0).await;
+
+    // The held request completes and is stored; nothing of the refused ones is.
+    held.write_all(b"&event=ftd")
+        .await
+        .expect("the rest of the body");
+    let answer = read_to_close(&mut held).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let seen = marker
+        .read_until::<Postback>("the held postback", WAIT, |p| {
+            p.iter().any(|p| p.click_id == "held")
+        })
+        .await;
+    assert!(
+        seen.iter().all(|p| p.click_id == "held"),
+        "only the admitted postback is stored: {:?}",
+        seen.iter().map(|p| &p.click_id).collect::<Vec<_>>()
     );
     ingest.stop().await;
 }
@@ -688,4 +853,23 @@ async fn clicks_are_limited_per_client() {
         "one click stored per 302, none for a 429"
     );
     ingest.stop().await;
+}
+
+/// Reads what ingest sends until it closes the connection, within 10 s.
+async fn read_to_close(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("ingest closes the connection within 10 s")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Writes `bytes` on a new connection and reads until ingest closes it.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    read_to_close(&mut stream).await
 }
