@@ -71,6 +71,21 @@ ensure_rust_tools() {
   fi
 }
 
+# cargo fuzz (libFuzzer driver), for scripts/fuzz and the test suite's bounded fuzz runs:
+# built from crates.io into the cache, once. It passes rustc nightly-only flags
+# (sanitizer coverage); RUSTC_BOOTSTRAP=1, set by scripts/fuzz, lets the one stable
+# toolchain take them.
+CARGO_FUZZ_VERSION=0.13.1
+ensure_cargo_fuzz() {
+  local root="$S2S_CACHE/cargo-fuzz-$CARGO_FUZZ_VERSION"
+  if [ ! -x "$root/bin/cargo-fuzz" ]; then
+    log "installing cargo-fuzz $CARGO_FUZZ_VERSION into $root"
+    CARGO_TARGET_DIR="$S2S_CACHE/cargo-fuzz-build" \
+      cargo install --quiet --locked --root "$root" cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+  fi
+  export PATH="$root/bin:$PATH"
+}
+
 # Python tools of the tests (scripts/requirements.txt) in a virtualenv in the cache, rebuilt
 # when the list changes; its bin/ goes first on PATH.
 ensure_python_tools() {

@@ -350,7 +350,7 @@ impl Stack {
 }
 
 /// Polls `/readyz` until it answers 200.
-async fn ready(admin: &str, within: Duration) -> anyhow::Result<()> {
+pub(crate) async fn ready(admin: &str, within: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + within;
     loop {

@@ -88,8 +88,27 @@ impl Service {
         config: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_on(name, bin, config, log, None)
+    }
+
+    /// As [`Service::spawn`], on the CPUs `cpus` (taskset's list, "1") where given.
+    pub(crate) fn spawn_on(
+        name: &'static str,
+        bin: &Path,
+        config: &Path,
+        log: &Path,
+        cpus: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log)?;
-        let child = tokio::process::Command::new(bin)
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut c = tokio::process::Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(bin);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
+        let child = command
             .arg("--config")
             .arg(config)
             .env("S2S_PIPELINE", config.with_file_name("pipeline.toml"))

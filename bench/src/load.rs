@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use crate::Run;
 
 /// One keep-alive connection to `authority` (host:port).
-struct Conn {
+pub(crate) struct Conn {
     authority: String,
     /// `authority` as the Host header, built once.
     host: HeaderValue,
@@ -34,7 +34,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(base: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(base: &str) -> anyhow::Result<Self> {
         let authority = base
             .strip_prefix("http://")
             .context("the load generator speaks plain http:// only")?
@@ -47,7 +47,7 @@ impl Conn {
         })
     }
 
-    async fn connect(&mut self) -> anyhow::Result<&mut SendRequest<Empty<Bytes>>> {
+    pub(crate) async fn connect(&mut self) -> anyhow::Result<&mut SendRequest<Empty<Bytes>>> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             let stream = tokio::net::TcpStream::connect(&self.authority)
                 .await
@@ -64,6 +64,13 @@ impl Conn {
 
     /// Sends one GET and reads the whole answer: Ok(true) for a 2xx or 3xx.
     async fn get(&mut self, path: &str) -> anyhow::Result<bool> {
+        // A redirect is the answer a click wants.
+        let status = self.status(path).await?;
+        Ok(status.is_success() || status.is_redirection())
+    }
+
+    /// Sends one GET, reads the whole answer and gives its status.
+    pub(crate) async fn status(&mut self, path: &str) -> anyhow::Result<hyper::StatusCode> {
         let host = self.host.clone();
         let sender = self.connect().await?;
         sender.ready().await.context("connection")?;
@@ -78,10 +85,9 @@ impl Conn {
                 return Err(e).context("send");
             }
         };
-        // A redirect is the answer a click wants.
-        let ok = resp.status().is_success() || resp.status().is_redirection();
+        let status = resp.status();
         resp.into_body().collect().await.context("body")?;
-        Ok(ok)
+        Ok(status)
     }
 }
 
@@ -125,7 +131,7 @@ async fn merge(
 /// the run made a few first requests wait about a second (in half the rounds of the 256-
 /// and 512-connection runs; most likely a SYN the listener dropped, which TCP retries
 /// after one second), which idled those connections for a tenth of a 10 s round.
-async fn connect_all(base: &str, connections: usize) -> anyhow::Result<Vec<Conn>> {
+pub(crate) async fn connect_all(base: &str, connections: usize) -> anyhow::Result<Vec<Conn>> {
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
         let mut conn = Conn::new(base)?;
@@ -133,6 +139,36 @@ async fn connect_all(base: &str, connections: usize) -> anyhow::Result<Vec<Conn>
         conns.push(conn);
     }
     Ok(conns)
+}
+
+/// Sends item `i` of `0..total`, due at `start + i × interval`, to `senders[i mod n]`,
+/// from one thread with the operating system's precise sleep (tokio's timer ticks in
+/// whole milliseconds). A closed channel means its task failed; the caller's join says
+/// why. Dropping the senders at the end ends each task once its queue is empty.
+pub(crate) fn dispatch<T: Send + 'static>(
+    total: u64,
+    interval: Duration,
+    start: Instant,
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<T>>,
+    item: impl Fn(u64, Instant) -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("open-loop".into())
+        .spawn(move || {
+            let mut i = 0u64;
+            while i < total {
+                let now = Instant::now();
+                let mut due = start + interval.mul_f64(i as f64);
+                while due <= now && i < total {
+                    let _ = senders[(i % senders.len() as u64) as usize].send(item(i, due));
+                    i += 1;
+                    due = start + interval.mul_f64(i as f64);
+                }
+                if i < total {
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
+            }
+        })
 }
 
 /// `connections` connections, each sending the next request as soon as the last answered.
@@ -200,25 +236,7 @@ pub async fn open_loop(
         }));
     }
     let start = Instant::now() + Duration::from_millis(20);
-    let dispatcher = std::thread::Builder::new()
-        .name("open-loop".into())
-        .spawn(move || {
-            let mut i = 0u64;
-            while i < total {
-                let now = Instant::now();
-                let mut due = start + interval.mul_f64(i as f64);
-                while due <= now && i < total {
-                    // A closed channel means its task failed; merge reports why.
-                    let _ = senders[(i % senders.len() as u64) as usize].send(due);
-                    i += 1;
-                    due = start + interval.mul_f64(i as f64);
-                }
-                if i < total {
-                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                }
-            }
-            // Dropping the senders ends each connection's task once its queue is empty.
-        })?;
+    let dispatcher = dispatch(total, interval, start, senders, |_, due| due)?;
     let run = merge(tasks, start, true, base).await;
     dispatcher
         .join()

@@ -10,6 +10,8 @@
 //! - `attributor-state`, `attributor`: the attributor benchmark (see `attributor.rs`);
 //! - `delivery`: the delivery benchmark (see `delivery.rs`);
 //! - `e2e`: the whole pipeline, end to end (see `e2e.rs`);
+//! - `overload`: ingest at twice its capacity with thousands of idle connections held
+//!   (see `overload.rs`);
 //! - `catalog`: the catalog's start-up read, memory, ingest's CPU per click on a big
 //!   catalog and the time from an API change to applied in every service (see `catalog.rs`).
 //!
@@ -24,6 +26,7 @@ mod console;
 mod delivery;
 mod e2e;
 mod load;
+mod overload;
 mod server_side;
 
 use std::convert::Infallible;
@@ -181,6 +184,35 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         p99_goal_ms: f64,
     },
+    /// Ingest beyond capacity (see `overload.rs`).
+    Overload {
+        #[arg(long)]
+        brokers: String,
+        /// Where the release service binaries are.
+        #[arg(long)]
+        bins: std::path::PathBuf,
+        /// Configs and logs.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 512)]
+        capacity_connections: usize,
+        #[arg(long, default_value_t = 10)]
+        capacity_seconds: u64,
+        /// Open-loop connections: more than ingest's max_requests_in_flight (512).
+        #[arg(long, default_value_t = 3000)]
+        connections: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 5000)]
+        idle: usize,
+        #[arg(long, default_value_t = 256.0)]
+        rss_goal_mib: f64,
+        /// The CPUs ingest runs on (taskset's list, e.g. "1").
+        #[arg(long)]
+        ingest_cpus: Option<String>,
+        #[arg(long, default_value_t = 0.33)]
+        goal: f64,
+    },
     /// The catalog: start-up, memory per entity, ingest's CPU per click, API → applied.
     Catalog {
         #[arg(long)]
@@ -295,6 +327,36 @@ async fn main() -> anyhow::Result<()> {
             connections,
             goal,
         } => e2e::run(brokers, &bins, &dir, postbacks, seconds, connections, goal).await,
+        Cmd::Overload {
+            brokers,
+            bins,
+            dir,
+            capacity_connections,
+            capacity_seconds,
+            connections,
+            seconds,
+            idle,
+            rss_goal_mib,
+            goal,
+            ingest_cpus,
+        } => {
+            overload::run(
+                &brokers,
+                &bins,
+                &dir,
+                overload::Sizes {
+                    ingest_cpus,
+                    capacity_connections,
+                    capacity_seconds,
+                    connections,
+                    seconds,
+                    idle,
+                    rss_goal_mib,
+                    goal,
+                },
+            )
+            .await
+        }
         Cmd::Catalog {
             brokers,
             affiliates,

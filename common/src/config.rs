@@ -64,6 +64,18 @@ pub fn load_files<T: DeserializeOwned>(
         .map_err(|e| ConfigError::Invalid(Box::new(e)))
 }
 
+/// The defaults and a file's text: what a config file means, without the filesystem
+/// or the environment (the config fuzz target).
+pub fn load_str<T: DeserializeOwned>(
+    default_toml: &str,
+    file_text: &str,
+) -> Result<T, ConfigError> {
+    Figment::from(Toml::string(default_toml))
+        .merge(Toml::string(file_text))
+        .extract()
+        .map_err(|e| ConfigError::Invalid(Box::new(e)))
+}
+
 fn files(default_toml: &str, file: Option<&Path>) -> Result<Figment, ConfigError> {
     let mut fig = Figment::from(Toml::string(default_toml));
     if let Some(path) = file {

@@ -293,7 +293,7 @@ impl IngestConfig {
         if self.max_requests_in_flight == 0
             || self.max_requests_in_flight > tokio::sync::Semaphore::MAX_PERMITS
         {
-            return Err("max_requests_in_flight must be > 0 (1024)".into());
+            return Err("max_requests_in_flight must be > 0 (512)".into());
         }
         if self.refusal_events_per_second == 0 {
             return Err("refusal_events_per_second must be > 0".into());

@@ -55,7 +55,7 @@ fn promtool(args: &[&str], stdin: Option<&str>, dir: &Path) -> String {
 fn promtool_checks_and_tests_the_rules_and_the_config() {
     let dir = deploy().join("prometheus");
     let out = promtool(&["check", "rules", "rules.yml"], None, &dir);
-    assert!(out.contains("SUCCESS: 16 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 17 rules found"), "{out}");
     promtool(&["test", "rules", "rules_test.yml"], None, &dir);
     promtool(&["check", "config", "prometheus.yml"], None, &dir);
 }

@@ -1,0 +1,9 @@
+//! A postback's JSON body: `params::parse_json_object`, then the records built from it.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(pairs) = s2s_ingest::params::parse_json_object(data) {
+        s2s_fuzz::records(&pairs);
+    }
+});
