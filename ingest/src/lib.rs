@@ -154,6 +154,7 @@ impl Ingest {
             pixel: config.pixel.clone(),
             click: config.click.clone(),
             rules: config.postback.clone(),
+            openapi: api::openapi_for(&config.postback),
             clicks_topic: config.pipeline.topics.clicks.name.clone(),
             postbacks_topic: config.pipeline.topics.postbacks.name.clone(),
             metrics,

@@ -95,6 +95,7 @@ fn app_on(bootstrap: &str) -> Arc<App> {
         click: config.click.clone(),
         replays: s2s_ingest::replay::Replays::new(config.max_replay_entries),
         click_limit: None,
+        openapi: s2s_ingest::api::openapi_for(&config.postback),
     })
 }
 

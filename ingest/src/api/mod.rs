@@ -77,10 +77,58 @@ pub struct App {
     pub replays: crate::replay::Replays,
     /// `/click`'s rate per client address (`None`: unlimited).
     pub click_limit: Option<crate::client_limit::ClientLimiter>,
+    /// [`OPENAPI`] with this instance's events and statuses ([`openapi_for`]).
+    pub openapi: String,
 }
 
-/// The OpenAPI document of these routes, served at `/openapi.json`.
+/// The OpenAPI document of these routes (`ingest/openapi.json`), with the default
+/// pipeline's events and statuses.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// The document as this instance serves it at `/openapi.json`: `event` and `status`
+/// list the events and statuses it accepts (the pipeline's), so that a client or a
+/// schema-driven tester reading it knows what is refused with 422.
+pub fn openapi_for(rules: &PostbackRules) -> String {
+    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(OPENAPI) else {
+        return OPENAPI.to_string();
+    };
+    let events = serde_json::json!(rules.events);
+    // An empty or null status reads as absent: the default status.
+    let mut statuses = rules.statuses.clone();
+    statuses.push(String::new());
+    let statuses = serde_json::json!(statuses);
+    let mut statuses_or_null = statuses.clone();
+    if let Some(list) = statuses_or_null.as_array_mut() {
+        list.push(serde_json::Value::Null);
+    }
+    let fields = &mut doc["components"]["schemas"]["PostbackFields"]["properties"];
+    fields["event"]["enum"] = events.clone();
+    fields["status"]["enum"] = statuses_or_null;
+    let form = &mut doc["components"]["schemas"]["PostbackForm"]["properties"];
+    form["event"]["enum"] = events.clone();
+    form["status"]["enum"] = statuses.clone();
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            if !path.starts_with("/postback") {
+                continue;
+            }
+            for op in item
+                .as_object_mut()
+                .into_iter()
+                .flat_map(|o| o.values_mut())
+            {
+                for p in op["parameters"].as_array_mut().into_iter().flatten() {
+                    match p["name"].as_str() {
+                        Some("event") => p["schema"]["enum"] = events.clone(),
+                        Some("status") => p["schema"]["enum"] = statuses.clone(),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| OPENAPI.to_string())
+}
 
 /// Every route with its methods: the single list the router and the OpenAPI check use.
 pub const ROUTES: [(&str, &[&str]); 10] = [
@@ -107,7 +155,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route(ROUTES[6].0, post(click_batch))
         .route(
             ROUTES[7].0,
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+            get(|State(app): State<Arc<App>>| async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    app.openapi.clone(),
+                )
+            }),
         )
         .route(ROUTES[8].0, get(browser::pixel))
         .route(ROUTES[9].0, get(browser::iframe))
@@ -688,4 +741,47 @@ async fn run_batch<R: Record>(
             .insert(header::RETRY_AFTER, header::HeaderValue::from(1));
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_document_lists_this_instances_vocabulary() {
+        let rules = PostbackRules {
+            events: vec!["signup".into(), "sale".into()],
+            statuses: vec!["ok".into()],
+            default_status: "ok".into(),
+            max_event_time_skew: std::time::Duration::from_secs(300),
+            max_event_time_age: std::time::Duration::from_secs(86_400),
+        };
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi_for(&rules)).expect("a JSON document");
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["PostbackFields"]["properties"]["event"]["enum"],
+            serde_json::json!(["signup", "sale"])
+        );
+        assert_eq!(
+            schemas["PostbackFields"]["properties"]["status"]["enum"],
+            serde_json::json!(["ok", "", null])
+        );
+        assert_eq!(
+            schemas["PostbackForm"]["properties"]["status"]["enum"],
+            serde_json::json!(["ok", ""])
+        );
+        let get = &doc["paths"]["/postback"]["get"]["parameters"];
+        let event = get
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "event"))
+            .expect("an event parameter");
+        assert_eq!(
+            event["schema"]["enum"],
+            serde_json::json!(["signup", "sale"])
+        );
+        // Everything else as checked in.
+        let file: serde_json::Value = serde_json::from_str(OPENAPI).expect("JSON");
+        assert_eq!(doc["paths"]["/click"], file["paths"]["/click"]);
+    }
 }

@@ -144,7 +144,7 @@ fn ingest_says_what_it_enforces() {
             }
         }
     }
-    for name in ["PostbackFields", "OperatorClick"] {
+    for name in ["PostbackFields", "PostbackForm", "OperatorClick"] {
         let s = &doc["components"]["schemas"][name];
         for r in s["required"].as_array().expect("required") {
             let field = r.as_str().expect("a name");
