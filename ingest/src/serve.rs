@@ -222,6 +222,7 @@ pub async fn serve(
             let shed = shed.clone();
             async move {
                 if e.is::<tower::load_shed::error::Overloaded>() {
+                    tracing::debug!("request shed: max_requests_in_flight in flight");
                     shed.inc();
                     overloaded()
                 } else {
@@ -305,7 +306,7 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(open, grace = ?limits.shutdown_grace, "shutdown grace over with connections open");
+            tracing::warn!(open_at_shutdown = open, grace = ?limits.shutdown_grace, "shutdown grace over with connections open");
         }
     }
 }
