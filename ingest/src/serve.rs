@@ -277,6 +277,9 @@ pub async fn serve(
             }
             continue;
         };
+        // Answers leave at once: with Nagle's algorithm an answer written while an
+        // earlier segment is unacknowledged waits for that ACK, which the client may
+        // delay by up to 40 ms.
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
         }
