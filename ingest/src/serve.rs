@@ -53,11 +53,13 @@ pub struct Limits {
     pub shutdown_grace: Duration,
 }
 
-/// Largest request head (request line and headers) hyper buffers; more is 431. Above
-/// hyper's own URI bound (65 534 bytes, 414), so that a long URI is told as such; the
-/// router's tighter bounds ([`crate::api::MAX_URI_BYTES`], 414, and
-/// [`crate::api::MAX_HEADER_BYTES`], 431) apply to what fits.
-const MAX_HEAD_BYTES: usize = 96 * 1024;
+/// Largest request head (request line and headers) hyper buffers; more is 431 (hyper
+/// reads in growing chunks, so a connection holds at most about twice this). It bounds
+/// memory per connection: max_connections x this, for clients that all send a
+/// near-limit head slowly. The router's tighter bounds ([`crate::api::MAX_URI_BYTES`],
+/// 414, and [`crate::api::MAX_HEADER_BYTES`], 431) apply to what fits; a URI too long
+/// for this buffer is told 431 (hyper's own 414 starts at 65 534 bytes).
+const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// Connections being refused (answered the canned 503) at once at most; beyond, an
 /// excess connection is closed without an answer.
 const MAX_REFUSING: usize = 1024;
@@ -559,7 +561,7 @@ mod tests {
                 "400",
                 "bad_request",
             ),
-            (long_uri.into_bytes(), "414", "uri_too_long"),
+            (long_uri.into_bytes(), "431", "headers_too_large"),
             (many_headers.into_bytes(), "431", "headers_too_large"),
         ] {
             let mut c = connect(server.addr).await;

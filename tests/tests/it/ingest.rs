@@ -214,7 +214,7 @@ async fn every_error_class_is_json_and_publishes_nothing() {
             "400",
             "bad_request",
         ),
-        (long_uri.into_bytes(), "414", "uri_too_long"),
+        (long_uri.into_bytes(), "431", "headers_too_large"),
         (many_headers.into_bytes(), "431", "headers_too_large"),
     ] {
         let answer = raw_exchange(ingest.addr, &raw).await;
