@@ -34,7 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::e2e::{free_port, Service};
-use crate::load::{connect_all, Conn};
+use crate::load::connect_all;
 
 #[derive(Debug, Clone)]
 pub struct Sizes {
@@ -170,7 +170,9 @@ async fn open_loop(
             while let Some((n, scheduled)) = rx.recv().await {
                 let lag = Instant::now().saturating_duration_since(scheduled.max(free_at));
                 max_lag_us = max_lag_us.max(lag.as_micros() as u64);
-                let status = match send(&mut conn, &path(&prefix, n)).await {
+                // A connection ingest closed (a 503 too_many_connections closes it) is
+                // opened again for the next request by `load::Conn`.
+                let status = match conn.status(&path(&prefix, n)).await {
                     Ok(s) => s.as_u16(),
                     Err(_) => 0,
                 };
@@ -199,12 +201,6 @@ async fn open_loop(
         .join()
         .map_err(|_| anyhow::anyhow!("the dispatcher thread panicked"))?;
     Ok(phase)
-}
-
-/// One request; a connection ingest closed (a 503 too_many_connections closes it) is
-/// opened again for the next.
-async fn send(conn: &mut Conn, path: &str) -> anyhow::Result<hyper::StatusCode> {
-    conn.status(path).await
 }
 
 /// Holds `count` connections to `addr` open until `stop`: even ones silent, odd ones
