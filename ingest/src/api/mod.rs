@@ -451,6 +451,29 @@ fn not_issued_error(why: NotIssued, click: &Click) -> ApiError {
     .field(field)
 }
 
+/// A POST of a signed source is signed over its body: what its query string says is
+/// not covered, so it is refused rather than stored unsigned.
+fn unsigned_parameter(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "unsigned_parameter",
+        format!(
+            "'{name}' is in the query string of a signed POST, whose signature covers only \
+             its body: send it in the body"
+        ),
+    )
+    .field(name.to_string())
+}
+
+fn given_twice(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "duplicate_parameter",
+        format!("'{name}' is given both in the query string and in the body: give it once"),
+    )
+    .field(name.to_string())
+}
+
 fn unsupported(ct: &str, supported: &str) -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -512,6 +535,11 @@ async fn postback(
         read_body = a.body.clone();
         signed = a.signed;
         let mut pairs = a.pairs;
+        if let (Some(_), Some((name, _))) = (a.signed, pairs.first()) {
+            if parts.method == Method::POST {
+                return Err(unsigned_parameter(name));
+            }
+        }
         if parts.method == Method::POST && !a.body.is_empty() {
             let ct = content_type(&parts.headers);
             let body_pairs = match ct.as_str() {
@@ -524,8 +552,14 @@ async fn postback(
                     ))
                 }
             };
-            // Body fields win over query parameters of the same name.
-            pairs.retain(|(n, _)| !body_pairs.iter().any(|(b, _)| b == n));
+            // A name in both the query string and the body is given twice: refused, as
+            // within either, rather than settled by a precedence the sender may not know.
+            if let Some((name, _)) = pairs
+                .iter()
+                .find(|(n, _)| body_pairs.iter().any(|(b, _)| b == n))
+            {
+                return Err(given_twice(name));
+            }
             pairs.extend(body_pairs);
         }
         a.source.apply_aliases(&mut pairs);

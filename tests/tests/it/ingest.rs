@@ -347,6 +347,31 @@ async fn sources_map_aliases_and_authenticate() {
         .await
         .expect("req");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A signed POST is signed over its body: a query parameter beside it is not covered,
+    // and refused (the signature stays unused: the request stored nothing).
+    let unsigned = c
+        .post(ingest.url("/postback/signed?amount=999"))
+        .header("content-type", "application/json")
+        .header("x-timestamp", (now - 1).to_string())
+        .header("x-signature", sign(HMAC_KEY, now - 1, body.as_bytes()))
+        .body(body);
+    // A field both in the query string and in the body is given twice.
+    let twice = c
+        .post(ingest.url("/postback/acme?goal=ftd"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("clickid=C6&goal=registration");
+    for (req, code, field) in [
+        (unsigned, "unsigned_parameter", "amount"),
+        (twice, "duplicate_parameter", "goal"),
+    ] {
+        let (status, e) = error_of(req.send().await.expect("req")).await;
+        assert_eq!(
+            (status, e["code"].as_str(), e["field"].as_str()),
+            (400, Some(code), Some(field)),
+            "{e}"
+        );
+    }
 
     // HMAC on a GET covers the query string exactly as sent.
     let query = "clickid=C5&goal=ftd";
@@ -435,13 +460,9 @@ async fn sources_map_aliases_and_authenticate() {
         ("purchase", Some("signed"))
     );
     assert_eq!(by("C5").source.as_deref(), Some("signed"));
-    // One partition: a record from the replayed or forged requests (sent before C4 and C5)
-    // would have taken one of these five places.
-    assert_eq!(
-        seen.len(),
-        5,
-        "the replayed and forged requests published nothing"
-    );
+    // One partition: a record from the replayed, forged, unsigned or ambiguous requests
+    // (sent before C4 and C5) would have taken one of these five places.
+    assert_eq!(seen.len(), 5, "the refused requests published nothing");
     ingest.stop().await;
 }
 
