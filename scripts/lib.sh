@@ -23,6 +23,29 @@ TANSU_BIN="$TANSU_ROOT/bin/tansu"
 log() { printf '\033[1m==> [%ds] %s\033[0m\n' "$SECONDS" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# The shared build directory only grows: every changed crate leaves its former artifacts
+# and incremental data behind, and once the disk is full the linker dies of a bus error
+# in the middle of a build. Below S2S_MIN_FREE_GIB (15) free on its filesystem, the
+# incremental data goes first, then, if that is not enough and the directory is this
+# cache's, the whole directory (rebuilt from scratch, RocksDB and librdkafka included).
+ensure_disk_space() {
+  local want=$(( ${S2S_MIN_FREE_GIB:-15} * 1024 * 1024 )) dir
+  dir=$(readlink -f "$CARGO_TARGET_DIR")
+  mkdir -p "$dir"
+  free_kib() { df -Pk "$dir" | awk 'NR == 2 { print $4 }'; }
+  [ "$(free_kib)" -ge "$want" ] && return 0
+  log "less than ${S2S_MIN_FREE_GIB:-15} GiB free for $dir: removing its incremental build data"
+  find "$dir" -maxdepth 3 -type d -name incremental -prune -exec rm -rf {} +
+  [ "$(free_kib)" -ge "$want" ] && return 0
+  case "$dir" in
+    "$(readlink -f "$S2S_CACHE")"/*)
+      log "still short: removing the build directory $dir (everything is rebuilt)"
+      rm -rf "$dir" && mkdir -p "$dir" ;;
+  esac
+  [ "$(free_kib)" -ge "$want" ] ||
+    die "only $(( $(free_kib) / 1024 / 1024 )) GiB free for $dir; a build needs ${S2S_MIN_FREE_GIB:-15}: free space there (or set S2S_MIN_FREE_GIB)"
+}
+
 # Installs Debian packages (apt-get, through sudo unless root).
 apt_install() {
   local sudo=""

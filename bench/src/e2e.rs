@@ -126,6 +126,15 @@ impl Service {
         self.pid
     }
 
+    /// How it ended, if it has.
+    pub(crate) fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(format!("unknown: {e}")),
+        }
+    }
+
     /// User + system CPU seconds so far.
     pub(crate) fn cpu(&self) -> f64 {
         crate::delivery::cpu_seconds(self.pid)

@@ -12,6 +12,8 @@
 //! - `e2e`: the whole pipeline, end to end (see `e2e.rs`);
 //! - `overload`: ingest at twice its capacity with thousands of idle connections held
 //!   (see `overload.rs`);
+//! - `http-fuzz`: a million generated and mangled requests at ingest, every answer and
+//!   the topics checked (see `http_fuzz.rs`; run by `scripts/fuzz --http`);
 //! - `catalog`: the catalog's start-up read, memory, ingest's CPU per click on a big
 //!   catalog and the time from an API change to applied in every service (see `catalog.rs`).
 //!
@@ -25,6 +27,7 @@ mod catalog;
 mod console;
 mod delivery;
 mod e2e;
+mod http_fuzz;
 mod load;
 mod overload;
 mod server_side;
@@ -186,14 +189,8 @@ enum Cmd {
     },
     /// Ingest beyond capacity (see `overload.rs`).
     Overload {
-        #[arg(long)]
-        brokers: String,
-        /// Where the release service binaries are.
-        #[arg(long)]
-        bins: std::path::PathBuf,
-        /// Configs and logs.
-        #[arg(long)]
-        dir: std::path::PathBuf,
+        #[command(flatten)]
+        services: Services,
         #[arg(long, default_value_t = 512)]
         capacity_connections: usize,
         #[arg(long, default_value_t = 10)]
@@ -213,10 +210,19 @@ enum Cmd {
         #[arg(long, default_value_t = 0.33)]
         goal: f64,
     },
+    /// Requests made from ingest's OpenAPI document, mutated and mangled, against the
+    /// release ingest: no 5xx besides 503, no crash, the broker holds exactly what was
+    /// acknowledged (see `http_fuzz.rs`).
+    HttpFuzz {
+        #[command(flatten)]
+        services: Services,
+        #[command(flatten)]
+        options: http_fuzz::Options,
+    },
     /// The catalog: start-up, memory per entity, ingest's CPU per click, API → applied.
     Catalog {
-        #[arg(long)]
-        brokers: String,
+        #[command(flatten)]
+        services: Services,
         #[arg(long, default_value_t = 100_000)]
         affiliates: usize,
         #[arg(long, default_value_t = 100_000)]
@@ -229,12 +235,6 @@ enum Cmd {
         /// Live changes timed from the API's 2xx to applied in every service.
         #[arg(long, default_value_t = 100)]
         changes: usize,
-        /// Where the release service binaries are.
-        #[arg(long)]
-        bins: std::path::PathBuf,
-        /// Configs, state and logs.
-        #[arg(long)]
-        dir: std::path::PathBuf,
         /// Alternating rounds of clicks per ingest, for CPU per click.
         #[arg(long, default_value_t = 5)]
         cpu_rounds: usize,
@@ -243,13 +243,8 @@ enum Cmd {
     },
     /// The whole pipeline: sustained postbacks/s, latency at half that rate.
     E2e {
-        #[arg(long)]
-        brokers: String,
-        /// Where the release ingest, attributor and delivery binaries are.
-        #[arg(long)]
-        bins: std::path::PathBuf,
-        #[arg(long)]
-        dir: std::path::PathBuf,
+        #[command(flatten)]
+        services: Services,
         /// Postbacks of the throughput phase.
         #[arg(long, default_value_t = 100_000)]
         postbacks: u64,
@@ -261,6 +256,20 @@ enum Cmd {
         #[arg(long, default_value_t = 0.95)]
         goal: f64,
     },
+}
+
+/// Where a benchmark that runs the services as processes finds the broker and the
+/// binaries, and keeps its files.
+#[derive(Debug, clap::Args)]
+struct Services {
+    #[arg(long)]
+    brokers: String,
+    /// Where the service binaries are (release, as `scripts/bench` builds them).
+    #[arg(long)]
+    bins: std::path::PathBuf,
+    /// Configs, state, logs and whatever the run keeps.
+    #[arg(long)]
+    dir: std::path::PathBuf,
 }
 
 #[tokio::main]
@@ -319,18 +328,29 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Cmd::E2e {
-            brokers,
-            bins,
-            dir,
+            services: s,
             postbacks,
             seconds,
             connections,
             goal,
-        } => e2e::run(brokers, &bins, &dir, postbacks, seconds, connections, goal).await,
+        } => {
+            e2e::run(
+                s.brokers,
+                &s.bins,
+                &s.dir,
+                postbacks,
+                seconds,
+                connections,
+                goal,
+            )
+            .await
+        }
+        Cmd::HttpFuzz {
+            services: s,
+            options,
+        } => http_fuzz::run(&s.brokers, &s.bins, &s.dir, options).await,
         Cmd::Overload {
-            brokers,
-            bins,
-            dir,
+            services: s,
             capacity_connections,
             capacity_seconds,
             connections,
@@ -341,9 +361,9 @@ async fn main() -> anyhow::Result<()> {
             ingest_cpus,
         } => {
             overload::run(
-                &brokers,
-                &bins,
-                &dir,
+                &s.brokers,
+                &s.bins,
+                &s.dir,
                 overload::Sizes {
                     ingest_cpus,
                     capacity_connections,
@@ -358,21 +378,19 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Cmd::Catalog {
-            brokers,
+            services: s,
             affiliates,
             postbacks,
             offers,
             rounds,
             changes,
-            bins,
-            dir,
             cpu_rounds,
             cpu_seconds,
         } => {
             catalog::run(
-                &brokers,
-                &bins,
-                &dir,
+                &s.brokers,
+                &s.bins,
+                &s.dir,
                 catalog::Sizes {
                     affiliates,
                     postbacks,
