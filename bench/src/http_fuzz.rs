@@ -219,6 +219,7 @@ pub async fn run(brokers: &str, bins: &Path, dir: &Path, opts: Options) -> anyho
     for (n, why) in verdict.findings.iter().take(50) {
         std::fs::create_dir_all(&findings)?;
         let path = findings.join(format!("{n}.http"));
+        // The same bytes as sent, but a signed one is signed anew (its timestamp moved).
         std::fs::write(&path, &generator.request(*n, now_s()).bytes)?;
         println!(
             "  finding: request {n}: {why} ({}; again: scripts/fuzz --http --seed {} --only {n})",

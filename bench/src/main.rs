@@ -264,7 +264,7 @@ enum Cmd {
 struct Services {
     #[arg(long)]
     brokers: String,
-    /// Where the service binaries are (release, as `scripts/bench` builds them).
+    /// Where the service binaries are (`scripts/bench` builds release ones).
     #[arg(long)]
     bins: std::path::PathBuf,
     /// Configs, state, logs and whatever the run keeps.

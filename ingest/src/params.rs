@@ -49,13 +49,46 @@ pub fn parse_json_object(body: &[u8]) -> Result<Pairs, ApiError> {
     flatten_json_object(value)
 }
 
-/// A JSON value whose objects keep every member in order, a name given twice included
-/// (members' own values are plain `serde_json::Value`s).
+/// A JSON value whose objects keep every member in order, a name given twice included.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Loose {
-    Object(Vec<(String, serde_json::Value)>),
+    Object(Vec<(String, Member)>),
     Array(Vec<Loose>),
     Other(serde_json::Value),
+}
+
+/// An object member's value as sent: a string's text, a number's exact value as text
+/// (never through a float: `12345678901234567.89` stays that; see [`plain_number`]),
+/// `true`/`false`, null, or something nested.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Member {
+    Text(String),
+    Null,
+    Nested,
+}
+
+impl Member {
+    fn of(raw: &serde_json::value::RawValue) -> Result<Self, serde_json::Error> {
+        let text = raw.get();
+        Ok(match text.as_bytes().first() {
+            Some(b'"') => Member::Text(serde_json::from_str(text)?),
+            Some(b'{' | b'[') => Member::Nested,
+            Some(b'n') => Member::Null,
+            _ if text.contains(['e', 'E']) => Member::Text(plain_number(text)),
+            _ => Member::Text(text.to_string()),
+        })
+    }
+}
+
+/// A JSON number in exponent form (`1e3`, `5e-08`, as JavaScript writes very large and
+/// very small ones) as the plain decimal of its exact value (`1000`, `0.00000005`),
+/// computed in decimal, never through a float. One beyond 28 significant digits stays
+/// as written, and a field that wants a decimal refuses it.
+fn plain_number(literal: &str) -> String {
+    match rust_decimal::Decimal::from_scientific(literal) {
+        Ok(d) => d.to_string(),
+        Err(_) => literal.to_string(),
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for Loose {
@@ -68,8 +101,11 @@ impl<'de> serde::Deserialize<'de> for Loose {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Loose, A::Error> {
                 let mut members = Vec::new();
-                while let Some(entry) = m.next_entry::<String, serde_json::Value>()? {
-                    members.push(entry);
+                while let Some((name, raw)) =
+                    m.next_entry::<String, Box<serde_json::value::RawValue>>()?
+                {
+                    let member = Member::of(&raw).map_err(serde::de::Error::custom)?;
+                    members.push((name, member));
                 }
                 Ok(Loose::Object(members))
             }
@@ -115,11 +151,9 @@ pub fn flatten_json_object(value: Loose) -> Result<Pairs, ApiError> {
     let mut pairs = Vec::new();
     for (name, v) in members {
         let value = match v {
-            serde_json::Value::Null => continue,
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
-            _ => {
+            Member::Null => continue,
+            Member::Text(s) => s,
+            Member::Nested => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_json",
@@ -263,6 +297,26 @@ mod tests {
             .expect("valid");
         assert_eq!(p.len(), 3);
         assert!(p.contains(&("amount".into(), "12.5".into())));
+        // Numbers as written, never through a float (which would round the first two).
+        let p = parse_json_object(
+            br#"{"amount":12345678901234567.89,"click_id":123456789012345678901234,"z":-0.0,
+                 "t":1e3,"u":5E-08,"v":2.5e+1,"w":4.6923498242834516e-99}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            p,
+            [
+                ("amount", "12345678901234567.89"),
+                ("click_id", "123456789012345678901234"),
+                ("z", "-0.0"),
+                // Exponent forms: their exact value, or as written when beyond a decimal.
+                ("t", "1000"),
+                ("u", "0.00000005"),
+                ("v", "25"),
+                ("w", "4.6923498242834516e-99"),
+            ]
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+        );
         let e = parse_json_object(br#"{"a":{"b":1}}"#).expect_err("error");
         assert_eq!(e.field.as_deref(), Some("a"));
         assert!(parse_json_object(b"[1]").is_err());

@@ -201,12 +201,19 @@ pub fn build_postback(
     })
 }
 
-/// An operator's `event_time`: epoch milliseconds or RFC 3339 (any offset), at most
-/// `max_event_time_skew` after `now_ms` and `max_event_time_age` before it.
+/// Digits of an `event_time` in epoch milliseconds at most (the year 318 857): more is
+/// no time, and the document's grammar says so.
+const MAX_EPOCH_MS_DIGITS: usize = 16;
+
+/// An operator's `event_time`: epoch milliseconds (1 to 16 digits) or RFC 3339 (any
+/// offset), at most `max_event_time_skew` after `now_ms` and `max_event_time_age` before it.
 pub fn parse_event_time(raw: &str, rules: &PostbackRules, now_ms: i64) -> Result<i64, ApiError> {
     let raw = raw.trim();
-    let ms = if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+    let digits = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit());
+    let ms = if digits && raw.len() <= MAX_EPOCH_MS_DIGITS {
         raw.parse::<i64>().ok()
+    } else if digits {
+        None
     } else {
         time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
             .ok()
@@ -470,7 +477,15 @@ mod tests {
             seconds.code, "event_time_out_of_range",
             "epoch seconds read as ms: 1970"
         );
-        for bad in ["yesterday", "2025-12-02", "-5", "2025-12-02T10:15:00"] {
+        // 17 digits are no epoch milliseconds (the grammar stops at 16), whatever the window.
+        for bad in [
+            "yesterday",
+            "2025-12-02",
+            "-5",
+            "2025-12-02T10:15:00",
+            "10000000000000000",
+            "2025-06-31T10:15:00Z",
+        ] {
             let b = e(bad);
             assert_eq!(
                 (b.status, b.code, b.field.as_deref()),
