@@ -42,14 +42,25 @@ const APPLY_GOAL: Duration = Duration::from_secs(1);
 const CPU_GOAL: f64 = 0.95;
 const TOKEN: &str = "bench-token-0123456789abcdef";
 
+#[derive(Debug, clap::Args)]
 pub struct Sizes {
+    #[arg(long, default_value_t = 100_000)]
     pub affiliates: usize,
+    #[arg(long, default_value_t = 100_000)]
     pub postbacks: usize,
+    #[arg(long, default_value_t = 10_000)]
     pub offers: usize,
+    /// Fresh readers timed reading the catalog to its end.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Live changes timed from the API's 2xx to applied in every service.
+    #[arg(long, default_value_t = 100)]
     pub changes: usize,
-    /// Alternating CPU rounds per ingest, and each one's length.
+    /// Alternating rounds of clicks per ingest, for CPU per click.
+    #[arg(long, default_value_t = 5)]
     pub cpu_rounds: usize,
+    /// Seconds of each CPU round.
+    #[arg(long, default_value_t = 5)]
     pub cpu_seconds: u64,
 }
 

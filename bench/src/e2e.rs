@@ -68,6 +68,43 @@ async fn endpoint(arrivals: Arrivals) -> anyhow::Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
+/// Reads `topics` from their beginning with a consumer of its own, giving each record's
+/// payload to `take`, which says how many of the awaited things it held, until
+/// `expected` of them came and nothing more for 3 s, or `within` passed.
+pub(crate) fn read_back(
+    bootstrap: &str,
+    topics: &[&s2s_common::topics::TopicConfig],
+    expected: usize,
+    within: Duration,
+    mut take: impl FnMut(&[u8]) -> usize,
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-read-back-{}", ulid::Ulid::new()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in topics {
+        for p in 0..t.partitions {
+            tpl.add_partition_offset(&t.name, p, rdkafka::Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let (mut found, deadline, mut last) = (0, Instant::now() + within, Instant::now());
+    while Instant::now() < deadline && (found < expected || last.elapsed() < Duration::from_secs(3))
+    {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.context("reading the topics back")?;
+        last = Instant::now();
+        found += take(m.payload().unwrap_or_default());
+    }
+    Ok(())
+}
+
 pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -27,8 +27,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use s2s_common::pipeline::PipelineConfig;
 use s2s_common::topics::{TopicConfig, TopicsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -448,36 +446,14 @@ fn read_markers(
     expected: usize,
     within: Duration,
 ) -> anyhow::Result<HashMap<u64, HashSet<u32>>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &pipeline.kafka.bootstrap_servers)
-        .set("group.id", format!("http-fuzz-{}", ulid::Ulid::new()))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for t in topics {
-        for p in 0..t.partitions {
-            tpl.add_partition_offset(&t.name, p, Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
     let mut found: HashMap<u64, HashSet<u32>> = HashMap::new();
-    let mut records = 0usize;
-    let deadline = Instant::now() + within;
-    let mut last = Instant::now();
-    while Instant::now() < deadline
-        && (records < expected || last.elapsed() < Duration::from_secs(3))
-    {
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = m.context("reading the topics")?;
-        last = Instant::now();
-        for (n, i) in markers_in(m.payload().unwrap_or_default(), tag.as_bytes()) {
-            if found.entry(n).or_default().insert(i) {
-                records += 1;
-            }
-        }
-    }
+    let bootstrap = &pipeline.kafka.bootstrap_servers;
+    crate::e2e::read_back(bootstrap, topics, expected, within, |payload| {
+        markers_in(payload, tag.as_bytes())
+            .into_iter()
+            .filter(|(n, i)| found.entry(*n).or_default().insert(*i))
+            .count()
+    })?;
     Ok(found)
 }
 

@@ -191,24 +191,8 @@ enum Cmd {
     Overload {
         #[command(flatten)]
         services: Services,
-        #[arg(long, default_value_t = 512)]
-        capacity_connections: usize,
-        #[arg(long, default_value_t = 10)]
-        capacity_seconds: u64,
-        /// Open-loop connections: more than ingest's max_requests_in_flight (512).
-        #[arg(long, default_value_t = 3000)]
-        connections: usize,
-        #[arg(long, default_value_t = 30)]
-        seconds: u64,
-        #[arg(long, default_value_t = 5000)]
-        idle: usize,
-        #[arg(long, default_value_t = 256.0)]
-        rss_goal_mib: f64,
-        /// The CPUs ingest runs on (taskset's list, e.g. "1").
-        #[arg(long)]
-        ingest_cpus: Option<String>,
-        #[arg(long, default_value_t = 0.33)]
-        goal: f64,
+        #[command(flatten)]
+        sizes: overload::Sizes,
     },
     /// Requests made from ingest's OpenAPI document, mutated and mangled, against the
     /// release ingest: no 5xx besides 503, no crash, the broker holds exactly what was
@@ -223,23 +207,8 @@ enum Cmd {
     Catalog {
         #[command(flatten)]
         services: Services,
-        #[arg(long, default_value_t = 100_000)]
-        affiliates: usize,
-        #[arg(long, default_value_t = 100_000)]
-        postbacks: usize,
-        #[arg(long, default_value_t = 10_000)]
-        offers: usize,
-        /// Fresh readers timed reading the catalog to its end.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Live changes timed from the API's 2xx to applied in every service.
-        #[arg(long, default_value_t = 100)]
-        changes: usize,
-        /// Alternating rounds of clicks per ingest, for CPU per click.
-        #[arg(long, default_value_t = 5)]
-        cpu_rounds: usize,
-        #[arg(long, default_value_t = 5)]
-        cpu_seconds: u64,
+        #[command(flatten)]
+        sizes: catalog::Sizes,
     },
     /// The whole pipeline: sustained postbacks/s, latency at half that rate.
     E2e {
@@ -349,59 +318,11 @@ async fn main() -> anyhow::Result<()> {
             services: s,
             options,
         } => http_fuzz::run(&s.brokers, &s.bins, &s.dir, options).await,
-        Cmd::Overload {
-            services: s,
-            capacity_connections,
-            capacity_seconds,
-            connections,
-            seconds,
-            idle,
-            rss_goal_mib,
-            goal,
-            ingest_cpus,
-        } => {
-            overload::run(
-                &s.brokers,
-                &s.bins,
-                &s.dir,
-                overload::Sizes {
-                    ingest_cpus,
-                    capacity_connections,
-                    capacity_seconds,
-                    connections,
-                    seconds,
-                    idle,
-                    rss_goal_mib,
-                    goal,
-                },
-            )
-            .await
+        Cmd::Overload { services: s, sizes } => {
+            overload::run(&s.brokers, &s.bins, &s.dir, sizes).await
         }
-        Cmd::Catalog {
-            services: s,
-            affiliates,
-            postbacks,
-            offers,
-            rounds,
-            changes,
-            cpu_rounds,
-            cpu_seconds,
-        } => {
-            catalog::run(
-                &s.brokers,
-                &s.bins,
-                &s.dir,
-                catalog::Sizes {
-                    affiliates,
-                    postbacks,
-                    offers,
-                    rounds,
-                    changes,
-                    cpu_rounds,
-                    cpu_seconds,
-                },
-            )
-            .await
+        Cmd::Catalog { services: s, sizes } => {
+            catalog::run(&s.brokers, &s.bins, &s.dir, sizes).await
         }
         Cmd::Compare {
             name,

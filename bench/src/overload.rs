@@ -26,8 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::TopicsConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,22 +34,30 @@ use tokio_util::sync::CancellationToken;
 use crate::e2e::{free_port, Service};
 use crate::load::connect_all;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Sizes {
-    /// The CPUs ingest runs on (taskset's list); the generator and the broker are kept
-    /// off them by `scripts/bench`.
+    /// The CPUs ingest runs on (taskset's list, e.g. "1"); the generator and the broker
+    /// are kept off them by `scripts/bench`.
+    #[arg(long)]
     pub ingest_cpus: Option<String>,
     /// Connections of the closed loop that measures capacity.
+    #[arg(long, default_value_t = 512)]
     pub capacity_connections: usize,
+    #[arg(long, default_value_t = 10)]
     pub capacity_seconds: u64,
-    /// Connections of the open loops (more than ingest's max_requests_in_flight).
+    /// Open-loop connections: more than ingest's max_requests_in_flight (512).
+    #[arg(long, default_value_t = 3000)]
     pub connections: usize,
     /// Seconds of each open loop.
+    #[arg(long, default_value_t = 30)]
     pub seconds: u64,
     /// Idle and slow connections held during the overload.
+    #[arg(long, default_value_t = 5000)]
     pub idle: usize,
     /// Peak RSS goal, MiB.
+    #[arg(long, default_value_t = 256.0)]
     pub rss_goal_mib: f64,
+    #[arg(long, default_value_t = 0.33)]
     pub goal: f64,
 }
 
@@ -279,49 +285,35 @@ fn stored(
     expected: usize,
     within: Duration,
 ) -> anyhow::Result<Vec<HashSet<u64>>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", format!("overload-verify-{}", ulid::Ulid::new()))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let t = &topics.postbacks;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..t.partitions {
-        tpl.add_partition_offset(&t.name, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
     #[derive(serde::Deserialize)]
     struct Id {
         click_id: String,
     }
     let mut found: Vec<HashSet<u64>> = prefixes.iter().map(|_| HashSet::new()).collect();
-    let deadline = Instant::now() + within;
-    let mut last = Instant::now();
-    loop {
-        let have: usize = found.iter().map(HashSet::len).sum();
-        if (have >= expected && last.elapsed() > Duration::from_secs(3))
-            || Instant::now() > deadline
-        {
-            return Ok(found);
-        }
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = m.context("reading the postbacks topic")?;
-        last = Instant::now();
-        let Ok(id) = serde_json::from_slice::<Id>(m.payload().unwrap_or_default()) else {
-            continue;
-        };
-        for (i, prefix) in prefixes.iter().enumerate() {
-            if let Some(n) = id
-                .click_id
-                .strip_prefix(prefix)
-                .and_then(|n| n.parse().ok())
-            {
-                found[i].insert(n);
+    let postbacks = [&topics.postbacks];
+    crate::e2e::read_back(
+        &kafka.bootstrap_servers,
+        &postbacks,
+        expected,
+        within,
+        |payload| {
+            let Ok(id) = serde_json::from_slice::<Id>(payload) else {
+                return 0;
+            };
+            let mut new = 0;
+            for (i, prefix) in prefixes.iter().enumerate() {
+                if let Some(n) = id
+                    .click_id
+                    .strip_prefix(prefix)
+                    .and_then(|n| n.parse().ok())
+                {
+                    new += usize::from(found[i].insert(n));
+                }
             }
-        }
-    }
+            new
+        },
+    )?;
+    Ok(found)
 }
 
 pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow::Result<()> {

@@ -19,9 +19,9 @@
 //! being taken for another request's.
 
 use fastrand::Rng;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::schema::Schemas;
+use super::schema::{pick, Schemas};
 
 /// What an operation stores when it answers 2xx (or a click's 302).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,25 +480,12 @@ fn set(pairs: &mut Vec<(String, String)>, name: &str, value: String) {
     pairs.push((name.to_string(), value));
 }
 
-fn pick<'t, T>(rng: &mut Rng, items: &'t [T]) -> Option<&'t T> {
-    (!items.is_empty()).then(|| &items[rng.usize(..items.len())])
-}
-
 /// Whether `marker` is in `bytes` as a whole (`…x1` is not in `…x10`).
 pub fn holds_marker(bytes: &[u8], marker: &[u8]) -> bool {
     bytes
         .windows(marker.len())
         .enumerate()
         .any(|(at, w)| w == marker && !bytes.get(at + marker.len()).is_some_and(u8::is_ascii_digit))
-}
-
-/// An object's fields, for mutations of JSON bodies.
-pub fn object_mut(v: &mut Value) -> Option<&mut Map<String, Value>> {
-    match v {
-        Value::Object(m) => Some(m),
-        Value::Array(a) => a.first_mut().and_then(object_mut),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

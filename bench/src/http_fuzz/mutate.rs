@@ -2,9 +2,9 @@
 //! before it is written, [`bytes`] its bytes after.
 
 use fastrand::Rng;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::gen::{object_mut, Draft};
+use super::gen::Draft;
 
 /// Values that trip parsers: empty, blank, number grammars, escapes, encodings, sizes.
 const NASTY: &[&str] = &[
@@ -302,4 +302,13 @@ fn replace(b: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The fields of a JSON body's object (of its first record, for a batch).
+fn object_mut(v: &mut Value) -> Option<&mut Map<String, Value>> {
+    match v {
+        Value::Object(m) => Some(m),
+        Value::Array(a) => a.first_mut().and_then(object_mut),
+        _ => None,
+    }
 }

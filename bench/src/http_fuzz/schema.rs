@@ -215,7 +215,7 @@ fn from_hir(rng: &mut Rng, hir: &Hir, out: &mut String) {
     }
 }
 
-fn pick<'t, T>(rng: &mut Rng, items: &'t [T]) -> Option<&'t T> {
+pub(super) fn pick<'t, T>(rng: &mut Rng, items: &'t [T]) -> Option<&'t T> {
     (!items.is_empty()).then(|| &items[rng.usize(..items.len())])
 }
 
