@@ -465,6 +465,20 @@ fn unsigned_parameter(name: &str) -> ApiError {
     .field(name.to_string())
 }
 
+/// A batch's fields are in its records: a query parameter (other than `token`) would
+/// apply to none of them, so it is refused rather than ignored.
+fn not_in_batch(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "unexpected_parameter",
+        format!(
+            "'{name}' is in the query string of a batch, whose fields are in its records: \
+             put it in each record"
+        ),
+    )
+    .field(name.to_string())
+}
+
 fn given_twice(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
@@ -676,6 +690,9 @@ async fn run_batch<R: Record>(
         // The batch routes take POST only (405 otherwise), so authentication is over the body.
         let a = app.admit(source.clone(), peer, &parts, body).await?;
         reserved = a.signed;
+        if let Some((name, _)) = a.pairs.first() {
+            return Err(not_in_batch(name));
+        }
         let ct = content_type(&parts.headers);
         if !matches!(
             ct.as_str(),

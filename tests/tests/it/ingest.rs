@@ -361,9 +361,24 @@ async fn sources_map_aliases_and_authenticate() {
         .bearer_auth(TOKEN)
         .header("content-type", "application/x-www-form-urlencoded")
         .body("clickid=C6&goal=registration");
+    // A batch's fields are in its records: a query parameter beside `token` would apply
+    // to none of them, and is refused with the whole batch, signed or not.
+    let batch = r#"[{"clickid":"C7","goal":"purchase"}]"#;
+    let signed_batch = c
+        .post(ingest.url("/v1/postbacks/signed?goal=ftd"))
+        .header("content-type", "application/json")
+        .header("x-timestamp", (now - 2).to_string())
+        .header("x-signature", sign(HMAC_KEY, now - 2, batch.as_bytes()))
+        .body(batch);
+    let click_batch = c
+        .post(ingest.url(&format!("/v1/clicks/acme?token={TOKEN}&offer_id=1")))
+        .header("content-type", "application/json")
+        .body(r#"{"click_id":"OP-8","offer_id":"1","aff_id":"z"}"#);
     for (req, code, field) in [
         (unsigned, "unsigned_parameter", "amount"),
         (twice, "duplicate_parameter", "goal"),
+        (signed_batch, "unexpected_parameter", "goal"),
+        (click_batch, "unexpected_parameter", "offer_id"),
     ] {
         let (status, e) = error_of(req.send().await.expect("req")).await;
         assert_eq!(
@@ -461,7 +476,7 @@ async fn sources_map_aliases_and_authenticate() {
     );
     assert_eq!(by("C5").source.as_deref(), Some("signed"));
     // One partition: a record from the replayed, forged, unsigned or ambiguous requests
-    // (sent before C4 and C5) would have taken one of these five places.
+    // (sent before C4 and C5, and OP-9) would have taken one of these places.
     assert_eq!(seen.len(), 5, "the refused requests published nothing");
     ingest.stop().await;
 }

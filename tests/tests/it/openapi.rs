@@ -1,8 +1,8 @@
 //! Ingest's and the console's OpenAPI documents: valid by a standard validator
-//! (openapi-spec-validator, from scripts/requirements.txt), and every operation named
+//! (openapi-spec-validator, from scripts/requirements.txt), every operation named
 //! (`operationId`) and shown by an example (of its answer, a header of it, or its
-//! request). That each documented route is the router's: ingest/tests/router.rs and the
-//! console's route test.
+//! request), and every example valid by its schema (tests/openapi_examples.py). That each
+//! documented route is the router's: ingest/tests/router.rs and the console's route test.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,6 +34,56 @@ fn both_documents_pass_a_standard_validator() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(report.matches(": OK").count(), 2, "{report}");
+}
+
+/// Runs tests/openapi_examples.py on `paths`: (it passed, its report).
+fn check_examples(paths: &[PathBuf]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi_examples.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(paths)
+        .output()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), report)
+}
+
+#[test]
+fn every_example_is_valid_by_its_schema() {
+    let (ok, report) = check_examples(&documents());
+    assert!(
+        ok,
+        "{report}\n(scripts/test installs the checker's Python packages)"
+    );
+    assert_eq!(report.matches("examples OK").count(), 2, "{report}");
+    // The checker finds what it is for: a media type's example and a property's example,
+    // each wrong against a referenced schema.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("bad.json");
+    let doc = serde_json::json!({
+        "openapi": "3.1.0",
+        "info": { "title": "t", "version": "1" },
+        "paths": { "/a": { "get": { "responses": { "200": {
+            "description": "d",
+            "content": { "application/json": {
+                "schema": { "$ref": "#/components/schemas/A" },
+                "example": { "n": "one" },
+            } },
+        } } } } },
+        "components": { "schemas": { "A": {
+            "type": "object",
+            "required": ["n"],
+            "properties": { "n": { "type": "integer", "example": 1.5 } },
+        } } },
+    });
+    std::fs::write(&bad, doc.to_string()).expect("write");
+    let (ok, report) = check_examples(&[bad]);
+    assert!(!ok, "{report}");
+    assert!(report.contains("2 examples, 2 invalid"), "{report}");
 }
 
 /// Whether `v` holds an `example` anywhere.
