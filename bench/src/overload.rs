@@ -17,6 +17,14 @@
 //!
 //! The last line's ratio is the half-capacity p99 ÷ the admitted p99 at twice capacity
 //! (goal ≥ 0.33: admitted requests keep their latency within 3×).
+//!
+//! Two regimes. On the real broker (`--brokers`, Tansu here) ingest's capacity is the
+//! machine's CPU, which the generator shares: on a small machine twice the capacity
+//! cannot be generated beside it. With `--mock-broker-rtt` ingest writes to librdkafka's
+//! mock broker, in this process, which acknowledges after that round trip: capacity is
+//! then ingest's bound on requests in flight over the broker's latency — a slow or
+//! distant broker, the overload a production ingest meets first — and leaves the CPU to
+//! generate twice it. Same checks, read back from the mock.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -26,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use s2s_common::kafka::KafkaConfig;
 use s2s_common::topics::TopicsConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,8 +46,9 @@ use crate::load::connect_all;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Sizes {
-    /// The CPUs ingest runs on (taskset's list, e.g. "1"); the generator and the broker
-    /// are kept off them by `scripts/bench`.
+    /// The CPUs ingest runs on (taskset's list, e.g. "1"); `scripts/bench` keeps this
+    /// process — the generator, and the mock broker if there is one — on others
+    /// (BENCH_GENERATOR_CPUS). Tansu is not pinned.
     #[arg(long)]
     pub ingest_cpus: Option<String>,
     /// Connections of the closed loop that measures capacity.
@@ -59,6 +70,10 @@ pub struct Sizes {
     pub rss_goal_mib: f64,
     #[arg(long, default_value_t = 0.33)]
     pub goal: f64,
+    /// Instead of `--brokers`, a mock broker in this process that acknowledges after this
+    /// round trip ("20ms"): capacity bound by the broker's latency, not by the CPU.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub mock_broker_rtt: Option<Duration>,
 }
 
 /// One request's answer: its number, status (0: no answer), µs from its scheduled send.
@@ -316,14 +331,50 @@ fn stored(
     Ok(found)
 }
 
+/// A one-broker mock cluster answering every request after `rtt`, with `topics` on it
+/// (it answers no CreateTopics: they are made directly and `create` turned off).
+fn mock_broker(
+    rtt: Duration,
+    topics: &mut TopicsConfig,
+) -> anyhow::Result<MockCluster<'static, DefaultProducerContext>> {
+    let mock = MockCluster::new(1).context("starting the mock broker")?;
+    mock.broker_round_trip_time(1, rtt)
+        .context("setting the mock broker's round trip")?;
+    topics.create = false;
+    for t in topics.all() {
+        mock.create_topic(&t.name, t.partitions, 1)
+            .with_context(|| format!("topic {} on the mock broker", t.name))?;
+    }
+    println!(
+        "broker: librdkafka's mock, in the generator's process, acknowledging after {}",
+        humantime::format_duration(rtt)
+    );
+    Ok(mock)
+}
+
 pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow::Result<()> {
     // This process holds the open loop's and the idle connections.
     rlimit::increase_nofile_limit((sizes.connections + sizes.idle) as u64 * 2 + 1024)
         .context("raising the open-files limit")?;
     let run = format!("ov-{}", ulid::Ulid::new().to_string().to_lowercase());
     let mut pipeline = s2s_common::pipeline::PipelineConfig::defaults();
-    pipeline.kafka.bootstrap_servers = brokers.to_string();
-    pipeline.topics = TopicsConfig::named(&run, 6);
+    // Six partitions, as ingest's benchmark; on the mock broker, which keeps 5 MB of
+    // each, 24, to hold a broker-bound run (the read-back fails if it dropped any).
+    let partitions = if sizes.mock_broker_rtt.is_some() {
+        24
+    } else {
+        6
+    };
+    pipeline.topics = TopicsConfig::named(&run, partitions);
+    // Kept until the end: the mock broker lives as long as this value.
+    let mock = match sizes.mock_broker_rtt {
+        Some(rtt) => Some(mock_broker(rtt, &mut pipeline.topics)?),
+        None => None,
+    };
+    pipeline.kafka.bootstrap_servers = match &mock {
+        Some(m) => m.bootstrap_servers(),
+        None => brokers.to_string(),
+    };
     s2s_common::kafka::ensure_topics(&pipeline.kafka, &pipeline.topics, Duration::from_secs(30))
         .await?;
     let (port, admin) = (free_port()?, free_port()?);
@@ -450,6 +501,7 @@ pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow
         half.not_acked.len() + over.not_acked.len()
     );
     drop(ingest);
+    drop(mock);
 
     let (half_p99, over_p99) = (Phase::p99_ms(&half.admitted), Phase::p99_ms(&over.admitted));
     let ratio = half_p99 / over_p99.max(0.001);
