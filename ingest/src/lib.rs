@@ -42,6 +42,30 @@ pub use config::IngestConfig;
 /// `bench/RESULTS.md`).
 pub use mimalloc::MiMalloc as Allocator;
 
+/// How often (in tasks run) a worker of ingest's runtime takes a task from the runtime's
+/// shared queue rather than its own.
+///
+/// The broker's acknowledgements complete requests from librdkafka's thread, outside the
+/// runtime, so the requests they wake wait in the shared queue; the connections whose
+/// bytes arrived wait in each worker's own. Tokio's default takes from the shared queue
+/// about every 200 µs of work while the worker's own queue is not empty — at most ~5 000
+/// completions a second per worker. Beyond capacity, when every connection has a
+/// request to read (most of them to be refused), that bound, not the broker, set
+/// ingest's throughput: admitted requests waited behind the excess, holding their slot
+/// of `max_requests_in_flight`, and admitted throughput fell to about a tenth of
+/// capacity (bench/RESULTS.md, 2026-12-04). Every other task from the shared queue
+/// finishes admitted work before reading more.
+pub const GLOBAL_QUEUE_INTERVAL: u32 = 2;
+
+/// The `ingest` binary's runtime: tokio's multi-threaded one, one worker per CPU, with
+/// [`GLOBAL_QUEUE_INTERVAL`].
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .global_queue_interval(GLOBAL_QUEUE_INTERVAL)
+        .build()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("configuration: {0}")]

@@ -8,8 +8,7 @@ use s2s_common::pipeline::ServiceConfig;
 #[global_allocator]
 static ALLOCATOR: s2s_ingest::Allocator = s2s_ingest::Allocator;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = ServiceArgs::from_command_line();
     if args.print_default_config {
         print!("{}", s2s_ingest::config::DEFAULT_TOML);
@@ -18,7 +17,8 @@ async fn main() -> anyhow::Result<()> {
     s2s_common::telemetry::init();
     let config = s2s_ingest::IngestConfig::load(args.config.as_deref(), args.pipeline.as_deref())
         .context("loading config")?;
-    s2s_ingest::run(config, s2s_common::shutdown::on_signals())
-        .await
+    s2s_ingest::runtime()
+        .context("starting the runtime")?
+        .block_on(async { s2s_ingest::run(config, s2s_common::shutdown::on_signals()).await })
         .context("ingest failed")
 }
