@@ -15,6 +15,21 @@ const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "tok-0123456789abcdef";
 const HMAC_KEY: &str = "hmac-0123456789abcdef";
 
+/// A JSON POST to `url` signed with `key` at `ts` over `body`, as an HMAC source sends it.
+fn signed_post(
+    c: &reqwest::Client,
+    url: String,
+    key: &str,
+    ts: i64,
+    body: &'static str,
+) -> reqwest::RequestBuilder {
+    c.post(url)
+        .header("content-type", "application/json")
+        .header("x-timestamp", ts.to_string())
+        .header("x-signature", sign(key, ts, body.as_bytes()))
+        .body(body)
+}
+
 fn source(auth: AuthKind, allow: &[&str]) -> SourceConfig {
     SourceConfig {
         token: Some(TOKEN.into()),
@@ -309,24 +324,14 @@ async fn sources_map_aliases_and_authenticate() {
         (now, StatusCode::OK),
         (now - 3600, StatusCode::UNAUTHORIZED),
     ] {
-        let r = c
-            .post(ingest.url("/postback/signed"))
-            .header("content-type", "application/json")
-            .header("x-timestamp", ts.to_string())
-            .header("x-signature", sign(HMAC_KEY, ts, body.as_bytes()))
-            .body(body)
+        let r = signed_post(&c, ingest.url("/postback/signed"), HMAC_KEY, ts, body)
             .send()
             .await
             .expect("req");
         assert_eq!(r.status(), expect);
     }
     // The same signed request again, within its clock skew: a signature is taken once.
-    let r = c
-        .post(ingest.url("/postback/signed"))
-        .header("content-type", "application/json")
-        .header("x-timestamp", now.to_string())
-        .header("x-signature", sign(HMAC_KEY, now, body.as_bytes()))
-        .body(body)
+    let r = signed_post(&c, ingest.url("/postback/signed"), HMAC_KEY, now, body)
         .send()
         .await
         .expect("req");
@@ -334,27 +339,26 @@ async fn sources_map_aliases_and_authenticate() {
     let refused: Value = r.json().await.expect("JSON");
     assert_eq!(refused["error"]["code"], "replayed", "{refused}");
     // A forged signature.
-    let r = c
-        .post(ingest.url("/postback/signed"))
-        .header("content-type", "application/json")
-        .header("x-timestamp", now.to_string())
-        .header(
-            "x-signature",
-            sign("another-key-0123456", now, body.as_bytes()),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("req");
+    let r = signed_post(
+        &c,
+        ingest.url("/postback/signed"),
+        "another-key-0123456",
+        now,
+        body,
+    )
+    .send()
+    .await
+    .expect("req");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // A signed POST is signed over its body: a query parameter beside it is not covered,
     // and refused (the signature stays unused: the request stored nothing).
-    let unsigned = c
-        .post(ingest.url("/postback/signed?amount=999"))
-        .header("content-type", "application/json")
-        .header("x-timestamp", (now - 1).to_string())
-        .header("x-signature", sign(HMAC_KEY, now - 1, body.as_bytes()))
-        .body(body);
+    let unsigned = signed_post(
+        &c,
+        ingest.url("/postback/signed?amount=999"),
+        HMAC_KEY,
+        now - 1,
+        body,
+    );
     // A field both in the query string and in the body is given twice.
     let twice = c
         .post(ingest.url("/postback/acme?goal=ftd"))
@@ -364,12 +368,13 @@ async fn sources_map_aliases_and_authenticate() {
     // A batch's fields are in its records: a query parameter beside `token` would apply
     // to none of them, and is refused with the whole batch, signed or not.
     let batch = r#"[{"clickid":"C7","goal":"purchase"}]"#;
-    let signed_batch = c
-        .post(ingest.url("/v1/postbacks/signed?goal=ftd"))
-        .header("content-type", "application/json")
-        .header("x-timestamp", (now - 2).to_string())
-        .header("x-signature", sign(HMAC_KEY, now - 2, batch.as_bytes()))
-        .body(batch);
+    let signed_batch = signed_post(
+        &c,
+        ingest.url("/v1/postbacks/signed?goal=ftd"),
+        HMAC_KEY,
+        now - 2,
+        batch,
+    );
     let click_batch = c
         .post(ingest.url(&format!("/v1/clicks/acme?token={TOKEN}&offer_id=1")))
         .header("content-type", "application/json")
@@ -400,12 +405,7 @@ async fn sources_map_aliases_and_authenticate() {
     assert_eq!(r.status(), StatusCode::OK);
     // A signed batch to a source, and a token-authenticated click batch to a source.
     let batch = r#"[{"clickid":"C4","goal":"purchase"}]"#;
-    let r = c
-        .post(ingest.url("/v1/postbacks/signed"))
-        .header("content-type", "application/json")
-        .header("x-timestamp", now.to_string())
-        .header("x-signature", sign(HMAC_KEY, now, batch.as_bytes()))
-        .body(batch)
+    let r = signed_post(&c, ingest.url("/v1/postbacks/signed"), HMAC_KEY, now, batch)
         .send()
         .await
         .expect("req");
