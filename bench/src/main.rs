@@ -24,6 +24,7 @@
 
 mod attributor;
 mod catalog;
+mod cgroup;
 mod console;
 mod delivery;
 mod e2e;
