@@ -210,7 +210,7 @@ fn load_options(ingest: String) -> load::Options {
         ingest,
         click_param: "click_id".into(),
         concurrency: 16,
-        rate: Some(15.0),
+        rate: None,
         give_up_after: Duration::from_secs(90),
     }
 }
