@@ -407,14 +407,13 @@ pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow
         &dir.join("ingest.log"),
         sizes.ingest_cpus.as_deref(),
     )?;
-    // Dropped after `ingest` (declared after it).
     let quota = match sizes.ingest_cpu_quota {
-        Some(cpus) => Some(crate::cgroup::CpuQuota::apply(ingest.pid(), cpus)?),
+        Some(cpus) => {
+            println!("ingest limited to {cpus} CPU (cgroup CPU quota)");
+            Some(crate::cgroup::CpuQuota::apply(ingest.pid(), cpus)?)
+        }
         None => None,
     };
-    if let Some(cpus) = sizes.ingest_cpu_quota {
-        println!("ingest limited to {cpus} CPU (cgroup CPU quota)");
-    }
     crate::catalog::ready(
         &format!("http://127.0.0.1:{admin}"),
         Duration::from_secs(60),
@@ -484,17 +483,18 @@ pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow
     let over_server = server_p99_ms(&before, &server_side(admin_addr).await?)?;
     let over_cpu = ingest.cpu() - cpu_before;
     let cpu = over_cpu / over.elapsed.as_secs_f64();
-    let throttled = match (&quota, periods_before) {
-        (Some(q), Some((periods, throttled))) => {
+    let throttled = quota
+        .as_ref()
+        .zip(periods_before)
+        .map(|(q, (periods, throttled))| {
             let (p, t) = q.periods();
             format!(
                 "; held back by its quota in {:.0} % of the periods",
                 t.saturating_sub(throttled) as f64 / p.saturating_sub(periods).max(1) as f64
                     * 100.0
             )
-        }
-        _ => String::new(),
-    };
+        })
+        .unwrap_or_default();
     // The schedule's requests over the time to their last answer: below the scheduled
     // rate when requests waited for their connection, i.e. for ingest's previous answer
     // (the generator's own lateness is `max_lag_us`).
@@ -528,20 +528,29 @@ pub async fn run(brokers: &str, bins: &Path, dir: &Path, sizes: Sizes) -> anyhow
     // ingest's CPU is the limit, refusing the whole of a twice-capacity load takes
     // 2 x (503 / admitted at capacity) of it: at 1 or more nothing is left to admit with.
     let per_half_us = half_cpu / half.admitted.len().max(1) as f64 * 1e6;
-    let per_refusal_us = (over_cpu - over.admitted.len() as f64 * per_half_us / 1e6)
-        / over.refused.len().max(1) as f64
-        * 1e6;
-    let share = per_refusal_us / per_capacity_us;
-    println!(
-        "ingest CPU per answer: admitted {per_capacity_us:.1} us at capacity, {per_half_us:.1} us at half; \
-         503 {per_refusal_us:.1} us at twice (at most), {share:.2} of an admitted one{}",
-        if quota.is_some() {
-            // Capacity is ingest's CPU only under the quota (else the broker or the
-            // machine's may set it).
-            format!("; refusing a whole 2x load would take {:.2}x ingest's CPU", 2.0 * share)
+    let refusal = if over.refused.is_empty() {
+        "no 503 at twice (see below)".to_string()
+    } else {
+        let per_refusal_us = (over_cpu - over.admitted.len() as f64 * per_half_us / 1e6)
+            / over.refused.len() as f64
+            * 1e6;
+        let share = per_refusal_us / per_capacity_us;
+        // Capacity is ingest's CPU only under the quota (else the broker or the
+        // machine's may set it).
+        let whole = if quota.is_some() {
+            format!(
+                "; refusing a whole 2x load would take {:.2}x ingest's CPU",
+                2.0 * share
+            )
         } else {
             String::new()
-        }
+        };
+        format!(
+            "503 {per_refusal_us:.1} us at twice (at most), {share:.2} of an admitted one{whole}"
+        )
+    };
+    println!(
+        "ingest CPU per answer: admitted {per_capacity_us:.1} us at capacity, {per_half_us:.1} us at half; {refusal}"
     );
 
     let acked = half.acked.len() + over.acked.len();
